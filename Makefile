@@ -1,0 +1,31 @@
+# slerp_plugin developer entry points. `make demo` and `make test` do all set-up themselves.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lock clean bench
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv with the pinned dependencies
+
+demo: setup ## build two demo models and SLERP-merge them with the seed's config format
+	test -f demo/models/model_b/config.json || $(VENV)/bin/slerp-merge demo-models demo/models
+	$(VENV)/bin/slerp-merge --config-path config/demo --config-name demo_slerp
+
+test: setup ## run the test suite (what CI runs)
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+lock: setup ## re-pin constraints.txt from the current venv
+	{ sed -n '1,2p' constraints.txt; $(PY) -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/'; } > constraints.new && mv constraints.new constraints.txt
+
+clean:
+	rm -rf demo outputs .pytest_cache

@@ -1,0 +1,732 @@
+"""The streaming merge engine: MergeSpec → plan of output shards → streamed, resumable execution.
+
+Nothing is gathered into a state dict: each tensor is read from the parents' safetensors files in
+chunks, merged by the two-pass kernel (:mod:`slerp_plugin.slerp`) and written to the output shard
+the plan assigns. Peak memory is a few chunks, whatever the model or tensor size.
+
+Atomic and resumable: the output is built in ``<output>.partial``; each finished shard is fsynced,
+renamed into place and journalled with its SHA-256. A re-run (after ``kill -9`` at any point)
+re-verifies journalled shards and reuses them, so its result is bit-identical to an uninterrupted
+run; ``<output>`` appears, by one rename, only when everything is written.
+
+Key rules follow FusionBench: the tensors of model_2 are merged; a name missing on either side is
+an error naming the names; a shape mismatch keeps model_1's tensor (warning, ``shape-kept``).
+
+Several workers may share one merge: :func:`plan_merge` on each, :func:`merge_shards` with
+disjoint ``indices``, then one :func:`finalize`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from . import __version__
+from .checkpoint import (
+    DTYPES,
+    INDEX_NAME,
+    Checkpoint,
+    OutputTensor,
+    ShardWriter,
+    TensorInfo,
+    TensorReader,
+    dtype_name,
+    sha256_file,
+)
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    KeyMismatchError,
+    OutputExistsError,
+    OutputWriteError,
+)
+from .hashing import cached_sha256
+from .manifest import (
+    InputFile,
+    InputRecord,
+    Manifest,
+    OutputRecord,
+    ShardRecord,
+    TensorRecord,
+    write_json_atomic,
+)
+from .modelcard import render_model_card
+from .pipeline_io import ReadAhead, WriteBehind
+from .slerp import SlerpStats, accumulate, coefficients, combine, compute_dtype
+from .sources import resolve_local
+from .spec import MergeSpec
+
+log = logging.getLogger(__name__)
+
+KERNEL_VERSION = 1
+STATE_DIR = ".slerp_state"
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: merge ``a`` (model_1) with ``b`` (model_2), or keep ``a``."""
+
+    name: str
+    action: Literal["merge", "keep"]
+    a: TensorInfo
+    b: TensorInfo
+    out_dtype: str
+
+    @property
+    def output(self) -> OutputTensor:
+        return OutputTensor(self.name, self.out_dtype, self.a.shape)
+
+
+@dataclass
+class ShardPlan:
+    """One output shard: its file name and tensors, in write order."""
+
+    index: int
+    file: str
+    jobs: list[TensorJob]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(j.output.nbytes for j in self.jobs)
+
+
+@dataclass
+class MergePlan:
+    """What :func:`plan_merge` decided; input to :func:`merge_shards` and :func:`finalize`."""
+
+    spec: MergeSpec
+    paths: dict[str, Path]
+    checkpoints: dict[str, Checkpoint]
+    shards: list[ShardPlan]
+    device: torch.device
+    fingerprint: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def output(self) -> Path:
+        return Path(self.spec.output).resolve()
+
+    @property
+    def partial(self) -> Path:
+        return self.output.with_name(self.output.name + ".partial")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+
+@dataclass
+class ShardOutcome:
+    """The journal entry of a finished shard (what the manifest needs of it)."""
+
+    record: ShardRecord
+    tensors: list[TensorRecord]
+    seconds: float
+    bytes_read: int
+    reused: bool = False
+
+
+@dataclass
+class MergeResult:
+    """A finished merge: the output folder and its manifest."""
+
+    output: Path
+    manifest: Manifest
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → ``cuda`` when available, else ``cpu``.
+
+    Raises:
+        ConfigError: cuda was asked for but is not available.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def plan_merge(spec: MergeSpec) -> MergePlan:
+    """Resolve the inputs, read their headers, check keys, and split the output into shards.
+
+    Raises:
+        ModelNotFoundError, HubNotSupportedError: an input is not a local model folder.
+        CheckpointError: missing/corrupt weights, config or tokenizer files.
+        KeyMismatchError: the models hold different tensor names.
+        OutputExistsError: the destination exists (and ``overwrite`` is off) or is an input.
+    """
+    paths = {
+        "model_1": resolve_local(spec.model_1, spec.model_names[0]),
+        "model_2": resolve_local(spec.model_2, spec.model_names[1]),
+        "tokenizer": resolve_local(spec.tokenizer_ref, "tokenizer"),
+    }
+    _check_output(spec, paths)
+    if not (paths["model_1"] / "config.json").is_file():
+        raise CheckpointError(f"{paths['model_1']}: no config.json (not a transformers model folder)")
+    if not any((paths["tokenizer"] / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"tokenizer: no tokenizer files in {paths['tokenizer']}")
+    ckpts = {r: Checkpoint.open(paths[r]) for r in ("model_1", "model_2")}
+    c1, c2 = ckpts["model_1"], ckpts["model_2"]
+    _check_keys(c1, c2, spec.model_names)
+    device = resolve_device(spec.device)
+    warnings: list[str] = []
+    jobs: list[TensorJob] = []
+    for name, a in c1.tensors.items():
+        b = c2.tensors[name]
+        out_dtype = dtype_name(_dtype(spec.dtype)) if spec.dtype else a.dtype
+        if a.shape != b.shape:
+            msg = (
+                f"{name}: shapes differ ({list(a.shape)} vs {list(b.shape)}); "
+                f"{spec.model_names[0]}'s tensor kept"
+            )
+            log.warning(msg)
+            warnings.append(msg)
+            jobs.append(TensorJob(name, "keep", a, b, out_dtype))
+        else:
+            jobs.append(TensorJob(name, "merge", a, b, out_dtype))
+    shards = _split_shards(jobs, spec.max_shard_size)
+    fingerprint = _fingerprint(spec, ckpts, device, shards)
+    plan = MergePlan(spec, paths, ckpts, shards, device, fingerprint, warnings)
+    log.info(
+        "planned %d tensors (%s) into %d output shard(s) at %s; device %s",
+        len(jobs), _fmt_bytes(plan.total_bytes), len(shards), plan.output, device,
+    )
+    return plan
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _check_output(spec: MergeSpec, paths: dict[str, Path]) -> None:
+    out = Path(spec.output).resolve()
+    for role, p in paths.items():
+        if out == p or p.is_relative_to(out) or out.is_relative_to(p):
+            raise OutputExistsError(f"output {out} overlaps the {role} folder {p}; choose another path")
+    if out.exists() and not spec.overwrite:
+        if not out.is_dir() or any(out.iterdir()):
+            raise OutputExistsError(
+                f"output {out} already exists; choose another model_save_path or set overwrite=true"
+            )
+
+
+def _check_keys(c1: Checkpoint, c2: Checkpoint, names: Sequence[str]) -> None:
+    only_2 = [k for k in c2.tensors if k not in c1.tensors]
+    only_1 = [k for k in c1.tensors if k not in c2.tensors]
+    if only_2 or only_1:
+        parts = []
+        if only_2:
+            parts.append(f"{len(only_2)} only in {names[1]}: {_some(only_2)}")
+        if only_1:
+            parts.append(f"{len(only_1)} only in {names[0]}: {_some(only_1)}")
+        raise KeyMismatchError("the models hold different tensors: " + "; ".join(parts))
+
+
+def _some(keys: Sequence[str], n: int = 5) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
+
+
+def _split_shards(jobs: list[TensorJob], max_bytes: int) -> list[ShardPlan]:
+    groups: list[list[TensorJob]] = [[]]
+    size = 0
+    for job in jobs:
+        n = job.output.nbytes
+        if groups[-1] and size + n > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(job)
+        size += n
+    total = len(groups)
+    if total == 1:
+        return [ShardPlan(0, "model.safetensors", groups[0])]
+    return [
+        ShardPlan(i, f"model-{i + 1:05d}-of-{total:05d}.safetensors", g) for i, g in enumerate(groups)
+    ]
+
+
+def _fingerprint(
+    spec: MergeSpec, ckpts: dict[str, Checkpoint], device: torch.device, shards: list[ShardPlan]
+) -> str:
+    inputs = []
+    for role, ck in ckpts.items():
+        for f in ck.files:
+            st = f.stat()
+            inputs.append([role, str(f), st.st_size, st.st_mtime_ns])
+    doc = {
+        "kernel": KERNEL_VERSION,
+        "t": spec.t,
+        "DOT_THRESHOLD": spec.DOT_THRESHOLD,
+        "epsilon": spec.epsilon,
+        "dtype": spec.dtype,
+        "chunk_elements": spec.chunk_elements,
+        "device": device.type,
+        "inputs": inputs,
+        "shards": [[s.file, [(j.name, j.action, j.out_dtype) for j in s.jobs]] for s in shards],
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def _state_dir(plan: MergePlan) -> Path:
+    return plan.partial / STATE_DIR
+
+
+def _prepare_partial(plan: MergePlan) -> None:
+    """Create ``<output>.partial`` (or adopt ours); discard one left by a different plan."""
+    partial, state = plan.partial, _state_dir(plan)
+    plan_file = state / "plan.json"
+    if partial.exists():
+        if not plan_file.is_file():
+            if any(partial.iterdir()):
+                raise OutputExistsError(
+                    f"{partial} exists but was not made by slerp-merge; remove it or choose another output"
+                )
+        else:
+            old = json.loads(plan_file.read_text()).get("fingerprint")
+            if old != plan.fingerprint:
+                log.warning("discarding %s: it belongs to a different merge (inputs or options changed)", partial)
+                shutil.rmtree(partial)
+    try:
+        (state / "shards").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputWriteError(f"cannot create {partial}: {e.strerror}") from None
+    if not plan_file.is_file():
+        write_json_atomic(plan_file, {"fingerprint": plan.fingerprint, "spec": plan.spec.model_dump(mode="json")})
+
+
+def _marker(plan: MergePlan, shard: ShardPlan) -> Path:
+    return _state_dir(plan) / "shards" / (shard.file + ".json")
+
+
+def _load_outcome(plan: MergePlan, shard: ShardPlan, verify: bool) -> ShardOutcome | None:
+    """The journalled outcome of ``shard`` if its file is present and (optionally) verified."""
+    marker = _marker(plan, shard)
+    path = plan.partial / shard.file
+    try:
+        doc = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    if doc.get("fingerprint") != plan.fingerprint or not path.is_file():
+        return None
+    record = ShardRecord(**doc["record"])
+    if path.stat().st_size != record.size:
+        return None
+    if verify and sha256_file(path) != record.sha256:
+        log.warning("%s: checksum differs from the journal; merging it again", shard.file)
+        return None
+    return ShardOutcome(
+        record,
+        [TensorRecord(**t) for t in doc["tensors"]],
+        float(doc["seconds"]),
+        int(doc["bytes_read"]),
+        reused=True,
+    )
+
+
+def merge_shards(
+    plan: MergePlan,
+    indices: Sequence[int] | None = None,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> list[ShardOutcome]:
+    """Write the shards ``indices`` (default: all) of ``plan`` into ``<output>.partial``.
+
+    Shards already finished by an earlier run are verified by SHA-256 and reused.
+    ``progress(nbytes)`` is called as output bytes are produced (or reused).
+
+    Raises:
+        CheckpointError: an input file is unreadable or truncated.
+        OutputWriteError: writing failed (e.g. disk full); finished shards stay for a resume.
+    """
+    _prepare_partial(plan)
+    selected = plan.shards if indices is None else [plan.shards[i] for i in indices]
+    outcomes = []
+    with TensorReader() as reader:
+        for shard in selected:
+            outcome = _load_outcome(plan, shard, verify=True)
+            if outcome is not None:
+                log.info("shard %d/%d %s: reused from an earlier run (sha256 verified)",
+                         shard.index + 1, len(plan.shards), shard.file)
+                if progress:
+                    progress(shard.nbytes)
+            else:
+                outcome = _write_shard(plan, shard, reader, progress)
+            outcomes.append(outcome)
+    return outcomes
+
+
+def _schedule(job: TensorJob, chunk: int) -> Iterator[tuple[str, int, int]]:
+    """The reads a tensor needs, in order: (kind, start element, count)."""
+    n = job.a.numel
+    if job.action == "keep":
+        for s in range(0, n, chunk):
+            yield "keep", s, min(chunk, n - s)
+    elif n <= chunk:
+        yield "single", 0, n
+    else:
+        for kind in ("pass1", "pass2"):
+            for s in range(0, n, chunk):
+                yield kind, s, min(chunk, n - s)
+
+
+def _write_shard(
+    plan: MergePlan,
+    shard: ShardPlan,
+    reader: TensorReader,
+    progress: Callable[[int], None] | None,
+) -> ShardOutcome:
+    spec, device = plan.spec, plan.device
+    chunk = spec.chunk_elements
+    load_dtype = _dtype(spec.dtype) if spec.dtype else None
+    started = time.perf_counter()
+    bytes_read = 0
+
+    def read_tasks() -> Iterator[Callable[[], tuple[torch.Tensor, torch.Tensor | None]]]:
+        for job in shard.jobs:
+            for kind, start, count in _schedule(job, chunk):
+                def task(job=job, kind=kind, start=start, count=count):
+                    a = reader.read_tensor(job.a, start, count)
+                    b = None if kind == "keep" else reader.read_tensor(job.b, start, count)
+                    return a, b
+                yield task
+
+    records: list[TensorRecord] = []
+    path = plan.partial / shard.file
+    with ShardWriter(path, [j.output for j in shard.jobs]) as writer:
+        sink = WriteBehind(lambda t: writer.write(memoryview(t.view(torch.uint8).numpy())))
+        feed = ReadAhead(read_tasks(), depth=2)
+        try:
+            for job in shard.jobs:
+                out_dtype = DTYPES[job.out_dtype][0]
+                src_dtype = load_dtype or job.a.torch_dtype
+                cdtype = compute_dtype(src_dtype)
+                stats = SlerpStats()
+                coeff = None
+                for kind, _, _ in _schedule(job, chunk):
+                    a_raw, b_raw = next(feed)
+                    bytes_read += a_raw.nbytes + (b_raw.nbytes if b_raw is not None else 0)
+                    if kind == "keep":
+                        out = a_raw.to(src_dtype).to(out_dtype)
+                    else:
+                        a = a_raw.to(src_dtype).to(device, non_blocking=True).to(cdtype)
+                        b = b_raw.to(src_dtype).to(device, non_blocking=True).to(cdtype)
+                        if kind != "pass2":
+                            stats = stats + accumulate(a, b)
+                        if kind == "pass1":
+                            continue
+                        if coeff is None:
+                            coeff = coefficients(
+                                spec.t, stats, dtype=cdtype,
+                                DOT_THRESHOLD=spec.DOT_THRESHOLD, epsilon=spec.epsilon,
+                            )
+                        out = combine(a, b, coeff, out=a, scratch=b).to(out_dtype).cpu()
+                    sink.put(out)
+                    if progress:
+                        progress(out.nbytes)
+                records.append(_tensor_record(job, shard.file, coeff))
+                if coeff is not None:
+                    log.debug("%s: %s (d=%.6g, s0=%.6g, s1=%.6g)", job.name, coeff.branch,
+                              coeff.d, float(coeff.s0), float(coeff.s1))
+        except BaseException:
+            feed.close()
+            try:
+                sink.close()
+            except BaseException:
+                pass
+            raise
+        feed.close()
+        sink.close()
+    seconds = time.perf_counter() - started
+    record = ShardRecord(file=shard.file, size=writer.size, sha256=writer.sha256, tensors=len(shard.jobs))
+    outcome = ShardOutcome(record, records, seconds, bytes_read)
+    write_json_atomic(
+        _marker(plan, shard),
+        {
+            "fingerprint": plan.fingerprint,
+            "record": record.model_dump(),
+            "tensors": [r.model_dump() for r in records],
+            "seconds": seconds,
+            "bytes_read": bytes_read,
+        },
+    )
+    log.info(
+        "shard %d/%d %s: %d tensors, %s written in %.1f s (%s/s)",
+        shard.index + 1, len(plan.shards), shard.file, len(shard.jobs),
+        _fmt_bytes(record.size), seconds, _fmt_bytes(record.size / max(seconds, 1e-9)),
+    )
+    return outcome
+
+
+def _tensor_record(job: TensorJob, shard: str, coeff) -> TensorRecord:
+    base = {"name": job.name, "shape": list(job.a.shape), "dtype": job.out_dtype, "shard": shard}
+    if job.action == "keep":
+        return TensorRecord(**base, branch="shape-kept")
+    return TensorRecord(**base, **coeff.as_record())
+
+
+# --------------------------------------------------------------------------- finalize
+
+
+def input_records(plan: MergePlan, hashes: dict[Path, str] | None = None) -> dict[str, InputRecord]:
+    """Manifest records of the inputs; files' SHA-256 from ``hashes`` or computed (cached)."""
+    hashes = hashes or {}
+    records = {}
+    for role, ref in (
+        ("model_1", plan.spec.model_1),
+        ("model_2", plan.spec.model_2),
+        ("tokenizer", plan.spec.tokenizer_ref),
+    ):
+        folder = plan.paths[role]
+        files = _input_files(plan, role)
+        records[role] = InputRecord(
+            ref=ref.ref,
+            revision=ref.revision,
+            path=str(folder),
+            files=[
+                InputFile(name=str(f.relative_to(folder)), size=f.stat().st_size,
+                          sha256=hashes.get(f) or cached_sha256(f))
+                for f in files
+            ],
+        )
+    return records
+
+
+def _input_files(plan: MergePlan, role: str) -> list[Path]:
+    folder = plan.paths[role]
+    if role == "tokenizer":
+        names = TOKENIZER_FILES
+    else:
+        names = CONFIG_FILES + (INDEX_NAME,)
+    files = [folder / n for n in names if (folder / n).is_file()]
+    if role != "tokenizer":
+        files += plan.checkpoints[role].files
+    return files
+
+
+def hash_inputs_async(plan: MergePlan) -> Future[dict[Path, str]]:
+    """Start hashing every input file on a background thread (cached; overlaps the merge)."""
+    files = {f for role in ("model_1", "model_2", "tokenizer") for f in _input_files(plan, role)}
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+    future = pool.submit(lambda: {f: cached_sha256(f) for f in sorted(files)})
+    pool.shutdown(wait=False)
+    return future
+
+
+def finalize(
+    plan: MergePlan,
+    *,
+    input_hashes: dict[Path, str] | None = None,
+    started_at: float | None = None,
+) -> MergeResult:
+    """Check every shard is journalled, write index, configs, tokenizer, manifest and model card,
+    then move ``<output>.partial`` to ``<output>`` in one rename.
+
+    Raises:
+        OutputWriteError: a shard is missing (not merged yet) or writing failed.
+        OutputExistsError: the destination appeared meanwhile and ``overwrite`` is off.
+    """
+    t0 = time.perf_counter()
+    outcomes = []
+    for shard in plan.shards:
+        outcome = _load_outcome(plan, shard, verify=False)
+        if outcome is None:
+            raise OutputWriteError(f"shard {shard.file} is not merged yet; run merge_shards for it first")
+        outcomes.append(outcome)
+    partial = plan.partial
+    try:
+        _write_index(plan, partial)
+        _copy_configs(plan, partial)
+        for name in TOKENIZER_FILES:
+            src = plan.paths["tokenizer"] / name
+            if src.is_file():
+                shutil.copyfile(src, partial / name)
+        manifest = _build_manifest(plan, outcomes, input_records(plan, input_hashes), started_at, t0)
+        manifest.write(partial)
+        (partial / "README.md").write_text(render_model_card(manifest))
+        shutil.rmtree(partial / STATE_DIR)
+        _fsync_dir(partial)
+        _publish(plan)
+    except OSError as e:
+        if isinstance(e, (OutputWriteError, OutputExistsError)):
+            raise
+        raise OutputWriteError(f"finishing {plan.output} failed: {e.strerror or e}") from None
+    log.info("merged model at %s", plan.output)
+    return MergeResult(plan.output, manifest)
+
+
+def _write_index(plan: MergePlan, folder: Path) -> None:
+    weight_map = {j.name: s.file for s in plan.shards for j in s.jobs}
+    write_json_atomic(
+        folder / INDEX_NAME,
+        {"metadata": {"total_size": plan.total_bytes}, "weight_map": weight_map},
+    )
+
+
+def _copy_configs(plan: MergePlan, folder: Path) -> None:
+    for name in CONFIG_FILES:
+        src = plan.paths["model_1"] / name
+        if not src.is_file():
+            continue
+        if name == "config.json" and plan.spec.dtype:
+            cfg = json.loads(src.read_text())
+            for key in ("dtype", "torch_dtype"):
+                if key in cfg:
+                    cfg[key] = plan.spec.dtype
+            cfg.setdefault("dtype", plan.spec.dtype)
+            write_json_atomic(folder / name, cfg)
+        else:
+            shutil.copyfile(src, folder / name)
+
+
+def _build_manifest(
+    plan: MergePlan,
+    outcomes: list[ShardOutcome],
+    inputs: dict[str, InputRecord],
+    started_at: float | None,
+    finalize_started: float,
+) -> Manifest:
+    tensors = [t for o in outcomes for t in o.tensors]
+    counts: dict[str, int] = {}
+    for t in tensors:
+        counts[t.branch] = counts.get(t.branch, 0) + 1
+    dtypes: dict[str, int] = {}
+    for t in tensors:
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
+    merge_s = sum(o.seconds for o in outcomes)
+    bytes_read = sum(o.bytes_read for o in outcomes)
+    now = time.perf_counter()
+    timings = {
+        "merge_s": round(merge_s, 3),
+        "finalize_s": round(now - finalize_started, 3),
+        "bytes_read": float(bytes_read),
+        "bytes_written": float(plan.total_bytes),
+        "write_MBps": round(plan.total_bytes / 1e6 / max(merge_s, 1e-9), 1),
+    }
+    if started_at is not None:
+        timings["total_s"] = round(now - started_at, 3)
+    return Manifest(
+        tool={"name": "slerp_plugin", "version": __version__},
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        spec=plan.spec.model_dump(mode="json"),
+        inputs=inputs,
+        output=OutputRecord(
+            shards=[o.record for o in outcomes], total_size=plan.total_bytes, dtypes=dtypes
+        ),
+        tensors=tensors,
+        branch_counts=counts,
+        warnings=plan.warnings,
+        versions=_versions(),
+        timings=timings,
+        resume={"reused_shards": sum(o.reused for o in outcomes), "total_shards": len(outcomes)},
+    )
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("slerp_plugin", "torch", "safetensors", "transformers", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(plan: MergePlan) -> None:
+    out, partial = plan.output, plan.partial
+    aside = None
+    if out.exists():
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        elif plan.spec.overwrite:
+            aside = out.with_name(f"{out.name}.replaced-{os.getpid()}")
+            os.replace(out, aside)
+        else:
+            raise OutputExistsError(f"output {out} appeared during the merge; left the result in {partial}")
+    os.replace(partial, out)
+    _fsync_dir(out.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def run_merge(spec: MergeSpec) -> MergeResult:
+    """Plan, merge every shard (resuming an interrupted run) and finalize. See the module doc.
+
+    Raises:
+        SlerpPluginError: any bad input or write failure, with a one-line message.
+    """
+    started = time.perf_counter()
+    plan = plan_merge(spec)
+    hashes = hash_inputs_async(plan)
+    bar = _progress_bar(plan)
+    try:
+        outcomes = merge_shards(plan, progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    reused = sum(o.reused for o in outcomes)
+    if reused:
+        log.info("resumed: %d of %d shard(s) reused from the interrupted run", reused, len(outcomes))
+    result = finalize(plan, input_hashes=hashes.result(), started_at=started)
+    counts = result.manifest.branch_counts
+    log.info(
+        "branches: %s", ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    )
+    return result
+
+
+def _progress_bar(plan: MergePlan):
+    if not (plan.spec.show_pbar or sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1000,
+                desc="merging", dynamic_ncols=True)

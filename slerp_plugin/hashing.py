@@ -1,0 +1,48 @@
+"""SHA-256 of input files, cached by (path, size, mtime, inode) so a re-run does not re-read them.
+
+The cache lives in ``$SLERP_PLUGIN_CACHE`` or ``~/.cache/slerp_plugin/sha256`` (one small file per
+input); an unwritable cache only costs time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from .checkpoint import sha256_file
+
+
+def cache_dir() -> Path:
+    """Where cached input checksums live."""
+    env = os.environ.get("SLERP_PLUGIN_CACHE")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slerp_plugin"
+    return base / "sha256"
+
+
+def file_identity(path: Path) -> dict[str, int | str]:
+    """What identifies a file's content cheaply: resolved path, size, mtime (ns) and inode."""
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def cached_sha256(path: Path) -> str:
+    """Hex SHA-256 of ``path``, from the cache when the file is unchanged since it was hashed."""
+    ident = file_identity(path)
+    key = hashlib.sha256(repr(sorted(ident.items())).encode()).hexdigest()
+    entry = cache_dir() / key
+    try:
+        value = entry.read_text().strip()
+        if len(value) == 64:
+            return value
+    except OSError:
+        pass
+    digest = sha256_file(path)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(entry.name + f".{os.getpid()}.tmp")
+        tmp.write_text(digest)
+        os.replace(tmp, entry)
+    except OSError:
+        pass
+    return digest

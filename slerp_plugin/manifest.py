@@ -1,0 +1,113 @@
+"""The merge manifest (``merge_manifest.json``), written into every merged model folder.
+
+Schema version 1. Resume, the Hub commit message, the model card, the nightly skip check and the
+dashboard read it. Fields:
+
+- ``spec``: the :class:`~slerp_plugin.spec.MergeSpec` as run (JSON form);
+- ``inputs``: per role (``model_1``, ``model_2``, ``tokenizer``): reference, revision, resolved
+  local path, and every file used with its size and SHA-256;
+- ``output``: each shard's file name, size, SHA-256 and tensor count; total tensor bytes; dtype(s);
+- ``tensors``: per output tensor: name, shape, dtype, shard and the SLERP ``branch``
+  (``slerp`` | ``lerp`` | ``unnormalised`` | ``shape-kept``) with ``d``, ``s0``, ``s1``;
+- ``branch_counts``, ``warnings``, ``versions`` (Python packages), ``timings`` (seconds, bytes,
+  MB/s), ``resume`` (shards reused from an interrupted run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_NAME = "merge_manifest.json"
+MANIFEST_SCHEMA_VERSION = 1
+
+BranchName = Literal["slerp", "lerp", "unnormalised", "shape-kept"]
+
+
+class InputFile(BaseModel):
+    """One file of an input model."""
+
+    name: str
+    size: int
+    sha256: str | None = None
+
+
+class InputRecord(BaseModel):
+    """One input (model or tokenizer) as it was resolved."""
+
+    ref: str
+    revision: str | None = None
+    path: str
+    files: list[InputFile] = Field(default_factory=list)
+
+
+class ShardRecord(BaseModel):
+    """One written output shard; also the resume journal entry for it."""
+
+    file: str
+    size: int
+    sha256: str
+    tensors: int
+
+
+class TensorRecord(BaseModel):
+    """What happened to one output tensor."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    shard: str
+    branch: BranchName
+    d: float | str | None = None
+    s0: float | str | None = None
+    s1: float | str | None = None
+
+
+class OutputRecord(BaseModel):
+    shards: list[ShardRecord]
+    total_size: int
+    dtypes: dict[str, int]
+
+
+class Manifest(BaseModel):
+    """The JSON document described in this module's docstring."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = MANIFEST_SCHEMA_VERSION
+    tool: dict[str, str]
+    created_at: str
+    spec: dict[str, Any]
+    inputs: dict[str, InputRecord]
+    output: OutputRecord
+    tensors: list[TensorRecord]
+    branch_counts: dict[str, int]
+    warnings: list[str] = Field(default_factory=list)
+    versions: dict[str, str] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict)
+    resume: dict[str, int] = Field(default_factory=dict)
+
+    def write(self, folder: Path) -> Path:
+        """Write ``merge_manifest.json`` into ``folder`` (atomically)."""
+        return write_json_atomic(folder / MANIFEST_NAME, self.model_dump(mode="json"))
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        """Read the manifest of a merged model folder."""
+        return cls.model_validate_json((Path(folder) / MANIFEST_NAME).read_text())
+
+
+def write_json_atomic(path: Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON to ``path`` via a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,69 @@
+"""The README.md model card of a merged model: YAML front matter that parses, then the facts."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import yaml
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
+
+
+def render_model_card(manifest: Manifest) -> str:
+    """Markdown with front matter (``base_model``: both parents, tags, ``library_name``)."""
+    spec = manifest.spec
+    m1, m2 = manifest.inputs["model_1"], manifest.inputs["model_2"]
+    front = {
+        "base_model": [m1.ref, m2.ref],
+        "library_name": "transformers",
+        "tags": ["merge", "slerp", "slerp_plugin"],
+    }
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(manifest.branch_counts.items()))
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        "# SLERP merge",
+        "",
+        f"This model is a spherical linear interpolation (SLERP) of two causal language models, "
+        f"made with slerp_plugin {manifest.tool.get('version', '')} using FusionBench "
+        "`SlerpForCausalLM` semantics.",
+        "",
+        "## Parents",
+        "",
+        "| role | model | revision |",
+        "|---|---|---|",
+        f"| model_1 (t = 0) | {m1.ref} | {m1.revision or '-'} |",
+        f"| model_2 (t = 1) | {m2.ref} | {m2.revision or '-'} |",
+        "",
+        "## Parameters",
+        "",
+        "| parameter | value |",
+        "|---|---|",
+        f"| t | {spec['t']} |",
+        f"| DOT_THRESHOLD | {spec['DOT_THRESHOLD']} |",
+        f"| epsilon | {spec['epsilon']} |",
+        f"| dtype | {spec.get('dtype') or 'as model_1'} |",
+        f"| tokenizer | {manifest.inputs['tokenizer'].ref} |",
+        "",
+        f"Tensors per branch: {counts}.",
+        "",
+        "`merge_manifest.json` holds the input checksums, per-tensor branches and timings.",
+        "",
+    ]
+    if manifest.warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in manifest.warnings] + [""]
+    return "\n".join(lines)
+
+
+def parse_front_matter(text: str) -> dict:
+    """The YAML front matter of a model card (``---`` fenced), as a dict."""
+    if not text.startswith("---\n"):
+        raise ValueError("model card has no front matter")
+    end = text.index("\n---", 4)
+    data = yaml.safe_load(text[4:end])
+    if not isinstance(data, dict):
+        raise ValueError("model card front matter is not a mapping")
+    return data

@@ -1,0 +1,189 @@
+"""The SLERP kernel against a float64 evaluation of the formula and FusionBench's op order."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from slerp_plugin.slerp import (
+    SlerpStats,
+    accumulate,
+    coefficients,
+    compute_dtype,
+    slerp,
+    slerp_reference,
+    slerp_with_coefficients,
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def formula_f64(t, a, b, tau=0.9995, eps=1e-8):
+    """REFERENCE.md §1 evaluated in float64, independent of both implementations."""
+    a = a.double().reshape(-1)
+    b = b.double().reshape(-1)
+    na, nb = a.norm().item(), b.norm().item()
+    ah = a / na if na > eps else a
+    bh = b / nb if nb > eps else b
+    d = float((ah * bh).sum())
+    if abs(d) > tau:
+        return (1 - t) * a + t * b, 1 - t, t, "lerp"
+    th0 = math.acos(d)
+    s0 = math.sin(th0 - th0 * t) / math.sin(th0)
+    s1 = math.sin(th0 * t) / math.sin(th0)
+    return s0 * a + s1 * b, s0, s1, "slerp"
+
+
+def ulp_distance_bf16(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Elementwise distance in bf16 ulps (sign-magnitude → ordered integers)."""
+    def ordered(v):
+        i = v.contiguous().view(torch.int16).to(torch.int32)
+        return torch.where(i < 0, -(i & 0x7FFF), i)
+    return (ordered(x) - ordered(y)).abs()
+
+
+def pair(shape, dtype, seed, rel_noise=0.5):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(shape, generator=g, dtype=torch.float64)
+    b = a + rel_noise * torch.randn(shape, generator=g, dtype=torch.float64)
+    return a.to(dtype), b.to(dtype)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+    dtype=st.sampled_from(DTYPES),
+    t=st.floats(0.0, 1.0),
+    noise=st.sampled_from([0.01, 0.3, 2.0]),
+    seed=st.integers(0, 2**16),
+    chunk=st.sampled_from([1024, 1 << 22]),
+)
+def test_kernel_matches_float64_formula(shape, dtype, t, noise, seed, chunk):
+    a, b = pair(shape, dtype, seed, noise)
+    got, coeff = slerp_with_coefficients(t, a, b, chunk_elements=chunk)
+    assert got.dtype == compute_dtype(dtype) and got.shape == a.shape
+    want, s0, s1, branch = formula_f64(t, a, b)
+    assert coeff.branch == branch
+    scale = abs(s0) * a.double().abs().reshape(-1) + abs(s1) * b.double().abs().reshape(-1)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert torch.all((got.double().reshape(-1) - want).abs() <= tol * scale + 1e-30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 5000),
+    dtype=st.sampled_from(DTYPES),
+    t=st.floats(0.0, 1.0),
+    noise=st.sampled_from([0.001, 0.1, 1.0, 5.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_matches_fusionbench_op_order(n, dtype, t, noise, seed):
+    """REFERENCE.md §1 tolerance: bf16/fp16 ≤ 1 ulp after the cast; fp32 relative ≤ 1e-6."""
+    a, b = pair((n,), dtype, seed, noise)
+    got = slerp(t, a, b, chunk_elements=1024)
+    ref = slerp_reference(t, a, b)
+    assert got.dtype == ref.dtype
+    if dtype in (torch.bfloat16, torch.float16):
+        g, r = got.to(dtype), ref.to(dtype)
+        if dtype == torch.bfloat16:
+            assert int(ulp_distance_bf16(g, r).max()) <= 1
+        else:
+            assert torch.all((g.double() - r.double()).abs() <= 2 ** -10 * r.double().abs() + 2 ** -24)
+    else:
+        scale = (a.double().abs() + b.double().abs())
+        rel = 1e-6 if dtype == torch.float32 else 1e-12
+        assert torch.all((got.double() - ref.double()).abs() <= rel * scale + 1e-30)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("noise", [0.5, 1e-4])  # slerp branch, lerp branch
+def test_endpoints_bit_exact(dtype, noise):
+    a, b = pair((33, 17), dtype, 1, noise)
+    assert torch.equal(slerp(0.0, a, b).to(dtype), a)
+    assert torch.equal(slerp(1.0, a, b).to(dtype), b)
+
+
+def test_identical_tensors_take_lerp_and_return_the_tensor():
+    a = torch.ones(64, dtype=torch.bfloat16)  # an RMSNorm weight
+    out, coeff = slerp_with_coefficients(0.37, a, a.clone())
+    assert coeff.branch == "lerp"
+    assert torch.equal(out.to(torch.bfloat16), a)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_lerp_fallback_in_both_directions(sign):
+    a, _ = pair((1000,), torch.float32, 3)
+    b = sign * a + 1e-3 * torch.randn(1000, generator=torch.Generator().manual_seed(4))
+    out, coeff = slerp_with_coefficients(0.25, a, b)
+    assert coeff.branch == "lerp" and abs(coeff.d) > 0.9995 and (coeff.d > 0) == (sign > 0)
+    torch.testing.assert_close(out, 0.75 * a + 0.25 * b, rtol=0, atol=1e-6)
+
+
+def test_antiparallel_at_half_gives_zero():
+    a, _ = pair((257,), torch.float32, 5)
+    out = slerp(0.5, a, -a)
+    assert torch.count_nonzero(out) == 0
+
+
+def test_zero_tensor_is_not_normalised():
+    b, _ = pair((500,), torch.float32, 6)
+    a = torch.zeros_like(b)
+    out, coeff = slerp_with_coefficients(0.5, a, b)
+    assert coeff.branch == "unnormalised" and coeff.d == 0.0
+    # d = 0 → θ₀ = π/2 → r = sin(π/4)·B ≈ 0.7071·B, not 0.5·B
+    torch.testing.assert_close(out, math.sin(math.pi / 4) * b, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out, slerp_reference(0.5, a, b), rtol=0, atol=0)
+
+
+def test_epsilon_rule_below_threshold_uses_unnormalised_vector():
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(300, generator=g) * 1e-12  # ‖a‖ ≈ 2e-11 ≤ ε
+    b = torch.randn(300, generator=g)
+    out, coeff = slerp_with_coefficients(0.3, a, b, epsilon=1e-8)
+    assert coeff.branch == "unnormalised"
+    torch.testing.assert_close(out, slerp_reference(0.3, a, b, epsilon=1e-8), rtol=1e-6, atol=1e-12)
+    # with a smaller epsilon the same tensor is normalised and the result changes
+    out2, coeff2 = slerp_with_coefficients(0.3, a, b, epsilon=1e-20)
+    assert coeff2.branch == "slerp" and not torch.allclose(out, out2)
+
+
+def test_float64_stays_float64_and_low_precision_computes_in_float32():
+    a, b = pair((10,), torch.float64, 8)
+    assert slerp(0.5, a, b).dtype == torch.float64
+    a, b = pair((10,), torch.float16, 8)
+    assert slerp(0.5, a, b).dtype == torch.float32
+
+
+def test_dot_threshold_one_never_produces_nan():
+    a, _ = pair((100,), torch.float32, 9)
+    out = slerp(0.5, a, a.clone(), DOT_THRESHOLD=1.0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, a)
+
+
+def test_dot_threshold_small_forces_lerp():
+    a, b = pair((100,), torch.float32, 10, rel_noise=3.0)
+    _, coeff = slerp_with_coefficients(0.5, a, b, DOT_THRESHOLD=1e-6)
+    assert coeff.branch == "lerp"
+
+
+def test_chunked_passes_equal_one_pass_statistics():
+    a, b = pair((10_000,), torch.float32, 11)
+    whole = accumulate(a, b)
+    parts = SlerpStats()
+    for s in range(0, 10_000, 1024):
+        parts = parts + accumulate(a[s : s + 1024], b[s : s + 1024])
+    assert parts.dot == pytest.approx(whole.dot, rel=1e-6)
+    c1 = coefficients(0.4, whole)
+    c2 = coefficients(0.4, parts)
+    assert c1.branch == c2.branch
+    assert float(c1.s0) == pytest.approx(float(c2.s0), rel=1e-6)
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="shape mismatch"):
+        slerp(0.5, torch.zeros(3), torch.zeros(4))
