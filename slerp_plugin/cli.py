@@ -58,34 +58,74 @@ def _guard(fn: Callable[[], int]) -> int:
         return 130
 
 
-def _absolutise_config_path(argv: list[str]) -> list[str]:
-    """Hydra resolves a relative ``--config-path`` against its own module; users mean the cwd."""
-    out = []
+_VALUE_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c",
+                "--package", "-p", "--experimental-rerun"}
+_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def _split_hydra_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra's flags (with their values) and its positional overrides, in order."""
+    flags: list[str] = []
+    overrides: list[str] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
-        for flag in ("--config-path", "-cp"):
-            if arg == flag and i + 1 < len(argv):
-                out += [arg, str(Path(argv[i + 1]).absolute())]
-                i += 2
-                break
+        if arg in _VALUE_FLAGS and i + 1 < len(argv):
+            value = argv[i + 1]
+            if arg in ("--config-path", "-cp", "--config-dir", "-cd"):
+                # Hydra resolves a relative path against its own module; users mean the cwd
+                value = str(Path(value).absolute())
+            flags += [arg, value]
+            i += 2
+            continue
+        if arg in ("--info", "-i") and i + 1 < len(argv) and argv[i + 1] in _INFO_CHOICES:
+            flags += argv[i : i + 2]
+            i += 2
+            continue
+        for flag in ("--config-path", "--config-dir"):
             if arg.startswith(flag + "="):
-                out.append(f"{flag}={Path(arg.split('=', 1)[1]).absolute()}")
-                i += 1
-                break
-        else:
-            out.append(arg)
-            i += 1
+                arg = f"{flag}={Path(arg.split('=', 1)[1]).absolute()}"
+        (flags if arg.startswith("-") else overrides).append(arg)
+        i += 1
+    return flags, overrides
+
+
+def _force_method_keys(argv: list[str]) -> list[str]:
+    """``method.DOT_THRESHOLD=0.99`` → ``++method.DOT_THRESHOLD=0.99`` for the method's known options.
+
+    The seed's YAML lacks most option keys, and Hydra refuses to override an absent key without
+    ``+``; ``++`` adds or overrides, so both spellings work.
+    """
+    from .config import METHOD_KEYS
+
+    out = []
+    for arg in argv:
+        m = re.fullmatch(r"method\.(\w+)=(.*)", arg, flags=re.S)
+        out.append(f"++{arg}" if m and m.group(1) in METHOD_KEYS else arg)
     return out
 
 
-def _multirun_suffix(task_overrides: list[str]) -> str:
+def _swept_keys(overrides: list[str]) -> set[str]:
+    """Keys that a multirun sweeps over (``method.t=0.3,0.5`` → ``{"method.t"}``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # Hydra reports grammar errors itself, later
+        return set()
+    return {o.key_or_group for o in parsed if o.is_sweep_override()}
+
+
+_SWEPT: set[str] = set()
+
+
+def _multirun_suffix(task_overrides: list[str], swept: set[str]) -> str:
+    """``t=0.3`` from a job's concrete overrides, keeping the swept keys only."""
     parts = []
     for o in task_overrides:
         key, _, value = o.lstrip("+~").partition("=")
-        if key.endswith("model_save_path"):
-            continue
-        parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
+        if key in swept:
+            parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
     return re.sub(r"[^\w.=,+-]", "_", ",".join(parts))
 
 
@@ -102,7 +142,7 @@ def _hydra_task(cfg) -> None:
     spec = spec_from_fusionbench(container, default_output=Path(hc.runtime.output_dir) / "merged")
     explicit = isinstance(container.get("method"), dict) and container["method"].get("model_save_path")
     if hc.mode == RunMode.MULTIRUN and explicit:
-        suffix = _multirun_suffix(list(hc.overrides.task)) or f"job{hc.job.num}"
+        suffix = _multirun_suffix(list(hc.overrides.task), _SWEPT) or f"job{hc.job.num}"
         spec = spec.model_copy(update={"output": Path(spec.output) / suffix})
     log.info(
         "SLERP t=%s DOT_THRESHOLD=%s epsilon=%s: %s (%s) + %s (%s) -> %s",
@@ -118,9 +158,13 @@ def _run_hydra(argv: list[str]) -> int:
 
     from .errors import SlerpPluginError
 
-    argv = _absolutise_config_path(argv)
-    if not any(a.startswith("hydra.sweep.dir") for a in argv):
-        argv.append("hydra.sweep.dir=outputs/multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}")
+    flags, overrides = _split_hydra_args(argv)
+    overrides = _force_method_keys(overrides)
+    if not any(a.lstrip("+").startswith("hydra.sweep.dir") for a in overrides):
+        overrides.append("hydra.sweep.dir=outputs/multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}")
+    argv = flags + overrides
+    _SWEPT.clear()
+    _SWEPT.update(_swept_keys(overrides))
     saved = sys.argv
     sys.argv = [PROG, *argv]
     code = 0

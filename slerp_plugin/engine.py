@@ -55,6 +55,7 @@ from .errors import (
 )
 from .hashing import cached_sha256
 from .manifest import (
+    MANIFEST_NAME,
     InputFile,
     InputRecord,
     Manifest,
@@ -302,31 +303,63 @@ def _state_dir(plan: MergePlan) -> Path:
     return plan.partial / STATE_DIR
 
 
-def _prepare_partial(plan: MergePlan) -> None:
-    """Create ``<output>.partial`` (or adopt ours); discard one left by a different plan."""
+def _finished_partial(plan: MergePlan) -> Manifest | None:
+    """The manifest of a ``.partial`` that finalize completed (crash before the last rename)."""
+    try:
+        manifest = Manifest.read(plan.partial)
+    except (OSError, ValueError):
+        return None
+    if _state_dir(plan).exists() or manifest.plan_fingerprint != plan.fingerprint:
+        return None
+    return manifest
+
+
+def _prepare_partial(plan: MergePlan) -> bool:
+    """Create ``<output>.partial`` (or adopt ours); discard one left by a different plan.
+
+    Returns True when the partial is already complete (only the final rename is missing).
+    """
     partial, state = plan.partial, _state_dir(plan)
     plan_file = state / "plan.json"
     if partial.exists():
-        if not plan_file.is_file():
-            if any(partial.iterdir()):
-                raise OutputExistsError(
-                    f"{partial} exists but was not made by slerp-merge; remove it or choose another output"
-                )
+        if _finished_partial(plan) is not None:
+            return True
+        if plan_file.is_file():
+            ours, same = True, json.loads(plan_file.read_text()).get("fingerprint") == plan.fingerprint
         else:
-            old = json.loads(plan_file.read_text()).get("fingerprint")
-            if old != plan.fingerprint:
-                log.warning("discarding %s: it belongs to a different merge (inputs or options changed)", partial)
-                shutil.rmtree(partial)
+            ours, same = (partial / MANIFEST_NAME).is_file() or not any(partial.iterdir()), False
+        if not ours:
+            raise OutputExistsError(
+                f"{partial} exists but was not made by slerp-merge; remove it or choose another output"
+            )
+        if not same and any(partial.iterdir()):
+            log.warning("discarding %s: it belongs to a different merge (inputs or options changed)", partial)
+            shutil.rmtree(partial)
     try:
         (state / "shards").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputWriteError(f"cannot create {partial}: {e.strerror}") from None
     if not plan_file.is_file():
         write_json_atomic(plan_file, {"fingerprint": plan.fingerprint, "spec": plan.spec.model_dump(mode="json")})
+    return False
 
 
 def _marker(plan: MergePlan, shard: ShardPlan) -> Path:
     return _state_dir(plan) / "shards" / (shard.file + ".json")
+
+
+def _write_marker(plan: MergePlan, shard: ShardPlan, outcome: ShardOutcome) -> None:
+    write_json_atomic(
+        _marker(plan, shard),
+        {
+            "fingerprint": plan.fingerprint,
+            "record": outcome.record.model_dump(),
+            "tensors": [r.model_dump() for r in outcome.tensors],
+            "seconds": outcome.seconds,
+            "bytes_read": outcome.bytes_read,
+            "reused": outcome.reused,
+        },
+    )
 
 
 def _load_outcome(plan: MergePlan, shard: ShardPlan, verify: bool) -> ShardOutcome | None:
@@ -350,7 +383,7 @@ def _load_outcome(plan: MergePlan, shard: ShardPlan, verify: bool) -> ShardOutco
         [TensorRecord(**t) for t in doc["tensors"]],
         float(doc["seconds"]),
         int(doc["bytes_read"]),
-        reused=True,
+        reused=bool(doc.get("reused", False)),
     )
 
 
@@ -369,13 +402,17 @@ def merge_shards(
         CheckpointError: an input file is unreadable or truncated.
         OutputWriteError: writing failed (e.g. disk full); finished shards stay for a resume.
     """
-    _prepare_partial(plan)
+    if _prepare_partial(plan):
+        log.info("%s is complete; nothing to merge", plan.partial)
+        return []
     selected = plan.shards if indices is None else [plan.shards[i] for i in indices]
     outcomes = []
     with TensorReader() as reader:
         for shard in selected:
             outcome = _load_outcome(plan, shard, verify=True)
             if outcome is not None:
+                outcome.reused = True
+                _write_marker(plan, shard, outcome)
                 log.info("shard %d/%d %s: reused from an earlier run (sha256 verified)",
                          shard.index + 1, len(plan.shards), shard.file)
                 if progress:
@@ -470,16 +507,7 @@ def _write_shard(
     seconds = time.perf_counter() - started
     record = ShardRecord(file=shard.file, size=writer.size, sha256=writer.sha256, tensors=len(shard.jobs))
     outcome = ShardOutcome(record, records, seconds, bytes_read)
-    write_json_atomic(
-        _marker(plan, shard),
-        {
-            "fingerprint": plan.fingerprint,
-            "record": record.model_dump(),
-            "tensors": [r.model_dump() for r in records],
-            "seconds": seconds,
-            "bytes_read": bytes_read,
-        },
-    )
+    _write_marker(plan, shard, outcome)
     log.info(
         "shard %d/%d %s: %d tensors, %s written in %.1f s (%s/s)",
         shard.index + 1, len(plan.shards), shard.file, len(shard.jobs),
@@ -557,6 +585,11 @@ def finalize(
         OutputExistsError: the destination appeared meanwhile and ``overwrite`` is off.
     """
     t0 = time.perf_counter()
+    finished = _finished_partial(plan)
+    if finished is not None:
+        _publish(plan)
+        log.info("merged model at %s (finished by an earlier run)", plan.output)
+        return MergeResult(plan.output, finished)
     outcomes = []
     for shard in plan.shards:
         outcome = _load_outcome(plan, shard, verify=False)
@@ -649,6 +682,7 @@ def _build_manifest(
         versions=_versions(),
         timings=timings,
         resume={"reused_shards": sum(o.reused for o in outcomes), "total_shards": len(outcomes)},
+        plan_fingerprint=plan.fingerprint,
     )
 
 

@@ -10,7 +10,8 @@ dashboard read it. Fields:
 - ``tensors``: per output tensor: name, shape, dtype, shard and the SLERP ``branch``
   (``slerp`` | ``lerp`` | ``unnormalised`` | ``shape-kept``) with ``d``, ``s0``, ``s1``;
 - ``branch_counts``, ``warnings``, ``versions`` (Python packages), ``timings`` (seconds, bytes,
-  MB/s), ``resume`` (shards reused from an interrupted run).
+  MB/s), ``resume`` (shards reused from an interrupted run), ``plan_fingerprint`` (a hash of
+  the inputs' identity, the options and the shard plan).
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class Manifest(BaseModel):
     versions: dict[str, str] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
     resume: dict[str, int] = Field(default_factory=dict)
+    plan_fingerprint: str | None = Field(None, description="identifies inputs+options+plan (resume)")
 
     def write(self, folder: Path) -> Path:
         """Write ``merge_manifest.json`` into ``folder`` (atomically)."""

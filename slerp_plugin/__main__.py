@@ -1,0 +1,5 @@
+"""``python -m slerp_plugin`` = ``slerp-merge``."""
+
+from .cli import entry
+
+entry()
