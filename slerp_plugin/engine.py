@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -52,6 +53,7 @@ from .errors import (
     KeyMismatchError,
     OutputExistsError,
     OutputWriteError,
+    ShapeMismatchError,
 )
 from .hashing import cached_sha256
 from .manifest import (
@@ -99,6 +101,7 @@ class TensorJob:
     a: TensorInfo
     b: TensorInfo
     out_dtype: str
+    t: float
 
     @property
     def output(self) -> OutputTensor:
@@ -198,21 +201,25 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
     c1, c2 = ckpts["model_1"], ckpts["model_2"]
     _check_keys(c1, c2, spec.model_names)
     device = resolve_device(spec.device)
+    num_layers = _num_layers(paths["model_1"])
     warnings: list[str] = []
     jobs: list[TensorJob] = []
     for name, a in c1.tensors.items():
         b = c2.tensors[name]
-        out_dtype = dtype_name(_dtype(spec.dtype)) if spec.dtype else a.dtype
+        out_dtype = dtype_name(_dtype(spec.stored_dtype)) if spec.stored_dtype else a.dtype
+        t = spec.t_for(name, layer_fraction(name, num_layers))
         if a.shape != b.shape:
+            if spec.on_shape_mismatch == "error":
+                raise ShapeMismatchError(_mismatch_message(name, a, b, spec.model_names))
             msg = (
                 f"{name}: shapes differ ({list(a.shape)} vs {list(b.shape)}); "
                 f"{spec.model_names[0]}'s tensor kept"
             )
             log.warning(msg)
             warnings.append(msg)
-            jobs.append(TensorJob(name, "keep", a, b, out_dtype))
+            jobs.append(TensorJob(name, "keep", a, b, out_dtype, t))
         else:
-            jobs.append(TensorJob(name, "merge", a, b, out_dtype))
+            jobs.append(TensorJob(name, "merge", a, b, out_dtype, t))
     shards = _split_shards(jobs, spec.max_shard_size)
     fingerprint = _fingerprint(spec, ckpts, device, shards)
     plan = MergePlan(spec, paths, ckpts, shards, device, fingerprint, warnings)
@@ -225,6 +232,42 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
 
 def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
+
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+_VOCAB_TENSORS = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings")
+
+
+def _num_layers(folder: Path) -> int:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    for node in (cfg, cfg.get("text_config") or {}):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(node.get(key), int):
+                return node[key]
+    return 0
+
+
+def layer_fraction(tensor_name: str, num_layers: int) -> float:
+    """mergekit's gradient position of a tensor: ``i / (layers − 1)`` in layer ``i``; 0 outside
+    the layers (embeddings, final norm, lm_head) and for single-layer models."""
+    m = _LAYER.search(tensor_name)
+    if not m or num_layers <= 1:
+        return 0.0
+    return int(m.group(1)) / (num_layers - 1)
+
+
+def _mismatch_message(name: str, a: TensorInfo, b: TensorInfo, names: Sequence[str]) -> str:
+    shapes = f"{names[0]} {list(a.shape)} vs {names[1]} {list(b.shape)}"
+    if any(v in name for v in _VOCAB_TENSORS):
+        return (
+            f"{name}: the vocabularies differ ({shapes}); merging them row by row would mix "
+            "unrelated tokens. Align them first, e.g. run mergekit-yaml with "
+            "`tokenizer_source: base` (it re-maps embeddings), or merge models that share a tokenizer"
+        )
+    return f"{name}: shapes differ ({shapes}); these models cannot be merged tensor by tensor"
 
 
 def _check_output(spec: MergeSpec, paths: dict[str, Path]) -> None:
@@ -284,14 +327,13 @@ def _fingerprint(
             inputs.append([role, str(f), st.st_size, st.st_mtime_ns])
     doc = {
         "kernel": KERNEL_VERSION,
-        "t": spec.t,
         "DOT_THRESHOLD": spec.DOT_THRESHOLD,
         "epsilon": spec.epsilon,
         "dtype": spec.dtype,
         "chunk_elements": spec.chunk_elements,
         "device": device.type,
         "inputs": inputs,
-        "shards": [[s.file, [(j.name, j.action, j.out_dtype) for j in s.jobs]] for s in shards],
+        "shards": [[s.file, [(j.name, j.action, j.out_dtype, j.t) for j in s.jobs]] for s in shards],
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -484,7 +526,7 @@ def _write_shard(
                             continue
                         if coeff is None:
                             coeff = coefficients(
-                                spec.t, stats, dtype=cdtype,
+                                job.t, stats, dtype=cdtype,
                                 DOT_THRESHOLD=spec.DOT_THRESHOLD, epsilon=spec.epsilon,
                             )
                         out = combine(a, b, coeff, out=a, scratch=b).to(out_dtype).cpu()
@@ -517,7 +559,8 @@ def _write_shard(
 
 
 def _tensor_record(job: TensorJob, shard: str, coeff) -> TensorRecord:
-    base = {"name": job.name, "shape": list(job.a.shape), "dtype": job.out_dtype, "shard": shard}
+    base = {"name": job.name, "shape": list(job.a.shape), "dtype": job.out_dtype, "shard": shard,
+            "t": job.t}
     if job.action == "keep":
         return TensorRecord(**base, branch="shape-kept")
     return TensorRecord(**base, **coeff.as_record())
@@ -631,12 +674,13 @@ def _copy_configs(plan: MergePlan, folder: Path) -> None:
         src = plan.paths["model_1"] / name
         if not src.is_file():
             continue
-        if name == "config.json" and plan.spec.dtype:
+        stored = plan.spec.stored_dtype
+        if name == "config.json" and stored:
             cfg = json.loads(src.read_text())
             for key in ("dtype", "torch_dtype"):
                 if key in cfg:
-                    cfg[key] = plan.spec.dtype
-            cfg.setdefault("dtype", plan.spec.dtype)
+                    cfg[key] = stored
+            cfg.setdefault("dtype", stored)
             write_json_atomic(folder / name, cfg)
         else:
             shutil.copyfile(src, folder / name)

@@ -44,6 +44,12 @@ class KeyMismatchError(SlerpPluginError):
     exit_code = 3
 
 
+class ShapeMismatchError(SlerpPluginError):
+    """Two tensors of the same name have different shapes (and the spec says this is an error)."""
+
+    exit_code = 3
+
+
 class OutputExistsError(SlerpPluginError, FileExistsError):
     """The destination already holds something that the merge would replace."""
 

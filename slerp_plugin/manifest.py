@@ -63,6 +63,7 @@ class TensorRecord(BaseModel):
     dtype: str
     shard: str
     branch: BranchName
+    t: float | None = None
     d: float | str | None = None
     s0: float | str | None = None
     s1: float | str | None = None

@@ -42,7 +42,7 @@ def render_model_card(manifest: Manifest) -> str:
         "",
         "| parameter | value |",
         "|---|---|",
-        f"| t | {spec['t']} |",
+        f"| t | {_t_text(spec['t'])} |",
         f"| DOT_THRESHOLD | {spec['DOT_THRESHOLD']} |",
         f"| epsilon | {spec['epsilon']} |",
         f"| dtype | {spec.get('dtype') or 'as model_1'} |",
@@ -56,6 +56,18 @@ def render_model_card(manifest: Manifest) -> str:
     if manifest.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in manifest.warnings] + [""]
     return "\n".join(lines)
+
+
+def _t_text(t: object) -> str:
+    if not isinstance(t, list):
+        return str(t)
+    parts = []
+    for e in t:
+        if isinstance(e, dict):
+            parts.append(f"{e.get('filter') or 'other'}: {e['value']}")
+        else:
+            parts.append(str(e))
+    return "; ".join(parts) if all(isinstance(e, dict) for e in t) else f"gradient {t}"
 
 
 def parse_front_matter(text: str) -> dict:

@@ -85,14 +85,88 @@ class ModelRef(BaseModel):
         return f"{self.ref}@{self.revision}" if self.revision else self.ref
 
 
+class TCondition(BaseModel):
+    """One entry of a mergekit-style filtered setting: ``{filter: self_attn, value: [0, 1]}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    filter: str | None = None
+    value: float | list[float]
+
+
+TSetting = float | list[float] | list[TCondition]
+
+
+def _interpolate(values: list[float], fraction: float) -> float:
+    # mergekit's gradient rule, in the same float64 op order
+    scaled = fraction * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * values[i0] + frac * values[i1]
+
+
+def resolve_setting(setting: TSetting, tensor_name: str, fraction: float) -> float | None:
+    """The value of a mergekit-style setting for one tensor.
+
+    ``fraction`` is the tensor's layer position in ``[0, 1]`` (``i / (layers - 1)``; 0 for
+    embeddings, final norm and lm_head). A list of numbers is a gradient interpolated piecewise
+    linearly; a list of conditions picks the first whose ``filter`` is absent, ``*`` or a
+    substring of the name. None when no condition matches.
+    """
+    if isinstance(setting, (int, float)):
+        return float(setting)
+    if not setting:
+        return None
+    if all(isinstance(e, (int, float)) for e in setting):
+        return float(_interpolate([float(e) for e in setting], fraction))
+    for cond in setting:
+        if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
+            return resolve_setting(cond.value, tensor_name, fraction)
+    return None
+
+
+def _check_t(x: Any) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise ValueError(f"must be a number between 0 and 1 (got {x!r})")
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"must be between 0 and 1 (got {x!r})")
+    return float(x)
+
+
+def _parse_t(v: Any) -> Any:
+    """t as a number, a gradient list or a list of ``{filter, value}``, every value in [0, 1]."""
+    if not isinstance(v, (list, tuple)):
+        return _check_t(v)
+    if not v:
+        raise ValueError("empty schedule")
+    if all(not isinstance(e, (dict, TCondition)) for e in v):
+        return [_check_t(e) for e in v]
+    out = []
+    for e in v:
+        if not isinstance(e, (dict, TCondition)):
+            raise ValueError(f"mix of numbers and {{filter, value}} entries (got {e!r})")
+        cond = TCondition.model_validate(e)
+        values = cond.value if isinstance(cond.value, list) else [cond.value]
+        if not values:
+            raise ValueError(f"empty gradient for filter {cond.filter!r}")
+        for x in values:
+            _check_t(x)
+        out.append(cond)
+    return out
+
+
 class MergeSpec(BaseModel):
     """Everything that determines a SLERP merge of two causal LMs.
 
-    ``t``: 0 ≤ t ≤ 1 (0 → model_1, 1 → model_2). ``DOT_THRESHOLD``: 0 < τ ≤ 1, |cos| above it
-    uses LERP. ``epsilon`` > 0: norms at or below it are not normalised. ``dtype``: the dtype the
-    models are loaded in and the output is stored in (None = each tensor keeps model_1's dtype).
-    ``max_shard_size``: bytes per output shard (default 5 GB). ``device``: ``auto`` (cuda when
-    present), ``cpu``, ``cuda`` or ``cuda:N``.
+    ``t``: 0 ≤ t ≤ 1 (0 → model_1, 1 → model_2), or a mergekit-style schedule (gradient list
+    and/or ``filter`` conditions, see :func:`resolve_setting`) resolved per tensor.
+    ``DOT_THRESHOLD``: 0 < τ ≤ 1, |cos| above it uses LERP. ``epsilon`` > 0: norms at or below it
+    are not normalised. ``dtype``: the dtype the models are loaded in (None = as stored).
+    ``out_dtype``: the dtype stored (None = ``dtype``, else each tensor keeps model_1's).
+    ``on_shape_mismatch``: ``keep`` model_1's tensor with a warning (FusionBench) or ``error``
+    (mergekit). ``max_shard_size``: bytes per output shard (default 5 GB). ``device``: ``auto``
+    (cuda when present), ``cpu``, ``cuda`` or ``cuda:N``.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -102,10 +176,12 @@ class MergeSpec(BaseModel):
     model_2: ModelRef
     model_names: tuple[str, str] = ("model_1", "model_2")
     tokenizer: ModelRef | None = Field(None, description="tokenizer source; None = model_1")
-    t: float = Field(ge=0.0, le=1.0)
+    t: Annotated[TSetting, BeforeValidator(lambda v: _parse_t(v))]
     DOT_THRESHOLD: float = Field(DEFAULT_DOT_THRESHOLD, gt=0.0, le=1.0)
     epsilon: float = Field(DEFAULT_EPSILON, gt=0.0)
     dtype: Annotated[DType | None, BeforeValidator(_normalise_dtype)] = None
+    out_dtype: Annotated[DType | None, BeforeValidator(_normalise_dtype)] = None
+    on_shape_mismatch: Literal["keep", "error"] = "keep"
     output: Path
     max_shard_size: Annotated[int, BeforeValidator(parse_size)] = DEFAULT_MAX_SHARD_SIZE
     device: str = "auto"
@@ -124,6 +200,22 @@ class MergeSpec(BaseModel):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
         return v
+
+    def t_for(self, tensor_name: str, fraction: float) -> float:
+        """The t of one tensor (see :func:`resolve_setting`).
+
+        Raises:
+            ConfigError: no filter of the schedule matches the tensor.
+        """
+        value = resolve_setting(self.t, tensor_name, fraction)
+        if value is None:
+            raise ConfigError(f"t: no filter matches tensor {tensor_name!r}; add an entry without filter")
+        return value
+
+    @property
+    def stored_dtype(self) -> str | None:
+        """The dtype the output is stored in, if the spec fixes one."""
+        return self.out_dtype or self.dtype
 
     @property
     def tokenizer_ref(self) -> ModelRef:
@@ -147,10 +239,10 @@ def format_validation_error(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "config"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown option"
-        elif "input" in err and err["type"] not in ("missing",):
+        elif "input" in err and err["type"] not in ("missing", "value_error"):
             msg = f"{msg} (got {err['input']!r})"
         parts.append(f"{loc}: {msg}")
     return "invalid merge config: " + "; ".join(parts)

@@ -76,7 +76,7 @@ def test_cfg_job_prints_config_and_merges_nothing(tmp_path):
 @pytest.mark.parametrize(
     "extra,code,match",
     [
-        (["method.t=1.5"], 2, "t: Input should be less than or equal to 1"),
+        (["method.t=1.5"], 2, "t: must be between 0 and 1 (got 1.5)"),
         (["method.DOT_THRESHOLD=0"], 2, "DOT_THRESHOLD: Input should be greater than 0"),
         (["method.epsilon=0"], 2, "epsilon: Input should be greater than 0"),
         (["+modelpool.models.model_3=x"], 2, "exactly two models, got 3"),

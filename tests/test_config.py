@@ -60,8 +60,8 @@ def test_method_options_and_model_mappings():
 @pytest.mark.parametrize(
     "mutate,match",
     [
-        (lambda c: c["method"].update(t=1.5), r"t: .*less than or equal to 1"),
-        (lambda c: c["method"].update(t=-0.1), r"t: .*greater than or equal to 0"),
+        (lambda c: c["method"].update(t=1.5), r"t: must be between 0 and 1 \(got 1.5\)"),
+        (lambda c: c["method"].update(t=-0.1), r"t: must be between 0 and 1"),
         (lambda c: c["method"].pop("t"), r"method.t: missing"),
         (lambda c: c["method"].update(DOT_THRESHOLD=0), r"DOT_THRESHOLD: .*greater than 0"),
         (lambda c: c["method"].update(DOT_THRESHOLD=1.01), r"DOT_THRESHOLD: .*less than or equal to 1"),
