@@ -6,12 +6,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lock clean bench
+.PHONY: setup demo test lint lock clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m slerp_plugin._mergekit_hook install  # editable installs do not carry the .pth
 	touch $(STAMP)
 
 setup: $(STAMP) ## create .venv with the pinned dependencies
@@ -20,7 +21,10 @@ demo: setup ## build two demo models and SLERP-merge them with the seed's config
 	test -f demo/models/model_b/config.json || $(VENV)/bin/slerp-merge demo-models demo/models
 	$(VENV)/bin/slerp-merge --config-path config/demo --config-name demo_slerp
 
-test: setup ## run the test suite (what CI runs)
+lint: setup ## static checks (pyflakes, bugbear)
+	$(VENV)/bin/ruff check slerp_plugin tests bench dags plugins
+
+test: setup lint ## run the test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -4,6 +4,7 @@
         +method.model_save_path=out/merged
     slerp-merge -m ... method.t=0.3,0.5,0.7        # one output per t
     slerp-merge --cfg job ...                       # print the composed config
+    slerp-merge mergekit CONFIG.yml OUT             # a mergekit YAML, streaming engine
     slerp-merge demo-models DIR                     # build the demo model pair
 
 Errors print one line ``slerp-merge: error: ...`` and exit non-zero (2 bad config, 3 bad
@@ -30,8 +31,42 @@ def _demo_models(argv: list[str]) -> int:
     return main(argv)
 
 
+def _mergekit(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} mergekit",
+        description="Run a mergekit merge YAML (merge_method: slerp_for_causal_lm or slerp) "
+        "with the streaming engine.",
+    )
+    parser.add_argument("config", type=Path, help="mergekit merge YAML")
+    parser.add_argument("out_path", type=Path, help="output folder (must not exist)")
+    parser.add_argument("--max-shard-size", default="5GB", help="bytes per output shard (default 5GB)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--show-pbar", action="store_true", help="progress bar even without a terminal")
+    args = parser.parse_args(argv)
+
+    from .engine import run_merge
+    from .mergekit_config import load_mergekit_yaml, spec_from_mergekit
+
+    _setup_logging()
+    spec = spec_from_mergekit(
+        load_mergekit_yaml(args.config), args.out_path, max_shard_size=args.max_shard_size,
+        device=args.device, overwrite=args.overwrite, show_pbar=args.show_pbar,
+    )
+    result = run_merge(spec)
+    print(f"merged model: {result.output}")
+    return 0
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+
+
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "demo-models": _demo_models,
+    "mergekit": _mergekit,
 }
 
 

@@ -29,13 +29,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from . import __version__
 from .checkpoint import (
     DTYPES,
     INDEX_NAME,
@@ -55,17 +53,16 @@ from .errors import (
     OutputWriteError,
     ShapeMismatchError,
 )
-from .hashing import cached_sha256
 from .manifest import (
     MANIFEST_NAME,
-    InputFile,
     InputRecord,
     Manifest,
-    OutputRecord,
     ShardRecord,
     TensorRecord,
     write_json_atomic,
 )
+from .hashing import cached_sha256
+from .model_files import CONFIG_FILES, TOKENIZER_FILES, describe_input, model_files, tokenizer_files
 from .modelcard import render_model_card
 from .pipeline_io import ReadAhead, WriteBehind
 from .slerp import SlerpStats, accumulate, coefficients, combine, compute_dtype
@@ -76,22 +73,6 @@ log = logging.getLogger(__name__)
 
 KERNEL_VERSION = 1
 STATE_DIR = ".slerp_state"
-CONFIG_FILES = ("config.json", "generation_config.json")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "spiece.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-
-
 @dataclass(frozen=True)
 class TensorJob:
     """One output tensor: merge ``a`` (model_1) with ``b`` (model_2), or keep ``a``."""
@@ -571,38 +552,17 @@ def _tensor_record(job: TensorJob, shard: str, coeff) -> TensorRecord:
 
 def input_records(plan: MergePlan, hashes: dict[Path, str] | None = None) -> dict[str, InputRecord]:
     """Manifest records of the inputs; files' SHA-256 from ``hashes`` or computed (cached)."""
-    hashes = hashes or {}
-    records = {}
-    for role, ref in (
-        ("model_1", plan.spec.model_1),
-        ("model_2", plan.spec.model_2),
-        ("tokenizer", plan.spec.tokenizer_ref),
-    ):
-        folder = plan.paths[role]
-        files = _input_files(plan, role)
-        records[role] = InputRecord(
-            ref=ref.ref,
-            revision=ref.revision,
-            path=str(folder),
-            files=[
-                InputFile(name=str(f.relative_to(folder)), size=f.stat().st_size,
-                          sha256=hashes.get(f) or cached_sha256(f))
-                for f in files
-            ],
-        )
-    return records
+    refs = {"model_1": plan.spec.model_1, "model_2": plan.spec.model_2, "tokenizer": plan.spec.tokenizer_ref}
+    return {
+        role: describe_input(ref, plan.paths[role], _input_files(plan, role), hashes)
+        for role, ref in refs.items()
+    }
 
 
 def _input_files(plan: MergePlan, role: str) -> list[Path]:
-    folder = plan.paths[role]
     if role == "tokenizer":
-        names = TOKENIZER_FILES
-    else:
-        names = CONFIG_FILES + (INDEX_NAME,)
-    files = [folder / n for n in names if (folder / n).is_file()]
-    if role != "tokenizer":
-        files += plan.checkpoints[role].files
-    return files
+        return tokenizer_files(plan.paths[role])
+    return model_files(plan.paths[role], plan.checkpoints[role])
 
 
 def hash_inputs_async(plan: MergePlan) -> Future[dict[Path, str]]:
@@ -693,53 +653,28 @@ def _build_manifest(
     started_at: float | None,
     finalize_started: float,
 ) -> Manifest:
-    tensors = [t for o in outcomes for t in o.tensors]
-    counts: dict[str, int] = {}
-    for t in tensors:
-        counts[t.branch] = counts.get(t.branch, 0) + 1
-    dtypes: dict[str, int] = {}
-    for t in tensors:
-        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
     merge_s = sum(o.seconds for o in outcomes)
-    bytes_read = sum(o.bytes_read for o in outcomes)
     now = time.perf_counter()
     timings = {
         "merge_s": round(merge_s, 3),
         "finalize_s": round(now - finalize_started, 3),
-        "bytes_read": float(bytes_read),
+        "bytes_read": float(sum(o.bytes_read for o in outcomes)),
         "bytes_written": float(plan.total_bytes),
         "write_MBps": round(plan.total_bytes / 1e6 / max(merge_s, 1e-9), 1),
     }
     if started_at is not None:
         timings["total_s"] = round(now - started_at, 3)
-    return Manifest(
-        tool={"name": "slerp_plugin", "version": __version__},
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    return Manifest.create(
         spec=plan.spec.model_dump(mode="json"),
         inputs=inputs,
-        output=OutputRecord(
-            shards=[o.record for o in outcomes], total_size=plan.total_bytes, dtypes=dtypes
-        ),
-        tensors=tensors,
-        branch_counts=counts,
+        shards=[o.record for o in outcomes],
+        total_size=plan.total_bytes,
+        tensors=[t for o in outcomes for t in o.tensors],
         warnings=plan.warnings,
-        versions=_versions(),
         timings=timings,
         resume={"reused_shards": sum(o.reused for o in outcomes), "total_shards": len(outcomes)},
         plan_fingerprint=plan.fingerprint,
     )
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("slerp_plugin", "torch", "safetensors", "transformers", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def _fsync_dir(path: Path) -> None:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,6 +96,44 @@ class Manifest(BaseModel):
     resume: dict[str, int] = Field(default_factory=dict)
     plan_fingerprint: str | None = Field(None, description="identifies inputs+options+plan (resume)")
 
+    @classmethod
+    def create(
+        cls,
+        *,
+        spec: dict[str, Any],
+        inputs: dict[str, InputRecord],
+        shards: list[ShardRecord],
+        total_size: int,
+        tensors: list[TensorRecord],
+        warnings: list[str] | None = None,
+        timings: dict[str, float] | None = None,
+        resume: dict[str, int] | None = None,
+        plan_fingerprint: str | None = None,
+        engine: str = "slerp_plugin",
+    ) -> Manifest:
+        """A manifest for a finished merge; branch counts, dtypes and versions are derived here."""
+        from . import __version__
+
+        counts: dict[str, int] = {}
+        dtypes: dict[str, int] = {}
+        for t in tensors:
+            counts[t.branch] = counts.get(t.branch, 0) + 1
+            dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
+        return cls(
+            tool={"name": "slerp_plugin", "version": __version__, "engine": engine},
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            spec=spec,
+            inputs=inputs,
+            output=OutputRecord(shards=shards, total_size=total_size, dtypes=dtypes),
+            tensors=tensors,
+            branch_counts=counts,
+            warnings=list(warnings or []),
+            versions=package_versions(),
+            timings=dict(timings or {}),
+            resume=dict(resume or {}),
+            plan_fingerprint=plan_fingerprint,
+        )
+
     def write(self, folder: Path) -> Path:
         """Write ``merge_manifest.json`` into ``folder`` (atomically)."""
         return write_json_atomic(folder / MANIFEST_NAME, self.model_dump(mode="json"))
@@ -102,6 +142,19 @@ class Manifest(BaseModel):
     def read(cls, folder: Path) -> Manifest:
         """Read the manifest of a merged model folder."""
         return cls.model_validate_json((Path(folder) / MANIFEST_NAME).read_text())
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages that shape a merge's result."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("slerp_plugin", "torch", "safetensors", "transformers", "numpy", "mergekit"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def write_json_atomic(path: Path, data: Any) -> Path:

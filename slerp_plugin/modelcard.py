@@ -10,15 +10,21 @@ if TYPE_CHECKING:
     from .manifest import Manifest
 
 
-def render_model_card(manifest: Manifest) -> str:
-    """Markdown with front matter (``base_model``: both parents, tags, ``library_name``)."""
+def render_model_card(manifest: Manifest, config_yaml: str | None = None) -> str:
+    """Markdown with front matter (``base_model``: both parents, tags, ``library_name``);
+    ``config_yaml`` (a mergekit config) is quoted when given. Never touches the network."""
     spec = manifest.spec
     m1, m2 = manifest.inputs["model_1"], manifest.inputs["model_2"]
     front = {
         "base_model": [m1.ref, m2.ref],
         "library_name": "transformers",
-        "tags": ["merge", "slerp", "slerp_plugin"],
+        "tags": ["merge", "slerp", "slerp_plugin"]
+        + (["mergekit"] if manifest.tool.get("engine") == "mergekit" else []),
     }
+    engine = (
+        "mergekit (`merge_method: slerp_for_causal_lm`)"
+        if manifest.tool.get("engine") == "mergekit" else "the slerp_plugin streaming engine"
+    )
     counts = ", ".join(f"{k} {v}" for k, v in sorted(manifest.branch_counts.items()))
     lines = [
         "---",
@@ -28,7 +34,7 @@ def render_model_card(manifest: Manifest) -> str:
         "# SLERP merge",
         "",
         f"This model is a spherical linear interpolation (SLERP) of two causal language models, "
-        f"made with slerp_plugin {manifest.tool.get('version', '')} using FusionBench "
+        f"made with slerp_plugin {manifest.tool.get('version', '')} via {engine}, using FusionBench "
         "`SlerpForCausalLM` semantics.",
         "",
         "## Parents",
@@ -42,10 +48,10 @@ def render_model_card(manifest: Manifest) -> str:
         "",
         "| parameter | value |",
         "|---|---|",
-        f"| t | {_t_text(spec['t'])} |",
-        f"| DOT_THRESHOLD | {spec['DOT_THRESHOLD']} |",
-        f"| epsilon | {spec['epsilon']} |",
-        f"| dtype | {spec.get('dtype') or 'as model_1'} |",
+        f"| t | {_t_text(spec.get('t', '-'))} |",
+        f"| DOT_THRESHOLD | {spec.get('DOT_THRESHOLD', '-')} |",
+        f"| epsilon | {spec.get('epsilon', '-')} |",
+        f"| dtype | {spec.get('out_dtype') or spec.get('dtype') or 'as model_1'} |",
         f"| tokenizer | {manifest.inputs['tokenizer'].ref} |",
         "",
         f"Tensors per branch: {counts}.",
@@ -53,6 +59,8 @@ def render_model_card(manifest: Manifest) -> str:
         "`merge_manifest.json` holds the input checksums, per-tensor branches and timings.",
         "",
     ]
+    if config_yaml:
+        lines += ["## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
     if manifest.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in manifest.warnings] + [""]
     return "\n".join(lines)
