@@ -22,7 +22,7 @@ demo: setup ## build two demo models and SLERP-merge them with the seed's config
 	$(VENV)/bin/slerp-merge --config-path config/demo --config-name demo_slerp
 
 lint: setup ## static checks (pyflakes, bugbear)
-	$(VENV)/bin/ruff check slerp_plugin tests bench dags plugins
+	$(VENV)/bin/ruff check $(wildcard slerp_plugin tests bench dags plugins)
 
 test: setup lint ## run the test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
