@@ -6,6 +6,7 @@
     slerp-merge --cfg job ...                       # print the composed config
     slerp-merge mergekit CONFIG.yml OUT             # a mergekit YAML, streaming engine
     slerp-merge validate OUT --parents A B          # validate a merge (exit 6: gate failed)
+    slerp-merge upload OUT org/name [--private]     # publish a merge on the Hub
     slerp-merge demo-models DIR                     # build the demo model pair
 
 Errors print one line ``slerp-merge: error: ...`` and exit non-zero (2 bad config, 3 bad
@@ -102,6 +103,30 @@ def _validate(argv: list[str]) -> int:
     return 0 if report.passed else 6
 
 
+def _upload(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} upload",
+        description="Upload a merged model folder to the Hugging Face Hub in one commit (token: HF_TOKEN "
+        "or `hf auth login`). Re-running after a failure never makes a second or empty commit.",
+    )
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("repo_id", help="org/name; created if missing")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--revision", default="main", help="branch to commit to (default main)")
+    parser.add_argument("--message", help="commit message (default: names the parents, their shas and t)")
+    args = parser.parse_args(argv)
+
+    from .hub import upload_folder
+
+    _setup_logging()
+    up = upload_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                       commit_message=args.message)
+    print(f"{'committed' if up.new_commit else 'unchanged'}: {up.commit} {up.url}")
+    return 0
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
 
@@ -110,6 +135,7 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "demo-models": _demo_models,
     "mergekit": _mergekit,
     "validate": _validate,
+    "upload": _upload,
 }
 
 
@@ -231,6 +257,8 @@ def _hydra_task(cfg) -> None:
     )
     result = run_merge(spec)
     print(f"merged model: {result.output}")
+    if result.upload is not None:
+        print(f"published: {result.upload.url}")
 
 
 def _run_hydra(argv: list[str]) -> int:

@@ -86,7 +86,7 @@ def spec_from_fusionbench(cfg: Mapping[str, Any], *, default_output: Path | str 
     nothing; we always save). Raises :class:`ConfigError` with a one-line message.
     """
     _check_target("config", cfg, PROGRAM_TARGETS)
-    unknown = set(cfg) - {"_target_", "method", "modelpool"} - PROGRAM_IGNORED
+    unknown = set(cfg) - {"_target_", "method", "modelpool", "push_to_hub", "push_private"} - PROGRAM_IGNORED
     if unknown:
         raise ConfigError(f"config: unknown key(s) {sorted(unknown)}")
     method = cfg.get("method")
@@ -127,6 +127,9 @@ def spec_from_fusionbench(cfg: Mapping[str, Any], *, default_output: Path | str 
     load_dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
     if load_dtype is not None and "dtype" not in fields:
         fields["dtype"] = load_dtype
+    if cfg.get("push_to_hub"):
+        fields["push_to_hub"] = str(cfg["push_to_hub"])
+        fields["private"] = bool(cfg.get("push_private", False))
     if "output" not in fields:
         if default_output is None:
             raise ConfigError("method.model_save_path: missing")

@@ -66,7 +66,7 @@ from .model_files import CONFIG_FILES, TOKENIZER_FILES, describe_input, model_fi
 from .modelcard import render_model_card
 from .pipeline_io import ReadAhead, WriteBehind
 from .slerp import SlerpStats, accumulate, coefficients, combine, compute_dtype
-from .sources import resolve_local
+from .sources import resolve_model
 from .spec import MergeSpec
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,8 @@ class MergePlan:
     device: torch.device
     fingerprint: str
     warnings: list[str] = field(default_factory=list)
+    commits: dict[str, str | None] = field(default_factory=dict)
+    known_hashes: dict[Path, str] = field(default_factory=dict)
 
     @property
     def output(self) -> Path:
@@ -140,10 +142,11 @@ class ShardOutcome:
 
 @dataclass
 class MergeResult:
-    """A finished merge: the output folder and its manifest."""
+    """A finished merge: the output folder, its manifest, and the Hub upload if one was asked for."""
 
     output: Path
     manifest: Manifest
+    upload: object | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -163,16 +166,21 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
     """Resolve the inputs, read their headers, check keys, and split the output into shards.
 
     Raises:
-        ModelNotFoundError, HubNotSupportedError: an input is not a local model folder.
+        ModelNotFoundError: an input is neither a local model folder nor a Hub id.
+        HubError: a Hub download failed.
         CheckpointError: missing/corrupt weights, config or tokenizer files.
         KeyMismatchError: the models hold different tensor names.
         OutputExistsError: the destination exists (and ``overwrite`` is off) or is an input.
     """
-    paths = {
-        "model_1": resolve_local(spec.model_1, spec.model_names[0]),
-        "model_2": resolve_local(spec.model_2, spec.model_names[1]),
-        "tokenizer": resolve_local(spec.tokenizer_ref, "tokenizer"),
+    resolved = {
+        "model_1": resolve_model(spec.model_1, spec.model_names[0], allow_bin=spec.allow_bin),
+        "model_2": resolve_model(spec.model_2, spec.model_names[1], allow_bin=spec.allow_bin),
     }
+    resolved["tokenizer"] = (
+        resolved["model_1"] if spec.tokenizer_ref == spec.model_1
+        else resolve_model(spec.tokenizer_ref, "tokenizer", weights=False)
+    )
+    paths = {role: r.path for role, r in resolved.items()}
     _check_output(spec, paths)
     if not (paths["model_1"] / "config.json").is_file():
         raise CheckpointError(f"{paths['model_1']}: no config.json (not a transformers model folder)")
@@ -203,7 +211,9 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
             jobs.append(TensorJob(name, "merge", a, b, out_dtype, t))
     shards = _split_shards(jobs, spec.max_shard_size)
     fingerprint = _fingerprint(spec, ckpts, device, shards)
-    plan = MergePlan(spec, paths, ckpts, shards, device, fingerprint, warnings)
+    plan = MergePlan(spec, paths, ckpts, shards, device, fingerprint, warnings,
+                     commits={role: r.commit for role, r in resolved.items()},
+                     known_hashes={p: h for r in resolved.values() for p, h in r.hashes.items()})
     log.info(
         "planned %d tensors (%s) into %d output shard(s) at %s; device %s",
         len(jobs), _fmt_bytes(plan.total_bytes), len(shards), plan.output, device,
@@ -553,10 +563,13 @@ def _tensor_record(job: TensorJob, shard: str, coeff) -> TensorRecord:
 def input_records(plan: MergePlan, hashes: dict[Path, str] | None = None) -> dict[str, InputRecord]:
     """Manifest records of the inputs; files' SHA-256 from ``hashes`` or computed (cached)."""
     refs = {"model_1": plan.spec.model_1, "model_2": plan.spec.model_2, "tokenizer": plan.spec.tokenizer_ref}
-    return {
-        role: describe_input(ref, plan.paths[role], _input_files(plan, role), hashes)
-        for role, ref in refs.items()
-    }
+    hashes = {**plan.known_hashes, **(hashes or {})}
+    records = {}
+    for role, ref in refs.items():
+        record = describe_input(ref, plan.paths[role], _input_files(plan, role), hashes)
+        record.commit = plan.commits.get(role)
+        records[role] = record
+    return records
 
 
 def _input_files(plan: MergePlan, role: str) -> list[Path]:
@@ -568,6 +581,7 @@ def _input_files(plan: MergePlan, role: str) -> list[Path]:
 def hash_inputs_async(plan: MergePlan) -> Future[dict[Path, str]]:
     """Start hashing every input file on a background thread (cached; overlaps the merge)."""
     files = {f for role in ("model_1", "model_2", "tokenizer") for f in _input_files(plan, role)}
+    files -= set(plan.known_hashes)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
     future = pool.submit(lambda: {f: cached_sha256(f) for f in sorted(files)})
     pool.shutdown(wait=False)
@@ -733,6 +747,11 @@ def run_merge(spec: MergeSpec) -> MergeResult:
     log.info(
         "branches: %s", ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
     )
+    if spec.push_to_hub:
+        from .hub import upload_folder
+
+        result.upload = upload_folder(result.output, spec.push_to_hub, private=spec.private)
+        log.info("published to %s: %s", spec.push_to_hub, result.upload.url)
     return result
 
 

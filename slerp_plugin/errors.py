@@ -26,12 +26,6 @@ class ModelNotFoundError(SlerpPluginError, FileNotFoundError):
     exit_code = 2
 
 
-class HubNotSupportedError(SlerpPluginError):
-    """A Hub id was given where only local folders are supported."""
-
-    exit_code = 2
-
-
 class CheckpointError(SlerpPluginError):
     """A checkpoint is missing, corrupt, truncated or inconsistent with its index."""
 
@@ -60,3 +54,41 @@ class OutputWriteError(SlerpPluginError, OSError):
     """Writing the merged model failed (disk full, permission denied, ...)."""
 
     exit_code = 5
+
+
+class HubError(SlerpPluginError):
+    """A Hugging Face Hub operation failed. ``transient`` says whether retrying can help."""
+
+    exit_code = 7
+    transient: bool = False
+
+
+class HubUnavailableError(HubError):
+    """Network down, timeout, or a Hub 5xx/429: worth retrying."""
+
+    transient = True
+
+
+class HubIntegrityError(HubError):
+    """A downloaded file does not match the size/hash the Hub reports (it was removed): retry."""
+
+    transient = True
+
+
+class RepoNotFoundError(HubError):
+    """The repo does not exist (or is private and no valid token was given)."""
+
+
+class RevisionNotFoundError(HubError):
+    """The branch, tag or commit does not exist in the repo."""
+
+
+class HubAuthError(HubError):
+    """Not authorised: missing/invalid token, no write access, or a gated repo not accepted."""
+
+
+class DiskFullError(HubError):
+    """No space left on the device holding the Hub cache or the output."""
+
+
+TRANSIENT_ERRORS = (HubUnavailableError, HubIntegrityError)

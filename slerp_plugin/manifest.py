@@ -4,8 +4,9 @@ Schema version 1. Resume, the Hub commit message, the model card, the nightly sk
 dashboard read it. Fields:
 
 - ``spec``: the :class:`~slerp_plugin.spec.MergeSpec` as run (JSON form);
-- ``inputs``: per role (``model_1``, ``model_2``, ``tokenizer``): reference, revision, resolved
-  local path, and every file used with its size and SHA-256;
+- ``inputs``: per role (``model_1``, ``model_2``, ``tokenizer``): reference, revision, the Hub
+  commit it resolved to (None for local folders), resolved local path, and every file used with
+  its size and SHA-256;
 - ``output``: each shard's file name, size, SHA-256 and tensor count; total tensor bytes; dtype(s);
 - ``tensors``: per output tensor: name, shape, dtype, shard and the SLERP ``branch``
   (``slerp`` | ``lerp`` | ``unnormalised`` | ``shape-kept``) with ``d``, ``s0``, ``s1``;
@@ -44,6 +45,7 @@ class InputRecord(BaseModel):
 
     ref: str
     revision: str | None = None
+    commit: str | None = Field(None, description="the Hub commit sha the revision resolved to")
     path: str
     files: list[InputFile] = Field(default_factory=list)
 

@@ -1,39 +1,51 @@
-"""Model references → local folders.
-
-Only local folders are supported for now; a Hub id is recognised and refused with a clear error.
-"""
+"""Model references → local folders: a local folder as is, a Hub id downloaded (pinned, verified)."""
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import HubNotSupportedError, ModelNotFoundError
+from .errors import HubError, ModelNotFoundError
 from .spec import ModelRef
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
+
+@dataclass
+class ResolvedModel:
+    """A model ready to read: its folder, the Hub commit it came from (None for local folders),
+    and SHA-256 of files the Hub already vouched for."""
+
+    path: Path
+    commit: str | None = None
+    hashes: dict[Path, str] = field(default_factory=dict)
 
 
 def looks_like_hub_id(ref: str) -> bool:
     """True for ``org/name`` strings that are not an existing or explicitly local path."""
-    return bool(_HUB_ID.fullmatch(ref)) and not ref.startswith((".", "/", "~"))
+    from .hub import is_hub_id
+
+    return is_hub_id(ref) and not ref.startswith((".", "/", "~"))
 
 
-def resolve_local(model: ModelRef, role: str) -> Path:
-    """The local folder of ``model``; ``role`` (e.g. ``"model_1"``) names it in errors.
+def resolve_model(
+    model: ModelRef, role: str, *, allow_bin: bool = False, weights: bool = True, tokenizer: bool = True
+) -> ResolvedModel:
+    """The local folder of ``model``, downloading Hub ids; ``role`` (e.g. ``"model_1"``) names it in errors.
 
     Raises:
-        ModelNotFoundError: no such folder.
-        HubNotSupportedError: the reference is a Hub id.
+        ModelNotFoundError: neither a local folder nor a Hub id.
+        HubError: the download failed (see :mod:`slerp_plugin.hub`).
     """
     path = Path(model.ref).expanduser()
     if path.is_dir() and model.revision is None:
-        return path.resolve()
+        return ResolvedModel(path.resolve())
     if path.exists() and not path.is_dir():
         raise ModelNotFoundError(f"{role}: {model.ref} is a file, expected a model folder")
     if looks_like_hub_id(model.ref):
-        raise HubNotSupportedError(
-            f"{role}: {model} looks like a Hugging Face Hub id; Hub downloads are not supported "
-            "yet: download it (e.g. `hf download`) and pass the local folder"
-        )
+        from .hub import download_model
+
+        try:
+            d = download_model(model.ref, model.revision, allow_bin=allow_bin, weights=weights, tokenizer=tokenizer)
+        except HubError as e:
+            raise type(e)(f"{role}: {e}") from None
+        return ResolvedModel(d.path, d.commit, d.hashes())
     raise ModelNotFoundError(f"{role}: model folder not found: {model.ref}")

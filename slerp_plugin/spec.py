@@ -166,7 +166,8 @@ class MergeSpec(BaseModel):
     ``out_dtype``: the dtype stored (None = ``dtype``, else each tensor keeps model_1's).
     ``on_shape_mismatch``: ``keep`` model_1's tensor with a warning (FusionBench) or ``error``
     (mergekit). ``max_shard_size``: bytes per output shard (default 5 GB). ``device``: ``auto``
-    (cuda when present), ``cpu``, ``cuda`` or ``cuda:N``.
+    (cuda when present), ``cpu``, ``cuda`` or ``cuda:N``. ``push_to_hub``: a repo id to upload
+    the finished merge to (``private`` creates it private); ``allow_bin``: accept pickled weights.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -188,6 +189,9 @@ class MergeSpec(BaseModel):
     show_pbar: bool = False
     overwrite: bool = False
     chunk_elements: int = Field(DEFAULT_CHUNK_ELEMENTS, ge=1024)
+    allow_bin: bool = Field(False, description="download pickled .bin weights from the Hub and convert them")
+    push_to_hub: str | None = Field(None, description="Hub repo to upload the merged model to")
+    private: bool = Field(False, description="create push_to_hub as a private repo")
 
     @field_validator("model_1", "model_2", "tokenizer", mode="before")
     @classmethod

@@ -11,8 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Nothing in the tests may reach a real Hub: the default endpoint is a closed local port; the
+# `hub` fixture points it at the test server. Xet is off (the test server speaks LFS).
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.pop("HF_TOKEN", None)
+
+HUB_TOKEN = "hf_test_token_write"
 
 
 @pytest.fixture(autouse=True)
@@ -62,6 +70,19 @@ def demo_fp32_tied(tmp_path_factory) -> tuple[Path, Path]:
     from slerp_plugin.demo import build_demo_pair
 
     return build_demo_pair(tmp_path_factory.mktemp("fp32"), dtype="float32", tie_word_embeddings=True)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """The Hub-compatible test server on 127.0.0.1, with HF_ENDPOINT/HF_TOKEN/HF_HUB_CACHE set."""
+    from hub_server import HubServer
+
+    monkeypatch.setenv("SLERP_PLUGIN_HUB_BACKOFF", "0.01")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    with HubServer(tmp_path / "hub-blobs") as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        yield server
 
 
 def read_json(path: Path) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,11 +93,13 @@ def test_bad_inputs_exit_non_zero_with_one_line(demo_bf16, tmp_path, extra, code
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
-def test_hub_id_is_not_yet_supported(tmp_path):
+def test_seed_config_with_the_hub_unreachable(tmp_path):
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "SLERP_PLUGIN_HUB_BACKOFF": "0.01"}
     r = run_cli(["--config-path", str(ROOT / "config/_get_started"), "--config-name", "llm_slerp",
-                 "+method.model_save_path=out"], cwd=tmp_path)
-    assert r.returncode == 2
-    assert "ibivibiv/alpaca-dragon-72b-v1 looks like a Hugging Face Hub id" in r.stderr
+                 "+method.model_save_path=out"], cwd=tmp_path, env=env)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("slerp-merge: error:")]
+    assert r.returncode == 7 and len(errors) == 1
+    assert "model_1: ibivibiv/alpaca-dragon-72b-v1@main: cannot reach the Hub" in errors[0]
     assert not (tmp_path / "out").exists()
 
 
