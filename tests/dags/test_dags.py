@@ -1,0 +1,150 @@
+"""The DAGs: import cleanly, reject bad params up front, run end to end with dag.test()."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dag_helpers import states, tries
+
+HUB_TOKEN = "hf_test_token_write"
+from slerp_plugin.manifest import Manifest
+
+pytest.importorskip("airflow")
+
+
+def test_every_dag_imports(dagbag):
+    recipe = {"name": "demo", "model_1": "org/a", "model_2": "org/b", "t": 0.5}
+    (dagbag.recipes / "demo.yaml").write_text(yaml.safe_dump(recipe))
+    bag = dagbag()
+    assert bag.import_errors == {}
+    assert {"slerp_merge", "slerp_sweep", "slerp_nightly_demo"} <= set(bag.dags)
+    nightly = bag.dags["slerp_nightly_demo"]
+    assert nightly.catchup is False and "0 2 * * *" in repr(nightly.timetable)
+    merge = bag.dags["slerp_merge"]
+    for task_id in ("merge", "finalize", "validate"):
+        assert merge.get_task(task_id).queue == "gpu"
+    assert merge.get_task("download_model_1").queue != "gpu"
+    for task in merge.tasks:
+        assert task.retries >= 1 and task.execution_timeout is not None and task.retry_policy is not None
+
+
+def test_bad_recipe_is_an_import_error_naming_the_file(dagbag):
+    (dagbag.recipes / "broken.yaml").write_text("name: x\nmodel_1: a/b\nmodel_2: c/d\nt: 3\n")
+    bag = dagbag()
+    assert any("broken.yaml" in err and "t:" in err for err in bag.import_errors.values())
+
+
+def test_params_reject_t_out_of_range_before_any_task(dagbag, demo_bf16):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    dag = dagbag().dags["slerp_merge"]
+    with pytest.raises(ParamValidationError):
+        dag.test(run_conf={"model_1": str(demo_bf16[0]), "model_2": str(demo_bf16[1]), "t": 1.5})
+    assert not dagbag.outputs.exists()
+
+
+def test_merge_dag_end_to_end_with_hub_retries_and_publish(dagbag, demo_bf16, hub):
+    from slerp_plugin.hub import upload_folder
+
+    upload_folder(demo_bf16[0], "org/a")
+    upload_folder(demo_bf16[1], "org/b")
+    # more 503s than the in-task retries absorb (5 attempts): the download task fails once with a
+    # transient error and Airflow retries it
+    hub.state.fail("GET", r"/api/models/org/a/revision/[0-9a-f]{40}$", 503, times=5)
+    hub.state.fail("GET", r"/org/a/resolve/", 503, times=2)
+    dag = dagbag().dags["slerp_merge"]
+    dr = dag.test(run_conf={"model_1": "org/a", "model_2": "org/b", "t": 0.3, "target_repo": "org/merged",
+                            "eval_max_tokens": 128})
+    st = states(dr)
+    assert str(dr.state) == "success", st
+    assert all(s == "success" for s in st.values()), st
+    assert tries(dr)["download_model_1"] == 2
+    assert hub.state.commit_count("org/merged") == 2
+    out = next(dagbag.outputs.glob("slerp_merge/*/merged"))
+    man = Manifest.read(out)
+    assert man.spec["t"] == 0.3 and man.inputs["model_1"].ref == "org/a" and man.inputs["model_1"].commit
+    report = json.loads((out / "validation.json").read_text())
+    assert report["passed"] and report["functional"]["status"] == "passed"
+    assert HUB_TOKEN not in (out / "merge_manifest.json").read_text()
+
+
+def test_interrupted_merge_is_retried_and_resumes(dagbag, demo_bf16, monkeypatch):
+    from slerp_plugin import checkpoint
+
+    original = checkpoint.ShardWriter.write
+    seen = {"bytes": 0, "failed": False}
+
+    def write(self, data):
+        original(self, data)
+        seen["bytes"] += memoryview(data).nbytes
+        if seen["bytes"] > 150_000 and not seen["failed"]:
+            seen["failed"] = True
+            raise InterruptedError("worker lost mid-merge (simulated)")
+
+    monkeypatch.setattr(checkpoint.ShardWriter, "write", write)
+    dag = dagbag().dags["slerp_merge"]
+    dr = dag.test(run_conf={"model_1": str(demo_bf16[0]), "model_2": str(demo_bf16[1]), "t": 0.5,
+                            "max_shard_size": "100KB", "validate_functional": False})
+    assert str(dr.state) == "success", states(dr)
+    assert seen["failed"] and tries(dr)["merge"] == 2
+    out = next(dagbag.outputs.glob("slerp_merge/*/merged"))
+    assert Manifest.read(out).resume["reused_shards"] >= 1
+
+
+def test_invalid_t_inside_the_merge_fails_fast(dagbag, demo_bf16):
+    from slerp_plugin.pipeline import spec_from_params
+    from slerp_plugin.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="t: must be between 0 and 1"):
+        spec_from_params({"model_1": "a", "model_2": "b", "t": 2}, "o")
+
+
+def test_nightly_skips_unchanged_parents_and_merges_new_revisions(dagbag, demo_bf16, hub, tmp_path):
+    import shutil
+
+    from slerp_plugin.hub import upload_folder
+
+    upload_folder(demo_bf16[0], "org/a")
+    upload_folder(demo_bf16[1], "org/b")
+    recipe = {"name": "ab", "model_1": "org/a", "model_2": "org/b", "t": 0.4, "target_repo": "org/ab-nightly",
+              "validate_functional": False}
+    (dagbag.recipes / "ab.yaml").write_text(yaml.safe_dump(recipe))
+    dag = dagbag().dags["slerp_nightly_ab"]
+
+    first = dag.test()
+    assert str(first.state) == "success" and states(first)["publish"] == "success"
+    assert hub.state.commit_count("org/ab-nightly") == 2
+
+    second = dag.test()
+    st = states(second)
+    assert str(second.state) == "success"
+    assert st["parents_changed"] == "success" and st["plan"] == "skipped" and st["publish"] == "skipped", st
+
+    changed = Path(shutil.copytree(demo_bf16[1], tmp_path / "b2"))
+    (changed / "README.md").write_text("a new revision of model b\n")
+    upload_folder(changed, "org/b")
+    third = dag.test()
+    assert states(third)["publish"] == "success"
+    assert hub.state.commit_count("org/ab-nightly") == 3
+
+
+def test_sweep_publishes_the_best_t(dagbag, demo_bf16, hub):
+    dag = dagbag().dags["slerp_sweep"]
+    dr = dag.test(run_conf={"model_1": str(demo_bf16[0]), "model_2": str(demo_bf16[1]),
+                            "t_values": [0.2, 0.5, 0.8], "target_repo": "org/sweep", "eval_max_tokens": 64})
+    st = states(dr)
+    assert str(dr.state) == "success", st
+    assert [k for k in st if k.startswith("merge_and_validate[")] == [
+        "merge_and_validate[0]", "merge_and_validate[1]", "merge_and_validate[2]"]
+    outs = sorted(dagbag.outputs.glob("slerp_sweep/*/merged-t*"))
+    assert [p.name for p in outs] == ["merged-t0.2", "merged-t0.5", "merged-t0.8"]
+    ppl = {p.name: json.loads((p / "validation.json").read_text())["functional"]["perplexity"]["merged"]
+           for p in outs}
+    best = min(ppl, key=ppl.get)
+    published = hub.state.repos["org/sweep"]
+    head = published.commits[published.branches["main"]]
+    assert f"t={best.removeprefix('merged-t')}" in head.title
