@@ -76,20 +76,24 @@ def _model_param(title: str, description: str, default: str = "") -> Param:
     return Param(default, type="string", minLength=1, title=title, description=description)
 
 
+def _optional(value: Any, title: str, description: str) -> Param:
+    # nullable, so that the trigger form accepts an empty field
+    return Param(value or None, type=["null", "string"], title=title, description=description)
+
+
 def merge_params(**defaults: Any) -> dict[str, Param]:
     """The trigger form of a merge: models, t, thresholds, dtype, target repo, validation."""
     d = {"model_1": "", "model_2": "", "t": 0.5, **defaults}
     return {
         "model_1": _model_param("Model 1 (t = 0)", "Hub id org/name or a local folder on the workers",
                                 d["model_1"]),
-        "model_1_revision": Param(d.get("model_1_revision", ""), type="string", title="Model 1 revision",
-                                  description="branch, tag or commit sha (empty: main)"),
+        "model_1_revision": _optional(d.get("model_1_revision"), "Model 1 revision",
+                                      "branch, tag or commit sha (empty: main)"),
         "model_2": _model_param("Model 2 (t = 1)", "Hub id org/name or a local folder on the workers",
                                 d["model_2"]),
-        "model_2_revision": Param(d.get("model_2_revision", ""), type="string", title="Model 2 revision",
-                                  description="branch, tag or commit sha (empty: main)"),
-        "tokenizer": Param(d.get("tokenizer", ""), type="string", title="Tokenizer",
-                           description="Hub id or folder (empty: model 1's)"),
+        "model_2_revision": _optional(d.get("model_2_revision"), "Model 2 revision",
+                                      "branch, tag or commit sha (empty: main)"),
+        "tokenizer": _optional(d.get("tokenizer"), "Tokenizer", "Hub id or folder (empty: model 1's)"),
         "t": Param(d["t"], type="number", minimum=0, maximum=1, title="t",
                    description="interpolation factor: 0 gives model 1, 1 gives model 2"),
         "DOT_THRESHOLD": Param(d.get("DOT_THRESHOLD", 0.9995), type="number", exclusiveMinimum=0, maximum=1,
@@ -98,8 +102,8 @@ def merge_params(**defaults: Any) -> dict[str, Param]:
                          description="norms at or below this are not normalised"),
         "dtype": Param(d.get("dtype", "auto"), type="string", enum=["auto", "bfloat16", "float16", "float32"],
                        title="dtype", description="load/output dtype (auto: as model 1)"),
-        "target_repo": Param(d.get("target_repo", ""), type="string", title="Target repo",
-                             description="Hub repo to publish to (empty: do not publish)"),
+        "target_repo": _optional(d.get("target_repo"), "Target repo",
+                                 "Hub repo to publish to (empty: do not publish)"),
         "private": Param(d.get("private", False), type="boolean", title="Private",
                          description="create the target repo as private"),
         "validate_functional": Param(d.get("validate_functional", True), type="boolean",

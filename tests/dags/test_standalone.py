@@ -1,0 +1,198 @@
+"""End to end with a real scheduler: ``airflow standalone`` on 127.0.0.1, triggered through the
+REST API and through the UI in headless Chromium (Debian's). Slow: marked ``slow``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Standalone:
+    def __init__(self, home: Path, outputs: Path) -> None:
+        self.home = home
+        self.outputs = outputs
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__BASE_URL": self.url,
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "SLERP_OUTPUT_ROOT": str(outputs),
+            "SLERP_GPU_POOL": "default_pool",
+            "SLERP_RETRY_DELAY_S": "1",
+        }
+        self.log = open(home / "standalone.log", "w")
+        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"], env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.token = None
+
+    def wait_healthy(self, timeout: float = 240) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"airflow standalone exited: {self.tail()}")
+            try:
+                r = httpx.get(f"{self.url}/api/v2/monitor/health", timeout=5)
+                if r.status_code == 200 and r.json()["scheduler"]["status"] == "healthy":
+                    pw = self.home / "simple_auth_manager_passwords.json.generated"
+                    if pw.is_file():
+                        return
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            time.sleep(2)
+        raise RuntimeError(f"airflow standalone not healthy in {timeout} s: {self.tail()}")
+
+    def tail(self) -> str:
+        self.log.flush()
+        return (self.home / "standalone.log").read_text()[-3000:]
+
+    @property
+    def password(self) -> str:
+        return json.loads((self.home / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
+
+    def api(self, method: str, path: str, **kw) -> httpx.Response:
+        if self.token is None:
+            r = httpx.post(f"{self.url}/auth/token", json={"username": "admin", "password": self.password}, timeout=30)
+            r.raise_for_status()
+            self.token = r.json()["access_token"]
+        return httpx.request(method, f"{self.url}{path}", headers={"Authorization": f"Bearer {self.token}"},
+                             timeout=30, **kw)
+
+    def wait_dag(self, dag_id: str, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.api("GET", f"/api/v2/dags/{dag_id}").status_code == 200:
+                return
+            time.sleep(2)
+        raise RuntimeError(f"{dag_id} never appeared: {self.tail()}")
+
+    def wait_run(self, dag_id: str, run_id: str, timeout: float = 300) -> str:
+        deadline = time.time() + timeout
+        state = None
+        while time.time() < deadline:
+            state = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}").json().get("state")
+            if state in ("success", "failed"):
+                return state
+            time.sleep(2)
+        raise RuntimeError(f"run {run_id} still {state} after {timeout} s")
+
+    def stop(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def standalone(tmp_path_factory):
+    pytest.importorskip("airflow")
+    home = tmp_path_factory.mktemp("standalone-home")
+    server = Standalone(home, tmp_path_factory.mktemp("standalone-merges"))
+    try:
+        server.wait_healthy()
+        server.wait_dag("slerp_merge")
+        r = server.api("PATCH", "/api/v2/dags/slerp_merge", json={"is_paused": False})
+        assert r.status_code == 200, r.text
+        yield server
+    finally:
+        server.stop()
+
+
+def test_trigger_through_the_rest_api(standalone, demo_bf16):
+    conf = {"model_1": str(demo_bf16[0]), "model_2": str(demo_bf16[1]), "t": 0.3, "eval_max_tokens": 64}
+    bad = standalone.api("POST", "/api/v2/dags/slerp_merge/dagRuns",
+                         json={"logical_date": None, "conf": {**conf, "t": 1.5}})
+    assert bad.status_code == 400
+    r = standalone.api("POST", "/api/v2/dags/slerp_merge/dagRuns", json={"logical_date": None, "conf": conf})
+    assert r.status_code == 200, r.text
+    run_id = r.json()["dag_run_id"]
+    assert standalone.wait_run("slerp_merge", run_id) == "success", standalone.tail()
+    outs = list(standalone.outputs.glob("slerp_merge/*/merged"))
+    assert len(outs) == 1 and json.loads((outs[0] / "merge_manifest.json").read_text())["spec"]["t"] == 0.3
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (apt-get install chromium)")
+def test_trigger_from_the_ui_in_headless_chromium(standalone, demo_bf16):
+    pytest.importorskip("playwright")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    before = {r["dag_run_id"] for r in standalone.api("GET", "/api/v2/dags/slerp_merge/dagRuns").json()["dag_runs"]}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        try:
+            page.goto(standalone.url, wait_until="domcontentloaded")
+            page.get_by_label("Username").fill("admin")
+            page.get_by_label("Password").fill(standalone.password)
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url(lambda url: "/auth/login" not in url, timeout=30_000)
+            page.get_by_text("Dags").first.wait_for(timeout=30_000)
+            page.goto(f"{standalone.url}/dags/slerp_merge", wait_until="domcontentloaded")
+            page.get_by_label("Trigger Dag").first.click()
+            page.locator("input[name=element_model_1]").fill(str(demo_bf16[0]))
+            page.locator("input[name=element_model_2]").fill(str(demo_bf16[1]))
+            t_field = page.locator("input[name=element_t]")
+            t_field.fill("0.7")
+            page.locator("input[name=element_eval_max_tokens]").fill("64")
+            page.screenshot(path=str(ARTIFACTS / "trigger-form.png"))
+            page.get_by_role("dialog").get_by_role("button", name="Trigger").click()
+            deadline = time.time() + 60
+            new = set()
+            while time.time() < deadline and not new:
+                runs = standalone.api("GET", "/api/v2/dags/slerp_merge/dagRuns").json()["dag_runs"]
+                new = {r["dag_run_id"] for r in runs} - before
+                time.sleep(1)
+            assert new, "the trigger form did not create a run"
+            run_id = new.pop()
+            assert standalone.wait_run("slerp_merge", run_id) == "success", standalone.tail()
+            conf = standalone.api("GET", f"/api/v2/dags/slerp_merge/dagRuns/{run_id}").json()["conf"]
+            assert conf["t"] == 0.7
+            page.goto(f"{standalone.url}/dags/slerp_merge/runs/{run_id}", wait_until="domcontentloaded")
+            page.get_by_text("success").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "run-success.png"))
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "ui-failure.png"))
+            raise
+        finally:
+            browser.close()
