@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_state
+from model_helpers import load_state
 from slerp_plugin.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import folder_bytes, load_state, read_json, write_model
+from model_helpers import folder_bytes, load_state, read_json, write_model
 from slerp_plugin.checkpoint import sha256_file
 from slerp_plugin.engine import finalize, merge_shards, plan_merge, run_merge
 from slerp_plugin.errors import (

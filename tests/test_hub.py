@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import HUB_TOKEN, load_state
+from model_helpers import HUB_TOKEN, load_state
 from slerp_plugin import hub as H
 from slerp_plugin.errors import (
     DiskFullError,

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import load_state, write_model
+from model_helpers import load_state, write_model
 from slerp_plugin.errors import ConfigError, ShapeMismatchError
 from slerp_plugin.manifest import Manifest
 from slerp_plugin.mergekit_config import spec_from_mergekit

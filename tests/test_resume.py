@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from conftest import folder_bytes
+from model_helpers import folder_bytes
 from slerp_plugin.engine import run_merge
 from slerp_plugin.manifest import MANIFEST_NAME, Manifest
 from slerp_plugin.spec import MergeSpec

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import load_state, write_model
+from model_helpers import load_state, write_model
 from slerp_plugin.engine import run_merge
 from slerp_plugin.spec import MergeSpec
 from slerp_plugin.validate import (
