@@ -20,6 +20,7 @@ from .spec import MergeSpec, ModelRef
 log = logging.getLogger(__name__)
 
 ROLES = ("model_1", "model_2", "tokenizer")
+UPLOAD_RECORD = "hub_upload.json"
 
 
 class ValidationGateError(SlerpPluginError):
@@ -116,9 +117,12 @@ def download_input(entry: dict, *, weights: bool = True) -> dict:
 
 
 def output_path(output_root: str | Path, dag_id: str, run_id: str, suffix: str = "") -> Path:
-    """Where a run writes its merge: the same folder on every retry, so a retry resumes."""
-    safe = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in run_id)
-    return Path(output_root) / dag_id / safe / f"merged{suffix}"
+    """Where a run writes its merge: the same folder on every retry, so a retry resumes.
+
+    The run id is percent-quoted (reversibly: the dashboard links back to the run)."""
+    from urllib.parse import quote
+
+    return Path(output_root) / dag_id / quote(run_id, safe="") / f"merged{suffix}"
 
 
 def plan_groups(params: dict[str, Any], inputs: dict[str, dict], output: str, workers: int = 1) -> list[list[int]]:
@@ -197,8 +201,12 @@ def publish(output: str, target_repo: str | None, private: bool = False) -> dict
     from .hub import upload_folder
 
     up = upload_folder(output, target_repo, private=private)
-    return {"published": True, "repo": up.repo_id, "commit": up.commit, "url": up.url,
-            "new_commit": up.new_commit, "output": output}
+    record = {"published": True, "repo": up.repo_id, "commit": up.commit, "url": up.url,
+              "new_commit": up.new_commit, "output": output}
+    from .manifest import write_json_atomic
+
+    write_json_atomic(Path(output) / UPLOAD_RECORD, record)  # for the dashboard; not uploaded
+    return record
 
 
 def summary(merge: dict, validation: dict | None, upload: dict | None) -> dict:

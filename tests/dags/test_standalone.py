@@ -147,27 +147,46 @@ def test_trigger_through_the_rest_api(standalone, demo_bf16):
     assert len(outs) == 1 and json.loads((outs[0] / "merge_manifest.json").read_text())["spec"]["t"] == 0.3
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (apt-get install chromium)")
-def test_trigger_from_the_ui_in_headless_chromium(standalone, demo_bf16):
+needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                   reason="Debian chromium is not installed (apt-get install chromium)")
+
+
+def browser_session(standalone):
+    """A logged-in headless Chromium page (context manager yielding (browser, page))."""
+    import contextlib
+
     pytest.importorskip("playwright")
     from playwright.sync_api import sync_playwright
 
-    ARTIFACTS.mkdir(exist_ok=True)
+    @contextlib.contextmanager
+    def session():
+        ARTIFACTS.mkdir(exist_ok=True)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM, headless=True,
+                args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+            )
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            try:
+                page.goto(standalone.url, wait_until="domcontentloaded")
+                page.get_by_label("Username").fill("admin")
+                page.get_by_label("Password").fill(standalone.password)
+                page.get_by_role("button", name="Sign in").click()
+                page.wait_for_url(lambda url: "/auth/login" not in url, timeout=30_000)
+                page.get_by_text("Dags").first.wait_for(timeout=30_000)
+                yield page
+            finally:
+                browser.close()
+
+    return session()
+
+
+@needs_chromium
+def test_trigger_from_the_ui_in_headless_chromium(standalone, demo_bf16):
     before = {r["dag_run_id"] for r in standalone.api("GET", "/api/v2/dags/slerp_merge/dagRuns").json()["dag_runs"]}
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-        )
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
+    with browser_session(standalone) as page:
         try:
-            page.goto(standalone.url, wait_until="domcontentloaded")
-            page.get_by_label("Username").fill("admin")
-            page.get_by_label("Password").fill(standalone.password)
-            page.get_by_role("button", name="Sign in").click()
-            page.wait_for_url(lambda url: "/auth/login" not in url, timeout=30_000)
-            page.get_by_text("Dags").first.wait_for(timeout=30_000)
             page.goto(f"{standalone.url}/dags/slerp_merge", wait_until="domcontentloaded")
             page.get_by_label("Trigger Dag").first.click()
             page.locator("input[name=element_model_1]").fill(str(demo_bf16[0]))
@@ -194,5 +213,26 @@ def test_trigger_from_the_ui_in_headless_chromium(standalone, demo_bf16):
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "ui-failure.png"))
             raise
-        finally:
-            browser.close()
+
+
+@needs_chromium
+def test_merges_dashboard_in_the_ui(standalone):
+    runs = standalone.api("GET", "/api/v2/dags/slerp_merge/dagRuns").json()["dag_runs"]
+    done = [r["dag_run_id"] for r in runs if r["state"] == "success"]
+    assert done, "needs the runs of the tests above"
+    api = httpx.get(f"{standalone.url}/slerp/api/merges", timeout=30).json()
+    assert {e["run_id"] for e in api} >= set(done)
+    with browser_session(standalone) as page:
+        try:
+            page.goto(f"{standalone.url}/plugin/slerp_merges", wait_until="domcontentloaded")
+            frame = page.frame_locator("iframe").first
+            frame.get_by_text(done[0]).first.wait_for(timeout=30_000)
+            frame.get_by_text("PASS").first.wait_for(timeout=10_000)
+            page.screenshot(path=str(ARTIFACTS / "slerp-merges-dashboard.png"))
+            page.goto(f"{standalone.url}/dags/slerp_merge/runs/{done[0]}/plugin/slerp_merge_of_run",
+                      wait_until="domcontentloaded")
+            page.frame_locator("iframe").first.get_by_text("1 merge(s)").wait_for(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "dag-run-merge-tab.png"))
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "dashboard-failure.png"))
+            raise
