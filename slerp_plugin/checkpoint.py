@@ -14,6 +14,7 @@ import json
 import os
 import re
 import struct
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from .errors import CheckpointError, OutputWriteError
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
+WRITEBACK_BYTES = 64 * 1024 * 1024
 
 #: safetensors dtype name → (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -227,11 +229,50 @@ def _no_weights_message(folder: Path, files: Sequence[Path]) -> str:
     return f"{folder}: no safetensors weights ({SINGLE_NAME} or {INDEX_NAME})"
 
 
-class TensorReader:
-    """Reads byte ranges of tensors with ``pread``, keeping one descriptor per file."""
+class StreamHasher:
+    """SHA-256 of a file computed from the reads a merge makes anyway.
 
-    def __init__(self) -> None:
+    Reads that continue exactly where the hash stands are hashed; re-reads and jumps are not.
+    :meth:`hexdigest` hashes whatever was never read (from disk), so the result is always the
+    file's true SHA-256 — cheap when the merge read the file front to back, as it usually does.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._sha = hashlib.sha256()
+        self.pos = 0
+        self._lock = threading.Lock()
+
+    def feed(self, offset: int, data: memoryview) -> None:
+        with self._lock:
+            end = offset + len(data)
+            if offset <= self.pos < end:
+                self._sha.update(data[self.pos - offset:])
+                self.pos = end
+
+    def hexdigest(self) -> str:
+        with self._lock:
+            size = self.path.stat().st_size
+            if self.pos < size:
+                with open(self.path, "rb", buffering=0) as f:
+                    f.seek(self.pos)
+                    buf = bytearray(8 << 20)
+                    view = memoryview(buf)
+                    while n := f.readinto(buf):
+                        self._sha.update(view[:n])
+                        self.pos += n
+            return self._sha.copy().hexdigest()
+
+
+class TensorReader:
+    """Reads byte ranges of tensors with ``pread``, keeping one descriptor per file.
+
+    ``hashers`` (file → :class:`StreamHasher`) are fed every byte range read.
+    """
+
+    def __init__(self, hashers: dict[Path, StreamHasher] | None = None) -> None:
         self._fds: dict[Path, int] = {}
+        self.hashers = hashers or {}
 
     def read(self, info: TensorInfo, start: int, out: memoryview) -> None:
         """Fill ``out`` with the tensor's bytes from ``start`` (relative to the tensor).
@@ -259,6 +300,9 @@ class TensorReader:
                     f"{info.file}: truncated while reading tensor {info.name!r}"
                 )
             done += n
+        hasher = self.hashers.get(info.file)
+        if hasher is not None:
+            hasher.feed(pos, out)
 
     def read_tensor(self, info: TensorInfo, start_elem: int = 0, count: int | None = None) -> torch.Tensor:
         """Elements ``[start_elem, start_elem+count)`` of the flattened tensor, as a new 1-D tensor."""
@@ -331,6 +375,7 @@ class ShardWriter:
         self._sha = hashlib.sha256()
         self._f = None
         self.written = 0
+        self._flushed = 0  # bytes whose writeback has been started
 
     def __enter__(self) -> ShardWriter:
         try:
@@ -352,9 +397,15 @@ class ShardWriter:
         self._sha.update(data)
 
     def write(self, data: bytes | memoryview) -> None:
-        """Append tensor bytes (in plan order)."""
+        """Append tensor bytes (in plan order); start writeback every ``WRITEBACK_BYTES``."""
         self._write(data)
         self.written += memoryview(data).nbytes
+        end = len(self._header) + self.written
+        if end - self._flushed >= WRITEBACK_BYTES:
+            # DONTNEED on dirty pages starts their writeback now (asynchronously), so the final
+            # fsync does not have to write the whole shard while nothing else happens
+            os.posix_fadvise(self._f.fileno(), self._flushed, end - self._flushed, os.POSIX_FADV_DONTNEED)
+            self._flushed = end
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         assert self._f is not None

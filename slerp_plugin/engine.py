@@ -22,12 +22,12 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -40,6 +40,7 @@ from .checkpoint import (
     Checkpoint,
     OutputTensor,
     ShardWriter,
+    StreamHasher,
     TensorInfo,
     TensorReader,
     dtype_name,
@@ -61,7 +62,7 @@ from .manifest import (
     TensorRecord,
     write_json_atomic,
 )
-from .hashing import cached_sha256
+from .hashing import cached_sha256, has_cached_sha256, remember_sha256
 from .model_files import CONFIG_FILES, TOKENIZER_FILES, describe_input, model_files, tokenizer_files
 from .modelcard import render_model_card
 from .pipeline_io import ReadAhead, WriteBehind
@@ -115,6 +116,7 @@ class MergePlan:
     warnings: list[str] = field(default_factory=list)
     commits: dict[str, str | None] = field(default_factory=dict)
     known_hashes: dict[Path, str] = field(default_factory=dict)
+    stream_hashers: dict[Path, StreamHasher] = field(default_factory=dict)
 
     @property
     def output(self) -> Path:
@@ -445,7 +447,7 @@ def merge_shards(
         return []
     selected = plan.shards if indices is None else [plan.shards[i] for i in indices]
     outcomes = []
-    with TensorReader() as reader:
+    with TensorReader(plan.stream_hashers) as reader:
         for shard in selected:
             outcome = _load_outcome(plan, shard, verify=True)
             if outcome is not None:
@@ -475,6 +477,29 @@ def _schedule(job: TensorJob, chunk: int) -> Iterator[tuple[str, int, int]]:
                 yield kind, s, min(chunk, n - s)
 
 
+class _Pool:
+    """A fixed set of reusable byte buffers: bounded memory, no allocator churn across threads."""
+
+    def __init__(self, count: int, nbytes: int, pinned: bool = False) -> None:
+        self.nbytes = nbytes
+        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        for _ in range(count):
+            # pinned (page-locked) host memory lets host↔GPU copies run asynchronously
+            self._free.put(torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned))
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if nbytes > self.nbytes:  # e.g. a float64 tensor in a bf16 model: not pooled
+            return torch.empty(nbytes, dtype=torch.uint8)
+        return self._free.get()
+
+    def give(self, buf: torch.Tensor) -> None:
+        if buf.numel() == self.nbytes:
+            self._free.put(buf)
+
+
+READ_AHEAD = 2
+
+
 def _write_shard(
     plan: MergePlan,
     shard: ShardPlan,
@@ -486,49 +511,83 @@ def _write_shard(
     load_dtype = _dtype(spec.dtype) if spec.dtype else None
     started = time.perf_counter()
     bytes_read = 0
+    itemsize = max([j.a.itemsize for j in shard.jobs] + [j.b.itemsize for j in shard.jobs] + [1])
+    out_itemsize = max([DTYPES[j.out_dtype][1] for j in shard.jobs] + [1])
+    # pairs queued ahead, one being read and one being merged; outputs queued, written, filled
+    pinned = device.type == "cuda"
+    raw_pool = _Pool(2 * (READ_AHEAD + 2), chunk * itemsize, pinned)
+    out_pool = _Pool(WriteBehind.DEPTH + 2, chunk * out_itemsize, pinned)
+    scratch = {torch.float32: (torch.empty(chunk), torch.empty(chunk))} if device.type == "cpu" else {}
 
-    def read_tasks() -> Iterator[Callable[[], tuple[torch.Tensor, torch.Tensor | None]]]:
+    def read(info: TensorInfo, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        nbytes = count * info.itemsize
+        buf = raw_pool.take(nbytes)
+        if count:
+            reader.read(info, start * info.itemsize, memoryview(buf[:nbytes].numpy()))
+        return buf, buf[:nbytes].view(info.torch_dtype)
+
+    def read_tasks() -> Iterator[Callable[[], tuple]]:
         for job in shard.jobs:
             for kind, start, count in _schedule(job, chunk):
                 def task(job=job, kind=kind, start=start, count=count):
-                    a = reader.read_tensor(job.a, start, count)
-                    b = None if kind == "keep" else reader.read_tensor(job.b, start, count)
-                    return a, b
+                    return read(job.a, start, count), (None if kind == "keep" else read(job.b, start, count))
                 yield task
+
+    def upcast(x: torch.Tensor, src: torch.dtype, cdtype: torch.dtype, slot: int) -> torch.Tensor:
+        if src != x.dtype:
+            x = x.to(src)
+        if cdtype in scratch:
+            return scratch[cdtype][slot][: x.numel()].copy_(x)
+        return x.to(device, non_blocking=True).to(cdtype)
+
+    def emit(result: torch.Tensor, out_name: str) -> None:
+        dtype, size = DTYPES[out_name]
+        nbytes = result.numel() * size
+        buf = out_pool.take(nbytes)
+        out = buf[:nbytes].view(dtype)
+        out.copy_(result.reshape(-1))
+        sink.put((buf, out))
+        if progress:
+            progress(nbytes)
+
+    def write(item: tuple[torch.Tensor, torch.Tensor]) -> None:
+        buf, out = item
+        writer.write(memoryview(out.view(torch.uint8).numpy()))
+        out_pool.give(buf)
 
     records: list[TensorRecord] = []
     path = plan.partial / shard.file
     with ShardWriter(path, [j.output for j in shard.jobs]) as writer:
-        sink = WriteBehind(lambda t: writer.write(memoryview(t.view(torch.uint8).numpy())))
-        feed = ReadAhead(read_tasks(), depth=2)
+        sink = WriteBehind(write)
+        feed = ReadAhead(read_tasks(), depth=READ_AHEAD)
         try:
             for job in shard.jobs:
-                out_dtype = DTYPES[job.out_dtype][0]
                 src_dtype = load_dtype or job.a.torch_dtype
                 cdtype = compute_dtype(src_dtype)
                 stats = SlerpStats()
                 coeff = None
                 for kind, _, _ in _schedule(job, chunk):
-                    a_raw, b_raw = next(feed)
-                    bytes_read += a_raw.nbytes + (b_raw.nbytes if b_raw is not None else 0)
+                    (a_buf, a_raw), b_pair = next(feed)
+                    bytes_read += a_raw.nbytes + (b_pair[1].nbytes if b_pair is not None else 0)
                     if kind == "keep":
-                        out = a_raw.to(src_dtype).to(out_dtype)
-                    else:
-                        a = a_raw.to(src_dtype).to(device, non_blocking=True).to(cdtype)
-                        b = b_raw.to(src_dtype).to(device, non_blocking=True).to(cdtype)
-                        if kind != "pass2":
-                            stats = stats + accumulate(a, b)
-                        if kind == "pass1":
-                            continue
-                        if coeff is None:
-                            coeff = coefficients(
-                                job.t, stats, dtype=cdtype,
-                                DOT_THRESHOLD=spec.DOT_THRESHOLD, epsilon=spec.epsilon,
-                            )
-                        out = combine(a, b, coeff, out=a, scratch=b).to(out_dtype).cpu()
-                    sink.put(out)
-                    if progress:
-                        progress(out.nbytes)
+                        emit(a_raw.to(src_dtype), job.out_dtype)
+                        raw_pool.give(a_buf)
+                        continue
+                    b_buf, b_raw = b_pair
+                    a = upcast(a_raw, src_dtype, cdtype, 0)
+                    b = upcast(b_raw, src_dtype, cdtype, 1)
+                    raw_pool.give(a_buf)
+                    raw_pool.give(b_buf)
+                    if kind != "pass2":
+                        stats = stats + accumulate(a, b)
+                    if kind == "pass1":
+                        continue
+                    if coeff is None:
+                        coeff = coefficients(
+                            job.t, stats, dtype=cdtype,
+                            DOT_THRESHOLD=spec.DOT_THRESHOLD, epsilon=spec.epsilon,
+                        )
+                    emit(combine(a, b, coeff, out=a, scratch=b), job.out_dtype)
                 records.append(_tensor_record(job, shard.file, coeff))
                 if coeff is not None:
                     log.debug("%s: %s (d=%.6g, s0=%.6g, s1=%.6g)", job.name, coeff.branch,
@@ -583,14 +642,32 @@ def _input_files(plan: MergePlan, role: str) -> list[Path]:
     return model_files(plan.paths[role], plan.checkpoints[role])
 
 
-def hash_inputs_async(plan: MergePlan) -> Future[dict[Path, str]]:
-    """Start hashing every input file on a background thread (cached; overlaps the merge)."""
+def _stream_hashers(plan: MergePlan) -> dict[Path, StreamHasher]:
+    """A hasher, primed with the header, for each input weight file whose checksum is not known."""
+    out = {}
+    for ck in plan.checkpoints.values():
+        for f in ck.files:
+            if f in plan.known_hashes or has_cached_sha256(f):
+                continue
+            offsets = [i.offset for i in ck.tensors.values() if i.file == f]
+            hasher = StreamHasher(f)
+            with open(f, "rb") as fh:
+                hasher.feed(0, memoryview(fh.read(min(offsets) if offsets else 0)))
+            out[f] = hasher
+    return out
+
+
+def input_hashes(plan: MergePlan) -> dict[Path, str]:
+    """SHA-256 of every input file: known from the Hub, cached, or finished from the bytes the
+    merge streamed (:class:`StreamHasher`); files never read are hashed here."""
     files = {f for role in ("model_1", "model_2", "tokenizer") for f in _input_files(plan, role)}
-    files -= set(plan.known_hashes)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
-    future = pool.submit(lambda: {f: cached_sha256(f) for f in sorted(files)})
-    pool.shutdown(wait=False)
-    return future
+    out = {}
+    for f in sorted(files - set(plan.known_hashes)):
+        hasher = plan.stream_hashers.get(f)
+        out[f] = hasher.hexdigest() if hasher is not None else cached_sha256(f)
+        if hasher is not None:
+            remember_sha256(f, out[f])
+    return out
 
 
 def finalize(
@@ -737,7 +814,7 @@ def run_merge(spec: MergeSpec) -> MergeResult:
     """
     started = time.perf_counter()
     plan = plan_merge(spec)
-    hashes = hash_inputs_async(plan)
+    plan.stream_hashers = _stream_hashers(plan)
     bar = _progress_bar(plan)
     try:
         outcomes = merge_shards(plan, progress=bar.update if bar else None)
@@ -747,7 +824,7 @@ def run_merge(spec: MergeSpec) -> MergeResult:
     reused = sum(o.reused for o in outcomes)
     if reused:
         log.info("resumed: %d of %d shard(s) reused from the interrupted run", reused, len(outcomes))
-    result = finalize(plan, input_hashes=hashes.result(), started_at=started)
+    result = finalize(plan, input_hashes=input_hashes(plan), started_at=started)
     counts = result.manifest.branch_counts
     log.info(
         "branches: %s", ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))

@@ -26,18 +26,32 @@ def file_identity(path: Path) -> dict[str, int | str]:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
 
 
+def _entry(path: Path) -> Path:
+    ident = file_identity(path)
+    return cache_dir() / hashlib.sha256(repr(sorted(ident.items())).encode()).hexdigest()
+
+
+def _lookup(path: Path) -> str | None:
+    try:
+        value = _entry(path).read_text().strip()
+    except OSError:
+        return None
+    return value if len(value) == 64 else None
+
+
+def has_cached_sha256(path: Path) -> bool:
+    """Whether the cache holds the checksum of ``path`` as it is now."""
+    return _lookup(path) is not None
+
+
 def cached_sha256(path: Path) -> str:
     """Hex SHA-256 of ``path``, from the cache when the file is unchanged since it was hashed."""
-    ident = file_identity(path)
-    key = hashlib.sha256(repr(sorted(ident.items())).encode()).hexdigest()
-    entry = cache_dir() / key
-    try:
-        value = entry.read_text().strip()
-        if len(value) == 64:
-            return value
-    except OSError:
-        pass
-    digest = sha256_file(path)
+    return _lookup(path) or remember_sha256(path, sha256_file(path))
+
+
+def remember_sha256(path: Path, digest: str) -> str:
+    """Store ``digest`` as the checksum of ``path`` as it is now; returns it."""
+    entry = _entry(path)
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = entry.with_name(entry.name + f".{os.getpid()}.tmp")

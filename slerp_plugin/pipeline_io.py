@@ -75,7 +75,9 @@ class WriteBehind:
     An error in ``sink`` is raised by the next :meth:`put` or by :meth:`close`.
     """
 
-    def __init__(self, sink: Callable[[Any], None], depth: int = 3) -> None:
+    DEPTH = 3
+
+    def __init__(self, sink: Callable[[Any], None], depth: int = DEPTH) -> None:
         self._sink = sink
         self._q: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None

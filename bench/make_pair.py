@@ -1,0 +1,94 @@
+"""Build a bf16 Llama-shaped model pair for benchmarks, streamed (little memory, no model class).
+
+model_b = model_a + noise on matrices (norm weights identical), written as input shards of at
+most --shard-mb MB with an index, config.json and a small tokenizer, like a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import zlib
+from pathlib import Path
+
+import torch
+
+from slerp_plugin.checkpoint import OutputTensor, ShardWriter
+
+BASE = {"hidden": 2048, "layers": 16, "intermediate": 5632, "vocab": 32000}  # 953M parameters
+
+
+def tensors(hidden: int, layers: int, intermediate: int, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
+    out = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out += [(p + "input_layernorm.weight", (hidden,)), (p + "post_attention_layernorm.weight", (hidden,))]
+        out += [(p + f"self_attn.{n}_proj.weight", (hidden, hidden)) for n in "qkvo"]
+        out += [(p + "mlp.gate_proj.weight", (intermediate, hidden)), (p + "mlp.up_proj.weight", (intermediate, hidden)),
+                (p + "mlp.down_proj.weight", (hidden, intermediate))]
+    return out + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+
+
+def write_model(folder: Path, spec: list, seed: int, noise_of: int | None, shard_bytes: int, cfg: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, cur, size = [], [], 0
+    for name, shape in spec:
+        n = 2
+        for s in shape:
+            n *= s
+        if cur and size + n > shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append((name, shape))
+        size += n
+    shards.append(cur)
+    weight_map = {}
+    for i, group in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        with ShardWriter(folder / fname, [OutputTensor(n, "BF16", s) for n, s in group]) as w:
+            for name, shape in group:
+                g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+                if len(shape) == 1:
+                    t = torch.ones(shape)
+                else:
+                    t = torch.randn(shape, generator=g) * 0.02
+                    if noise_of is not None:
+                        g2 = torch.Generator().manual_seed(zlib.crc32(f"{noise_of}:{name}".encode()) + 1)
+                        t = t + torch.randn(shape, generator=g2) * 0.006
+                w.write(memoryview(t.to(torch.bfloat16).reshape(-1).view(torch.uint8).numpy()))
+                weight_map[name] = fname
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def build(out: Path, scale_layers: int, shard_mb: int = 500) -> tuple[Path, Path]:
+    """The pair with ``scale_layers`` layers (16 = the 953M pair) under ``out``."""
+    dims = {**BASE, "layers": scale_layers}
+    a, b = out / "model_a", out / "model_b"
+    if (b / "config.json").is_file():
+        return a, b
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dims["hidden"],
+           "intermediate_size": dims["intermediate"], "num_hidden_layers": dims["layers"],
+           "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": dims["vocab"],
+           "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+           "dtype": "bfloat16", "torch_dtype": "bfloat16"}
+    spec = tensors(**dims)
+    write_model(a, spec, 0, None, shard_mb * 10**6, cfg)
+    write_model(b, spec, 0, 1, shard_mb * 10**6, cfg)
+    from slerp_plugin.demo import build_tokenizer
+
+    tok = build_tokenizer(512)
+    for m in (a, b):
+        tok.save_pretrained(m)
+    return a, b
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--shard-mb", type=int, default=500)
+    args = ap.parse_args()
+    shutil.rmtree(args.out / "model_a.tmp", ignore_errors=True)
+    print(*build(args.out, args.layers, args.shard_mb))
