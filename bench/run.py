@@ -102,19 +102,18 @@ def command(system: str, a: Path, b: Path, out: Path) -> list[str]:
 
 def io_floor(a: Path, b: Path, out_bytes: int) -> dict:
     files = [f for d in (a, b) for f in d.glob("*.safetensors")]
+
+    def read_all() -> float:
+        t = time.perf_counter()
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                while fh.read(64 << 20):
+                    pass
+        return time.perf_counter() - t
+
     evict(files)
-    t = time.perf_counter()
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            while fh.read(64 << 20):
-                pass
-    cold = time.perf_counter() - t
-    t = time.perf_counter()
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            while fh.read(64 << 20):
-                pass
-    warm = time.perf_counter() - t
+    cold = read_all()
+    warm = read_all()
     target = WORK / "floor.bin"
     buf = bytearray(64 << 20)
     t = time.perf_counter()
