@@ -211,12 +211,6 @@ class Checkpoint:
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self.tensors.values())
 
-    def dtype_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for i in self.tensors.values():
-            counts[i.dtype] = counts.get(i.dtype, 0) + i.nbytes
-        return counts
-
 
 def _no_weights_message(folder: Path, files: Sequence[Path]) -> str:
     if files:

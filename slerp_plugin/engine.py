@@ -233,7 +233,7 @@ def _dtype(name: str) -> torch.dtype:
 
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
-_VOCAB_TENSORS = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings")
+VOCAB_TENSOR_NAMES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings")
 
 
 def _num_layers(folder: Path) -> int:
@@ -259,7 +259,7 @@ def layer_fraction(tensor_name: str, num_layers: int) -> float:
 
 def _mismatch_message(name: str, a: TensorInfo, b: TensorInfo, names: Sequence[str]) -> str:
     shapes = f"{names[0]} {list(a.shape)} vs {names[1]} {list(b.shape)}"
-    if any(v in name for v in _VOCAB_TENSORS):
+    if any(v in name for v in VOCAB_TENSOR_NAMES):
         return (
             f"{name}: the vocabularies differ ({shapes}); merging them row by row would mix "
             "unrelated tokens. Align them first, e.g. run mergekit-yaml with "

@@ -40,9 +40,10 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, Field
 
-from .checkpoint import Checkpoint, TensorReader
+from .checkpoint import DTYPES, Checkpoint, TensorReader
 from .errors import CheckpointError, SlerpPluginError
 from .manifest import MANIFEST_NAME, Manifest, write_json_atomic
+from .engine import VOCAB_TENSOR_NAMES
 from .slerp import compute_dtype, slerp_reference
 from .spec import MergeSpec
 
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 REPORT_NAME = "validation.json"
 SUMMARY_NAME = "validation.txt"
 DEFAULT_PROMPTS = ("The meaning of life is", "Once upon a time,", "The capital of France is")
-_VOCAB_NAMES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings")
 
 
 class ValidationError(SlerpPluginError):
@@ -244,7 +244,7 @@ def spot_check(
         chosen = names
     else:
         largest = max(names, key=lambda n: math.prod(records[n].shape))
-        vocab = [n for n in names if any(v in n for v in _VOCAB_NAMES)]
+        vocab = [n for n in names if any(v in n for v in VOCAB_TENSOR_NAMES)]
         rest = [n for n in names if n != largest and n not in vocab]
         chosen = list(dict.fromkeys([largest, *vocab, *random.Random(seed).sample(rest, min(sample, len(rest)))]))
     log.info("spot re-computation of %d of %d tensors (%d elements in all)", len(chosen), len(names), total)
@@ -307,7 +307,7 @@ def _spot_streamed(name, a_h, b_h, m_h, rec, spec, load, numel, seed) -> SpotTen
     rows = sa.get_shape()[0]
     per_row = max(1, numel // max(rows, 1))
     block = max(1, (1 << 22) // per_row)
-    cd = compute_dtype(load or _st_dtype(sa.get_dtype()))
+    cd = compute_dtype(load or DTYPES[sa.get_dtype()][0])
     ssa = ssb = dot = 0.0
     for r in range(0, rows, block):
         x = sa[r:r + block].to(load or torch.float32).double()
@@ -337,12 +337,6 @@ def _spot_streamed(name, a_h, b_h, m_h, rec, spec, load, numel, seed) -> SpotTen
     return SpotTensor(name=name, method="streamed", numel=numel, checked=sum(c.checked for c in checked),
                       max_ulp=worst.max_ulp, max_rel_err=worst.max_rel_err,
                       mismatches=sum(c.mismatches for c in checked), passed=all(c.passed for c in checked))
-
-
-def _st_dtype(name: str) -> torch.dtype:
-    from .checkpoint import DTYPES
-
-    return DTYPES[name][0]
 
 
 # --------------------------------------------------------------------------- functional

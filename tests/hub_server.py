@@ -175,6 +175,14 @@ def create_app(state: HubState) -> FastAPI:
             return None, _err(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         return c, None
 
+    def lookup(request: Request, ns: str, name: str, rev: str, write: bool = False):
+        """(repo, commit, None), or (None, None, error response) for an unknown repo or revision."""
+        repo, err = get_repo(request, f"{ns}/{name}", write=write)
+        if err:
+            return None, None, err
+        c, err = get_commit(repo, rev)
+        return repo, c, err
+
     base = lambda request: str(request.base_url).rstrip("/")  # noqa: E731
 
     @app.post("/api/repos/create")
@@ -213,18 +221,12 @@ def create_app(state: HubState) -> FastAPI:
 
     @app.get("/api/models/{ns}/{name}")
     async def model_info(request: Request, ns: str, name: str):
-        repo, err = get_repo(request, f"{ns}/{name}")
-        if err:
-            return err
-        c, err = get_commit(repo, "main")
+        repo, c, err = lookup(request, ns, name, "main")
         return err or info(repo, c)
 
     @app.get("/api/models/{ns}/{name}/revision/{rev:path}")
     async def model_info_rev(request: Request, ns: str, name: str, rev: str):
-        repo, err = get_repo(request, f"{ns}/{name}")
-        if err:
-            return err
-        c, err = get_commit(repo, rev)
+        repo, c, err = lookup(request, ns, name, rev)
         return err or info(repo, c)
 
     def tree_entry(path: str, e: Entry) -> dict:
@@ -236,10 +238,7 @@ def create_app(state: HubState) -> FastAPI:
     @app.get("/api/models/{ns}/{name}/tree/{rev}")
     @app.get("/api/models/{ns}/{name}/tree/{rev}/{sub:path}")
     async def tree(request: Request, ns: str, name: str, rev: str, sub: str = ""):
-        repo, err = get_repo(request, f"{ns}/{name}")
-        if err:
-            return err
-        c, err = get_commit(repo, rev)
+        repo, c, err = lookup(request, ns, name, rev)
         if err:
             return err
         recursive = request.query_params.get("recursive") in ("1", "true", "True")
@@ -261,10 +260,7 @@ def create_app(state: HubState) -> FastAPI:
 
     @app.post("/api/models/{ns}/{name}/paths-info/{rev}")
     async def paths_info(request: Request, ns: str, name: str, rev: str):
-        repo, err = get_repo(request, f"{ns}/{name}")
-        if err:
-            return err
-        c, err = get_commit(repo, rev)
+        repo, c, err = lookup(request, ns, name, rev)
         if err:
             return err
         form = await request.form()
@@ -284,10 +280,7 @@ def create_app(state: HubState) -> FastAPI:
 
     @app.get("/api/models/{ns}/{name}/commits/{rev:path}")
     async def commits(request: Request, ns: str, name: str, rev: str):
-        repo, err = get_repo(request, f"{ns}/{name}")
-        if err:
-            return err
-        c, err = get_commit(repo, rev)
+        repo, c, err = lookup(request, ns, name, rev)
         if err:
             return err
         return [{"id": x.oid, "title": x.title, "message": x.message, "authors": [{"user": "testuser"}],
@@ -295,10 +288,7 @@ def create_app(state: HubState) -> FastAPI:
 
     @app.post("/api/models/{ns}/{name}/tag/{rev:path}")
     async def tag(request: Request, ns: str, name: str, rev: str):
-        repo, err = get_repo(request, f"{ns}/{name}", write=True)
-        if err:
-            return err
-        c, err = get_commit(repo, rev)
+        repo, c, err = lookup(request, ns, name, rev, write=True)
         if err:
             return err
         body = await request.json()
@@ -328,10 +318,7 @@ def create_app(state: HubState) -> FastAPI:
 
     @app.post("/api/models/{ns}/{name}/preupload/{rev:path}")
     async def preupload(request: Request, ns: str, name: str, rev: str):
-        repo, err = get_repo(request, f"{ns}/{name}", write=True)
-        if err:
-            return err
-        c, err = get_commit(repo, rev)
+        repo, c, err = lookup(request, ns, name, rev, write=True)
         if err:
             return err
         body = await request.json()
@@ -422,10 +409,7 @@ def create_app(state: HubState) -> FastAPI:
 
     @app.api_route("/{ns}/{name}/resolve/{rev}/{path:path}", methods=["GET", "HEAD"])
     async def resolve(request: Request, ns: str, name: str, rev: str, path: str):
-        repo, err = get_repo(request, f"{ns}/{name}")
-        if err:
-            return err
-        c, err = get_commit(repo, rev)
+        repo, c, err = lookup(request, ns, name, rev)
         if err:
             return err
         e = c.files.get(path)

@@ -16,7 +16,7 @@ from model_helpers import load_state, write_model
 from slerp_plugin.errors import ConfigError, ShapeMismatchError
 from slerp_plugin.manifest import Manifest
 from slerp_plugin.mergekit_config import spec_from_mergekit
-from test_slerp import ulp_distance_bf16
+from slerp_plugin.validate import ulp_distance
 
 pytest.importorskip("mergekit")
 
@@ -76,7 +76,7 @@ def test_mergekit_yaml_finds_method_and_matches_our_engine(demo_bf16, tmp_path):
         assert mk[k].dtype == us[k].dtype == torch.bfloat16
         # same kernel and op order; only the BLAS dot behind d may round differently on
         # differently aligned buffers, which can move an element by one bf16 ulp
-        assert int(ulp_distance_bf16(mk[k], us[k]).max()) <= 1, k
+        assert int(ulp_distance(mk[k], us[k]).max()) <= 1, k
     m_mk, m_us = Manifest.read(tmp_path / "mk"), Manifest.read(tmp_path / "ours")
     assert {t.name: t.t for t in m_mk.tensors} == {t.name: t.t for t in m_us.tensors}
     assert {t.name: t.branch for t in m_mk.tensors} == {t.name: t.branch for t in m_us.tensors}
