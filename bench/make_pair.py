@@ -2,6 +2,8 @@
 
 model_b = model_a + noise on matrices (norm weights identical), written as input shards of at
 most --shard-mb MB with an index, config.json and a small tokenizer, like a real checkpoint.
+Matrices are generated in row blocks, so even the 2.5 GB single-tensor pair (:func:`build_big`)
+needs little memory.
 """
 
 from __future__ import annotations
@@ -48,18 +50,50 @@ def write_model(folder: Path, spec: list, seed: int, noise_of: int | None, shard
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         with ShardWriter(folder / fname, [OutputTensor(n, "BF16", s) for n, s in group]) as w:
             for name, shape in group:
-                g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-                if len(shape) == 1:
-                    t = torch.ones(shape)
-                else:
-                    t = torch.randn(shape, generator=g) * 0.02
-                    if noise_of is not None:
-                        g2 = torch.Generator().manual_seed(zlib.crc32(f"{noise_of}:{name}".encode()) + 1)
-                        t = t + torch.randn(shape, generator=g2) * 0.006
-                w.write(memoryview(t.to(torch.bfloat16).reshape(-1).view(torch.uint8).numpy()))
+                for block in _blocks(name, shape, seed, noise_of):
+                    w.write(memoryview(block.to(torch.bfloat16).reshape(-1).view(torch.uint8).numpy()))
                 weight_map[name] = fname
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def _blocks(name: str, shape: tuple[int, ...], seed: int, noise_of: int | None, rows: int = 2048):
+    """The tensor's values in row blocks: norms are ones; matrices N(0, 0.02²) (+ noise for model_b)."""
+    if len(shape) == 1:
+        yield torch.ones(shape)
+        return
+    for r in range(0, shape[0], rows):
+        n = min(rows, shape[0] - r)
+        g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}:{r}".encode()))
+        t = torch.randn((n, *shape[1:]), generator=g) * 0.02
+        if noise_of is not None:
+            g2 = torch.Generator().manual_seed(zlib.crc32(f"{noise_of}:{name}:{r}".encode()) + 1)
+            t += torch.randn((n, *shape[1:]), generator=g2) * 0.006
+        yield t
+
+
+def build_big(out: Path, rows: int = 152064, cols: int = 8192) -> tuple[Path, Path]:
+    """A pair whose one big tensor is ``rows×cols`` bf16 (default Qwen-72B's embedding, 2.5 GB),
+    plus the final norm, as a zero-layer tied Llama that mergekit accepts."""
+    a, b = out / "model_a", out / "model_b"
+    if (b / "config.json").is_file():
+        return a, b
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cols,
+           "intermediate_size": 4 * cols, "num_hidden_layers": 0, "num_attention_heads": 64,
+           "vocab_size": rows, "tie_word_embeddings": True, "dtype": "bfloat16", "torch_dtype": "bfloat16"}
+    spec = [("model.embed_tokens.weight", (rows, cols)), ("model.norm.weight", (cols,))]
+    _write_pair(a, b, spec, cfg, 500)
+    return a, b
+
+
+def _write_pair(a: Path, b: Path, spec: list, cfg: dict, shard_mb: int) -> None:
+    write_model(a, spec, 0, None, shard_mb * 10**6, cfg)
+    write_model(b, spec, 0, 1, shard_mb * 10**6, cfg)
+    from slerp_plugin.demo import build_tokenizer
+
+    tok = build_tokenizer(512)
+    for m in (a, b):
+        tok.save_pretrained(m)
 
 
 def build(out: Path, scale_layers: int, shard_mb: int = 500) -> tuple[Path, Path]:
@@ -73,14 +107,7 @@ def build(out: Path, scale_layers: int, shard_mb: int = 500) -> tuple[Path, Path
            "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": dims["vocab"],
            "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
            "dtype": "bfloat16", "torch_dtype": "bfloat16"}
-    spec = tensors(**dims)
-    write_model(a, spec, 0, None, shard_mb * 10**6, cfg)
-    write_model(b, spec, 0, 1, shard_mb * 10**6, cfg)
-    from slerp_plugin.demo import build_tokenizer
-
-    tok = build_tokenizer(512)
-    for m in (a, b):
-        tok.save_pretrained(m)
+    _write_pair(a, b, tensors(**dims), cfg, shard_mb)
     return a, b
 
 

@@ -1,20 +1,23 @@
 """Benchmark: slerp-merge against mergekit and a FusionBench-formula eager merge, and the I/O floor.
 
-    python bench/run.py [--layers 4 8 16 32] [--repeats 3] [--systems ours mergekit ...] [--big-tensor]
+    python bench/run.py [--layers 4 8 16 32] [--repeats 3] [--systems ours mergekit ...] [--no-big-tensor]
 
 Builds (once, under bench/work/) bf16 Llama pairs of hidden 2048, intermediate 5632, vocab 32000
 and the given layer counts (16 layers = the 953M pair; 4/8/32 ≈ 0.25×/0.5×/2×) in 500 MB input
-shards, then runs each system on each pair, alternating, ``--repeats`` times, with the inputs
+shards, and a pair whose one tensor is 152064×8192 bf16 (Qwen-72B's embedding, 2.5 GB), then runs each system on each pair, alternating, ``--repeats`` times, with the inputs
 evicted from the page cache before every run. Each run's wall time, CPU time and peak RSS come from
-the OS (/usr/bin/time -v). The I/O floor is measured on the same disk: reading both inputs cold and
-warm, writing the output size with fsync. Writes bench/results/results.json, a markdown table of
-medians and ratios (bench/RESULTS.md) and a plot (bench/bench.png).
+the OS (/usr/bin/time -v). The I/O floor is measured on the same disk in every repeat: reading both
+inputs cold and warm, writing the output size with fsync (each the faster of buffered and O_DIRECT);
+floor = cold read + write. Writes bench/results/results.json, a markdown table of medians and
+ratios with the issue's targets checked (bench/RESULTS.md) and a plot (bench/bench.png). The eager
+FusionBench-formula merge is skipped on the 2.5 GB tensor: it needs about ten times it in RAM.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import re
 import shutil
@@ -30,7 +33,9 @@ RESULTS = HERE / "results"
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(HERE))
 
-from make_pair import build  # noqa: E402
+from make_pair import build, build_big  # noqa: E402
+
+BIG = "152064x8192 tensor"
 
 HEADER = """# Benchmark results
 
@@ -89,73 +94,97 @@ def command(system: str, a: Path, b: Path, out: Path) -> list[str]:
     if system == "ours":
         return [str(BIN / "slerp-merge"), "mergekit", str(mk_config(a, b, "slerp")), str(out)]
     if system == "mergekit":
-        return [str(BIN / "mergekit-yaml"), str(mk_config(a, b, "slerp")), str(out), "--lazy-unpickle"]
+        return [str(BIN / "mergekit-yaml"), str(mk_config(a, b, "slerp")), str(out)]
     if system == "mergekit_500M":
-        return [str(BIN / "mergekit-yaml"), str(mk_config(a, b, "slerp")), str(out), "--lazy-unpickle",
-                "--out-shard-size", "500M"]
+        return [str(BIN / "mergekit-yaml"), str(mk_config(a, b, "slerp")), str(out), "--out-shard-size", "500M"]
     if system == "mergekit_plugin":
-        return [str(BIN / "mergekit-yaml"), str(mk_config(a, b, "slerp_for_causal_lm")), str(out), "--lazy-unpickle"]
+        return [str(BIN / "mergekit-yaml"), str(mk_config(a, b, "slerp_for_causal_lm")), str(out)]
     if system == "fusionbench_eager":
         return [sys.executable, "-c", EAGER, str(a), str(b), str(out)]
     raise ValueError(system)
 
 
 def io_floor(a: Path, b: Path, out_bytes: int) -> dict:
+    """Seconds to read both inputs (cold: evicted first; warm: again) and to write ``out_bytes``
+    durably, each the faster of the buffered and the direct (O_DIRECT) path. The floor is the cold
+    read plus the write: the two done one after the other, 8 MiB at a time."""
     files = [f for d in (a, b) for f in d.glob("*.safetensors")]
+    block = 8 << 20
+    buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
 
-    def read_all() -> float:
+    def read_all(direct: bool) -> float:
         t = time.perf_counter()
         for f in files:
-            with open(f, "rb", buffering=0) as fh:
-                while fh.read(64 << 20):
-                    pass
+            fd = os.open(f, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+            off = 0
+            while n := os.preadv(fd, [buf], off):
+                off += n
+            os.close(fd)
         return time.perf_counter() - t
 
+    def write_all(direct: bool) -> float:
+        target = WORK / "floor.bin"
+        t = time.perf_counter()
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0))
+        for _ in range(-(-out_bytes // block)):
+            os.write(fd, buf)
+        os.fsync(fd)
+        os.close(fd)
+        seconds = time.perf_counter() - t
+        target.unlink()
+        return seconds
+
     evict(files)
-    cold = read_all()
-    warm = read_all()
-    target = WORK / "floor.bin"
-    buf = bytearray(64 << 20)
-    t = time.perf_counter()
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    for _ in range(out_bytes // len(buf) + 1):
-        os.write(fd, buf)
-    os.fsync(fd)
-    os.close(fd)
-    write = time.perf_counter() - t
-    target.unlink()
-    return {"read_cold_s": cold, "read_warm_s": warm, "write_fsync_s": write, "floor_s": cold + write}
+    cold_buffered = read_all(False)
+    warm = read_all(False)
+    evict(files)
+    cold_direct = read_all(True)
+    write_buffered, write_direct = write_all(False), write_all(True)
+    cold, write = min(cold_buffered, cold_direct), min(write_buffered, write_direct)
+    return {"read_cold_s": cold, "read_warm_s": warm, "write_fsync_s": write, "floor_s": cold + write,
+            "read_cold_buffered_s": cold_buffered, "read_cold_direct_s": cold_direct,
+            "write_buffered_s": write_buffered, "write_direct_s": write_direct}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16, 32])
+    ap.add_argument("--layers", type=int, nargs="*", default=[4, 8, 16, 32])
+    ap.add_argument("--big-tensor", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the pair whose one tensor is 152064x8192 bf16 (2.5 GB)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "SLERP_PLUGIN_CACHE": str(WORK / "no-cache")}
+    cases = [(f"{n} layers", n, lambda n=n: build(WORK / f"pair-{n}", n)) for n in args.layers]
+    if args.big_tensor:
+        cases.append((BIG, BIG, lambda: build_big(WORK / "big_tensor")))
     results = []
-    for layers in args.layers:
-        a, b = build(WORK / f"pair-{layers}", layers)
+    for label, key, make in cases:
+        a, b = make()
         size = sum(f.stat().st_size for f in a.glob("*.safetensors"))
-        floor = io_floor(a, b, size)
-        row = {"layers": layers, "params_m": size / 2e6, "model_gb": size / 1e9, "floor": floor, "runs": {}}
+        row = {"layers": key, "params_m": size / 2e6, "model_gb": size / 1e9, "floors": [], "runs": {}}
+        # an eager merge of the 2.5 GB tensor needs ~10x it in RAM (fp32 copies of A, B, Â, B̂, r)
+        systems = [s for s in args.systems if not (key == BIG and s == "fusionbench_eager")]
         for _ in range(args.repeats):
-            for system in args.systems:
+            row["floors"].append(io_floor(a, b, size))
+            f = row["floors"][-1]
+            print(f"{label:>9} I/O floor          {f['floor_s']:6.2f} s  (cold read {f['read_cold_s']:.2f} s, "
+                  f"write+fsync {f['write_fsync_s']:.2f} s)", flush=True)
+            for system in systems:
                 out = WORK / f"out-{system}"
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(env["SLERP_PLUGIN_CACHE"], ignore_errors=True)
                 evict([a, b])
                 m = timed(command(system, a, b, out), env)
                 row["runs"].setdefault(system, []).append(m)
-                print(f"{layers:>2} layers {system:18s} wall {m['wall_s']:6.2f} s  cpu {m['cpu_s']:6.2f} s  "
+                print(f"{label:>9} {system:18s} wall {m['wall_s']:6.2f} s  cpu {m['cpu_s']:6.2f} s  "
                       f"rss {m['peak_rss_mb']:7.0f} MB", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
         results.append(row)
     old = json.loads((RESULTS / "results.json").read_text()) if (RESULTS / "results.json").is_file() else []
     done = {r["layers"] for r in results}
-    results = sorted([r for r in old if r["layers"] not in done] + results, key=lambda r: r["layers"])
+    results = sorted([r for r in old if r["layers"] not in done] + results, key=lambda r: r["params_m"])
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results)
     return 0
@@ -163,6 +192,46 @@ def main() -> int:
 
 def median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
+
+
+def floor(row: dict) -> dict:
+    """The medians of a pair's I/O floor measurements (one per repeat)."""
+    floors = row.get("floors") or [row["floor"]]
+    return {k: statistics.median(f[k] for f in floors) for k in floors[0]}
+
+
+def pair_label(row: dict) -> str:
+    return f"{row['params_m']:.0f}M" + (" (one 2.5 GB tensor)" if row["layers"] == BIG else "")
+
+
+def targets(results: list[dict]) -> list[str]:
+    """The issue's targets, checked against the medians (ratios measured in the same run)."""
+    by = {r["layers"]: r for r in results}
+    out = []
+
+    def check(ok: bool, text: str) -> None:
+        out.append(f"- {'met' if ok else 'NOT met'}: {text}")
+
+    base = by.get(16)
+    if base and "ours" in base["runs"]:
+        ours = median(base["runs"]["ours"], "wall_s")
+        if "mergekit" in base["runs"]:
+            r = ours / median(base["runs"]["mergekit"], "wall_s")
+            check(r <= 0.4, f"953M pair, ours / mergekit default = {r:.2f} (target ≤ 0.4)")
+        r = ours / floor(base)["floor_s"]
+        check(r <= 1.5, f"953M pair, ours / I/O floor = {r:.2f} (target ≤ 1.5)")
+        rss = median(base["runs"]["ours"], "peak_rss_mb")
+        check(rss <= 600, f"953M pair, peak RSS {rss:.0f} MB (target ≤ 600 MB)")
+    small, large = by.get(4), by.get(32)
+    if small and large and "ours" in small["runs"] and "ours" in large["runs"]:
+        lo, hi = median(small["runs"]["ours"], "peak_rss_mb"), median(large["runs"]["ours"], "peak_rss_mb")
+        check(hi <= 1.1 * lo, f"peak RSS {lo:.0f} MB (0.25× pair) → {hi:.0f} MB (2× pair), "
+              f"{100 * (hi / lo - 1):+.1f} % (target ≤ +10 %)")
+    big = by.get(BIG)
+    if big and "ours" in big["runs"]:
+        rss = median(big["runs"]["ours"], "peak_rss_mb")
+        check(rss < 1024, f"152064×8192 bf16 tensor, peak RSS {rss:.0f} MB (target < 1 GB)")
+    return out
 
 
 def write_report(results: list[dict]) -> None:
@@ -173,12 +242,13 @@ def write_report(results: list[dict]) -> None:
         for system, runs in row["runs"].items():
             w = median(runs, "wall_s")
             ratio = f"{ours / w:.2f}" if ours and system != "ours" else "–"
-            fl = f"{w / row['floor']['floor_s']:.2f}" if system == "ours" else "–"
-            lines.append(f"| {row['params_m']:.0f}M | {system} | {w:.2f} | {median(runs, 'cpu_s'):.2f} | "
+            fl = f"{w / floor(row)['floor_s']:.2f}" if system == "ours" else "–"
+            lines.append(f"| {pair_label(row)} | {system} | {w:.2f} | {median(runs, 'cpu_s'):.2f} | "
                          f"{median(runs, 'peak_rss_mb'):.0f} | {ratio} | {fl} |")
-        f = row["floor"]
-        lines.append(f"| {row['params_m']:.0f}M | I/O floor | {f['floor_s']:.2f} | | | | "
+        f = floor(row)
+        lines.append(f"| {pair_label(row)} | I/O floor | {f['floor_s']:.2f} | | | | "
                      f"cold read {f['read_cold_s']:.2f} s, warm {f['read_warm_s']:.2f} s, write+fsync {f['write_fsync_s']:.2f} s |")
+    lines += ["", "Targets (issue #8):", "", *targets(results)]
     (HERE / "RESULTS.md").write_text(HEADER + "\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
@@ -189,14 +259,22 @@ def write_report(results: list[dict]) -> None:
     except ImportError:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    layered = [r for r in results if r["layers"] != BIG]
+    big = [r for r in results if r["layers"] == BIG]
     systems = sorted({s for row in results for s in row["runs"]})
-    for system in systems:
-        xs = [row["params_m"] for row in results if system in row["runs"]]
-        ax1.plot(xs, [median(row["runs"][system], "wall_s") for row in results if system in row["runs"]], "o-", label=system)
-        ax2.plot(xs, [median(row["runs"][system], "peak_rss_mb") for row in results if system in row["runs"]], "o-", label=system)
-    ax1.plot([r["params_m"] for r in results], [r["floor"]["floor_s"] for r in results], "k--", label="I/O floor")
-    ax1.set(xlabel="parameters (M)", ylabel="wall time (s)", title="time")
-    ax2.set(xlabel="parameters (M)", ylabel="peak RSS (MB)", title="memory", yscale="log")
+    for i, system in enumerate(systems):
+        color = f"C{i}"
+        rows = [r for r in layered if system in r["runs"]]
+        xs = [r["params_m"] for r in rows]
+        ax1.plot(xs, [median(r["runs"][system], "wall_s") for r in rows], "o-", color=color, label=system)
+        ax2.plot(xs, [median(r["runs"][system], "peak_rss_mb") for r in rows], "o-", color=color, label=system)
+        for r in big:
+            if system in r["runs"]:
+                ax1.plot(r["params_m"], median(r["runs"][system], "wall_s"), "*", ms=12, color=color)
+                ax2.plot(r["params_m"], median(r["runs"][system], "peak_rss_mb"), "*", ms=12, color=color)
+    ax1.plot([r["params_m"] for r in layered], [floor(r)["floor_s"] for r in layered], "k--", label="I/O floor")
+    ax1.set(xlabel="parameters (M)", ylabel="wall time (s)", title="time (★: one 2.5 GB tensor)")
+    ax2.set(xlabel="parameters (M)", ylabel="peak RSS (MB)", title="memory (★: one 2.5 GB tensor)", yscale="log")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

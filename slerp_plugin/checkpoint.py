@@ -21,6 +21,16 @@ from pathlib import Path
 
 import torch
 
+from .direct_io import (
+    ALIGN,
+    DirectIORefused,
+    align_down,
+    align_up,
+    aligned_empty,
+    is_refused,
+    make_buffered,
+    open_direct,
+)
 from .errors import CheckpointError, OutputWriteError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -259,44 +269,90 @@ class StreamHasher:
 
 
 class TensorReader:
-    """Reads byte ranges of tensors with ``pread``, keeping one descriptor per file.
+    """Reads byte ranges of tensors with ``pread``, keeping open descriptors per file.
 
-    ``hashers`` (file → :class:`StreamHasher`) are fed every byte range read.
+    With ``direct``, :meth:`read_aligned` reads with ``O_DIRECT`` (see :mod:`slerp_plugin.direct_io`) where the
+    filesystem allows it, so input bytes are neither copied nor cached.
     """
 
-    def __init__(self, hashers: dict[Path, StreamHasher] | None = None) -> None:
+    def __init__(self, *, direct: bool = False) -> None:
         self._fds: dict[Path, int] = {}
-        self.hashers = hashers or {}
+        self._direct_fds: dict[Path, int | None] = {}  # None: the filesystem refuses O_DIRECT
+        self.direct = direct
+
+    def _open(self, path: Path, direct: bool) -> int | None:
+        try:
+            if not direct:
+                return os.open(path, os.O_RDONLY)
+            fd, is_direct = open_direct(path, os.O_RDONLY)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot open: {e.strerror}") from None
+        if not is_direct:
+            os.close(fd)
+            return None
+        return fd
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = self._open(path, direct=False)
+        return fd
+
+    def _direct_fd(self, path: Path) -> int | None:
+        if not self.direct:
+            return None
+        if path not in self._direct_fds:
+            self._direct_fds[path] = self._open(path, direct=True)
+        return self._direct_fds[path]
+
+    @staticmethod
+    def _pread(fd: int, info: TensorInfo, pos: int, out: memoryview, need: int, direct: bool = False) -> None:
+        """Read into ``out`` from ``pos`` until at least ``need`` bytes are in."""
+        done = 0
+        while done < need:
+            try:
+                n = os.preadv(fd, [out[done:]], pos + done)
+            except OSError as e:
+                if direct and is_refused(e):
+                    raise DirectIORefused from None
+                raise CheckpointError(f"{info.file}: read failed: {e.strerror}") from None
+            if n == 0:
+                raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
+            done += n
 
     def read(self, info: TensorInfo, start: int, out: memoryview) -> None:
-        """Fill ``out`` with the tensor's bytes from ``start`` (relative to the tensor).
+        """Fill ``out`` with the tensor's bytes from byte ``start`` (relative to the tensor).
 
         Raises:
             CheckpointError: the file ends early or cannot be read.
         """
-        fd = self._fds.get(info.file)
-        if fd is None:
-            try:
-                fd = os.open(info.file, os.O_RDONLY)
-            except OSError as e:
-                raise CheckpointError(f"{info.file}: cannot open: {e.strerror}") from None
-            self._fds[info.file] = fd
         pos = info.offset + start
-        done = 0
-        total = len(out)
-        while done < total:
+        self._pread(self._fd(info.file), info, pos, out, len(out))
+
+    def read_aligned(self, info: TensorInfo, start: int, nbytes: int, buf: torch.Tensor) -> int:
+        """Read ``nbytes`` of the tensor from byte ``start`` into ``buf``; return where they begin.
+
+        ``buf`` is an :data:`~slerp_plugin.direct_io.ALIGN`-aligned uint8 tensor of at least
+        :func:`aligned_capacity` ``(nbytes)`` bytes. A direct read covers whole blocks, so the
+        bytes asked for start at ``pos % ALIGN`` inside ``buf``; a buffered read puts them at 0.
+
+        Raises:
+            CheckpointError: the file ends early or cannot be read.
+        """
+        pos = info.offset + start
+        fd = self._direct_fd(info.file)
+        if fd is not None:
+            first = align_down(pos)
+            view = memoryview(buf[: align_up(pos + nbytes) - first].numpy())
             try:
-                n = os.preadv(fd, [out[done:]], pos + done)
-            except OSError as e:
-                raise CheckpointError(f"{info.file}: read failed: {e.strerror}") from None
-            if n == 0:
-                raise CheckpointError(
-                    f"{info.file}: truncated while reading tensor {info.name!r}"
-                )
-            done += n
-        hasher = self.hashers.get(info.file)
-        if hasher is not None:
-            hasher.feed(pos, out)
+                self._pread(fd, info, first, view, pos + nbytes - first, direct=True)
+            except DirectIORefused:  # e.g. a filesystem wanting other alignment: read buffered
+                os.close(fd)
+                self._direct_fds[info.file] = None
+            else:
+                return pos - first
+        self.read(info, start, memoryview(buf[:nbytes].numpy()))
+        return 0
 
     def read_tensor(self, info: TensorInfo, start_elem: int = 0, count: int | None = None) -> torch.Tensor:
         """Elements ``[start_elem, start_elem+count)`` of the flattened tensor, as a new 1-D tensor."""
@@ -308,15 +364,22 @@ class TensorReader:
         return buf.view(info.torch_dtype)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
+        for fd in [*self._fds.values(), *self._direct_fds.values()]:
+            if fd is not None:
+                os.close(fd)
         self._fds.clear()
+        self._direct_fds.clear()
 
     def __enter__(self) -> TensorReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def aligned_capacity(nbytes: int) -> int:
+    """Bytes a :meth:`TensorReader.read_aligned` buffer needs for ``nbytes`` at any offset."""
+    return align_up(nbytes) + ALIGN
 
 
 @dataclass(frozen=True)
@@ -359,50 +422,102 @@ class ShardWriter:
 
     The SHA-256 of everything written is computed on the way, so a finished shard's checksum
     needs no second read. Use as a context manager; an exception leaves no file at ``path``.
+    With ``direct``, bytes are gathered in an aligned staging buffer of ``STAGE_BYTES`` and
+    written with ``O_DIRECT`` (the last block padded, then the file truncated to its size), so
+    the output neither passes through nor fills the page cache; where the filesystem refuses
+    ``O_DIRECT`` the writer continues buffered.
     """
 
-    def __init__(self, path: Path, tensors: Sequence[OutputTensor]) -> None:
+    STAGE_BYTES = 8 << 20
+
+    def __init__(self, path: Path, tensors: Sequence[OutputTensor], *, direct: bool = False) -> None:
         self.path = path
         self.tmp = path.with_name(path.name + ".tmp")
         self.expected = sum(t.nbytes for t in tensors)
         self._header = build_header(tensors)
         self._sha = hashlib.sha256()
-        self._f = None
+        self._fd: int | None = None
+        self._want_direct = direct
+        self._direct = False
+        self._stage: memoryview | None = None
+        self._staged = 0  # bytes waiting in the staging buffer
+        self._pos = 0  # file offset of the next write
         self.written = 0
-        self._flushed = 0  # bytes whose writeback has been started
+        self._flushed = 0  # bytes whose writeback has been started (buffered mode)
 
     def __enter__(self) -> ShardWriter:
         try:
-            self._f = open(self.tmp, "wb", buffering=0)
+            self._fd, self._direct = (
+                open_direct(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if self._want_direct
+                else (os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), False)
+            )
         except OSError as e:
             raise OutputWriteError(f"{self.tmp}: cannot create: {e.strerror}") from None
-        self._write(self._header)
+        if self._direct:
+            self._stage = memoryview(aligned_empty(self.STAGE_BYTES).numpy())
+        self._put(memoryview(self._header))
         return self
 
-    def _write(self, data: bytes | memoryview) -> None:
-        assert self._f is not None
+    def _pwrite(self, data: memoryview) -> None:
+        assert self._fd is not None
         try:
-            view = memoryview(data).cast("B")
-            while view:
-                n = self._f.write(view)
-                view = view[n:]
+            while data:
+                n = os.pwrite(self._fd, data, self._pos)
+                self._pos += n
+                data = data[n:]
         except OSError as e:
+            if self._direct and is_refused(e):
+                raise DirectIORefused from None
             raise OutputWriteError(f"{self.tmp}: write failed: {e.strerror}") from None
+
+    def _flush_stage(self, final: bool = False) -> None:
+        """Write the staged bytes: the whole blocks, or with ``final`` all of them, padded."""
+        assert self._stage is not None and self._fd is not None
+        size = self._staged if final else align_down(self._staged)
+        padded = align_up(size)
+        self._stage[size:padded] = bytes(padded - size)
+        start = self._pos
+        try:
+            self._pwrite(self._stage[:padded])
+        except DirectIORefused:  # finish this file buffered
+            make_buffered(self._fd)
+            self._direct = False
+            done = min(self._pos - start, self._staged)
+            self._pos = start + done
+            self._pwrite(self._stage[done : self._staged])
+            self._stage, self._staged = None, 0
+            return
+        self._pos -= padded - size
+        rest = self._staged - size
+        self._stage[:rest] = self._stage[size : self._staged]
+        self._staged = rest
+
+    def _put(self, data: memoryview) -> None:
+        data = data.cast("B")
         self._sha.update(data)
+        while data and self._stage is not None:
+            n = min(len(data), len(self._stage) - self._staged)
+            self._stage[self._staged : self._staged + n] = data[:n]
+            self._staged += n
+            data = data[n:]
+            if self._staged == len(self._stage):
+                self._flush_stage()
+        if data:
+            self._pwrite(data)
 
     def write(self, data: bytes | memoryview) -> None:
-        """Append tensor bytes (in plan order); start writeback every ``WRITEBACK_BYTES``."""
-        self._write(data)
-        self.written += memoryview(data).nbytes
-        end = len(self._header) + self.written
-        if end - self._flushed >= WRITEBACK_BYTES:
+        """Append tensor bytes (in plan order)."""
+        view = memoryview(data)
+        self._put(view)
+        self.written += view.nbytes
+        if not self._direct and self._pos - self._flushed >= WRITEBACK_BYTES:
             # DONTNEED on dirty pages starts their writeback now (asynchronously), so the final
             # fsync does not have to write the whole shard while nothing else happens
-            os.posix_fadvise(self._f.fileno(), self._flushed, end - self._flushed, os.POSIX_FADV_DONTNEED)
-            self._flushed = end
+            os.posix_fadvise(self._fd, self._flushed, self._pos - self._flushed, os.POSIX_FADV_DONTNEED)
+            self._flushed = self._pos
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        assert self._f is not None
+        assert self._fd is not None
         ok = False
         try:
             if exc_type is None:
@@ -411,12 +526,17 @@ class ShardWriter:
                         f"{self.path}: wrote {self.written} data bytes, plan says {self.expected}"
                     )
                 try:
-                    os.fsync(self._f.fileno())
+                    if self._stage is not None and self._staged:
+                        self._flush_stage(final=True)
+                    os.ftruncate(self._fd, self.size)  # drops the padding of the last block
+                    os.fsync(self._fd)
                 except OSError as e:
+                    if isinstance(e, OutputWriteError):
+                        raise
                     raise OutputWriteError(f"{self.tmp}: fsync failed: {e.strerror}") from None
                 ok = True
         finally:
-            self._f.close()
+            os.close(self._fd)
             if not ok:
                 self.tmp.unlink(missing_ok=True)
         if ok:

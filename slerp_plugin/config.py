@@ -50,7 +50,8 @@ METHOD_KEYS = {
     "model_save_path": "output", "show_pbar": "show_pbar",
     # slerp_plugin's additions
     "dtype": "dtype", "device": "device", "max_shard_size": "max_shard_size",
-    "overwrite": "overwrite", "chunk_elements": "chunk_elements",
+    "overwrite": "overwrite", "chunk_elements": "chunk_elements", "threads": "threads",
+    "direct_io": "direct_io",
 }
 POOL_IGNORED = frozenset({"_recursive_", "_usage_", "_version_", "tokenizer_kwargs", "enable_lazy_loading"})
 

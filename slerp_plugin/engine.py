@@ -28,6 +28,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -43,9 +44,11 @@ from .checkpoint import (
     StreamHasher,
     TensorInfo,
     TensorReader,
+    aligned_capacity,
     dtype_name,
     sha256_file,
 )
+from .direct_io import aligned_empty
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -447,7 +450,10 @@ def merge_shards(
         return []
     selected = plan.shards if indices is None else [plan.shards[i] for i in indices]
     outcomes = []
-    with TensorReader(plan.stream_hashers) as reader:
+    with TensorReader(direct=plan.spec.direct_io) as reader, \
+            compute_threads(plan.device, plan.spec.threads) as threads:
+        log.info("merging %d shard(s) on %s with %d compute thread(s), %s I/O", len(selected),
+                 plan.device, threads, "direct" if plan.spec.direct_io else "buffered")
         for shard in selected:
             outcome = _load_outcome(plan, shard, verify=True)
             if outcome is not None:
@@ -478,26 +484,70 @@ def _schedule(job: TensorJob, chunk: int) -> Iterator[tuple[str, int, int]]:
 
 
 class _Pool:
-    """A fixed set of reusable byte buffers: bounded memory, no allocator churn across threads."""
+    """A fixed set of reusable, block-aligned byte buffers: bounded memory, no allocator churn
+    across threads, and usable for direct I/O.
+
+    A buffer given back with a CUDA event (an asynchronous copy out of it still running) is
+    handed out again only once that event has completed.
+    """
 
     def __init__(self, count: int, nbytes: int, pinned: bool = False) -> None:
         self.nbytes = nbytes
-        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        self._free: queue.Queue[tuple[torch.Tensor, object]] = queue.Queue()
         for _ in range(count):
             # pinned (page-locked) host memory lets host↔GPU copies run asynchronously
-            self._free.put(torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned))
+            self._free.put((aligned_empty(nbytes, pinned), None))
 
     def take(self, nbytes: int) -> torch.Tensor:
         if nbytes > self.nbytes:  # e.g. a float64 tensor in a bf16 model: not pooled
-            return torch.empty(nbytes, dtype=torch.uint8)
-        return self._free.get()
+            return aligned_empty(nbytes)
+        buf, pending = self._free.get()
+        if pending is not None:
+            pending.synchronize()
+        return buf
 
-    def give(self, buf: torch.Tensor) -> None:
+    def give(self, buf: torch.Tensor, pending: object = None) -> None:
         if buf.numel() == self.nbytes:
-            self._free.put(buf)
+            self._free.put((buf, pending))
 
 
 READ_AHEAD = 2
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota if set."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+@contextmanager
+def compute_threads(device: torch.device, threads: int | None) -> Iterator[int]:
+    """Set torch's intra-op threads for a CPU merge (restored afterwards); yields the count.
+
+    Default: :func:`usable_cpus` less two (the reader and writer threads), at least 1. More
+    threads than free cores make OpenMP workers spin against the I/O threads, which costs more
+    than they compute. The count can change the last bit of the pass-1 sums (BLAS splits dot
+    products per thread), so a run is reproducible for a fixed count.
+    """
+    if device.type != "cpu":
+        yield torch.get_num_threads()
+        return
+    n = threads or max(1, usable_cpus() - 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
 
 
 def _write_shard(
@@ -515,16 +565,31 @@ def _write_shard(
     out_itemsize = max([DTYPES[j.out_dtype][1] for j in shard.jobs] + [1])
     # pairs queued ahead, one being read and one being merged; outputs queued, written, filled
     pinned = device.type == "cuda"
-    raw_pool = _Pool(2 * (READ_AHEAD + 2), chunk * itemsize, pinned)
+    raw_pool = _Pool(2 * (READ_AHEAD + 2), aligned_capacity(chunk * itemsize), pinned)
     out_pool = _Pool(WriteBehind.DEPTH + 2, chunk * out_itemsize, pinned)
     scratch = {torch.float32: (torch.empty(chunk), torch.empty(chunk))} if device.type == "cpu" else {}
 
+    def hash_input(info: TensorInfo, start: int, raw: torch.Tensor) -> None:
+        hasher = plan.stream_hashers.get(info.file)
+        if hasher is not None:  # on this thread: the reader thread stays free for the disk
+            hasher.feed(info.offset + start * info.itemsize, memoryview(raw.view(torch.uint8).numpy()))
+
+    def release(*bufs: torch.Tensor) -> None:
+        # a CUDA copy out of a pinned buffer may still be running: the pool waits for it
+        pending = torch.cuda.Event() if pinned else None
+        if pending is not None:
+            pending.record()
+        for buf in bufs:
+            raw_pool.give(buf, pending)
+
     def read(info: TensorInfo, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         nbytes = count * info.itemsize
-        buf = raw_pool.take(nbytes)
-        if count:
-            reader.read(info, start * info.itemsize, memoryview(buf[:nbytes].numpy()))
-        return buf, buf[:nbytes].view(info.torch_dtype)
+        buf = raw_pool.take(aligned_capacity(nbytes))
+        skew = reader.read_aligned(info, start * info.itemsize, nbytes, buf) if count else 0
+        data = buf[skew : skew + nbytes]
+        if skew % info.itemsize:  # a tensor not aligned to its element size in the file
+            data = buf[:nbytes].copy_(data.clone())
+        return buf, data.view(info.torch_dtype)
 
     def read_tasks() -> Iterator[Callable[[], tuple]]:
         for job in shard.jobs:
@@ -557,7 +622,7 @@ def _write_shard(
 
     records: list[TensorRecord] = []
     path = plan.partial / shard.file
-    with ShardWriter(path, [j.output for j in shard.jobs]) as writer:
+    with ShardWriter(path, [j.output for j in shard.jobs], direct=spec.direct_io) as writer:
         sink = WriteBehind(write)
         feed = ReadAhead(read_tasks(), depth=READ_AHEAD)
         try:
@@ -566,18 +631,19 @@ def _write_shard(
                 cdtype = compute_dtype(src_dtype)
                 stats = SlerpStats()
                 coeff = None
-                for kind, _, _ in _schedule(job, chunk):
+                for kind, start, _ in _schedule(job, chunk):
                     (a_buf, a_raw), b_pair = next(feed)
                     bytes_read += a_raw.nbytes + (b_pair[1].nbytes if b_pair is not None else 0)
+                    hash_input(job.a, start, a_raw)
                     if kind == "keep":
                         emit(a_raw.to(src_dtype), job.out_dtype)
-                        raw_pool.give(a_buf)
+                        release(a_buf)
                         continue
                     b_buf, b_raw = b_pair
+                    hash_input(job.b, start, b_raw)
                     a = upcast(a_raw, src_dtype, cdtype, 0)
                     b = upcast(b_raw, src_dtype, cdtype, 1)
-                    raw_pool.give(a_buf)
-                    raw_pool.give(b_buf)
+                    release(a_buf, b_buf)
                     if kind != "pass2":
                         stats = stats + accumulate(a, b)
                     if kind == "pass1":

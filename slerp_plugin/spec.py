@@ -166,7 +166,10 @@ class MergeSpec(BaseModel):
     ``out_dtype``: the dtype stored (None = ``dtype``, else each tensor keeps model_1's).
     ``on_shape_mismatch``: ``keep`` model_1's tensor with a warning (FusionBench) or ``error``
     (mergekit). ``max_shard_size``: bytes per output shard (default 5 GB). ``device``: ``auto``
-    (cuda when present), ``cpu``, ``cuda`` or ``cuda:N``. ``push_to_hub``: a repo id to upload
+    (cuda when present), ``cpu``, ``cuda`` or ``cuda:N``. ``chunk_elements``: elements per kernel
+    chunk (memory scales with it). ``threads``: torch compute threads of a CPU merge (None: the
+    CPUs this process may use, less two for the reader and writer, at least 1). ``direct_io``:
+    weights bypass the page cache (``O_DIRECT``) where the filesystem allows. ``push_to_hub``: a repo id to upload
     the finished merge to (``private`` creates it private); ``allow_bin``: accept pickled weights.
     """
 
@@ -189,6 +192,8 @@ class MergeSpec(BaseModel):
     show_pbar: bool = False
     overwrite: bool = False
     chunk_elements: int = Field(DEFAULT_CHUNK_ELEMENTS, ge=1024)
+    threads: int | None = Field(None, ge=1, description="CPU compute threads; None = usable CPUs − 2, at least 1")
+    direct_io: bool = Field(True, description="read and write weights with O_DIRECT where the filesystem allows")
     allow_bin: bool = Field(False, description="download pickled .bin weights from the Hub and convert them")
     push_to_hub: str | None = Field(None, description="Hub repo to upload the merged model to")
     private: bool = Field(False, description="create push_to_hub as a private repo")

@@ -9,7 +9,7 @@ import torch
 
 from model_helpers import folder_bytes, load_state, read_json, write_model
 from slerp_plugin.checkpoint import sha256_file
-from slerp_plugin.engine import finalize, merge_shards, plan_merge, run_merge
+from slerp_plugin.engine import compute_threads, finalize, merge_shards, plan_merge, run_merge
 from slerp_plugin.errors import (
     CheckpointError,
     KeyMismatchError,
@@ -32,8 +32,9 @@ def assert_matches_kernel(pair, out, t, chunk, out_dtype=None):
     assert set(m) == set(b) == set(a)
     for k in b:
         # clone(): the engine reads into fresh (aligned) buffers, and BLAS dot rounding depends
-        # on alignment; the loaded tensors are mapped at arbitrary offsets
-        want = slerp(t, a[k].clone(), b[k].clone(), chunk_elements=chunk).to(out_dtype or a[k].dtype)
+        # on alignment (the loaded tensors are mapped at arbitrary offsets) and on the thread count
+        with compute_threads(torch.device("cpu"), None):
+            want = slerp(t, a[k].clone(), b[k].clone(), chunk_elements=chunk).to(out_dtype or a[k].dtype)
         assert m[k].dtype == want.dtype and m[k].shape == a[k].shape
         assert torch.equal(m[k], want), k
         ref = slerp_reference(t, a[k], b[k]).to(want.dtype)
