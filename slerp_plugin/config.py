@@ -51,7 +51,7 @@ METHOD_KEYS = {
     # slerp_plugin's additions
     "dtype": "dtype", "device": "device", "max_shard_size": "max_shard_size",
     "overwrite": "overwrite", "chunk_elements": "chunk_elements", "threads": "threads",
-    "direct_io": "direct_io",
+    "direct_io": "direct_io", "buffer_memory": "buffer_memory",
 }
 POOL_IGNORED = frozenset({"_recursive_", "_usage_", "_version_", "tokenizer_kwargs", "enable_lazy_loading"})
 

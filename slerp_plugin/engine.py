@@ -26,6 +26,7 @@ import queue
 import re
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -69,7 +70,7 @@ from .hashing import cached_sha256, has_cached_sha256, remember_sha256
 from .model_files import CONFIG_FILES, TOKENIZER_FILES, describe_input, model_files, tokenizer_files
 from .modelcard import render_model_card
 from .pipeline_io import ReadAhead, WriteBehind
-from .slerp import SlerpStats, accumulate, coefficients, combine, compute_dtype
+from .slerp import SlerpCoefficients, SlerpStats, accumulate, coefficients, combine, compute_dtype
 from .sources import ResolvedModel, resolve_model
 from .spec import MergeSpec
 
@@ -469,18 +470,23 @@ def merge_shards(
     return outcomes
 
 
-def _schedule(job: TensorJob, chunk: int) -> Iterator[tuple[str, int, int]]:
-    """The reads a tensor needs, in order: (kind, start element, count)."""
+def _schedule(job: TensorJob, block: int, hold_blocks: int) -> Iterator[tuple[str, int, int]]:
+    """The block reads a tensor needs, in order: (kind, start element, count).
+
+    ``keep``: model_1's tensor copied. ``hold``: tensors of at most ``hold_blocks`` blocks are
+    read once and kept in memory for pass 2. ``pass1``/``pass2``: larger tensors are read twice.
+    """
     n = job.a.numel
+    starts = range(0, max(n, 1), block)
     if job.action == "keep":
-        for s in range(0, n, chunk):
-            yield "keep", s, min(chunk, n - s)
-    elif n <= chunk:
-        yield "single", 0, n
+        kinds: tuple[str, ...] = ("keep",)
+    elif len(starts) <= hold_blocks:
+        kinds = ("hold",)
     else:
-        for kind in ("pass1", "pass2"):
-            for s in range(0, n, chunk):
-                yield kind, s, min(chunk, n - s)
+        kinds = ("pass1", "pass2")
+    for kind in kinds:
+        for s in starts:
+            yield kind, s, min(block, n - s)
 
 
 class _Pool:
@@ -488,12 +494,14 @@ class _Pool:
     across threads, and usable for direct I/O.
 
     A buffer given back with a CUDA event (an asynchronous copy out of it still running) is
-    handed out again only once that event has completed.
+    handed out again only once that event has completed. After :meth:`close`, :meth:`take`
+    raises instead of waiting, so a thread waiting for a buffer cannot outlive a failed merge.
     """
 
     def __init__(self, count: int, nbytes: int, pinned: bool = False) -> None:
         self.nbytes = nbytes
         self._free: queue.Queue[tuple[torch.Tensor, object]] = queue.Queue()
+        self._closed = threading.Event()
         for _ in range(count):
             # pinned (page-locked) host memory lets host↔GPU copies run asynchronously
             self._free.put((aligned_empty(nbytes, pinned), None))
@@ -501,7 +509,13 @@ class _Pool:
     def take(self, nbytes: int) -> torch.Tensor:
         if nbytes > self.nbytes:  # e.g. a float64 tensor in a bf16 model: not pooled
             return aligned_empty(nbytes)
-        buf, pending = self._free.get()
+        while True:
+            try:
+                buf, pending = self._free.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self._closed.is_set():
+                    raise RuntimeError("buffer pool closed") from None
         if pending is not None:
             pending.synchronize()
         return buf
@@ -510,8 +524,31 @@ class _Pool:
         if buf.numel() == self.nbytes:
             self._free.put((buf, pending))
 
+    def close(self) -> None:
+        self._closed.set()
 
-READ_AHEAD = 2
+
+class _Lease:
+    """A pool buffer used by ``holders`` threads at once; back to the pool when all let go."""
+
+    def __init__(self, pool: _Pool, buf: torch.Tensor, holders: int) -> None:
+        self.pool, self.buf = pool, buf
+        self._holders = holders
+        self._pending: object = None
+        self._lock = threading.Lock()
+
+    def release(self, pending: object = None) -> None:
+        with self._lock:
+            self._holders -= 1
+            self._pending = pending or self._pending
+            last = self._holders == 0
+        if last:
+            self.pool.give(self.buf, self._pending)
+
+
+READ_AHEAD = 2  # (model_1, model_2) block pairs read ahead of the kernel
+IO_BLOCK_BYTES = 8 << 20  # bytes per read (whole kernel chunks) and per write
+READ_WORKERS = 2  # reads in flight, so the disk never waits for a busy CPU
 
 
 def usable_cpus() -> int:
@@ -563,57 +600,98 @@ def _write_shard(
     bytes_read = 0
     itemsize = max([j.a.itemsize for j in shard.jobs] + [j.b.itemsize for j in shard.jobs] + [1])
     out_itemsize = max([DTYPES[j.out_dtype][1] for j in shard.jobs] + [1])
-    # pairs queued ahead, one being read and one being merged; outputs queued, written, filled
+    # reads and writes move blocks of whole kernel chunks; the kernel works chunk by chunk on
+    # scratch that stays in the CPU's cache
+    block = chunk * max(1, IO_BLOCK_BYTES // (chunk * itemsize))
     pinned = device.type == "cuda"
-    raw_pool = _Pool(2 * (READ_AHEAD + 2), aligned_capacity(chunk * itemsize), pinned)
-    out_pool = _Pool(WriteBehind.DEPTH + 2, chunk * out_itemsize, pinned)
+    raw_bytes = aligned_capacity(block * itemsize)
+    # per side: READ_AHEAD blocks queued, one being read, one being merged or hashed, and the
+    # blocks of a tensor held between its two passes with what the memory budget leaves
+    per_side = max(READ_AHEAD + 3, spec.buffer_memory // (2 * raw_bytes))
+    hold_blocks = per_side - READ_AHEAD - 2
+    raw_pool = _Pool(2 * per_side, raw_bytes, pinned)
+    out_pool = _Pool(WriteBehind.DEPTH + 2, block * out_itemsize, pinned)
     scratch = {torch.float32: (torch.empty(chunk), torch.empty(chunk))} if device.type == "cpu" else {}
 
-    def hash_input(info: TensorInfo, start: int, raw: torch.Tensor) -> None:
-        hasher = plan.stream_hashers.get(info.file)
-        if hasher is not None:  # on this thread: the reader thread stays free for the disk
-            hasher.feed(info.offset + start * info.itemsize, memoryview(raw.view(torch.uint8).numpy()))
+    def hash_input(item: tuple[StreamHasher, int, torch.Tensor, _Lease]) -> None:
+        hasher, pos, data, lease = item
+        try:
+            hasher.feed(pos, memoryview(data.numpy()))
+        finally:
+            lease.release()
 
-    def release(*bufs: torch.Tensor) -> None:
+    def release(*leases: _Lease) -> None:
         # a CUDA copy out of a pinned buffer may still be running: the pool waits for it
         pending = torch.cuda.Event() if pinned else None
         if pending is not None:
             pending.record()
-        for buf in bufs:
-            raw_pool.give(buf, pending)
+        for lease in leases:
+            lease.release(pending)
 
-    def read(info: TensorInfo, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(info: TensorInfo, start: int, count: int) -> tuple[_Lease, torch.Tensor]:
         nbytes = count * info.itemsize
         buf = raw_pool.take(aligned_capacity(nbytes))
         skew = reader.read_aligned(info, start * info.itemsize, nbytes, buf) if count else 0
         data = buf[skew : skew + nbytes]
         if skew % info.itemsize:  # a tensor not aligned to its element size in the file
             data = buf[:nbytes].copy_(data.clone())
-        return buf, data.view(info.torch_dtype)
+        hashed = info.file in plan.stream_hashers
+        return _Lease(raw_pool, buf, 2 if hashed else 1), data.view(info.torch_dtype)
+
+    def hash_later(info: TensorInfo, start: int, lease: _Lease, raw: torch.Tensor) -> None:
+        # in read order, on a thread of its own
+        hasher = plan.stream_hashers.get(info.file)
+        if hasher is not None:
+            hashing.put((hasher, info.offset + start * info.itemsize, raw.view(torch.uint8), lease))
 
     def read_tasks() -> Iterator[Callable[[], tuple]]:
         for job in shard.jobs:
-            for kind, start, count in _schedule(job, chunk):
+            for kind, start, count in _schedule(job, block, hold_blocks):
                 def task(job=job, kind=kind, start=start, count=count):
                     return read(job.a, start, count), (None if kind == "keep" else read(job.b, start, count))
                 yield task
 
-    def upcast(x: torch.Tensor, src: torch.dtype, cdtype: torch.dtype, slot: int) -> torch.Tensor:
-        if src != x.dtype:
-            x = x.to(src)
+    def pieces(
+        a_raw: torch.Tensor, b_raw: torch.Tensor, src: torch.dtype, cdtype: torch.dtype, size: int
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """A block as (offset, a, b) pieces of ``size`` elements in the compute dtype."""
+        if src != a_raw.dtype:  # ``dtype`` asks for the models to be loaded in another dtype
+            a_raw, b_raw = a_raw.to(src), b_raw.to(src)
         if cdtype in scratch:
-            return scratch[cdtype][slot][: x.numel()].copy_(x)
-        return x.to(device, non_blocking=True).to(cdtype)
+            sa, sb = scratch[cdtype]
+            for i in range(0, a_raw.numel(), size):
+                n = min(size, a_raw.numel() - i)
+                yield i, sa[:n].copy_(a_raw[i : i + n]), sb[:n].copy_(b_raw[i : i + n])
+            return
+        a = a_raw.to(device, non_blocking=True).to(cdtype)
+        b = b_raw.to(device, non_blocking=True).to(cdtype)
+        for i in range(0, a.numel(), size):
+            yield i, a[i : i + size], b[i : i + size]
 
-    def emit(result: torch.Tensor, out_name: str) -> None:
+    def block_stats(a_raw: torch.Tensor, b_raw: torch.Tensor, src: torch.dtype, cdtype: torch.dtype) -> SlerpStats:
+        stats = SlerpStats()
+        for _, a, b in pieces(a_raw, b_raw, src, cdtype, chunk):
+            stats = stats + accumulate(a, b)
+        return stats
+
+    def merge_block(a_raw: torch.Tensor, b_raw: torch.Tensor, src: torch.dtype, cdtype: torch.dtype,
+                    coeff: SlerpCoefficients, out_name: str) -> None:
+        # element-wise: the piece size changes no bit, only how well the CPU cache is used
+        size = chunk if device.type == "cpu" else block
+        out = take_out(a_raw.numel(), out_name)
+        for i, a, b in pieces(a_raw, b_raw, src, cdtype, size):
+            out[1][i : i + a.numel()].copy_(combine(a, b, coeff, out=a, scratch=b))
+        put_out(out)
+
+    def take_out(count: int, out_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         dtype, size = DTYPES[out_name]
-        nbytes = result.numel() * size
-        buf = out_pool.take(nbytes)
-        out = buf[:nbytes].view(dtype)
-        out.copy_(result.reshape(-1))
-        sink.put((buf, out))
+        buf = out_pool.take(count * size)
+        return buf, buf[: count * size].view(dtype)
+
+    def put_out(out: tuple[torch.Tensor, torch.Tensor]) -> None:
+        sink.put(out)
         if progress:
-            progress(nbytes)
+            progress(out[1].nbytes)
 
     def write(item: tuple[torch.Tensor, torch.Tensor]) -> None:
         buf, out = item
@@ -624,48 +702,60 @@ def _write_shard(
     path = plan.partial / shard.file
     with ShardWriter(path, [j.output for j in shard.jobs], direct=spec.direct_io) as writer:
         sink = WriteBehind(write)
-        feed = ReadAhead(read_tasks(), depth=READ_AHEAD)
+        hashing = WriteBehind(hash_input)
+        feed = ReadAhead(read_tasks(), depth=READ_AHEAD, workers=READ_WORKERS)
         try:
             for job in shard.jobs:
                 src_dtype = load_dtype or job.a.torch_dtype
                 cdtype = compute_dtype(src_dtype)
                 stats = SlerpStats()
                 coeff = None
-                for kind, start, _ in _schedule(job, chunk):
-                    (a_buf, a_raw), b_pair = next(feed)
+                held = []
+                for kind, start, count in _schedule(job, block, hold_blocks):
+                    (a_lease, a_raw), b_pair = next(feed)
                     bytes_read += a_raw.nbytes + (b_pair[1].nbytes if b_pair is not None else 0)
-                    hash_input(job.a, start, a_raw)
-                    if kind == "keep":
-                        emit(a_raw.to(src_dtype), job.out_dtype)
-                        release(a_buf)
+                    hash_later(job.a, start, a_lease, a_raw)
+                    if b_pair is None:  # "keep": model_1's tensor as it is
+                        out = take_out(count, job.out_dtype)
+                        out[1].copy_(a_raw.to(src_dtype))
+                        release(a_lease)
+                        put_out(out)
                         continue
-                    b_buf, b_raw = b_pair
-                    hash_input(job.b, start, b_raw)
-                    a = upcast(a_raw, src_dtype, cdtype, 0)
-                    b = upcast(b_raw, src_dtype, cdtype, 1)
-                    release(a_buf, b_buf)
-                    if kind != "pass2":
-                        stats = stats + accumulate(a, b)
-                    if kind == "pass1":
+                    b_lease, b_raw = b_pair
+                    hash_later(job.b, start, b_lease, b_raw)
+                    if kind == "pass2":
+                        if coeff is None:
+                            coeff = coefficients(job.t, stats, dtype=cdtype,
+                                                 DOT_THRESHOLD=spec.DOT_THRESHOLD, epsilon=spec.epsilon)
+                        merge_block(a_raw, b_raw, src_dtype, cdtype, coeff, job.out_dtype)
+                        release(a_lease, b_lease)
                         continue
-                    if coeff is None:
-                        coeff = coefficients(
-                            job.t, stats, dtype=cdtype,
-                            DOT_THRESHOLD=spec.DOT_THRESHOLD, epsilon=spec.epsilon,
-                        )
-                    emit(combine(a, b, coeff, out=a, scratch=b), job.out_dtype)
+                    stats = stats + block_stats(a_raw, b_raw, src_dtype, cdtype)
+                    if kind == "hold":
+                        held.append((a_lease, a_raw, b_lease, b_raw))
+                    else:
+                        release(a_lease, b_lease)
+                if held:
+                    coeff = coefficients(job.t, stats, dtype=cdtype,
+                                         DOT_THRESHOLD=spec.DOT_THRESHOLD, epsilon=spec.epsilon)
+                    for a_lease, a_raw, b_lease, b_raw in held:
+                        merge_block(a_raw, b_raw, src_dtype, cdtype, coeff, job.out_dtype)
+                        release(a_lease, b_lease)
                 records.append(_tensor_record(job, shard.file, coeff))
                 if coeff is not None:
                     log.debug("%s: %s (d=%.6g, s0=%.6g, s1=%.6g)", job.name, coeff.branch,
                               coeff.d, float(coeff.s0), float(coeff.s1))
         except BaseException:
+            raw_pool.close()  # a reader waiting for a buffer gives up
             feed.close()
-            try:
-                sink.close()
-            except BaseException:
-                pass
+            for worker in (hashing, sink):
+                try:
+                    worker.close()
+                except BaseException:
+                    pass
             raise
         feed.close()
+        hashing.close()
         sink.close()
     seconds = time.perf_counter() - started
     record = ShardRecord(file=shard.file, size=writer.size, sha256=writer.sha256, tensors=len(shard.jobs))

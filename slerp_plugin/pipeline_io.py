@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 _DONE = object()
@@ -20,47 +20,77 @@ class _Failure:
 
 
 class ReadAhead:
-    """Runs ``tasks`` in order on a thread, at most ``depth`` results ahead of the consumer."""
+    """Runs ``tasks`` in order on ``workers`` threads, at most ``depth`` results ahead of the
+    consumer, and yields the results in task order.
 
-    def __init__(self, tasks: Iterable[Callable[[], Any]], depth: int = 2) -> None:
-        self._q: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(iter(tasks),), daemon=True)
-        self._thread.start()
+    Several workers keep several reads in flight, so the disk is never idle while one worker
+    waits for a CPU. A task's exception is raised to the consumer at that task's place.
+    """
 
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def __init__(self, tasks: Iterable[Callable[[], Any]], depth: int = 2, workers: int = 1) -> None:
+        self._tasks = iter(tasks)
+        self._depth = depth
+        self._cond = threading.Condition()
+        self._results: dict[int, Any] = {}
+        self._issued = 0  # tasks handed to workers
+        self._taken = 0  # results handed to the consumer
+        self._end: int | None = None  # number of tasks, once known
+        self._stop = False
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(workers)]
+        for t in self._threads:
+            t.start()
 
-    def _run(self, tasks: Iterator[Callable[[], Any]]) -> None:
-        try:
-            for task in tasks:
-                if self._stop.is_set() or not self._put(task()):
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and self._end is None and self._issued - self._taken >= self._depth:
+                    self._cond.wait()
+                if self._stop or self._end is not None:
                     return
-            self._put(_DONE)
-        except BaseException as e:  # handed to the consumer
-            self._put(_Failure(e))
+                index = self._issued
+                try:
+                    task = next(self._tasks)
+                except StopIteration:
+                    self._end = index
+                    self._cond.notify_all()
+                    return
+                except BaseException as e:  # the task generator failed: hand it to the consumer
+                    self._end = index + 1
+                    self._results[index] = _Failure(e)
+                    self._cond.notify_all()
+                    return
+                self._issued += 1
+            try:
+                result = task()
+            except BaseException as e:
+                result = _Failure(e)
+            with self._cond:
+                self._results[index] = result
+                self._cond.notify_all()
 
     def __iter__(self) -> ReadAhead:
         return self
 
     def __next__(self) -> Any:
-        item = self._q.get()
-        if item is _DONE:
-            raise StopIteration
+        with self._cond:
+            while self._taken not in self._results:
+                if self._end is not None and self._taken >= self._end:
+                    raise StopIteration
+                self._cond.wait()
+            item = self._results.pop(self._taken)
+            self._taken += 1
+            self._cond.notify_all()
         if isinstance(item, _Failure):
             raise item.exc
         return item
 
     def close(self) -> None:
-        """Stop reading ahead and wait for the thread."""
-        self._stop.set()
-        self._thread.join()
+        """Stop reading ahead and wait for the workers (a task already running finishes)."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join()
 
     def __enter__(self) -> ReadAhead:
         return self

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DOT_THRESHOLD = 0.9995
 DEFAULT_EPSILON = 1e-8
-DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4 Mi elements: 16 MiB of float32 scratch per operand
+DEFAULT_CHUNK_ELEMENTS = 1 << 19  # 512 Ki elements: 2 MiB of float32 scratch per operand, cache-resident
 
 Branch = Literal["slerp", "lerp", "unnormalised"]
 

@@ -17,6 +17,7 @@ from .slerp import DEFAULT_CHUNK_ELEMENTS, DEFAULT_DOT_THRESHOLD, DEFAULT_EPSILO
 
 SPEC_SCHEMA_VERSION = 1
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000  # "5GB", as transformers' save_pretrained
+DEFAULT_BUFFER_MEMORY = 192_000_000  # "192MB" of input chunk buffers
 
 _SIZE_UNITS = {
     "": 1, "B": 1,
@@ -167,7 +168,9 @@ class MergeSpec(BaseModel):
     ``on_shape_mismatch``: ``keep`` model_1's tensor with a warning (FusionBench) or ``error``
     (mergekit). ``max_shard_size``: bytes per output shard (default 5 GB). ``device``: ``auto``
     (cuda when present), ``cpu``, ``cuda`` or ``cuda:N``. ``chunk_elements``: elements per kernel
-    chunk (memory scales with it). ``threads``: torch compute threads of a CPU merge (None: the
+    chunk (memory scales with it). ``buffer_memory``: bytes of input chunk buffers
+    (default 192 MB): read-ahead, and tensors small enough to stay in memory between the two
+    SLERP passes instead of being read twice; raise it for models with big matrices. ``threads``: torch compute threads of a CPU merge (None: the
     CPUs this process may use, less two for the reader and writer, at least 1). ``direct_io``:
     weights bypass the page cache (``O_DIRECT``) where the filesystem allows. ``push_to_hub``: a repo id to upload
     the finished merge to (``private`` creates it private); ``allow_bin``: accept pickled weights.
@@ -192,6 +195,7 @@ class MergeSpec(BaseModel):
     show_pbar: bool = False
     overwrite: bool = False
     chunk_elements: int = Field(DEFAULT_CHUNK_ELEMENTS, ge=1024)
+    buffer_memory: Annotated[int, BeforeValidator(parse_size)] = DEFAULT_BUFFER_MEMORY
     threads: int | None = Field(None, ge=1, description="CPU compute threads; None = usable CPUs − 2, at least 1")
     direct_io: bool = Field(True, description="read and write weights with O_DIRECT where the filesystem allows")
     allow_bin: bool = Field(False, description="download pickled .bin weights from the Hub and convert them")

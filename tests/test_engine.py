@@ -9,6 +9,7 @@ import torch
 
 from model_helpers import folder_bytes, load_state, read_json, write_model
 from slerp_plugin.checkpoint import sha256_file
+from slerp_plugin import engine
 from slerp_plugin.engine import compute_threads, finalize, merge_shards, plan_merge, run_merge
 from slerp_plugin.errors import (
     CheckpointError,
@@ -18,7 +19,7 @@ from slerp_plugin.errors import (
 )
 from slerp_plugin.manifest import MANIFEST_NAME, Manifest
 from slerp_plugin.modelcard import parse_front_matter
-from slerp_plugin.slerp import slerp, slerp_reference
+from slerp_plugin.slerp import DEFAULT_CHUNK_ELEMENTS, slerp, slerp_reference
 from slerp_plugin.spec import MergeSpec
 
 
@@ -44,12 +45,28 @@ def assert_matches_kernel(pair, out, t, chunk, out_dtype=None):
             assert int(ulp_distance(m[k], ref).max()) <= 1, k
 
 
-@pytest.mark.parametrize("chunk", [1 << 22, 1024])
-def test_bf16_sharded_pair_matches_kernel_and_loads(demo_bf16, tmp_path, chunk):
+@pytest.mark.parametrize(
+    ("chunk", "io_block", "buffer_memory", "read_twice"),
+    [
+        (DEFAULT_CHUNK_ELEMENTS, engine.IO_BLOCK_BYTES, "192MB", False),  # defaults
+        (1024, 2 * 2048, "192MB", False),  # multi-block tensors held in memory between the passes
+        (1024, 2 * 2048, 6 * 2 * 8192, True),  # tensors of ≤ 2 blocks held, larger ones read twice
+        (1024, 2 * 2048, 1, True),  # the smallest pool: every multi-block tensor read twice
+        (1024, 1024, "192MB", False),  # blocks smaller than a chunk: one chunk per block
+    ],
+)
+def test_bf16_sharded_pair_matches_kernel_and_loads(
+    demo_bf16, tmp_path, monkeypatch, chunk, io_block, buffer_memory, read_twice
+):
+    monkeypatch.setattr(engine, "IO_BLOCK_BYTES", io_block)
     out = tmp_path / "merged"
-    result = run_merge(spec_for(demo_bf16, out, chunk_elements=chunk, max_shard_size="150KB"))
+    result = run_merge(spec_for(demo_bf16, out, chunk_elements=chunk, max_shard_size="150KB",
+                                buffer_memory=buffer_memory))
     assert result.output == out.resolve()
     assert_matches_kernel(demo_bf16, out, 0.3, chunk)
+    weights = sum(f.stat().st_size for p in demo_bf16 for f in p.glob("*.safetensors"))
+    bytes_read = result.manifest.timings["bytes_read"]
+    assert (bytes_read > weights) if read_twice else (weights - 2 * 100_000 < bytes_read < weights)
     index = read_json(out / "model.safetensors.index.json")
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((out / s).is_file() for s in shards)
@@ -68,7 +85,7 @@ def test_fp32_tied_single_file_pair(demo_fp32_tied, tmp_path):
     run_merge(spec_for(demo_fp32_tied, out, t=0.5))
     state = load_state(out)
     assert "lm_head.weight" not in state  # tied: stored once, as in the parents
-    assert_matches_kernel(demo_fp32_tied, out, 0.5, 1 << 22)
+    assert_matches_kernel(demo_fp32_tied, out, 0.5, DEFAULT_CHUNK_ELEMENTS)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -88,7 +105,7 @@ def test_dtype_override_and_config(demo_bf16, tmp_path):
     state = load_state(out)
     assert {t.dtype for t in state.values()} == {torch.float32}
     assert read_json(out / "config.json")["dtype"] == "float32"
-    assert_matches_kernel(demo_bf16, out, 0.3, 1 << 22, out_dtype=torch.float32)
+    assert_matches_kernel(demo_bf16, out, 0.3, DEFAULT_CHUNK_ELEMENTS, out_dtype=torch.float32)
 
 
 def test_manifest_and_model_card(demo_bf16, tmp_path):
