@@ -70,7 +70,7 @@ from .hashing import cached_sha256, has_cached_sha256, remember_sha256
 from .model_files import CONFIG_FILES, TOKENIZER_FILES, describe_input, model_files, tokenizer_files
 from .modelcard import render_model_card
 from .pipeline_io import ReadAhead, WriteBehind
-from .slerp import SlerpCoefficients, SlerpStats, accumulate, coefficients, combine, compute_dtype
+from .slerp import SlerpCoefficients, SlerpStats, accumulate_chunks, coefficients, combine, compute_dtype
 from .sources import ResolvedModel, resolve_model
 from .spec import MergeSpec
 
@@ -669,10 +669,7 @@ def _write_shard(
             yield i, a[i : i + size], b[i : i + size]
 
     def block_stats(a_raw: torch.Tensor, b_raw: torch.Tensor, src: torch.dtype, cdtype: torch.dtype) -> SlerpStats:
-        stats = SlerpStats()
-        for _, a, b in pieces(a_raw, b_raw, src, cdtype, chunk):
-            stats = stats + accumulate(a, b)
-        return stats
+        return accumulate_chunks((a, b) for _, a, b in pieces(a_raw, b_raw, src, cdtype, chunk))
 
     def merge_block(a_raw: torch.Tensor, b_raw: torch.Tensor, src: torch.dtype, cdtype: torch.dtype,
                     coeff: SlerpCoefficients, out_name: str) -> None:

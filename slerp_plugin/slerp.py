@@ -94,9 +94,22 @@ def accumulate(a: torch.Tensor, b: torch.Tensor) -> SlerpStats:
     The chunk sums come from BLAS ``dot``, whose last bit can depend on the buffers' alignment and
     the CPU; the engine always reads into freshly allocated buffers, so its runs are reproducible.
     """
-    return SlerpStats(
-        float(torch.dot(a, a)), float(torch.dot(b, b)), float(torch.dot(a, b))
-    )
+    return accumulate_chunks([(a, b)])
+
+
+def accumulate_chunks(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> SlerpStats:
+    """Pass 1 over consecutive chunks: the same float64 sums as adding :func:`accumulate` of each
+    chunk in order, with one device→host transfer for all of them instead of three per chunk.
+
+    Each pair's dot products are taken before the next pair is drawn, so ``pairs`` may reuse
+    buffers.
+    """
+    sums = [torch.stack((torch.dot(a, a), torch.dot(b, b), torch.dot(a, b))) for a, b in pairs]
+    stats = SlerpStats()
+    if sums:
+        for aa, bb, ab in torch.stack(sums).tolist():
+            stats = stats + SlerpStats(aa, bb, ab)
+    return stats
 
 
 def coefficients(
@@ -206,9 +219,7 @@ def slerp_with_coefficients(
     dtype = compute_dtype(v0.dtype)
     a = v0.reshape(-1)
     b = v1.reshape(-1).to(v0.device)
-    stats = SlerpStats()
-    for s in _chunks(a.numel(), chunk_elements):
-        stats = stats + accumulate(a[s].to(dtype), b[s].to(dtype))
+    stats = accumulate_chunks((a[s].to(dtype), b[s].to(dtype)) for s in _chunks(a.numel(), chunk_elements))
     coeff = coefficients(t, stats, dtype=dtype, DOT_THRESHOLD=DOT_THRESHOLD, epsilon=epsilon)
     out = torch.empty(a.numel(), dtype=dtype, device=v0.device)
     for s in _chunks(a.numel(), chunk_elements):

@@ -13,6 +13,7 @@ from slerp_plugin.validate import ulp_distance
 from slerp_plugin.slerp import (
     SlerpStats,
     accumulate,
+    accumulate_chunks,
     coefficients,
     compute_dtype,
     slerp,
@@ -183,6 +184,16 @@ def test_chunked_passes_equal_one_pass_statistics():
     c2 = coefficients(0.4, parts)
     assert c1.branch == c2.branch
     assert float(c1.s0) == pytest.approx(float(c2.s0), rel=1e-6)
+
+
+def test_batched_pass_one_equals_chunk_by_chunk_sums():
+    a, b = pair((10_000,), torch.float32, 12)
+    chunks = [(a[s : s + 1024], b[s : s + 1024]) for s in range(0, 10_000, 1024)]
+    one_by_one = SlerpStats()
+    for x, y in chunks:
+        one_by_one = one_by_one + SlerpStats(float(torch.dot(x, x)), float(torch.dot(y, y)), float(torch.dot(x, y)))
+    assert accumulate_chunks(chunks) == one_by_one  # same float64 sums, bit for bit
+    assert accumulate_chunks([]) == SlerpStats()
 
 
 def test_shape_mismatch_is_an_error():
