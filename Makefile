@@ -42,6 +42,9 @@ test: setup lint ## run the test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+bench: setup ## benchmark against mergekit and FusionBench, ~30 min (bench/RESULTS.md, bench/bench.png)
+	$(PY) bench/run.py
+
 lock: setup ## re-pin constraints.txt from the current venv
 	{ sed -n '1,2p' constraints.txt; $(PY) -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/'; } > constraints.new && mv constraints.new constraints.txt
 

@@ -39,8 +39,11 @@ BIG = "152064x8192 tensor"
 
 HEADER = """# Benchmark results
 
-Produced by `python bench/run.py` (see its docstring); medians over the repeats, inputs evicted
-from the page cache before every run. "ours / system" < 1 means slerp-merge is faster.
+Produced by `python bench/run.py` (see its docstring; `--report-only` rebuilds this file and the
+plot from bench/results/results.json); medians over the repeats, inputs evicted from the page
+cache before every run. "ours / system" < 1 means slerp-merge is faster. The machine's disk is
+shared and its speed drifts by up to 2× within minutes: compare ratios within one run, not
+absolute times across runs.
 
 """
 SYSTEMS = ("ours", "mergekit", "mergekit_500M", "mergekit_plugin", "fusionbench_eager")
@@ -153,7 +156,11 @@ def main() -> int:
                     help="also the pair whose one tensor is 152064x8192 bf16 (2.5 GB)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    ap.add_argument("--report-only", action="store_true", help="rebuild RESULTS.md and the plot from results.json")
     args = ap.parse_args()
+    if args.report_only:
+        write_report(json.loads((RESULTS / "results.json").read_text()))
+        return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "SLERP_PLUGIN_CACHE": str(WORK / "no-cache")}
     cases = [(f"{n} layers", n, lambda n=n: build(WORK / f"pair-{n}", n)) for n in args.layers]
@@ -198,6 +205,24 @@ def floor(row: dict) -> dict:
     """The medians of a pair's I/O floor measurements (one per repeat)."""
     floors = row.get("floors") or [row["floor"]]
     return {k: statistics.median(f[k] for f in floors) for k in floors[0]}
+
+
+GPU_NOTE = ("GPU (`device: cuda`): no figures yet — no GPU machine has been lent to a session so far; "
+            "run `python bench/run.py --systems ours` on one and add its table here (card, model size, GB/s).")
+
+
+def machine() -> str:
+    """CPU model, usable cores and memory of this machine, for the report."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+    except OSError:
+        mem = 0.0
+    return f"{model}, {len(os.sched_getaffinity(0))} cores, {mem:.0f} GiB RAM, CPU only"
 
 
 def pair_label(row: dict) -> str:
@@ -248,7 +273,7 @@ def write_report(results: list[dict]) -> None:
         f = floor(row)
         lines.append(f"| {pair_label(row)} | I/O floor | {f['floor_s']:.2f} | | | | "
                      f"cold read {f['read_cold_s']:.2f} s, warm {f['read_warm_s']:.2f} s, write+fsync {f['write_fsync_s']:.2f} s |")
-    lines += ["", "Targets (issue #8):", "", *targets(results)]
+    lines += ["", f"Machine: {machine()}.", "", "Targets (issue #8):", "", *targets(results), "", GPU_NOTE]
     (HERE / "RESULTS.md").write_text(HEADER + "\n".join(lines) + "\n")
     print("\n".join(lines))
     try:

@@ -55,6 +55,8 @@ def _mergekit(argv: list[str]) -> int:
                         help="CPU compute threads (default: usable CPUs - 2, at least 1)")
     parser.add_argument("--buffered-io", action="store_true",
                         help="read and write through the page cache instead of O_DIRECT")
+    parser.add_argument("--buffer-memory", default="192MB",
+                        help="input block buffers; tensors that fit stay in memory between the passes (default 192MB)")
     args = parser.parse_args(argv)
 
     from .engine import run_merge
@@ -64,7 +66,7 @@ def _mergekit(argv: list[str]) -> int:
     spec = spec_from_mergekit(
         load_mergekit_yaml(args.config), args.out_path, max_shard_size=args.max_shard_size,
         device=args.device, overwrite=args.overwrite, show_pbar=args.show_pbar,
-        threads=args.threads, direct_io=not args.buffered_io,
+        threads=args.threads, direct_io=not args.buffered_io, buffer_memory=args.buffer_memory,
     )
     result = run_merge(spec)
     print(f"merged model: {result.output}")

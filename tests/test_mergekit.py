@@ -47,9 +47,21 @@ def mergekit_yaml(cfg: Path, out: Path, *extra: str, env=None) -> subprocess.Com
                           capture_output=True, text=True, timeout=300, env=env)
 
 
-def ours(cfg: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "slerp_plugin", "mergekit", str(cfg), str(out)],
+def ours(cfg: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "slerp_plugin", "mergekit", str(cfg), str(out), *extra],
                           capture_output=True, text=True, timeout=300)
+
+
+def test_engine_options_from_the_command_line(demo_bf16, tmp_path):
+    cfg = write_cfg(tmp_path / "cfg.yml", *demo_bf16)
+    r = ours(cfg, tmp_path / "a", "--threads", "1", "--buffered-io", "--buffer-memory", "1MB")
+    assert r.returncode == 0, r.stderr[-2000:]
+    spec = Manifest.read(tmp_path / "a").spec
+    assert (spec["threads"], spec["direct_io"], spec["buffer_memory"]) == (1, False, 1_000_000)
+    assert "1 compute thread(s), buffered I/O" in r.stderr
+    r = ours(cfg, tmp_path / "b", "--buffer-memory", "lots")
+    assert r.returncode != 0 and "buffer_memory" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.fixture(scope="module")
