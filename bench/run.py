@@ -4,13 +4,16 @@
 
 Builds (once, under bench/work/) bf16 Llama pairs of hidden 2048, intermediate 5632, vocab 32000
 and the given layer counts (16 layers = the 953M pair; 4/8/32 ≈ 0.25×/0.5×/2×) in 500 MB input
-shards, and a pair whose one tensor is 152064×8192 bf16 (Qwen-72B's embedding, 2.5 GB), then runs each system on each pair, alternating, ``--repeats`` times, with the inputs
-evicted from the page cache before every run. Each run's wall time, CPU time and peak RSS come from
-the OS (/usr/bin/time -v). The I/O floor is measured on the same disk in every repeat: reading both
-inputs cold and warm, writing the output size with fsync (each the faster of buffered and O_DIRECT);
-floor = cold read + write. Writes bench/results/results.json, a markdown table of medians and
-ratios with the issue's targets checked (bench/RESULTS.md) and a plot (bench/bench.png). The eager
-FusionBench-formula merge is skipped on the 2.5 GB tensor: it needs about ten times it in RAM.
+shards, and a pair whose one tensor is 152064×8192 bf16 (Qwen-72B's embedding, 2.5 GB), then runs
+each system on each pair ``--repeats`` times, the order of the systems rotating from one repeat to
+the next, with the inputs evicted from the page cache (and the input-checksum cache of slerp-merge
+emptied) before every run. Each run's wall time, CPU time and peak RSS come from the OS
+(/usr/bin/time -v). The I/O floor is measured on the same disk in every repeat: reading both
+inputs cold and warm, writing the output size with fsync (each the faster of buffered and
+O_DIRECT); floor = cold read + write. Writes bench/results/results.json, a markdown table of
+medians and ratios with the issue's targets checked (bench/RESULTS.md) and a plot
+(bench/bench.png). The eager FusionBench-formula merge is skipped on the 2.5 GB tensor: it needs
+about ten times it in RAM.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
     wall = field("Elapsed (wall clock) time (h:mm:ss or m:ss)")
     parts = [float(x) for x in wall.split(":")]
     seconds = parts[-1] + 60 * parts[-2] + (3600 * parts[-3] if len(parts) == 3 else 0)
-    return {"wall_s": seconds, "cpu_s": float(field("User time (seconds)")) + float(field("System time (seconds)")),
+    return {"user_s": float(field("User time (seconds)")), "sys_s": float(field("System time (seconds)")), "wall_s": seconds, "cpu_s": float(field("User time (seconds)")) + float(field("System time (seconds)")),
             "peak_rss_mb": int(field("Maximum resident set size (kbytes)")) / 1024}
 
 
@@ -173,12 +176,13 @@ def main() -> int:
         row = {"layers": key, "params_m": size / 2e6, "model_gb": size / 1e9, "floors": [], "runs": {}}
         # an eager merge of the 2.5 GB tensor needs ~10x it in RAM (fp32 copies of A, B, Â, B̂, r)
         systems = [s for s in args.systems if not (key == BIG and s == "fusionbench_eager")]
-        for _ in range(args.repeats):
+        for rep in range(args.repeats):
             row["floors"].append(io_floor(a, b, size))
             f = row["floors"][-1]
             print(f"{label:>9} I/O floor          {f['floor_s']:6.2f} s  (cold read {f['read_cold_s']:.2f} s, "
                   f"write+fsync {f['write_fsync_s']:.2f} s)", flush=True)
-            for system in systems:
+            # rotated each repeat: no system always runs right after the floor's own heavy I/O
+            for system in systems[rep % len(systems):] + systems[: rep % len(systems)]:
                 out = WORK / f"out-{system}"
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(env["SLERP_PLUGIN_CACHE"], ignore_errors=True)

@@ -14,10 +14,10 @@ import json
 import os
 import re
 import struct
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -31,12 +31,15 @@ from .direct_io import (
     make_buffered,
     open_direct,
 )
+from . import prefetch
 from .errors import CheckpointError, OutputWriteError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
 WRITEBACK_BYTES = 64 * 1024 * 1024
+#: how a direct reader uses the page cache for one read (see :meth:`TensorReader.read_aligned`)
+PageCache = Literal["bypass", "keep", "drop"]
 
 #: safetensors dtype name → (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -233,41 +236,6 @@ def _no_weights_message(folder: Path, files: Sequence[Path]) -> str:
     return f"{folder}: no safetensors weights ({SINGLE_NAME} or {INDEX_NAME})"
 
 
-class StreamHasher:
-    """SHA-256 of a file computed from the reads a merge makes anyway.
-
-    Reads that continue exactly where the hash stands are hashed; re-reads and jumps are not.
-    :meth:`hexdigest` hashes whatever was never read (from disk), so the result is always the
-    file's true SHA-256 — cheap when the merge read the file front to back, as it usually does.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._sha = hashlib.sha256()
-        self.pos = 0
-        self._lock = threading.Lock()
-
-    def feed(self, offset: int, data: memoryview) -> None:
-        with self._lock:
-            end = offset + len(data)
-            if offset <= self.pos < end:
-                self._sha.update(data[self.pos - offset:])
-                self.pos = end
-
-    def hexdigest(self) -> str:
-        with self._lock:
-            size = self.path.stat().st_size
-            if self.pos < size:
-                with open(self.path, "rb", buffering=0) as f:
-                    f.seek(self.pos)
-                    buf = bytearray(8 << 20)
-                    view = memoryview(buf)
-                    while n := f.readinto(buf):
-                        self._sha.update(view[:n])
-                        self.pos += n
-            return self._sha.copy().hexdigest()
-
-
 class TensorReader:
     """Reads byte ranges of tensors with ``pread``, keeping open descriptors per file.
 
@@ -329,29 +297,42 @@ class TensorReader:
         pos = info.offset + start
         self._pread(self._fd(info.file), info, pos, out, len(out))
 
-    def read_aligned(self, info: TensorInfo, start: int, nbytes: int, buf: torch.Tensor) -> int:
+    def read_aligned(
+        self, info: TensorInfo, start: int, nbytes: int, buf: torch.Tensor, page_cache: PageCache = "bypass"
+    ) -> int:
         """Read ``nbytes`` of the tensor from byte ``start`` into ``buf``; return where they begin.
 
         ``buf`` is an :data:`~slerp_plugin.direct_io.ALIGN`-aligned uint8 tensor of at least
         :func:`aligned_capacity` ``(nbytes)`` bytes. A direct read covers whole blocks, so the
         bytes asked for start at ``pos % ALIGN`` inside ``buf``; a buffered read puts them at 0.
 
+        ``page_cache`` (direct readers only): ``"bypass"`` reads from the disk, unless the process's
+        read-ahead (:mod:`slerp_plugin.prefetch`) already read the bytes: then they are copied
+        from the page cache and dropped from it; ``"keep"`` reads through the page cache and leaves
+        the bytes there, for a second read soon; ``"drop"`` reads through it and then drops them.
+
         Raises:
             CheckpointError: the file ends early or cannot be read.
         """
         pos = info.offset + start
         fd = self._direct_fd(info.file)
-        if fd is not None:
+        prefetched = fd is not None and page_cache != "drop" and prefetch.covers(info.file, pos, nbytes)
+        if fd is not None and page_cache == "bypass" and not prefetched:
             first = align_down(pos)
             view = memoryview(buf[: align_up(pos + nbytes) - first].numpy())
             try:
                 self._pread(fd, info, first, view, pos + nbytes - first, direct=True)
             except DirectIORefused:  # e.g. a filesystem wanting other alignment: read buffered
                 os.close(fd)
-                self._direct_fds[info.file] = None
+                self._direct_fds[info.file] = fd = None
             else:
                 return pos - first
+        if fd is not None and page_cache != "bypass" and not prefetched:
+            # one large request, where the kernel's own read-ahead would read the disk in small ones
+            os.posix_fadvise(self._fd(info.file), pos, nbytes, os.POSIX_FADV_WILLNEED)
         self.read(info, start, memoryview(buf[:nbytes].numpy()))
+        if fd is not None and page_cache != "keep":
+            os.posix_fadvise(self._fd(info.file), pos, nbytes, os.POSIX_FADV_DONTNEED)
         return 0
 
     def read_tensor(self, info: TensorInfo, start_elem: int = 0, count: int | None = None) -> torch.Tensor:
@@ -549,14 +530,3 @@ class ShardWriter:
     @property
     def size(self) -> int:
         return len(self._header) + self.written
-
-
-def sha256_file(path: Path, block: int = 8 << 20) -> str:
-    """Hex SHA-256 of a file, read in ``block``-byte pieces."""
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(block)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()

@@ -19,7 +19,8 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger("slerp_plugin.cli")
@@ -58,19 +59,70 @@ def _mergekit(argv: list[str]) -> int:
     parser.add_argument("--buffer-memory", default="192MB",
                         help="input block buffers; tensors that fit stay in memory between the passes (default 192MB)")
     args = parser.parse_args(argv)
+    with _read_ahead(_mergekit_models(args.config)):
+        from .engine import run_merge
+        from .mergekit_config import load_mergekit_yaml, spec_from_mergekit
 
-    from .engine import run_merge
-    from .mergekit_config import load_mergekit_yaml, spec_from_mergekit
-
-    _setup_logging()
-    spec = spec_from_mergekit(
-        load_mergekit_yaml(args.config), args.out_path, max_shard_size=args.max_shard_size,
-        device=args.device, overwrite=args.overwrite, show_pbar=args.show_pbar,
-        threads=args.threads, direct_io=not args.buffered_io, buffer_memory=args.buffer_memory,
-    )
-    result = run_merge(spec)
+        _setup_logging()
+        spec = spec_from_mergekit(
+            load_mergekit_yaml(args.config), args.out_path, max_shard_size=args.max_shard_size,
+            device=args.device, overwrite=args.overwrite, show_pbar=args.show_pbar,
+            threads=args.threads, direct_io=not args.buffered_io, buffer_memory=args.buffer_memory,
+        )
+        result = run_merge(spec)
     print(f"merged model: {result.output}")
     return 0
+
+
+def _mergekit_models(config: Path) -> list[str]:
+    """The model references of a mergekit YAML, best effort (the YAML is checked later)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(config.read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    found: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("model", "base_model") and isinstance(value, str):
+                    found.append(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(doc)
+    return found
+
+
+def _fusionbench_models(container: object) -> list[str]:
+    """The model references of a composed seed config's ``modelpool``, best effort."""
+    pool = container.get("modelpool") if isinstance(container, dict) else None
+    models = pool.get("models") if isinstance(pool, dict) else None
+    found = []
+    for value in models.values() if isinstance(models, dict) else ():
+        if isinstance(value, dict):
+            value = value.get("pretrained_model_name_or_path")
+        if isinstance(value, str):
+            found.append(value)
+    return found
+
+
+@contextmanager
+def _read_ahead(models: list[str]) -> Iterator[None]:
+    """Read (and hash) the local input models while torch is imported (:mod:`slerp_plugin.prefetch`);
+    the read-ahead is stopped and forgotten when the block ends, whatever happens in it."""
+    from . import prefetch
+
+    prefetch.start(Path(m).expanduser() for m in models)
+    try:
+        yield
+    finally:
+        prefetch.clear()
 
 
 def _validate(argv: list[str]) -> int:
@@ -247,22 +299,23 @@ def _hydra_task(cfg) -> None:
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from .config import spec_from_fusionbench
-    from .engine import run_merge
-
     hc = HydraConfig.get()
     container = OmegaConf.to_container(cfg, resolve=True)
-    spec = spec_from_fusionbench(container, default_output=Path(hc.runtime.output_dir) / "merged")
-    explicit = isinstance(container.get("method"), dict) and container["method"].get("model_save_path")
-    if hc.mode == RunMode.MULTIRUN and explicit:
-        suffix = _multirun_suffix(list(hc.overrides.task), _SWEPT) or f"job{hc.job.num}"
-        spec = spec.model_copy(update={"output": Path(spec.output) / suffix})
-    log.info(
-        "SLERP t=%s DOT_THRESHOLD=%s epsilon=%s: %s (%s) + %s (%s) -> %s",
-        spec.t, spec.DOT_THRESHOLD, spec.epsilon, spec.model_1, spec.model_names[0],
-        spec.model_2, spec.model_names[1], spec.output,
-    )
-    result = run_merge(spec)
+    with _read_ahead(_fusionbench_models(container)):
+        from .config import spec_from_fusionbench
+        from .engine import run_merge
+
+        spec = spec_from_fusionbench(container, default_output=Path(hc.runtime.output_dir) / "merged")
+        explicit = isinstance(container.get("method"), dict) and container["method"].get("model_save_path")
+        if hc.mode == RunMode.MULTIRUN and explicit:
+            suffix = _multirun_suffix(list(hc.overrides.task), _SWEPT) or f"job{hc.job.num}"
+            spec = spec.model_copy(update={"output": Path(spec.output) / suffix})
+        log.info(
+            "SLERP t=%s DOT_THRESHOLD=%s epsilon=%s: %s (%s) + %s (%s) -> %s",
+            spec.t, spec.DOT_THRESHOLD, spec.epsilon, spec.model_1, spec.model_names[0],
+            spec.model_2, spec.model_names[1], spec.output,
+        )
+        result = run_merge(spec)
     print(f"merged model: {result.output}")
     if result.upload is not None:
         print(f"published: {result.upload.url}")

@@ -36,18 +36,18 @@ from typing import Literal
 
 import torch
 
+from . import prefetch
 from .checkpoint import (
     DTYPES,
     INDEX_NAME,
     Checkpoint,
     OutputTensor,
+    PageCache,
     ShardWriter,
-    StreamHasher,
     TensorInfo,
     TensorReader,
     aligned_capacity,
     dtype_name,
-    sha256_file,
 )
 from .direct_io import aligned_empty
 from .errors import (
@@ -73,6 +73,7 @@ from .pipeline_io import ReadAhead, WriteBehind
 from .slerp import SlerpCoefficients, SlerpStats, accumulate_chunks, coefficients, combine, compute_dtype
 from .sources import ResolvedModel, resolve_model
 from .spec import MergeSpec
+from .stream_hash import StreamHasher, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -467,6 +468,7 @@ def merge_shards(
             else:
                 outcome = _write_shard(plan, shard, reader, progress)
             outcomes.append(outcome)
+    prefetch.clear()
     return outcomes
 
 
@@ -566,6 +568,18 @@ def usable_cpus() -> int:
     return n
 
 
+def page_cache_budget() -> int:
+    """Bytes of page cache a merge may fill with one tensor read twice: half the memory the
+    kernel reports available (``MemAvailable``), 0 where it cannot be told."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // 2
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 @contextmanager
 def compute_threads(device: torch.device, threads: int | None) -> Iterator[int]:
     """Set torch's intra-op threads for a CPU merge (restored afterwards); yields the count.
@@ -612,6 +626,7 @@ def _write_shard(
     raw_pool = _Pool(2 * per_side, raw_bytes, pinned)
     out_pool = _Pool(WriteBehind.DEPTH + 2, block * out_itemsize, pinned)
     scratch = {torch.float32: (torch.empty(chunk), torch.empty(chunk))} if device.type == "cpu" else {}
+    cache_budget = page_cache_budget()
 
     def hash_input(item: tuple[StreamHasher, int, torch.Tensor, _Lease]) -> None:
         hasher, pos, data, lease = item
@@ -628,10 +643,14 @@ def _write_shard(
         for lease in leases:
             lease.release(pending)
 
-    def read(info: TensorInfo, start: int, count: int) -> tuple[_Lease, torch.Tensor]:
+    def read(info: TensorInfo, start: int, count: int, kind: str) -> tuple[_Lease, torch.Tensor]:
         nbytes = count * info.itemsize
         buf = raw_pool.take(aligned_capacity(nbytes))
-        skew = reader.read_aligned(info, start * info.itemsize, nbytes, buf) if count else 0
+        # a tensor read twice stays in the page cache between its passes, if it fits there
+        page_cache: PageCache = "bypass"
+        if kind in ("pass1", "pass2") and 2 * info.nbytes <= cache_budget:
+            page_cache = "keep" if kind == "pass1" else "drop"
+        skew = reader.read_aligned(info, start * info.itemsize, nbytes, buf, page_cache) if count else 0
         data = buf[skew : skew + nbytes]
         if skew % info.itemsize:  # a tensor not aligned to its element size in the file
             data = buf[:nbytes].copy_(data.clone())
@@ -648,7 +667,8 @@ def _write_shard(
         for job in shard.jobs:
             for kind, start, count in _schedule(job, block, hold_blocks):
                 def task(job=job, kind=kind, start=start, count=count):
-                    return read(job.a, start, count), (None if kind == "keep" else read(job.b, start, count))
+                    return (read(job.a, start, count, kind),
+                            None if kind == "keep" else read(job.b, start, count, kind))
                 yield task
 
     def pieces(
@@ -796,14 +816,18 @@ def _input_files(plan: MergePlan, role: str) -> list[Path]:
 
 
 def _stream_hashers(plan: MergePlan) -> dict[Path, StreamHasher]:
-    """A hasher, primed with the header, for each input weight file whose checksum is not known."""
+    """A hasher, primed with the header, for each input weight file whose checksum is not known;
+    those the process's read-ahead started (:mod:`slerp_plugin.prefetch`) are taken over."""
+    started = prefetch.take_hashers()
     out = {}
     for ck in plan.checkpoints.values():
         for f in ck.files:
             if f in plan.known_hashes or has_cached_sha256(f):
                 continue
+            hasher = started.get(os.path.realpath(f))
+            if hasher is None:
+                hasher = StreamHasher(f)
             offsets = [i.offset for i in ck.tensors.values() if i.file == f]
-            hasher = StreamHasher(f)
             with open(f, "rb") as fh:
                 hasher.feed(0, memoryview(fh.read(min(offsets) if offsets else 0)))
             out[f] = hasher

@@ -10,7 +10,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from .checkpoint import sha256_file
+from .stream_hash import sha256_file
 
 
 def cache_dir() -> Path:

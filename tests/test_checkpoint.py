@@ -15,9 +15,9 @@ from slerp_plugin.checkpoint import (
     ShardWriter,
     TensorReader,
     read_header,
-    sha256_file,
 )
 from slerp_plugin.errors import CheckpointError, OutputWriteError
+from slerp_plugin.stream_hash import sha256_file
 
 
 @pytest.fixture

@@ -45,6 +45,7 @@ def test_seed_command_with_overrides(demo_bf16, tmp_path):
     man = Manifest.read(out)
     assert man.spec["t"] == 0.3 and man.spec["DOT_THRESHOLD"] == 0.999
     assert "branches:" in r.stdout + r.stderr
+    assert "read ahead while starting" in r.stdout + r.stderr  # the inputs' read-ahead ran
 
 
 def test_default_output_is_under_outputs(demo_bf16, tmp_path):

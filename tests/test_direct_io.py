@@ -145,8 +145,10 @@ def _random_file(tmp_path, size=50_000):
     return path, data
 
 
-@pytest.mark.parametrize("direct", [True, False])
-def test_read_aligned_returns_the_asked_bytes(tmp_path, direct):
+@pytest.mark.parametrize(
+    ("direct", "page_cache"), [(True, "bypass"), (True, "keep"), (True, "drop"), (False, "bypass")]
+)
+def test_read_aligned_returns_the_asked_bytes(tmp_path, direct, page_cache):
     path, data = _random_file(tmp_path)
     rng = random.Random(1)
     with TensorReader(direct=direct) as r:
@@ -156,9 +158,10 @@ def test_read_aligned_returns_the_asked_bytes(tmp_path, direct):
             start = rng.randrange(0, len(data) - offset)
             n = rng.randrange(0, len(data) - offset - start + 1)
             buf = aligned_empty(aligned_capacity(n))
-            skew = r.read_aligned(info, start, n, buf)
+            skew = r.read_aligned(info, start, n, buf, page_cache)
             assert buf[skew : skew + n].numpy().tobytes() == data[offset + start : offset + start + n]
-            assert skew == ((offset + start) % ALIGN if direct else 0)
+            # only a direct read starts at the block boundary; page-cache reads put the bytes at 0
+            assert skew == ((offset + start) % ALIGN if direct and page_cache == "bypass" else 0)
 
 
 def test_read_aligned_falls_back_when_refused(tmp_path, refuse_direct_transfers):

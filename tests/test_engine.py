@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model_helpers import folder_bytes, load_state, read_json, write_model
-from slerp_plugin.checkpoint import sha256_file
+from slerp_plugin.stream_hash import sha256_file
 from slerp_plugin import engine
 from slerp_plugin.engine import compute_threads, finalize, merge_shards, plan_merge, run_merge
 from slerp_plugin.errors import (
@@ -78,6 +78,33 @@ def test_bf16_sharded_pair_matches_kernel_and_loads(
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("The quick brown fox", return_tensors="pt").input_ids
     assert torch.isfinite(model(ids).logits.float()).all()
+
+
+@pytest.mark.parametrize("cache_budget", [0, 1 << 40])
+def test_tensors_read_twice_go_through_the_page_cache_when_it_has_room(
+    demo_bf16, tmp_path, monkeypatch, cache_budget
+):
+    """Tensors too big to hold between the passes: kept in the page cache after pass 1 (read once
+    from the disk) when the memory the kernel reports leaves room, else read from the disk twice."""
+    from slerp_plugin.checkpoint import TensorReader
+
+    modes = []
+    read_aligned = TensorReader.read_aligned
+
+    def spy(self, info, start, nbytes, buf, page_cache="bypass"):
+        modes.append(page_cache)
+        return read_aligned(self, info, start, nbytes, buf, page_cache)
+
+    monkeypatch.setattr(TensorReader, "read_aligned", spy)
+    monkeypatch.setattr(engine, "page_cache_budget", lambda: cache_budget)
+    monkeypatch.setattr(engine, "IO_BLOCK_BYTES", 2 * 2048)
+    out = tmp_path / "merged"
+    run_merge(spec_for(demo_bf16, out, chunk_elements=1024, max_shard_size="150KB", buffer_memory=1))
+    assert_matches_kernel(demo_bf16, out, 0.3, 1024)
+    if cache_budget:
+        assert modes.count("keep") == modes.count("drop") > 0
+    else:
+        assert set(modes) == {"bypass"}
 
 
 def test_fp32_tied_single_file_pair(demo_fp32_tied, tmp_path):

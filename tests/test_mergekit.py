@@ -59,6 +59,7 @@ def test_engine_options_from_the_command_line(demo_bf16, tmp_path):
     spec = Manifest.read(tmp_path / "a").spec
     assert (spec["threads"], spec["direct_io"], spec["buffer_memory"]) == (1, False, 1_000_000)
     assert "1 compute thread(s), buffered I/O" in r.stderr
+    assert "read ahead while starting" in r.stderr
     r = ours(cfg, tmp_path / "b", "--buffer-memory", "lots")
     assert r.returncode != 0 and "buffer_memory" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "b").exists()

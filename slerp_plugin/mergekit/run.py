@@ -16,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from ..checkpoint import Checkpoint, sha256_file
+from ..checkpoint import Checkpoint
+from ..stream_hash import sha256_file
 from ..errors import SlerpPluginError
 from ..manifest import InputRecord, Manifest, ShardRecord, TensorRecord
 from ..mergekit_config import spec_from_mergekit

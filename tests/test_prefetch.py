@@ -1,0 +1,133 @@
+"""The start-up read-ahead: what it reads, hashes and reports, and that merges using it are unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from slerp_plugin import prefetch
+from slerp_plugin.checkpoint import TensorReader
+from slerp_plugin.cli import main
+from slerp_plugin.manifest import Manifest
+from slerp_plugin.stream_hash import sha256_file
+
+
+@pytest.fixture(autouse=True)
+def _fresh(tmp_path, monkeypatch):
+    # no input checksums cached by other tests: every weights file is to be hashed
+    monkeypatch.setenv("SLERP_PLUGIN_CACHE", str(tmp_path / "checksums"))
+    yield
+    prefetch.clear()
+
+
+def weights(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def test_weight_files_follow_the_index_order(tmp_path):
+    for name in ("b.safetensors", "a.safetensors"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w1": "b.safetensors", "w2": "a.safetensors", "w3": "b.safetensors"}}))
+    assert prefetch.weight_files(tmp_path) == [tmp_path / "b.safetensors", tmp_path / "a.safetensors"]
+    (tmp_path / "model.safetensors.index.json").write_text("not json")
+    assert prefetch.weight_files(tmp_path) == []  # unreadable index: nothing (the merge reports it)
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "model.safetensors").write_bytes(b"x")
+    assert prefetch.weight_files(single) == [single / "model.safetensors"]
+    assert prefetch.weight_files(tmp_path / "missing") == []
+
+
+def test_reads_hashes_and_covers_both_models(demo_bf16):
+    from slerp_plugin.hashing import cached_sha256
+
+    cached = weights(demo_bf16[1])[-1]
+    cached_sha256(cached)  # a file whose checksum is known is read but not hashed again
+    before = sys.getswitchinterval()
+    p = prefetch.start(demo_bf16, budget=1 << 30)
+    assert p is not None and p.wait(timeout=60)
+    files = [f for folder in demo_bf16 for f in weights(folder)]
+    assert p.bytes_read == sum(f.stat().st_size for f in files)
+    for f in files:
+        assert prefetch.covers(f, 0, f.stat().st_size)
+        assert not prefetch.covers(f, 0, f.stat().st_size + 1)
+    hashers = prefetch.take_hashers()
+    assert sys.getswitchinterval() == before
+    assert os.path.realpath(cached) not in hashers
+    for f in files:
+        if f == cached:
+            continue
+        hasher = hashers[os.path.realpath(f)]
+        assert hasher.pos == f.stat().st_size  # hashed while reading: nothing left for hexdigest
+        assert hasher.hexdigest() == sha256_file(f)
+
+
+def test_budget_bounds_what_is_read(demo_bf16):
+    p = prefetch.start(demo_bf16, budget=1)  # one request: the first weights file of model_1
+    assert p is not None and p.wait(timeout=60)
+    first = prefetch.weight_files(demo_bf16[0])[0]
+    assert p.bytes_read == first.stat().st_size
+    assert prefetch.covers(first, 0, first.stat().st_size)
+    assert not any(prefetch.covers(f, 0, 1) for f in weights(demo_bf16[1]))
+    hashers = p.take_hashers()
+    for f in weights(demo_bf16[1]):  # not read yet: hexdigest reads the file itself
+        assert hashers[os.path.realpath(f)].hexdigest() == sha256_file(f)
+
+
+def test_nothing_to_read_ahead(tmp_path):
+    assert prefetch.start(["org/not-a-folder", tmp_path]) is None
+    assert prefetch.take_hashers() == {} and not prefetch.covers(tmp_path / "x", 0, 1)
+
+
+def test_covered_ranges_are_read_from_the_page_cache(demo_bf16):
+    from slerp_plugin.checkpoint import Checkpoint, aligned_capacity
+    from slerp_plugin.direct_io import aligned_empty
+
+    ckpt = Checkpoint.open(demo_bf16[0])
+    p = prefetch.start([demo_bf16[0]], budget=1 << 30)
+    assert p.wait(timeout=60)
+    with TensorReader(direct=True) as reader:
+        for info in list(ckpt.tensors.values())[:20]:
+            buf = aligned_empty(aligned_capacity(info.nbytes))
+            skew = reader.read_aligned(info, 0, info.nbytes, buf)
+            assert skew == 0  # copied from the page cache, not read by a direct (aligned) read
+            with open(info.file, "rb") as f:
+                f.seek(info.offset)
+                assert buf[: info.nbytes].numpy().tobytes() == f.read(info.nbytes)
+
+
+def write_cfg(path: Path, a: Path, b: Path) -> Path:
+    path.write_text(f"merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\n"
+                    "parameters:\n  t: 0.4\ndtype: bfloat16\n")
+    return path
+
+
+def test_cli_merge_with_read_ahead_equals_merge_without(demo_bf16, tmp_path, monkeypatch):
+    cfg = write_cfg(tmp_path / "cfg.yml", *demo_bf16)
+    taken = []
+    take = prefetch.Prefetch.take_hashers
+
+    def spy(self):  # let the read-ahead finish first: the merge then reads only from the page cache
+        assert self.wait(timeout=60)
+        taken.append(self)
+        return take(self)
+
+    monkeypatch.setattr(prefetch.Prefetch, "take_hashers", spy)
+    assert main(["mergekit", str(cfg), str(tmp_path / "with")]) == 0
+    assert len(taken) == 1 and taken[0].bytes_read > 0
+    assert prefetch.take_hashers() == {}  # forgotten once the command is done
+    monkeypatch.setattr(prefetch, "start", lambda *a, **k: None)
+    assert main(["mergekit", str(cfg), str(tmp_path / "without")]) == 0
+    with_, without = load_file(tmp_path / "with" / "model.safetensors"), load_file(tmp_path / "without" / "model.safetensors")
+    assert with_.keys() == without.keys() and all(with_[k].equal(without[k]) for k in with_)
+    manifest = Manifest.read(tmp_path / "with")
+    for role, folder in zip(("model_1", "model_2"), demo_bf16, strict=True):
+        files = {f.name: f.sha256 for f in manifest.inputs[role].files}
+        for f in weights(folder):
+            assert files[f.name] == sha256_file(f)
