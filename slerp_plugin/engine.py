@@ -18,6 +18,7 @@ disjoint ``indices``, then one :func:`finalize`.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -453,7 +454,7 @@ def merge_shards(
     selected = plan.shards if indices is None else [plan.shards[i] for i in indices]
     outcomes = []
     with TensorReader(direct=plan.spec.direct_io) as reader, \
-            compute_threads(plan.device, plan.spec.threads) as threads:
+            compute_threads(plan.device, plan.spec.threads) as threads, _cyclic_gc_paused():
         log.info("merging %d shard(s) on %s with %d compute thread(s), %s I/O", len(selected),
                  plan.device, threads, "direct" if plan.spec.direct_io else "buffered")
         for shard in selected:
@@ -470,6 +471,19 @@ def merge_shards(
             outcomes.append(outcome)
     prefetch.clear()
     return outcomes
+
+
+@contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Blocks, tensors and leases are freed by reference counting; the cyclic collector would only
+    rescan the process's objects again and again on the kernel's thread."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _schedule(job: TensorJob, block: int, hold_blocks: int) -> Iterator[tuple[str, int, int]]:
