@@ -6,12 +6,12 @@ Builds (once, under bench/work/) bf16 Llama pairs of hidden 2048, intermediate 5
 and the given layer counts (16 layers = the 953M pair; 4/8/32 ≈ 0.25×/0.5×/2×) in 500 MB input
 shards, and a pair whose one tensor is 152064×8192 bf16 (Qwen-72B's embedding, 2.5 GB), then runs
 each system on each pair ``--repeats`` times, the order of the systems rotating from one repeat to
-the next, with the inputs evicted from the page cache (and the input-checksum cache of slerp-merge
-emptied) before every run. Each run's wall time, CPU time and peak RSS come from the OS
-(/usr/bin/time -v). The I/O floor is measured on the same disk in every repeat: reading both
-inputs cold and warm, writing the output size with fsync (each the faster of buffered and
-O_DIRECT); floor = cold read + write. Writes bench/results/results.json, a markdown table of
-medians and ratios with the issue's targets checked (bench/RESULTS.md) and a plot
+the next. Before every run the inputs are evicted from the page cache, slerp-merge's cache of input
+checksums is emptied and pending write-back is flushed. Each run's wall time, CPU time and peak
+RSS come from the OS (/usr/bin/time -v). The I/O floor is measured on the same disk in every
+repeat: reading both inputs cold and warm, writing the output size with fsync (each the faster of
+buffered and O_DIRECT); floor = cold read + write. Writes bench/results/results.json, a markdown
+table of medians and ratios with the issue's targets checked (bench/RESULTS.md) and a plot
 (bench/bench.png). The eager FusionBench-formula merge is skipped on the 2.5 GB tensor: it needs
 about ten times it in RAM.
 """
@@ -141,6 +141,7 @@ def io_floor(a: Path, b: Path, out_bytes: int) -> dict:
         return seconds
 
     evict(files)
+    os.sync()
     cold_buffered = read_all(False)
     warm = read_all(False)
     evict(files)
@@ -187,6 +188,7 @@ def main() -> int:
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(env["SLERP_PLUGIN_CACHE"], ignore_errors=True)
                 evict([a, b])
+                os.sync()  # no write-back left over from the previous run competes with this one
                 m = timed(command(system, a, b, out), env)
                 row["runs"].setdefault(system, []).append(m)
                 print(f"{label:>9} {system:18s} wall {m['wall_s']:6.2f} s  cpu {m['cpu_s']:6.2f} s  "
