@@ -33,6 +33,8 @@ from .stream_hash import StreamHasher
 log = logging.getLogger(__name__)
 
 STEP = 8 << 20  #: bytes per request; the kernel's own read-ahead would read the disk in far smaller ones
+DEFAULT_REQUEST = 2 << 20  #: bytes per ``WILLNEED`` call where the device's limit cannot be told
+MIN_REQUEST = 128 << 10
 SWITCH_INTERVAL = 0.0005  #: seconds (Python's GIL switch interval while the read-ahead runs)
 LOOKAHEAD = 4  #: requests asked for ahead of the one being read and hashed
 DEFAULT_BUDGET = 2 << 30  #: bytes read at most (capped at a quarter of the memory available)
@@ -124,7 +126,11 @@ class Prefetch:
                     path, offset, length = request
                     if asked >= self.budget or self._stopped.is_set():
                         break
-                    os.posix_fadvise(files.fd(path), offset, length, os.POSIX_FADV_WILLNEED)
+                    # the kernel reads at most its read-ahead limit of the device per request
+                    cap = readahead_limit(path)
+                    for start in range(offset, offset + length, cap):
+                        os.posix_fadvise(files.fd(path), start, min(cap, offset + length - start),
+                                         os.POSIX_FADV_WILLNEED)
                     asked += length
                     while not self._stopped.is_set():
                         try:
@@ -257,6 +263,28 @@ def clear() -> None:
     global _active
     stop()
     _active = None
+
+
+@functools.lru_cache(maxsize=64)
+def _device_limit(device: int) -> int:
+    sys_dev = Path(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}")
+    for queue_dir in (sys_dev / "queue", sys_dev / ".." / "queue"):  # a disk, or a partition's disk
+        try:
+            kib = max(int((queue_dir / name).read_text()) for name in ("read_ahead_kb", "max_sectors_kb"))
+            return max(kib << 10, MIN_REQUEST)
+        except (OSError, ValueError):
+            continue
+    return DEFAULT_REQUEST
+
+
+def readahead_limit(path: Path) -> int:
+    """Bytes one ``posix_fadvise(WILLNEED)`` call reads at most on the device holding ``path``: the
+    larger of its read-ahead window and its largest request (the kernel's cap; sysfs), else
+    :data:`DEFAULT_REQUEST`."""
+    try:
+        return min(_device_limit(path.stat().st_dev), STEP)
+    except OSError:
+        return DEFAULT_REQUEST
 
 
 class _Files:

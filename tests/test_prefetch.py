@@ -131,3 +131,26 @@ def test_cli_merge_with_read_ahead_equals_merge_without(demo_bf16, tmp_path, mon
         files = {f.name: f.sha256 for f in manifest.inputs[role].files}
         for f in weights(folder):
             assert files[f.name] == sha256_file(f)
+
+
+def test_requests_respect_the_device_read_ahead_limit(demo_bf16, monkeypatch, tmp_path):
+    assert prefetch.MIN_REQUEST <= prefetch.readahead_limit(weights(demo_bf16[0])[0]) <= prefetch.STEP
+    assert prefetch.readahead_limit(tmp_path / "missing") == prefetch.DEFAULT_REQUEST
+    calls = []
+    fadvise = os.posix_fadvise
+
+    def spy(fd, offset, length, advice):
+        if advice == os.POSIX_FADV_WILLNEED:
+            calls.append(length)
+        return fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(prefetch, "readahead_limit", lambda path: 8192)
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    p = prefetch.start(demo_bf16, budget=1 << 30)
+    assert p.wait(timeout=60)
+    files = [f for folder in demo_bf16 for f in weights(folder)]
+    assert p.bytes_read == sum(f.stat().st_size for f in files)
+    weight_calls = calls[len(calls) - sum(-(-f.stat().st_size // 8192) for f in files):]
+    assert weight_calls and max(weight_calls) <= 8192
+    hashers = p.take_hashers()
+    assert all(hashers[os.path.realpath(f)].hexdigest() == sha256_file(f) for f in files)
