@@ -585,13 +585,7 @@ def usable_cpus() -> int:
 def page_cache_budget() -> int:
     """Bytes of page cache a merge may fill with one tensor read twice: half the memory the
     kernel reports available (``MemAvailable``), 0 where it cannot be told."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024 // 2
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return (prefetch.mem_available() or 0) // 2
 
 
 @contextmanager
@@ -838,12 +832,12 @@ def _stream_hashers(plan: MergePlan) -> dict[Path, StreamHasher]:
         for f in ck.files:
             if f in plan.known_hashes or has_cached_sha256(f):
                 continue
-            hasher = started.get(os.path.realpath(f))
-            if hasher is None:
-                hasher = StreamHasher(f)
+            hasher = started.get(os.path.realpath(f)) or StreamHasher(f)
             offsets = [i.offset for i in ck.tensors.values() if i.file == f]
-            with open(f, "rb") as fh:
-                hasher.feed(0, memoryview(fh.read(min(offsets) if offsets else 0)))
+            header = min(offsets) if offsets else 0
+            if hasher.pos < header:  # one the read-ahead advanced has hashed the header already
+                with open(f, "rb") as fh:
+                    hasher.feed(0, memoryview(fh.read(header)))
             out[f] = hasher
     return out
 

@@ -231,13 +231,19 @@ def start(folders: Iterable[Path | str], budget: int | None = None) -> Prefetch 
 
 def default_budget() -> int:
     """:data:`DEFAULT_BUDGET`, capped at a quarter of ``MemAvailable``."""
+    available = mem_available()
+    return DEFAULT_BUDGET if available is None else min(DEFAULT_BUDGET, available // 4)
+
+
+def mem_available() -> int | None:
+    """Bytes of memory the kernel reports available (``MemAvailable``); ``None`` where it cannot be told."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return min(DEFAULT_BUDGET, int(line.split()[1]) * 1024 // 4)
+                return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return DEFAULT_BUDGET
+    return None
 
 
 def covers(path: Path | str, offset: int, nbytes: int) -> bool:
