@@ -8,7 +8,9 @@ shards, and a pair whose one tensor is 152064×8192 bf16 (Qwen-72B's embedding, 
 each system on each pair ``--repeats`` times, the order of the systems rotating from one repeat to
 the next. Before every run the installed packages the systems import are read into the page cache
 (the memory-hungry runs evict them), the inputs are evicted from it, slerp-merge's cache of input
-checksums is emptied and pending write-back is flushed. Each run's wall time, CPU time and peak
+checksums is emptied, pending write-back is flushed and the machine is left idle for
+``SETTLE_S`` seconds (the shared virtual disk is slower for a while after a heavy run; every run
+and every floor measurement starts after the same pause). Each run's wall time, CPU time and peak
 RSS come from the OS (/usr/bin/time -v). The I/O floor is measured on the same disk in every
 repeat: reading both inputs cold and warm, writing the output size with fsync (each the faster of
 buffered and O_DIRECT); floor = cold read + write. Writes bench/results/results.json, a markdown
@@ -66,6 +68,15 @@ merged = {k: slerp_reference(0.5, A[k], B[k]).to(A[k].dtype) for k in B}
 import os; os.makedirs(out, exist_ok=True)
 save_file(merged, out + "/model.safetensors", metadata={"format": "pt"})
 """
+
+
+SETTLE_S = 2.0  #: seconds of idle machine before every run and every floor measurement
+
+
+def settle() -> None:
+    """Flush pending write-back (no run competes with the previous one's), then idle ``SETTLE_S``."""
+    os.sync()
+    time.sleep(SETTLE_S)
 
 
 def evict(paths: list[Path]) -> None:
@@ -132,8 +143,9 @@ def command(system: str, a: Path, b: Path, out: Path) -> list[str]:
 
 def io_floor(a: Path, b: Path, out_bytes: int) -> dict:
     """Seconds to read both inputs (cold: evicted first; warm: again) and to write ``out_bytes``
-    durably, each the faster of the buffered and the direct (O_DIRECT) path. The floor is the cold
-    read plus the write: the two done one after the other, 8 MiB at a time."""
+    durably, each the faster of the buffered and the direct (O_DIRECT) path, each after
+    :func:`settle`. The floor is the cold read plus the write: the two done one after the other,
+    8 MiB at a time."""
     files = [f for d in (a, b) for f in d.glob("*.safetensors")]
     block = 8 << 20
     buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
@@ -161,12 +173,16 @@ def io_floor(a: Path, b: Path, out_bytes: int) -> dict:
         return seconds
 
     evict(files)
-    os.sync()
+    settle()
     cold_buffered = read_all(False)
     warm = read_all(False)
     evict(files)
+    settle()
     cold_direct = read_all(True)
-    write_buffered, write_direct = write_all(False), write_all(True)
+    settle()
+    write_buffered = write_all(False)
+    settle()
+    write_direct = write_all(True)
     cold, write = min(cold_buffered, cold_direct), min(write_buffered, write_direct)
     return {"read_cold_s": cold, "read_warm_s": warm, "write_fsync_s": write, "floor_s": cold + write,
             "read_cold_buffered_s": cold_buffered, "read_cold_direct_s": cold_direct,
@@ -209,7 +225,7 @@ def main() -> int:
                 shutil.rmtree(env["SLERP_PLUGIN_CACHE"], ignore_errors=True)
                 warm_libraries()
                 evict([a, b])
-                os.sync()  # no write-back left over from the previous run competes with this one
+                settle()
                 m = timed(command(system, a, b, out), env)
                 row["runs"].setdefault(system, []).append(m)
                 print(f"{label:>9} {system:18s} wall {m['wall_s']:6.2f} s  cpu {m['cpu_s']:6.2f} s  "

@@ -15,6 +15,7 @@ import os
 import re
 import struct
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -402,7 +403,9 @@ class ShardWriter:
     """Writes one safetensors shard as a stream into ``<path>.tmp`` and renames it when complete.
 
     The SHA-256 of everything written is computed on the way, so a finished shard's checksum
-    needs no second read. Use as a context manager; an exception leaves no file at ``path``.
+    needs no second read; pieces of at least ``PARALLEL_HASH_BYTES`` are hashed on a thread of
+    the writer's own while they are copied and written (a direct write waits for the disk).
+    Use as a context manager; an exception leaves no file at ``path``.
     With ``direct``, bytes are gathered in an aligned staging buffer of ``STAGE_BYTES`` and
     written with ``O_DIRECT`` (the last block padded, then the file truncated to its size), so
     the output neither passes through nor fills the page cache; where the filesystem refuses
@@ -410,6 +413,7 @@ class ShardWriter:
     """
 
     STAGE_BYTES = 8 << 20
+    PARALLEL_HASH_BYTES = 1 << 20
 
     def __init__(self, path: Path, tensors: Sequence[OutputTensor], *, direct: bool = False) -> None:
         self.path = path
@@ -425,6 +429,7 @@ class ShardWriter:
         self._pos = 0  # file offset of the next write
         self.written = 0
         self._flushed = 0  # bytes whose writeback has been started (buffered mode)
+        self._hasher: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> ShardWriter:
         try:
@@ -436,6 +441,7 @@ class ShardWriter:
             raise OutputWriteError(f"{self.tmp}: cannot create: {e.strerror}") from None
         if self._direct:
             self._stage = memoryview(aligned_empty(self.STAGE_BYTES).numpy())
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="slerp-shard-sha256")
         self._put(memoryview(self._header))
         return self
 
@@ -475,7 +481,17 @@ class ShardWriter:
 
     def _put(self, data: memoryview) -> None:
         data = data.cast("B")
-        self._sha.update(data)
+        if self._hasher is None or len(data) < self.PARALLEL_HASH_BYTES:
+            self._sha.update(data)
+            self._store(data)
+            return
+        hashed = self._hasher.submit(self._sha.update, data)
+        try:
+            self._store(data)
+        finally:
+            hashed.result()  # ``data`` is the caller's again once this returns
+
+    def _store(self, data: memoryview) -> None:
         while data and self._stage is not None:
             n = min(len(data), len(self._stage) - self._staged)
             self._stage[self._staged : self._staged + n] = data[:n]
@@ -518,6 +534,8 @@ class ShardWriter:
                 ok = True
         finally:
             os.close(self._fd)
+            if self._hasher is not None:
+                self._hasher.shutdown()
             if not ok:
                 self.tmp.unlink(missing_ok=True)
         if ok:

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import struct
+import threading
 
 import pytest
 import torch
@@ -79,25 +80,29 @@ def test_aligned_empty_is_aligned():
         assert buf.numel() == n and buf.data_ptr() % ALIGN == 0
 
 
-def _write(path, pieces, direct, stage=None):
+def _write(path, pieces, direct, stage=None, parallel_hash=None):
     tensors = [OutputTensor(f"t{i}", "U8", (len(p),)) for i, p in enumerate(pieces)]
     writer = ShardWriter(path, tensors, direct=direct)
     if stage:
         writer.STAGE_BYTES = stage
+    if parallel_hash:
+        writer.PARALLEL_HASH_BYTES = parallel_hash
     with writer as w:
         for p in pieces:
             w.write(memoryview(p))
     return w
 
 
+@pytest.mark.parametrize("parallel_hash", [None, ALIGN])
 @pytest.mark.parametrize("stage", [None, ALIGN, 3 * ALIGN])
-def test_direct_writer_matches_buffered(tmp_path, stage):
+def test_direct_writer_matches_buffered(tmp_path, stage, parallel_hash):
+    """``parallel_hash``: pieces from this size on are hashed on the writer's thread while written."""
     rng = random.Random(stage)
     # sizes around block and stage boundaries, a large piece spanning several stages, a tail
     sizes = [0, 1, ALIGN - 1, ALIGN, ALIGN + 1, 5 * ALIGN + 7, rng.randrange(1, 40_000), 123]
     pieces = [rng.randbytes(n) for n in sizes]
-    direct = _write(tmp_path / "direct.safetensors", pieces, True, stage)
-    buffered = _write(tmp_path / "buffered.safetensors", pieces, False)
+    direct = _write(tmp_path / "direct.safetensors", pieces, True, stage, parallel_hash)
+    buffered = _write(tmp_path / "buffered.safetensors", pieces, False, parallel_hash=parallel_hash)
     data = (tmp_path / "direct.safetensors").read_bytes()
     assert data == (tmp_path / "buffered.safetensors").read_bytes()
     assert len(data) == direct.size
@@ -111,7 +116,7 @@ def test_direct_writer_matches_buffered(tmp_path, stage):
 
 def test_writer_falls_back_when_transfers_are_refused(tmp_path, refuse_direct_transfers):
     pieces = [os.urandom(n) for n in (10_000, 3, 2 * ALIGN)]
-    w = _write(tmp_path / "x.safetensors", pieces, True, stage=ALIGN)
+    w = _write(tmp_path / "x.safetensors", pieces, True, stage=ALIGN, parallel_hash=ALIGN)
     assert refuse_direct_transfers["n"] == 1  # refused once, then buffered for the rest
     data = (tmp_path / "x.safetensors").read_bytes()
     assert hashlib.sha256(data).hexdigest() == w.sha256 and len(data) == w.size
@@ -124,7 +129,8 @@ def test_writer_falls_back_when_open_is_refused(tmp_path, refuse_direct_open):
     assert hashlib.sha256((tmp_path / "x.safetensors").read_bytes()).hexdigest() == w.sha256
 
 
-def test_direct_writer_error_leaves_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("parallel_hash", [None, ALIGN])
+def test_direct_writer_error_leaves_nothing(tmp_path, monkeypatch, parallel_hash):
     real = os.pwrite
 
     def full(fd, data, pos):
@@ -134,8 +140,10 @@ def test_direct_writer_error_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(OutputWriteError, match="No space left"):
-        _write(tmp_path / "x.safetensors", [os.urandom(3 * ALIGN)], True, stage=ALIGN)
+        _write(tmp_path / "x.safetensors", [os.urandom(3 * ALIGN)], True, stage=ALIGN,
+               parallel_hash=parallel_hash)
     assert list(tmp_path.iterdir()) == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("slerp-shard-sha256")]
 
 
 def _random_file(tmp_path, size=50_000):
