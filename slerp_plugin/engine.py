@@ -633,7 +633,11 @@ def _write_shard(
     hold_blocks = per_side - READ_AHEAD - 2
     raw_pool = _Pool(2 * per_side, raw_bytes, pinned)
     out_pool = _Pool(WriteBehind.DEPTH + 2, block * out_itemsize, pinned)
-    scratch = {torch.float32: (torch.empty(chunk), torch.empty(chunk))} if device.type == "cpu" else {}
+    # per thread: the reader threads take pass 1 of the blocks they read (CPU merges), the kernel's
+    # thread pass 2; per-chunk sums added in order give the same float64 sums on any thread
+    scratch = threading.local()
+    stats_on_read = device.type == "cpu"
+    threads = torch.get_num_threads()
     cache_budget = page_cache_budget()
 
     def hash_input(item: tuple[StreamHasher, int, torch.Tensor, _Lease]) -> None:
@@ -673,10 +677,18 @@ def _write_shard(
 
     def read_tasks() -> Iterator[Callable[[], tuple]]:
         for job in shard.jobs:
+            src_dtype = load_dtype or job.a.torch_dtype
+            cdtype = compute_dtype(src_dtype)
             for kind, start, count in _schedule(job, block, hold_blocks):
-                def task(job=job, kind=kind, start=start, count=count):
-                    return (read(job.a, start, count, kind),
-                            None if kind == "keep" else read(job.b, start, count, kind))
+                def task(job=job, kind=kind, start=start, count=count, src_dtype=src_dtype, cdtype=cdtype):
+                    a = read(job.a, start, count, kind)
+                    if kind == "keep":
+                        return a, None, None
+                    b = read(job.b, start, count, kind)
+                    stats = None
+                    if stats_on_read and kind in ("hold", "pass1"):
+                        stats = block_stats(a[1], b[1], src_dtype, cdtype)
+                    return a, b, stats
                 yield task
 
     def pieces(
@@ -685,8 +697,10 @@ def _write_shard(
         """A block as (offset, a, b) pieces of ``size`` elements in the compute dtype."""
         if src != a_raw.dtype:  # ``dtype`` asks for the models to be loaded in another dtype
             a_raw, b_raw = a_raw.to(src), b_raw.to(src)
-        if cdtype in scratch:
-            sa, sb = scratch[cdtype]
+        if device.type == "cpu" and cdtype == torch.float32:
+            if not hasattr(scratch, "buffers"):
+                scratch.buffers = (torch.empty(chunk), torch.empty(chunk))
+            sa, sb = scratch.buffers
             for i in range(0, a_raw.numel(), size):
                 n = min(size, a_raw.numel() - i)
                 yield i, sa[:n].copy_(a_raw[i : i + n]), sb[:n].copy_(b_raw[i : i + n])
@@ -697,6 +711,10 @@ def _write_shard(
             yield i, a[i : i + size], b[i : i + size]
 
     def block_stats(a_raw: torch.Tensor, b_raw: torch.Tensor, src: torch.dtype, cdtype: torch.dtype) -> SlerpStats:
+        if not hasattr(scratch, "threads"):
+            # BLAS thread counts are per thread (MKL): the same count on every thread, the same sums
+            torch.set_num_threads(threads)
+            scratch.threads = threads
         return accumulate_chunks((a, b) for _, a, b in pieces(a_raw, b_raw, src, cdtype, chunk))
 
     def merge_block(a_raw: torch.Tensor, b_raw: torch.Tensor, src: torch.dtype, cdtype: torch.dtype,
@@ -737,7 +755,7 @@ def _write_shard(
                 coeff = None
                 held = []
                 for kind, start, count in _schedule(job, block, hold_blocks):
-                    (a_lease, a_raw), b_pair = next(feed)
+                    (a_lease, a_raw), b_pair, read_stats = next(feed)
                     bytes_read += a_raw.nbytes + (b_pair[1].nbytes if b_pair is not None else 0)
                     hash_later(job.a, start, a_lease, a_raw)
                     if b_pair is None:  # "keep": model_1's tensor as it is
@@ -755,7 +773,8 @@ def _write_shard(
                         merge_block(a_raw, b_raw, src_dtype, cdtype, coeff, job.out_dtype)
                         release(a_lease, b_lease)
                         continue
-                    stats = stats + block_stats(a_raw, b_raw, src_dtype, cdtype)
+                    stats = stats + (read_stats if read_stats is not None
+                                     else block_stats(a_raw, b_raw, src_dtype, cdtype))
                     if kind == "hold":
                         held.append((a_lease, a_raw, b_lease, b_raw))
                     else:
