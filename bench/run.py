@@ -6,9 +6,9 @@ Builds (once, under bench/work/) bf16 Llama pairs of hidden 2048, intermediate 5
 and the given layer counts (16 layers = the 953M pair; 4/8/32 ≈ 0.25×/0.5×/2×) in 500 MB input
 shards, and a pair whose one tensor is 152064×8192 bf16 (Qwen-72B's embedding, 2.5 GB), then runs
 each system on each pair ``--repeats`` times, the order of the systems rotating from one repeat to
-the next. Before every run the installed packages the systems import are read into the page cache
-(the memory-hungry runs evict them), the inputs are evicted from it, slerp-merge's cache of input
-checksums is emptied, pending write-back is flushed and the machine is left idle for
+the next. Before every run the software the systems run (the interpreter's standard library and
+site-packages, the shared libraries they map) is read into the page cache (the memory-hungry runs
+evict it), the inputs are evicted from it, slerp-merge's cache of input checksums is emptied, pending write-back is flushed and the machine is left idle for
 ``SETTLE_S`` seconds (the shared virtual disk is slower for a while after a heavy run; every run
 and every floor measurement starts after the same pause). Each run's wall time, CPU time and peak
 RSS come from the OS (/usr/bin/time -v). The I/O floor is measured on the same disk in every
@@ -22,6 +22,7 @@ about ten times it in RAM.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import mmap
 import os
@@ -30,6 +31,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -88,23 +90,34 @@ def evict(paths: list[Path]) -> None:
                 os.close(fd)
 
 
-WARM_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "mergekit", "slerp_plugin")
+PROBE = "import hashlib, mergekit.merge, safetensors.torch, torch, transformers, slerp_plugin.cli; " \
+        "print(open('/proc/self/maps').read())"
+
+
+@functools.cache
+def software_files() -> list[Path]:
+    """Every file the systems' software may read: the interpreter's standard library and
+    site-packages, this checkout's package, and the shared libraries a process importing the
+    systems' modules has mapped (libpython, libcrypto, libgomp, ...)."""
+    roots = {Path(sysconfig.get_path(k)) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    roots.add(HERE.parent / "slerp_plugin")
+    files = {f for root in roots if root.is_dir() for f in root.rglob("*") if f.is_file()}
+    maps = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout
+    files |= {Path(f[-1]) for f in map(str.split, maps.splitlines()) if f and f[-1].startswith("/")}
+    return sorted(f for f in files if f.is_file())
 
 
 def warm_libraries() -> None:
-    """Read the installed files of the packages the systems import, so every run starts with its
-    software in the page cache and only its model data cold (the memory-hungry runs evict them)."""
-    import importlib.util
-
+    """Read the software the systems run (:func:`software_files`) into the page cache, so every run
+    starts with its software cached and only its model data cold (memory-hungry runs evict it)."""
     buf = bytearray(8 << 20)
-    for name in WARM_PACKAGES:
-        spec = importlib.util.find_spec(name)
-        for root in (spec.submodule_search_locations or []) if spec else []:
-            for f in Path(root).rglob("*"):
-                if f.is_file():
-                    with open(f, "rb", buffering=0) as fh:
-                        while fh.readinto(buf):
-                            pass
+    for f in software_files():
+        try:
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+        except OSError:
+            pass
 
 
 def timed(cmd: list[str], env: dict | None = None) -> dict:
