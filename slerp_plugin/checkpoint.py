@@ -442,7 +442,11 @@ class ShardWriter:
         if self._direct:
             self._stage = memoryview(aligned_empty(self.STAGE_BYTES).numpy())
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="slerp-shard-sha256")
-        self._put(memoryview(self._header))
+        try:
+            self._put(memoryview(self._header))
+        except BaseException as e:
+            self.__exit__(type(e), e, e.__traceback__)
+            raise
         return self
 
     def _pwrite(self, data: memoryview) -> None:

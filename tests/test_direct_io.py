@@ -146,6 +146,17 @@ def test_direct_writer_error_leaves_nothing(tmp_path, monkeypatch, parallel_hash
     assert not [t for t in threading.enumerate() if t.name.startswith("slerp-shard-sha256")]
 
 
+def test_writer_failing_on_its_header_leaves_nothing(tmp_path, monkeypatch):
+    def full(fd, data, pos):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OutputWriteError, match="No space left"):
+        _write(tmp_path / "x.safetensors", [os.urandom(10)], False)
+    assert list(tmp_path.iterdir()) == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("slerp-shard-sha256")]
+
+
 def _random_file(tmp_path, size=50_000):
     data = os.urandom(size)
     path = tmp_path / "blob"
