@@ -90,8 +90,15 @@ def evict(paths: list[Path]) -> None:
                 os.close(fd)
 
 
-PROBE = "import hashlib, mergekit.merge, safetensors.torch, torch, transformers, slerp_plugin.cli; " \
-        "print(open('/proc/self/maps').read())"
+PROBE = """
+import importlib
+for name in ("hashlib", "mergekit.merge", "safetensors.torch", "torch", "transformers", "slerp_plugin.cli"):
+    try:  # a system not installed (e.g. mergekit on a GPU machine running only ours) is not warmed
+        importlib.import_module(name)
+    except ImportError:
+        pass
+print(open("/proc/self/maps").read())
+"""
 
 
 @functools.cache
