@@ -8,9 +8,10 @@ shards, and a pair whose one tensor is 152064×8192 bf16 (Qwen-72B's embedding, 
 each system on each pair ``--repeats`` times, the order of the systems rotating from one repeat to
 the next. Before every run the software the systems run (the interpreter's standard library and
 site-packages, the shared libraries they map) is read into the page cache (the memory-hungry runs
-evict it), the inputs are evicted from it, slerp-merge's cache of input checksums is emptied, pending write-back is flushed and the machine is left idle for
-``SETTLE_S`` seconds (the shared virtual disk is slower for a while after a heavy run; every run
-and every floor measurement starts after the same pause). Each run's wall time, CPU time and peak
+evict it), the inputs are evicted from it, slerp-merge's cache of input checksums is emptied,
+pending write-back is flushed and the machine is left idle for ``SETTLE_S`` seconds, so that every
+run and every floor measurement starts from the same idle state (this machine's shared disk reads
+faster after idle moments). Each run's wall time, CPU time and peak
 RSS come from the OS (/usr/bin/time -v). The I/O floor is measured on the same disk in every
 repeat: reading both inputs cold and warm, writing the output size with fsync (each the faster of
 buffered and O_DIRECT); floor = cold read + write. Writes bench/results/results.json, a markdown
