@@ -429,7 +429,7 @@ class ShardWriter:
         self._pos = 0  # file offset of the next write
         self.written = 0
         self._flushed = 0  # bytes whose writeback has been started (buffered mode)
-        self._hasher: ThreadPoolExecutor | None = None
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="slerp-shard-sha256")  # starts on first use
 
     def __enter__(self) -> ShardWriter:
         try:
@@ -441,7 +441,6 @@ class ShardWriter:
             raise OutputWriteError(f"{self.tmp}: cannot create: {e.strerror}") from None
         if self._direct:
             self._stage = memoryview(aligned_empty(self.STAGE_BYTES).numpy())
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="slerp-shard-sha256")
         try:
             self._put(memoryview(self._header))
         except BaseException as e:
@@ -485,7 +484,7 @@ class ShardWriter:
 
     def _put(self, data: memoryview) -> None:
         data = data.cast("B")
-        if self._hasher is None or len(data) < self.PARALLEL_HASH_BYTES:
+        if len(data) < self.PARALLEL_HASH_BYTES:
             self._sha.update(data)
             self._store(data)
             return
@@ -538,8 +537,7 @@ class ShardWriter:
                 ok = True
         finally:
             os.close(self._fd)
-            if self._hasher is not None:
-                self._hasher.shutdown()
+            self._hasher.shutdown()
             if not ok:
                 self.tmp.unlink(missing_ok=True)
         if ok:

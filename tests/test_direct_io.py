@@ -80,6 +80,10 @@ def test_aligned_empty_is_aligned():
         assert buf.numel() == n and buf.data_ptr() % ALIGN == 0
 
 
+def _hash_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("slerp-shard-sha256")]
+
+
 def _write(path, pieces, direct, stage=None, parallel_hash=None):
     tensors = [OutputTensor(f"t{i}", "U8", (len(p),)) for i, p in enumerate(pieces)]
     writer = ShardWriter(path, tensors, direct=direct)
@@ -143,7 +147,7 @@ def test_direct_writer_error_leaves_nothing(tmp_path, monkeypatch, parallel_hash
         _write(tmp_path / "x.safetensors", [os.urandom(3 * ALIGN)], True, stage=ALIGN,
                parallel_hash=parallel_hash)
     assert list(tmp_path.iterdir()) == []
-    assert not [t for t in threading.enumerate() if t.name.startswith("slerp-shard-sha256")]
+    assert not _hash_threads()
 
 
 def test_writer_failing_on_its_header_leaves_nothing(tmp_path, monkeypatch):
@@ -154,7 +158,7 @@ def test_writer_failing_on_its_header_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OutputWriteError, match="No space left"):
         _write(tmp_path / "x.safetensors", [os.urandom(10)], False)
     assert list(tmp_path.iterdir()) == []
-    assert not [t for t in threading.enumerate() if t.name.startswith("slerp-shard-sha256")]
+    assert not _hash_threads()
 
 
 def _random_file(tmp_path, size=50_000):
