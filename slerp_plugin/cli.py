@@ -115,14 +115,24 @@ def _fusionbench_models(container: object) -> list[str]:
 @contextmanager
 def _read_ahead(models: list[str]) -> Iterator[None]:
     """Read (and hash) the local input models while torch is imported (:mod:`slerp_plugin.prefetch`);
-    the read-ahead is stopped and forgotten when the block ends, whatever happens in it."""
+    the read-ahead is stopped and forgotten when the block ends, whatever happens in it.
+
+    The cyclic garbage collector is off in the block: importing torch would run it over and over,
+    and a merge frees its buffers by reference counting.
+    """
+    import gc
+
     from . import prefetch
 
+    enabled = gc.isenabled()
+    gc.disable()
     prefetch.start(Path(m).expanduser() for m in models)
     try:
         yield
     finally:
         prefetch.clear()
+        if enabled:
+            gc.enable()
 
 
 def _validate(argv: list[str]) -> int:
@@ -374,6 +384,8 @@ def entry() -> None:
     Everything the command wrote is closed and fsynced when :func:`main` returns, so the process
     ends at once: tearing down an interpreter that imported torch takes about half a second.
     """
+    # numpy (imported by torch) would start an OpenBLAS thread per CPU; nothing here uses them
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     code = main()
     logging.shutdown()
     sys.stdout.flush()

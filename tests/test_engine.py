@@ -250,3 +250,24 @@ def test_index_lists_every_tensor_once(demo_bf16, tmp_path):
     state = load_state(out)
     assert set(index["weight_map"]) == set(state)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
+
+
+def test_a_shard_takes_its_input_files_side_by_side(demo_bf16, tmp_path):
+    plan = plan_merge(spec_for(demo_bf16, tmp_path / "m", max_shard_size="10GB"))
+    (shard,) = plan.shards
+    files = [j.a.file for j in shard.jobs]
+    assert len(set(files)) > 2
+    for f in set(files):  # every input file front to back, so its SHA-256 streams
+        offsets = [j.a.offset for j in shard.jobs if j.a.file == f]
+        assert offsets == sorted(offsets)
+    # all files from the start, not one after the other
+    first_round = files[: len(set(files))]
+    assert len(set(first_round)) == len(set(files))
+    # each output shard of a split merge keeps to the tensors the plain order gives it
+    split = plan_merge(spec_for(demo_bf16, tmp_path / "n", max_shard_size="100KB")).shards
+    order = list(plan.checkpoints["model_1"].tensors)
+    names = [[j.name for j in s.jobs] for s in split]
+    assert sorted(n for s in names for n in s) == sorted(order)
+    assert [sorted(s, key=order.index) for s in names] == [
+        order[sum(map(len, names[:i])) : sum(map(len, names[: i + 1]))] for i in range(len(names))
+    ]
