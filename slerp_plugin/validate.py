@@ -10,7 +10,8 @@ only if every enabled check passes:
 - **spot** — a sample of tensors (always the largest and the embeddings/lm_head; all of them for
   small models) is recomputed from the parents through an independent reader (``safetensors``)
   with FusionBench's op order, and must agree: bf16/fp16 within one ulp, float32 within a relative
-  ``1e-4`` (the documented rounding is ≤ 1e-6 away from the conditioning of θ₀), float64 ``1e-10``;
+  ``1e-4`` (the documented rounding is ≤ 1e-6 away from the conditioning of θ₀), float64 ``1e-10``,
+  relative to the terms ``|s0·A| + |s1·B|`` (which also bounds 16-bit elements where they cancel);
 - **functional** — merged model and both parents loaded with transformers (``cuda`` when present,
   else CPU) compute perplexity on an evaluation text (bundled public-domain default or a file) and
   greedily complete a few prompts; the merged perplexity must not exceed the worse parent's by more
@@ -204,14 +205,17 @@ def ulp_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _compare(name: str, method: str, got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor,
              numel: int) -> SpotTensor:
     got, want = got.reshape(-1), want.reshape(-1)
-    if got.dtype in (torch.bfloat16, torch.float16):
-        d = ulp_distance(got, want)
-        worst = int(d.max()) if d.numel() else 0
-        return SpotTensor(name=name, method=method, numel=numel, checked=got.numel(), max_ulp=worst,
-                          mismatches=int((d > 1).sum()), passed=worst <= 1)
     rtol = 1e-10 if got.dtype == torch.float64 else 1e-4
     err = (got.double() - want.double()).abs()
     bound = rtol * scale.reshape(-1).double() + 1e-30
+    if got.dtype in (torch.bfloat16, torch.float16):
+        d = ulp_distance(got, want)
+        worst = int(d.max()) if d.numel() else 0
+        # where s0·A and s1·B nearly cancel, two float32 evaluations differ by the rounding of the
+        # terms, which can be several ulps of the small result
+        bad = int(((d > 1) & (err > bound)).sum())
+        return SpotTensor(name=name, method=method, numel=numel, checked=got.numel(), max_ulp=worst,
+                          mismatches=bad, passed=bad == 0)
     rel = float((err / bound).max()) * rtol if err.numel() else 0.0
     bad = int((err > bound).sum())
     return SpotTensor(name=name, method=method, numel=numel, checked=got.numel(), max_rel_err=rel,
