@@ -329,7 +329,9 @@ def _read_order(jobs: list[TensorJob]) -> list[TensorJob]:
     back, the files side by side, by how far into its part of the file a tensor lies.
 
     The start-up read-ahead (:mod:`slerp_plugin.prefetch`) puts the first files in the page cache;
-    taking all files together lets the disk read the others while the merge works on those.
+    taking all files together lets the disk read the others while the merge works on those. Where
+    that order would go back within a file of either model (model_2 sharded differently), the
+    shard keeps ``jobs`` order: its input hashes stream only from reads that go front to back.
     """
     spans: dict[Path, tuple[int, int]] = {}
     for j in jobs:
@@ -341,7 +343,19 @@ def _read_order(jobs: list[TensorJob]) -> list[TensorJob]:
         lo, hi = spans[job.a.file]
         return (job.a.offset - lo) / max(hi - lo, 1), rank[job.a.file]
 
-    return sorted(jobs, key=key)
+    order = sorted(jobs, key=key)
+    return order if _front_to_back(order) else jobs
+
+
+def _front_to_back(jobs: list[TensorJob]) -> bool:
+    """Whether ``jobs`` read every input file of both models at rising offsets."""
+    last: dict[Path, int] = {}
+    for job in jobs:
+        for info in (job.a, job.b):
+            if info.offset < last.get(info.file, -1):
+                return False
+            last[info.file] = info.offset
+    return True
 
 
 def _fingerprint(

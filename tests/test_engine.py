@@ -271,3 +271,39 @@ def test_a_shard_takes_its_input_files_side_by_side(demo_bf16, tmp_path):
     assert [sorted(s, key=order.index) for s in names] == [
         order[sum(map(len, names[:i])) : sum(map(len, names[: i + 1]))] for i in range(len(names))
     ]
+
+
+def _save_in_order(path, tensors):
+    """A single safetensors file holding ``tensors`` (name → tensor) in the given data order."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        header[name] = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for t in tensors.values():
+            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def test_model_2_sharded_otherwise_keeps_its_files_front_to_back(demo_bf16, tmp_path):
+    a_order = list(plan_merge(spec_for(demo_bf16, tmp_path / "x")).checkpoints["model_1"].tensors)
+    b_state = load_state(demo_bf16[1])
+    b_dir = write_model(tmp_path / "b", {}, demo_bf16[1])
+    (b_dir / "model.safetensors").unlink()
+    _save_in_order(b_dir / "model.safetensors", {n: b_state[n] for n in a_order})  # one file, a's order
+    spec = spec_for((demo_bf16[0], b_dir), tmp_path / "m", max_shard_size="10GB")
+    (shard,) = plan_merge(spec).shards
+    for side in ("a", "b"):
+        offsets = {}
+        for j in shard.jobs:
+            info = getattr(j, side)
+            offsets.setdefault(info.file, []).append(info.offset)
+        assert all(o == sorted(o) for o in offsets.values()), side
+    # model_2 is hashed from the bytes the merge reads, with the right result
+    result = run_merge(spec)
+    man = Manifest.model_validate_json((result.output / MANIFEST_NAME).read_text())
+    files = {f.name: f.sha256 for f in man.inputs["model_2"].files}
+    assert files["model.safetensors"] == sha256_file(b_dir / "model.safetensors")
+    assert_matches_kernel((demo_bf16[0], b_dir), result.output, 0.3, DEFAULT_CHUNK_ELEMENTS)
