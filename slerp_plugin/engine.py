@@ -677,6 +677,11 @@ def _write_shard(
     threads = torch.get_num_threads()
     cache_budget = page_cache_budget()
 
+    def dtypes(job: TensorJob) -> tuple[torch.dtype, torch.dtype]:
+        """The dtype a job's inputs are loaded in, and the dtype SLERP computes in."""
+        src = load_dtype or job.a.torch_dtype
+        return src, compute_dtype(src)
+
     def hash_input(item: tuple[StreamHasher, int, torch.Tensor, _Lease]) -> None:
         hasher, pos, data, lease = item
         try:
@@ -714,8 +719,7 @@ def _write_shard(
 
     def read_tasks() -> Iterator[Callable[[], tuple]]:
         for job in shard.jobs:
-            src_dtype = load_dtype or job.a.torch_dtype
-            cdtype = compute_dtype(src_dtype)
+            src_dtype, cdtype = dtypes(job)
             for kind, start, count in _schedule(job, block, hold_blocks):
                 def task(job=job, kind=kind, start=start, count=count, src_dtype=src_dtype, cdtype=cdtype):
                     a = read(job.a, start, count, kind)
@@ -786,8 +790,7 @@ def _write_shard(
         feed = ReadAhead(read_tasks(), depth=READ_AHEAD, workers=READ_WORKERS)
         try:
             for job in shard.jobs:
-                src_dtype = load_dtype or job.a.torch_dtype
-                cdtype = compute_dtype(src_dtype)
+                src_dtype, cdtype = dtypes(job)
                 stats = SlerpStats()
                 coeff = None
                 held = []

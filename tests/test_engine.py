@@ -10,6 +10,7 @@ import torch
 from model_helpers import folder_bytes, load_state, read_json, write_model
 from slerp_plugin.stream_hash import sha256_file
 from slerp_plugin import engine
+from slerp_plugin.checkpoint import OutputTensor, ShardWriter
 from slerp_plugin.engine import compute_threads, finalize, merge_shards, plan_merge, run_merge
 from slerp_plugin.errors import (
     CheckpointError,
@@ -273,26 +274,16 @@ def test_a_shard_takes_its_input_files_side_by_side(demo_bf16, tmp_path):
     ]
 
 
-def _save_in_order(path, tensors):
-    """A single safetensors file holding ``tensors`` (name → tensor) in the given data order."""
-    header, offset = {}, 0
-    for name, t in tensors.items():
-        header[name] = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        for t in tensors.values():
-            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
-
-
 def test_model_2_sharded_otherwise_keeps_its_files_front_to_back(demo_bf16, tmp_path):
     a_order = list(plan_merge(spec_for(demo_bf16, tmp_path / "x")).checkpoints["model_1"].tensors)
     b_state = load_state(demo_bf16[1])
     b_dir = write_model(tmp_path / "b", {}, demo_bf16[1])
     (b_dir / "model.safetensors").unlink()
-    _save_in_order(b_dir / "model.safetensors", {n: b_state[n] for n in a_order})  # one file, a's order
+    # one file whose data lies in model_1's order (the writer keeps the order it is given)
+    outputs = [OutputTensor(n, "BF16", tuple(b_state[n].shape)) for n in a_order]
+    with ShardWriter(b_dir / "model.safetensors", outputs) as w:
+        for n in a_order:
+            w.write(b_state[n].contiguous().view(torch.uint8).numpy())
     spec = spec_for((demo_bf16[0], b_dir), tmp_path / "m", max_shard_size="10GB")
     (shard,) = plan_merge(spec).shards
     for side in ("a", "b"):
