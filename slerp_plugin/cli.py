@@ -117,22 +117,18 @@ def _read_ahead(models: list[str]) -> Iterator[None]:
     """Read (and hash) the local input models while torch is imported (:mod:`slerp_plugin.prefetch`);
     the read-ahead is stopped and forgotten when the block ends, whatever happens in it.
 
-    The cyclic garbage collector is off in the block: importing torch would run it over and over,
-    and a merge frees its buffers by reference counting.
+    The cyclic garbage collector is off in the block (:func:`~slerp_plugin.gc_pause.cyclic_gc_paused`):
+    importing torch would run it over and over, and a merge frees its buffers by reference counting.
     """
-    import gc
-
     from . import prefetch
+    from .gc_pause import cyclic_gc_paused
 
-    enabled = gc.isenabled()
-    gc.disable()
-    prefetch.start(Path(m).expanduser() for m in models)
-    try:
-        yield
-    finally:
-        prefetch.clear()
-        if enabled:
-            gc.enable()
+    with cyclic_gc_paused():
+        prefetch.start(Path(m).expanduser() for m in models)
+        try:
+            yield
+        finally:
+            prefetch.clear()
 
 
 def _validate(argv: list[str]) -> int:

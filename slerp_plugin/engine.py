@@ -18,7 +18,6 @@ disjoint ``indices``, then one :func:`finalize`.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -67,6 +66,7 @@ from .manifest import (
     TensorRecord,
     write_json_atomic,
 )
+from .gc_pause import cyclic_gc_paused
 from .hashing import cached_sha256, has_cached_sha256, remember_sha256
 from .model_files import CONFIG_FILES, TOKENIZER_FILES, describe_input, model_files, tokenizer_files
 from .modelcard import render_model_card
@@ -326,10 +326,12 @@ def _split_shards(jobs: list[TensorJob], max_bytes: int) -> list[ShardPlan]:
 
 def _read_order(jobs: list[TensorJob]) -> list[TensorJob]:
     """The order in which an output shard takes its tensors: each input file (of model_1) front to
-    back, the files side by side, by how far into its part of the file a tensor lies.
+    back, the files side by side, by how far into its part of the file a tensor ends.
 
     The start-up read-ahead (:mod:`slerp_plugin.prefetch`) puts the first files in the page cache;
-    taking all files together lets the disk read the others while the merge works on those. Where
+    taking all files together lets the disk read the others while the merge works on those. Ends,
+    not starts: a big tensor at the front of a cached file (the embeddings) would otherwise come
+    first, and the disk would wait while the merge works through it. Where
     that order would go back within a file of either model (model_2 sharded differently), the
     shard keeps ``jobs`` order: its input hashes stream only from reads that go front to back.
     """
@@ -341,7 +343,7 @@ def _read_order(jobs: list[TensorJob]) -> list[TensorJob]:
 
     def key(job: TensorJob) -> tuple[float, int]:
         lo, hi = spans[job.a.file]
-        return (job.a.offset - lo) / max(hi - lo, 1), rank[job.a.file]
+        return (job.a.offset + job.a.nbytes - lo) / max(hi - lo, 1), rank[job.a.file]
 
     order = sorted(jobs, key=key)
     return order if _front_to_back(order) else jobs
@@ -491,7 +493,7 @@ def merge_shards(
     selected = plan.shards if indices is None else [plan.shards[i] for i in indices]
     outcomes = []
     with TensorReader(direct=plan.spec.direct_io) as reader, \
-            compute_threads(plan.device, plan.spec.threads) as threads, _cyclic_gc_paused():
+            compute_threads(plan.device, plan.spec.threads) as threads, cyclic_gc_paused():
         log.info("merging %d shard(s) on %s with %d compute thread(s), %s I/O", len(selected),
                  plan.device, threads, "direct" if plan.spec.direct_io else "buffered")
         for shard in selected:
@@ -508,19 +510,6 @@ def merge_shards(
             outcomes.append(outcome)
     prefetch.clear()
     return outcomes
-
-
-@contextmanager
-def _cyclic_gc_paused() -> Iterator[None]:
-    """Blocks, tensors and leases are freed by reference counting; the cyclic collector would only
-    rescan the process's objects again and again on the kernel's thread."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _schedule(job: TensorJob, block: int, hold_blocks: int) -> Iterator[tuple[str, int, int]]:
