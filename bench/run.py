@@ -7,8 +7,9 @@ Builds (once, under bench/work/) bf16 Llama pairs of hidden 2048, intermediate 5
 and the given layer counts (16 layers = the 953M pair; 4/8/32 ≈ 0.25×/0.5×/2×) in 500 MB input
 shards, and a pair whose one tensor is 152064×8192 bf16 (Qwen-72B's embedding, 2.5 GB), then runs
 each system on each pair ``--repeats`` times (the 953M pair, on which the issue's targets are
-checked, ``--target-repeats`` times: a single run on this disk scatters by ±0.5 s), the order of
-the systems rotating from one repeat to the next. Before every run the software the systems run (the interpreter's standard library and
+checked, ``--target-repeats`` times: a single run on this disk scatters by ±0.5 s), in an order
+that changes from one repeat to the next (:func:`run_order`: each system first after the floor
+once per cycle, and right after a different system each time). Before every run the software the systems run (the interpreter's standard library and
 site-packages, the shared libraries they map) is read into the page cache (the memory-hungry runs
 evict it), the inputs are evicted from it, slerp-merge's cache of input checksums is emptied,
 pending write-back is flushed and the machine is left idle for ``SETTLE_S`` seconds, so that every
@@ -213,6 +214,16 @@ def io_floor(a: Path, b: Path, out_bytes: int) -> dict:
             "write_buffered_s": write_buffered, "write_direct_s": write_direct}
 
 
+def run_order(systems: list[str], rep: int) -> list[str]:
+    """The order of the systems in repeat ``rep``: row ``rep`` of a Williams square,
+    ``r, r+1, r-1, r+2, r-2, ...`` (mod n). Every system runs first after the floor's heavy I/O
+    once in n repeats, and the system it runs right after changes from repeat to repeat: a run
+    right after the memory-hungry eager merge is slower (0.2-0.8 s for slerp-merge on the 953M
+    pair), and a plain rotation put every system after the same one in all repeats but one."""
+    n = len(systems)
+    return [systems[(rep + (k + 1) // 2 * (1 if k % 2 else -1)) % n] for k in range(n)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, nargs="*", default=[4, 8, 16, 32])
@@ -243,8 +254,8 @@ def main() -> int:
             f = row["floors"][-1]
             print(f"{label:>9} I/O floor          {f['floor_s']:6.2f} s  (cold read {f['read_cold_s']:.2f} s, "
                   f"write+fsync {f['write_fsync_s']:.2f} s)", flush=True)
-            # rotated each repeat: no system always runs right after the floor's own heavy I/O
-            for system in systems[rep % len(systems):] + systems[: rep % len(systems)]:
+            after = "I/O floor"
+            for system in run_order(systems, rep):
                 out = WORK / f"out-{system}"
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(env["SLERP_PLUGIN_CACHE"], ignore_errors=True)
@@ -252,6 +263,7 @@ def main() -> int:
                 evict([a, b])
                 settle()
                 m = timed(command(system, a, b, out), env)
+                m["after"], after = after, system
                 row["runs"].setdefault(system, []).append(m)
                 print(f"{label:>9} {system:18s} wall {m['wall_s']:6.2f} s  cpu {m['cpu_s']:6.2f} s  "
                       f"rss {m['peak_rss_mb']:7.0f} MB", flush=True)
