@@ -342,12 +342,17 @@ def targets(results: list[dict]) -> list[str]:
     return out
 
 
+def _system_rank(system: str) -> int:
+    """Where a system's row goes in the table: the order of :data:`SYSTEMS`, not the run order."""
+    return SYSTEMS.index(system) if system in SYSTEMS else len(SYSTEMS)
+
+
 def write_report(results: list[dict]) -> None:
     lines = ["| pair | system | wall (s) | CPU (s) | peak RSS (MB) | ours / system | ours / I/O floor |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for row in results:
         ours = median(row["runs"]["ours"], "wall_s") if "ours" in row["runs"] else None
-        for system, runs in row["runs"].items():
+        for system, runs in sorted(row["runs"].items(), key=lambda kv: _system_rank(kv[0])):
             w = median(runs, "wall_s")
             ratio = f"{ours / w:.2f}" if ours and system != "ours" else "–"
             fl = f"{w / floor(row)['floor_s']:.2f}" if system == "ours" else "–"
