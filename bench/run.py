@@ -9,9 +9,9 @@ shards, and a pair whose one tensor is 152064×8192 bf16 (Qwen-72B's embedding, 
 each system on each pair ``--repeats`` times (the 953M pair, on which the issue's targets are
 checked, ``--target-repeats`` times: a single run on this disk scatters by ±0.5 s), in an order
 that changes from one repeat to the next (:func:`run_order`: each system first after the floor
-once per cycle, and right after a different system each time). Before every run the software the systems run (the interpreter's standard library and
-site-packages, the shared libraries they map) is read into the page cache (the memory-hungry runs
-evict it), the inputs are evicted from it, slerp-merge's cache of input checksums is emptied,
+once per cycle, and not always right after the same system). Before every run the software the
+systems run (the interpreter's standard library and site-packages, the shared libraries they map)
+is read into the page cache (the memory-hungry runs evict it), the inputs are evicted from it, slerp-merge's cache of input checksums is emptied,
 pending write-back is flushed and the machine is left idle for ``SETTLE_S`` seconds, so that every
 run and every floor measurement starts from the same idle state (this machine's shared disk reads
 faster after idle moments). Each run's wall time, CPU time and peak
@@ -217,8 +217,8 @@ def io_floor(a: Path, b: Path, out_bytes: int) -> dict:
 def run_order(systems: list[str], rep: int) -> list[str]:
     """The order of the systems in repeat ``rep``: row ``rep`` of a Williams square,
     ``r, r+1, r-1, r+2, r-2, ...`` (mod n). Every system runs first after the floor's heavy I/O
-    once in n repeats, and the system it runs right after changes from repeat to repeat: a run
-    right after the memory-hungry eager merge is slower (0.2-0.8 s for slerp-merge on the 953M
+    once in n repeats, and the system it runs right after changes from one repeat to the next: a
+    run right after the memory-hungry eager merge is slower (0.2-0.8 s for slerp-merge on the 953M
     pair), and a plain rotation put every system after the same one in all repeats but one."""
     n = len(systems)
     return [systems[(rep + (k + 1) // 2 * (1 if k % 2 else -1)) % n] for k in range(n)]

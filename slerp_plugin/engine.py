@@ -58,6 +58,7 @@ from .errors import (
     OutputWriteError,
     ShapeMismatchError,
 )
+from .gc_pause import cyclic_gc_paused
 from .manifest import (
     MANIFEST_NAME,
     InputRecord,
@@ -66,7 +67,6 @@ from .manifest import (
     TensorRecord,
     write_json_atomic,
 )
-from .gc_pause import cyclic_gc_paused
 from .hashing import cached_sha256, has_cached_sha256, remember_sha256
 from .model_files import CONFIG_FILES, TOKENIZER_FILES, describe_input, model_files, tokenizer_files
 from .modelcard import render_model_card
