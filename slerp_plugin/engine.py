@@ -331,9 +331,10 @@ def _read_order(jobs: list[TensorJob]) -> list[TensorJob]:
     The start-up read-ahead (:mod:`slerp_plugin.prefetch`) puts the first files in the page cache;
     taking all files together lets the disk read the others while the merge works on those. Ends,
     not starts: a big tensor at the front of a cached file (the embeddings) would otherwise come
-    first, and the disk would wait while the merge works through it. Where
-    that order would go back within a file of either model (model_2 sharded differently), the
-    shard keeps ``jobs`` order: its input hashes stream only from reads that go front to back.
+    first, and the disk would wait while the merge works through it.
+
+    Where that order would go back within a file of either model (model_2 sharded differently),
+    the shard keeps ``jobs`` order: its input hashes stream only from reads that go front to back.
     """
     spans: dict[Path, tuple[int, int]] = {}
     for j in jobs:
