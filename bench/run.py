@@ -1,7 +1,7 @@
 """Benchmark: slerp-merge against mergekit and a FusionBench-formula eager merge, and the I/O floor.
 
     python bench/run.py [--layers 4 8 16 32] [--repeats 3] [--target-repeats 5] [--systems ours ...]
-                        [--no-big-tensor]
+                        [--no-big-tensor] [--device cuda] [--out DIR]
 
 Builds (once, under bench/work/) bf16 Llama pairs of hidden 2048, intermediate 5632, vocab 32000
 and the given layer counts (16 layers = the 953M pair; 4/8/32 ≈ 0.25×/0.5×/2×) in 500 MB input
@@ -11,16 +11,19 @@ checked, ``--target-repeats`` times: a single run on this disk scatters by ±0.5
 that changes from one repeat to the next (:func:`run_order`: each system first after the floor
 once per cycle, and not always right after the same system). Before every run the software the
 systems run (the interpreter's standard library and site-packages, the shared libraries they map)
-is read into the page cache (the memory-hungry runs evict it), the inputs are evicted from it, slerp-merge's cache of input checksums is emptied,
-pending write-back is flushed and the machine is left idle for ``SETTLE_S`` seconds, so that every
-run and every floor measurement starts from the same idle state (this machine's shared disk reads
-faster after idle moments). Each run's wall time, CPU time and peak
-RSS come from the OS (/usr/bin/time -v). The I/O floor is measured on the same disk in every
-repeat: reading both inputs cold and warm, writing the output size with fsync (each the faster of
-buffered and O_DIRECT); floor = cold read + write. Writes bench/results/results.json, a markdown
-table of medians and ratios with the issue's targets checked (bench/RESULTS.md) and a plot
-(bench/bench.png). The eager FusionBench-formula merge is skipped on the 2.5 GB tensor: it needs
-about ten times it in RAM.
+is read into the page cache (the memory-hungry runs evict it), the inputs are evicted from it,
+slerp-merge's cache of input checksums is emptied, pending write-back is flushed and the machine
+is left idle for ``SETTLE_S`` seconds, so that every run and every floor measurement starts from
+the same idle state (this machine's shared disk reads faster after idle moments). Each run's wall
+time, CPU time and peak RSS come from the OS (the kernel's rusage of the run's process, what
+``/usr/bin/time -v`` reports). The I/O floor is measured on the same disk in every repeat: reading
+both inputs cold and warm, writing the output size with fsync (each the faster of buffered and
+O_DIRECT); floor = cold read + write. Writes bench/results/results.json, a markdown table of
+medians, GB/s (both inputs read and the output written, over the wall time) and ratios with the
+issue's targets checked (bench/RESULTS.md) and a plot (bench/bench.png); ``--out DIR`` puts all
+three in DIR. ``--device`` is passed to slerp-merge (``bash bench/gpu_check.sh`` runs it with
+``cuda`` on a GPU machine). The eager FusionBench-formula merge is skipped on the 2.5 GB tensor: it
+needs about ten times it in RAM.
 """
 
 from __future__ import annotations
@@ -30,12 +33,12 @@ import functools
 import json
 import mmap
 import os
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -132,17 +135,41 @@ def warm_libraries() -> None:
             pass
 
 
+# Runs a command and reports what the kernel accounted to it, as /usr/bin/time -v does, from a
+# small process of its own: a child's peak RSS starts at that of the process it was forked from.
+LAUNCHER = """
+import json, os, sys, time
+t = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    except OSError as e:
+        print(f"{sys.argv[2]}: {e.strerror}", file=sys.stderr, flush=True)
+    os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t
+with open(sys.argv[1], "w") as f:
+    json.dump([os.waitstatus_to_exitcode(status), wall, ru.ru_utime, ru.ru_stime, ru.ru_maxrss], f)
+"""
+
+
 def timed(cmd: list[str], env: dict | None = None) -> dict:
-    r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
-    if r.returncode:
-        raise RuntimeError(f"{cmd[0]} failed: {r.stderr[-1500:]}")
-    def field(name: str) -> str:
-        return re.search(rf"{re.escape(name)}: (.+)", r.stderr).group(1).strip()
-    wall = field("Elapsed (wall clock) time (h:mm:ss or m:ss)")
-    parts = [float(x) for x in wall.split(":")]
-    seconds = parts[-1] + 60 * parts[-2] + (3600 * parts[-3] if len(parts) == 3 else 0)
-    return {"user_s": float(field("User time (seconds)")), "sys_s": float(field("System time (seconds)")), "wall_s": seconds, "cpu_s": float(field("User time (seconds)")) + float(field("System time (seconds)")),
-            "peak_rss_mb": int(field("Maximum resident set size (kbytes)")) / 1024}
+    """Run ``cmd``; its wall time, and the CPU time (s) and peak RSS (MB) the kernel accounts to
+    that process and its children (``wait4``'s rusage, what ``/usr/bin/time -v`` reports).
+
+    Raises:
+        RuntimeError: the command failed (the end of its stderr in the message).
+    """
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryFile() as err:
+        report = Path(tmp) / "rusage.json"
+        subprocess.run([sys.executable, "-I", "-S", "-c", LAUNCHER, str(report), *cmd],
+                       stdout=subprocess.DEVNULL, stderr=err, env=env)
+        code, wall, user, system, maxrss_kb = json.loads(report.read_text()) if report.is_file() else [1] * 5
+        if code:
+            err.seek(0)
+            raise RuntimeError(f"{cmd[0]} failed: {err.read().decode(errors='replace')[-1500:]}")
+    return {"user_s": user, "sys_s": system, "wall_s": wall, "cpu_s": user + system, "peak_rss_mb": maxrss_kb / 1024}
 
 
 def mk_config(a: Path, b: Path, method: str) -> Path:
@@ -152,9 +179,14 @@ def mk_config(a: Path, b: Path, method: str) -> Path:
     return cfg
 
 
-def command(system: str, a: Path, b: Path, out: Path) -> list[str]:
+def command(system: str, a: Path, b: Path, out: Path, device: str | None = None) -> list[str]:
+    """The command line of ``system`` merging ``a`` and ``b`` into ``out``; ``device`` is passed to
+    ours only (``--device``, default the CLI's: ``auto``)."""
     if system == "ours":
-        return [str(BIN / "slerp-merge"), "mergekit", str(mk_config(a, b, "slerp")), str(out)]
+        # the console script where this package is installed, else the module (a lent GPU machine
+        # runs the checkout from PYTHONPATH)
+        cli = [str(BIN / "slerp-merge")] if (BIN / "slerp-merge").exists() else [sys.executable, "-m", "slerp_plugin"]
+        return [*cli, "mergekit", str(mk_config(a, b, "slerp")), str(out), *(["--device", device] if device else [])]
     if system == "mergekit":
         return [str(BIN / "mergekit-yaml"), str(mk_config(a, b, "slerp")), str(out)]
     if system == "mergekit_500M":
@@ -232,21 +264,33 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--target-repeats", type=int, default=5, help="repeats of the 953M (16-layer) pair")
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    ap.add_argument("--device", default=None,
+                    help="slerp-merge's --device (auto, cpu, cuda, cuda:N; default: the CLI's, auto)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="write results.json, RESULTS.md and the plot here (default: bench/results/results.json, "
+                         "bench/RESULTS.md, bench/bench.png)")
     ap.add_argument("--report-only", action="store_true", help="rebuild RESULTS.md and the plot from results.json")
     args = ap.parse_args()
+    store = args.out or RESULTS
+    report = args.out or HERE
     if args.report_only:
-        write_report(json.loads((RESULTS / "results.json").read_text()))
+        write_report(json.loads((store / "results.json").read_text()), report)
         return 0
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    store.mkdir(parents=True, exist_ok=True)
+    report.mkdir(parents=True, exist_ok=True)
+    device = device_label(args.device)
     env = {**os.environ, "SLERP_PLUGIN_CACHE": str(WORK / "no-cache")}
     cases = [(f"{n} layers", n, lambda n=n: build(WORK / f"pair-{n}", n)) for n in args.layers]
     if args.big_tensor:
         cases.append((BIG, BIG, lambda: build_big(WORK / "big_tensor")))
     results = []
+    # the software is read again before every run only where a memory-hungry peer may evict it
+    peers, warmed = set(args.systems) != {"ours"}, False
     for label, key, make in cases:
         a, b = make()
         size = sum(f.stat().st_size for f in a.glob("*.safetensors"))
-        row = {"layers": key, "params_m": size / 2e6, "model_gb": size / 1e9, "floors": [], "runs": {}}
+        row = {"layers": key, "params_m": size / 2e6, "model_gb": size / 1e9, "device": device,
+               "floors": [], "runs": {}}
         # an eager merge of the 2.5 GB tensor needs ~10x it in RAM (fp32 copies of A, B, Â, B̂, r)
         systems = [s for s in args.systems if not (key == BIG and s == "fusionbench_eager")]
         for rep in range(args.target_repeats if key == TARGET_LAYERS else args.repeats):
@@ -259,22 +303,37 @@ def main() -> int:
                 out = WORK / f"out-{system}"
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(env["SLERP_PLUGIN_CACHE"], ignore_errors=True)
-                warm_libraries()
+                if not warmed or peers:
+                    warm_libraries()
+                    warmed = True
                 evict([a, b])
                 settle()
-                m = timed(command(system, a, b, out), env)
+                m = timed(command(system, a, b, out, args.device), env)
                 m["after"], after = after, system
                 row["runs"].setdefault(system, []).append(m)
                 print(f"{label:>9} {system:18s} wall {m['wall_s']:6.2f} s  cpu {m['cpu_s']:6.2f} s  "
                       f"rss {m['peak_rss_mb']:7.0f} MB", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
         results.append(row)
-    old = json.loads((RESULTS / "results.json").read_text()) if (RESULTS / "results.json").is_file() else []
+    stored = store / "results.json"
+    old = json.loads(stored.read_text()) if stored.is_file() else []
     done = {r["layers"] for r in results}
-    results = sorted([r for r in old if r["layers"] not in done] + results, key=lambda r: r["params_m"])
-    (RESULTS / "results.json").write_text(json.dumps(results, indent=2))
-    write_report(results)
+    # a pair measured on another device (an earlier run with another --device) is not mixed in
+    results = sorted([r for r in old if r["layers"] not in done and r.get("device", "cpu") == device] + results,
+                     key=lambda r: r["params_m"])
+    stored.write_text(json.dumps(results, indent=2))
+    write_report(results, report)
     return 0
+
+
+def device_label(device: str | None) -> str:
+    """``cpu``, or the name of the CUDA card slerp-merge runs on with ``--device`` (``auto`` picks
+    CUDA where present)."""
+    probe = ("import torch, sys; d = torch.device(sys.argv[1] if sys.argv[1] != 'auto' else "
+             "('cuda' if torch.cuda.is_available() else 'cpu')); "
+             "print(torch.cuda.get_device_name(d) if d.type == 'cuda' else 'cpu')")
+    return subprocess.run([sys.executable, "-c", probe, device or "auto"], capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 def median(runs: list[dict], key: str) -> float:
@@ -288,11 +347,12 @@ def floor(row: dict) -> dict:
 
 
 GPU_NOTE = ("GPU (`device: cuda`): no figures yet — no GPU machine has been lent to a session so far; "
-            "run `python bench/run.py --systems ours` on one and add its table here (card, model size, GB/s).")
+            "`bash bench/gpu_check.sh` on one runs the CUDA tests and this benchmark for slerp-merge on the GPU "
+            "(`--systems ours --device cuda --out DIR`) and writes its own RESULTS.md: add its table here.")
 
 
-def machine() -> str:
-    """CPU model, usable cores and memory of this machine, for the report."""
+def machine(device: str = "cpu") -> str:
+    """CPU model, usable cores, memory and (``device``) the GPU slerp-merge ran on, for the report."""
     model = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -302,7 +362,8 @@ def machine() -> str:
         mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
     except OSError:
         mem = 0.0
-    return f"{model}, {len(os.sched_getaffinity(0))} cores, {mem:.0f} GiB RAM, CPU only"
+    gpu = "CPU only" if device == "cpu" else f"slerp-merge on {device}"
+    return f"{model}, {len(os.sched_getaffinity(0))} cores, {mem:.0f} GiB RAM, {gpu}"
 
 
 def pair_label(row: dict) -> str:
@@ -347,9 +408,15 @@ def _system_rank(system: str) -> int:
     return SYSTEMS.index(system) if system in SYSTEMS else len(SYSTEMS)
 
 
-def write_report(results: list[dict]) -> None:
-    lines = ["| pair | system | wall (s) | CPU (s) | peak RSS (MB) | ours / system | ours / I/O floor |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+def throughput(row: dict, wall_s: float) -> float:
+    """GB/s moved by a merge of the pair: both inputs read and the output written, over ``wall_s``."""
+    return 3 * row["model_gb"] / wall_s
+
+
+def write_report(results: list[dict], dest: Path = HERE) -> None:
+    """``dest``/RESULTS.md (the table, the machine, the targets checked) and ``dest``/bench.png."""
+    lines = ["| pair | system | wall (s) | CPU (s) | peak RSS (MB) | GB/s | ours / system | ours / I/O floor |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in results:
         ours = median(row["runs"]["ours"], "wall_s") if "ours" in row["runs"] else None
         for system, runs in sorted(row["runs"].items(), key=lambda kv: _system_rank(kv[0])):
@@ -357,12 +424,14 @@ def write_report(results: list[dict]) -> None:
             ratio = f"{ours / w:.2f}" if ours and system != "ours" else "–"
             fl = f"{w / floor(row)['floor_s']:.2f}" if system == "ours" else "–"
             lines.append(f"| {pair_label(row)} | {system} | {w:.2f} | {median(runs, 'cpu_s'):.2f} | "
-                         f"{median(runs, 'peak_rss_mb'):.0f} | {ratio} | {fl} |")
+                         f"{median(runs, 'peak_rss_mb'):.0f} | {throughput(row, w):.2f} | {ratio} | {fl} |")
         f = floor(row)
-        lines.append(f"| {pair_label(row)} | I/O floor | {f['floor_s']:.2f} | | | | "
+        lines.append(f"| {pair_label(row)} | I/O floor | {f['floor_s']:.2f} | | | {throughput(row, f['floor_s']):.2f} | | "
                      f"cold read {f['read_cold_s']:.2f} s, warm {f['read_warm_s']:.2f} s, write+fsync {f['write_fsync_s']:.2f} s |")
-    lines += ["", f"Machine: {machine()}.", "", "Targets (issue #8):", "", *targets(results), "", GPU_NOTE]
-    (HERE / "RESULTS.md").write_text(HEADER + "\n".join(lines) + "\n")
+    device = results[0].get("device", "cpu") if results else "cpu"
+    lines += ["", f"Machine: {machine(device)}.", "", "Targets (issue #8):", "", *targets(results)]
+    lines += ["", GPU_NOTE] if device == "cpu" else []
+    (dest / "RESULTS.md").write_text(HEADER + "\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
         import matplotlib
@@ -392,7 +461,7 @@ def write_report(results: list[dict]) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(HERE / "bench.png", dpi=100)
+    fig.savefig(dest / "bench.png", dpi=100)
 
 
 if __name__ == "__main__":

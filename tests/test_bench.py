@@ -1,0 +1,67 @@
+"""bench/run.py's measuring and reporting parts (the benchmark itself runs with `make bench`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("slerp_bench_run", Path(__file__).resolve().parents[1] / "bench" / "run.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_timed_reports_the_run_s_own_peak_memory_and_times():
+    grow = "import time; b = bytearray(200 << 20); b[::4096] = bytes(len(b[::4096])); time.sleep(0.2)"
+    m = bench.timed([sys.executable, "-c", grow])
+    assert 200 <= m["peak_rss_mb"] < 400
+    assert m["wall_s"] >= 0.2 and m["cpu_s"] == pytest.approx(m["user_s"] + m["sys_s"])
+    small = bench.timed([sys.executable, "-c", "pass"])
+    assert small["peak_rss_mb"] < 100  # the earlier run's peak is not carried over
+
+
+def test_timed_names_a_failed_command_with_the_end_of_its_stderr():
+    with pytest.raises(RuntimeError, match="boom"):
+        bench.timed([sys.executable, "-c", "import sys; sys.exit('boom')"])
+    with pytest.raises(RuntimeError, match="no-such-merge-tool: No such file"):
+        bench.timed(["no-such-merge-tool"])
+
+
+def test_run_order_puts_every_system_first_once_and_varies_its_predecessor():
+    systems = list(bench.SYSTEMS)
+    rows = [bench.run_order(systems, rep) for rep in range(len(systems))]
+    assert all(sorted(r) == sorted(systems) for r in rows)
+    assert sorted(r[0] for r in rows) == sorted(systems)
+    for s in systems:
+        before = {r[r.index(s) - 1] for r in rows if r.index(s) > 0}
+        assert len(before) > 1, s
+
+
+def _row(layers: int, params_m: float, device: str, ours: list[float], floors: list[float]) -> dict:
+    run = [{"wall_s": w, "cpu_s": 1.5 * w, "user_s": w, "sys_s": 0.5 * w, "peak_rss_mb": 476.0} for w in ours]
+    floor = [{"floor_s": f, "read_cold_s": 0.7 * f, "read_warm_s": 0.1, "write_fsync_s": 0.3 * f} for f in floors]
+    return {"layers": layers, "params_m": params_m, "model_gb": params_m * 2e-3, "device": device,
+            "floors": floor, "runs": {"ours": run}}
+
+
+def test_report_has_throughput_and_the_targets_and_goes_where_asked(tmp_path):
+    results = [_row(4, 337.0, "cpu", [2.0, 2.2, 2.1], [1.5, 1.4, 1.6]),
+               _row(16, 953.0, "cpu", [4.0, 4.5, 4.2, 4.4, 4.1], [3.0, 2.0, 3.2, 2.9, 3.1]),
+               _row(32, 1775.0, "cpu", [8.0, 8.2, 8.1], [6.0, 6.1, 6.2])]
+    bench.write_report(results, tmp_path)
+    text = (tmp_path / "RESULTS.md").read_text()
+    # 953M: median wall 4.2 s, median floor 3.0 s; 3 × 1.906 GB moved in 4.2 s
+    assert "| 953M | ours | 4.20 | 6.30 | 476 | 1.36 | – | 1.40 |" in text
+    assert "- met: 953M pair, ours / I/O floor = 1.40 (target ≤ 1.5)" in text
+    assert "- met: peak RSS 476 MB (0.25× pair) → 476 MB (2× pair), +0.0 %" in text
+    assert "CPU only" in text and "GPU (`device: cuda`): no figures yet" in text
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_a_gpu_report_names_the_card(tmp_path):
+    bench.write_report([_row(16, 953.0, "NVIDIA H200", [1.0, 1.1, 1.2], [0.8, 0.9, 1.0])], tmp_path)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "slerp-merge on NVIDIA H200" in text and "no figures yet" not in text
+    assert "| 953M | ours | 1.10 |" in text
