@@ -327,13 +327,18 @@ def main() -> int:
 
 
 def device_label(device: str | None) -> str:
-    """``cpu``, or the name of the CUDA card slerp-merge runs on with ``--device`` (``auto`` picks
-    CUDA where present)."""
-    probe = ("import torch, sys; d = torch.device(sys.argv[1] if sys.argv[1] != 'auto' else "
-             "('cuda' if torch.cuda.is_available() else 'cpu')); "
-             "print(torch.cuda.get_device_name(d) if d.type == 'cuda' else 'cpu')")
-    return subprocess.run([sys.executable, "-c", probe, device or "auto"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    """``cpu``, or the name of the CUDA card slerp-merge runs on with ``--device`` (resolved as the
+    engine resolves it: ``auto`` picks CUDA where present).
+
+    Raises:
+        ConfigError: CUDA was asked for but is not available.
+    """
+    import torch
+
+    from slerp_plugin.engine import resolve_device
+
+    d = resolve_device(device or "auto")
+    return torch.cuda.get_device_name(d) if d.type == "cuda" else "cpu"
 
 
 def median(runs: list[dict], key: str) -> float:

@@ -65,3 +65,17 @@ def test_a_gpu_report_names_the_card(tmp_path):
     text = (tmp_path / "RESULTS.md").read_text()
     assert "slerp-merge on NVIDIA H200" in text and "no figures yet" not in text
     assert "| 953M | ours | 1.10 |" in text
+
+
+def test_device_label_resolves_as_the_engine_does():
+    import torch
+
+    from slerp_plugin.errors import ConfigError
+
+    assert bench.device_label("cpu") == "cpu"
+    if torch.cuda.is_available():
+        assert bench.device_label(None) == torch.cuda.get_device_name(0)
+    else:
+        assert bench.device_label(None) == "cpu"
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            bench.device_label("cuda")
