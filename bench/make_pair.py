@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from slerp_plugin.checkpoint import OutputTensor, ShardWriter
+from slerp_plugin.io.safetensors import OutputTensor
+from slerp_plugin.io.writer import ShardWriter
 
 BASE = {"hidden": 2048, "layers": 16, "intermediate": 5632, "vocab": 32000}  # 953M parameters
 
@@ -27,12 +28,15 @@ def tensors(hidden: int, layers: int, intermediate: int, vocab: int) -> list[tup
         p = f"model.layers.{i}."
         out += [(p + "input_layernorm.weight", (hidden,)), (p + "post_attention_layernorm.weight", (hidden,))]
         out += [(p + f"self_attn.{n}_proj.weight", (hidden, hidden)) for n in "qkvo"]
-        out += [(p + "mlp.gate_proj.weight", (intermediate, hidden)), (p + "mlp.up_proj.weight", (intermediate, hidden)),
+        out += [(p + "mlp.gate_proj.weight", (intermediate, hidden)),
+                (p + "mlp.up_proj.weight", (intermediate, hidden)),
                 (p + "mlp.down_proj.weight", (hidden, intermediate))]
     return out + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
 
 
-def write_model(folder: Path, spec: list, seed: int, noise_of: int | None, shard_bytes: int, cfg: dict) -> None:
+def write_model(
+    folder: Path, spec: list, seed: int, noise_of: int | None, shard_bytes: int, cfg: dict
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     shards, cur, size = [], [], 0
     for name, shape in spec:
@@ -53,7 +57,8 @@ def write_model(folder: Path, spec: list, seed: int, noise_of: int | None, shard
                 for block in _blocks(name, shape, seed, noise_of):
                     w.write(memoryview(block.to(torch.bfloat16).reshape(-1).view(torch.uint8).numpy()))
                 weight_map[name] = fname
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
 
 

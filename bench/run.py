@@ -169,7 +169,8 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
         if code:
             err.seek(0)
             raise RuntimeError(f"{cmd[0]} failed: {err.read().decode(errors='replace')[-1500:]}")
-    return {"user_s": user, "sys_s": system, "wall_s": wall, "cpu_s": user + system, "peak_rss_mb": maxrss_kb / 1024}
+    return {"user_s": user, "sys_s": system, "wall_s": wall, "cpu_s": user + system,
+            "peak_rss_mb": maxrss_kb / 1024}
 
 
 def mk_config(a: Path, b: Path, method: str) -> Path:
@@ -185,12 +186,15 @@ def command(system: str, a: Path, b: Path, out: Path, device: str | None = None)
     if system == "ours":
         # the console script where this package is installed, else the module (a lent GPU machine
         # runs the checkout from PYTHONPATH)
-        cli = [str(BIN / "slerp-merge")] if (BIN / "slerp-merge").exists() else [sys.executable, "-m", "slerp_plugin"]
-        return [*cli, "mergekit", str(mk_config(a, b, "slerp")), str(out), *(["--device", device] if device else [])]
+        cli = ([str(BIN / "slerp-merge")] if (BIN / "slerp-merge").exists()
+               else [sys.executable, "-m", "slerp_plugin"])
+        return [*cli, "mergekit", str(mk_config(a, b, "slerp")), str(out),
+                *(["--device", device] if device else [])]
     if system == "mergekit":
         return [str(BIN / "mergekit-yaml"), str(mk_config(a, b, "slerp")), str(out)]
     if system == "mergekit_500M":
-        return [str(BIN / "mergekit-yaml"), str(mk_config(a, b, "slerp")), str(out), "--out-shard-size", "500M"]
+        return [str(BIN / "mergekit-yaml"), str(mk_config(a, b, "slerp")), str(out),
+                "--out-shard-size", "500M"]
     if system == "mergekit_plugin":
         return [str(BIN / "mergekit-yaml"), str(mk_config(a, b, "slerp_for_causal_lm")), str(out)]
     if system == "fusionbench_eager":
@@ -267,9 +271,10 @@ def main() -> int:
     ap.add_argument("--device", default=None,
                     help="slerp-merge's --device (auto, cpu, cuda, cuda:N; default: the CLI's, auto)")
     ap.add_argument("--out", type=Path, default=None,
-                    help="write results.json, RESULTS.md and the plot here (default: bench/results/results.json, "
-                         "bench/RESULTS.md, bench/bench.png)")
-    ap.add_argument("--report-only", action="store_true", help="rebuild RESULTS.md and the plot from results.json")
+                    help="write results.json, RESULTS.md and the plot here "
+                         "(default: bench/results/results.json, bench/RESULTS.md, bench/bench.png)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rebuild RESULTS.md and the plot from results.json")
     args = ap.parse_args()
     store = args.out or RESULTS
     report = args.out or HERE
@@ -296,8 +301,8 @@ def main() -> int:
         for rep in range(args.target_repeats if key == TARGET_LAYERS else args.repeats):
             row["floors"].append(io_floor(a, b, size))
             f = row["floors"][-1]
-            print(f"{label:>9} I/O floor          {f['floor_s']:6.2f} s  (cold read {f['read_cold_s']:.2f} s, "
-                  f"write+fsync {f['write_fsync_s']:.2f} s)", flush=True)
+            print(f"{label:>9} I/O floor          {f['floor_s']:6.2f} s  "
+                  f"(cold read {f['read_cold_s']:.2f} s, write+fsync {f['write_fsync_s']:.2f} s)", flush=True)
             after = "I/O floor"
             for system in run_order(systems, rep):
                 out = WORK / f"out-{system}"
@@ -319,8 +324,8 @@ def main() -> int:
     old = json.loads(stored.read_text()) if stored.is_file() else []
     done = {r["layers"] for r in results}
     # a pair measured on another device (an earlier run with another --device) is not mixed in
-    results = sorted([r for r in old if r["layers"] not in done and r.get("device", "cpu") == device] + results,
-                     key=lambda r: r["params_m"])
+    kept = [r for r in old if r["layers"] not in done and r.get("device", "cpu") == device]
+    results = sorted(kept + results, key=lambda r: r["params_m"])
     stored.write_text(json.dumps(results, indent=2))
     write_report(results, report)
     return 0
@@ -352,7 +357,8 @@ def floor(row: dict) -> dict:
 
 
 GPU_NOTE = ("GPU (`device: cuda`): no figures yet — no GPU machine has been lent to a session so far; "
-            "`bash bench/gpu_check.sh` on one runs the CUDA tests and this benchmark for slerp-merge on the GPU "
+            "`bash bench/gpu_check.sh` on one runs the CUDA tests and this benchmark for slerp-merge on the "
+            "GPU "
             "(`--systems ours --device cuda --out DIR`) and writes its own RESULTS.md: add its table here.")
 
 
@@ -420,7 +426,8 @@ def throughput(row: dict, wall_s: float) -> float:
 
 def write_report(results: list[dict], dest: Path = HERE) -> None:
     """``dest``/RESULTS.md (the table, the machine, the targets checked) and ``dest``/bench.png."""
-    lines = ["| pair | system | wall (s) | CPU (s) | peak RSS (MB) | GB/s | ours / system | ours / I/O floor |",
+    lines = ["| pair | system | wall (s) | CPU (s) | peak RSS (MB) | GB/s | ours / system "
+             "| ours / I/O floor |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in results:
         ours = median(row["runs"]["ours"], "wall_s") if "ours" in row["runs"] else None
@@ -431,8 +438,9 @@ def write_report(results: list[dict], dest: Path = HERE) -> None:
             lines.append(f"| {pair_label(row)} | {system} | {w:.2f} | {median(runs, 'cpu_s'):.2f} | "
                          f"{median(runs, 'peak_rss_mb'):.0f} | {throughput(row, w):.2f} | {ratio} | {fl} |")
         f = floor(row)
-        lines.append(f"| {pair_label(row)} | I/O floor | {f['floor_s']:.2f} | | | {throughput(row, f['floor_s']):.2f} | | "
-                     f"cold read {f['read_cold_s']:.2f} s, warm {f['read_warm_s']:.2f} s, write+fsync {f['write_fsync_s']:.2f} s |")
+        lines.append(f"| {pair_label(row)} | I/O floor | {f['floor_s']:.2f} | | | "
+                     f"{throughput(row, f['floor_s']):.2f} | | cold read {f['read_cold_s']:.2f} s, "
+                     f"warm {f['read_warm_s']:.2f} s, write+fsync {f['write_fsync_s']:.2f} s |")
     device = results[0].get("device", "cpu") if results else "cpu"
     lines += ["", f"Machine: {machine(device)}.", "", "Targets (issue #8):", "", *targets(results)]
     lines += ["", GPU_NOTE] if device == "cpu" else []
@@ -454,14 +462,17 @@ def write_report(results: list[dict], dest: Path = HERE) -> None:
         rows = [r for r in layered if system in r["runs"]]
         xs = [r["params_m"] for r in rows]
         ax1.plot(xs, [median(r["runs"][system], "wall_s") for r in rows], "o-", color=color, label=system)
-        ax2.plot(xs, [median(r["runs"][system], "peak_rss_mb") for r in rows], "o-", color=color, label=system)
+        ax2.plot(xs, [median(r["runs"][system], "peak_rss_mb") for r in rows], "o-", color=color,
+                 label=system)
         for r in big:
             if system in r["runs"]:
                 ax1.plot(r["params_m"], median(r["runs"][system], "wall_s"), "*", ms=12, color=color)
                 ax2.plot(r["params_m"], median(r["runs"][system], "peak_rss_mb"), "*", ms=12, color=color)
-    ax1.plot([r["params_m"] for r in layered], [floor(r)["floor_s"] for r in layered], "k--", label="I/O floor")
+    ax1.plot([r["params_m"] for r in layered], [floor(r)["floor_s"] for r in layered], "k--",
+             label="I/O floor")
     ax1.set(xlabel="parameters (M)", ylabel="wall time (s)", title="time (★: one 2.5 GB tensor)")
-    ax2.set(xlabel="parameters (M)", ylabel="peak RSS (MB)", title="memory (★: one 2.5 GB tensor)", yscale="log")
+    ax2.set(xlabel="parameters (M)", ylabel="peak RSS (MB)", title="memory (★: one 2.5 GB tensor)",
+            yscale="log")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 from airflow.sdk import dag
 
-from slerp_plugin.airflow_support import default_args, merge_params, merge_pipeline, recipes_dir
-from slerp_plugin.recipes import load_recipes
+from slerp_plugin.integrations.airflow.dag_factory import (
+    default_args,
+    merge_params,
+    merge_pipeline,
+    recipes_dir,
+)
+from slerp_plugin.integrations.airflow.recipes import load_recipes
 
 for _recipe in load_recipes(recipes_dir()):
 

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from slerp_plugin import pipeline
-from slerp_plugin.airflow_support import TIMEOUTS, default_args, gpu, merge_params, output_root
+from slerp_plugin.integrations.airflow import tasks as pipeline
+from slerp_plugin.integrations.airflow.dag_factory import (
+    TIMEOUTS,
+    default_args,
+    gpu,
+    merge_params,
+    output_root,
+)
 
 PARAMS = merge_params()
 PARAMS.pop("t")
 PARAMS.pop("merge_workers")
-PARAMS["t_values"] = Param([0.3, 0.5, 0.7], type="array", items={"type": "number", "minimum": 0, "maximum": 1},
-                           minItems=1, title="t values", description="the t values to merge and compare")
+PARAMS["t_values"] = Param([0.3, 0.5, 0.7], type="array",
+                           items={"type": "number", "minimum": 0, "maximum": 1}, minItems=1,
+                           title="t values", description="the t values to merge and compare")
 
 
 @dag(dag_id="slerp_sweep", schedule=None, catchup=False, params=PARAMS, default_args=default_args(),
@@ -31,7 +38,8 @@ def slerp_sweep():
 
     @task(execution_timeout=TIMEOUTS["download"])
     def download(inputs: dict) -> dict:
-        return {role: pipeline.download_input(entry, weights=role != "tokenizer") for role, entry in inputs.items()}
+        return {role: pipeline.download_input(entry, weights=role != "tokenizer")
+                for role, entry in inputs.items()}
 
     @task(execution_timeout=TIMEOUTS["resolve"])
     def t_values() -> list[float]:

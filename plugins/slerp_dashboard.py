@@ -1,6 +1,6 @@
 """Airflow UI extension: the "SLERP merges" page (nav) and a "Merge" tab on DAG run pages.
 
-Serves slerp_plugin.dashboard's FastAPI app under /slerp on the API server; it reads the
+Serves slerp_plugin.integrations.airflow.dashboard's FastAPI app under /slerp on the API server; it reads the
 manifests and validation reports under $SLERP_DASHBOARD_ROOTS (default $SLERP_OUTPUT_ROOT).
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
 
-from slerp_plugin.dashboard import create_app
+from slerp_plugin.integrations.airflow.dashboard import create_app
 
 
 class SlerpDashboardPlugin(AirflowPlugin):

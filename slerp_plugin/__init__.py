@@ -4,8 +4,16 @@ Importing the package is cheap (no torch); the public API loads on first use:
 
 - :func:`slerp`, :func:`slerp_reference` — the kernel (:mod:`slerp_plugin.slerp`);
 - :class:`MergeSpec` — the typed merge description (:mod:`slerp_plugin.spec`);
-- :func:`run_merge`, :func:`plan_merge`, :func:`merge_shards`, :func:`finalize` — the streaming
-  engine (:mod:`slerp_plugin.engine`).
+- :func:`run_merge`, :func:`plan_merge` — a whole merge, Hub inputs and upload included
+  (:mod:`slerp_plugin.merge`); :func:`merge_shards`, :func:`finalize` — the streaming engine's
+  steps, for merges shared by several workers (:mod:`slerp_plugin.engine`);
+- :class:`Manifest` — ``merge_manifest.json`` (:mod:`slerp_plugin.formats.manifest`).
+
+The package's layers, bottom to top: :mod:`~slerp_plugin.errors`, :mod:`~slerp_plugin.slerp` (the
+kernel) and :mod:`~slerp_plugin.spec`; :mod:`~slerp_plugin.io`; :mod:`~slerp_plugin.formats`;
+:mod:`~slerp_plugin.engine` and :mod:`~slerp_plugin.hub`; :mod:`~slerp_plugin.merge` and
+:mod:`~slerp_plugin.validate`; :mod:`~slerp_plugin.demo`; :mod:`~slerp_plugin.cli`;
+:mod:`~slerp_plugin.integrations` (mergekit, Airflow). Each imports only from layers below it.
 """
 
 from __future__ import annotations
@@ -20,11 +28,11 @@ _LAZY = {
     "slerp_reference": "slerp_plugin.slerp",
     "MergeSpec": "slerp_plugin.spec",
     "ModelRef": "slerp_plugin.spec",
-    "run_merge": "slerp_plugin.engine",
-    "plan_merge": "slerp_plugin.engine",
+    "run_merge": "slerp_plugin.merge",
+    "plan_merge": "slerp_plugin.merge",
     "merge_shards": "slerp_plugin.engine",
     "finalize": "slerp_plugin.engine",
-    "Manifest": "slerp_plugin.manifest",
+    "Manifest": "slerp_plugin.formats.manifest",
 }
 
 __all__ = ["__version__", *_LAZY]

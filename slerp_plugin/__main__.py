@@ -1,5 +1,5 @@
 """``python -m slerp_plugin`` = ``slerp-merge``."""
 
-from .cli import entry
+from .cli.main import entry
 
 entry()

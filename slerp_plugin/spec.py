@@ -158,46 +158,47 @@ def _parse_t(v: Any) -> Any:
 
 
 class MergeSpec(BaseModel):
-    """Everything that determines a SLERP merge of two causal LMs.
+    """Everything that determines a SLERP merge of two causal LMs; each field's ``description``
+    states its unit, default and range (the README's options table lists them).
 
-    ``t``: 0 ≤ t ≤ 1 (0 → model_1, 1 → model_2), or a mergekit-style schedule (gradient list
-    and/or ``filter`` conditions, see :func:`resolve_setting`) resolved per tensor.
-    ``DOT_THRESHOLD``: 0 < τ ≤ 1, |cos| above it uses LERP. ``epsilon`` > 0: norms at or below it
-    are not normalised. ``dtype``: the dtype the models are loaded in (None = as stored).
-    ``out_dtype``: the dtype stored (None = ``dtype``, else each tensor keeps model_1's).
-    ``on_shape_mismatch``: ``keep`` model_1's tensor with a warning (FusionBench) or ``error``
-    (mergekit). ``max_shard_size``: bytes per output shard (default 5 GB). ``device``: ``auto``
-    (cuda when present), ``cpu``, ``cuda`` or ``cuda:N``. ``chunk_elements``: elements per kernel
-    chunk (memory scales with it). ``buffer_memory``: bytes of input chunk buffers
-    (default 192 MB): read-ahead, and tensors small enough to stay in memory between the two
-    SLERP passes instead of being read twice; raise it for models with big matrices. ``threads``: torch compute threads of a CPU merge (None: the
-    CPUs this process may use, less two for the reader and writer, at least 1). ``direct_io``:
-    weights bypass the page cache (``O_DIRECT``) where the filesystem allows. ``push_to_hub``: a repo id to upload
-    the finished merge to (``private`` creates it private); ``allow_bin``: accept pickled weights.
+    ``t`` is a number in [0, 1] or a mergekit-style schedule (gradient list and/or ``filter``
+    conditions, see :func:`resolve_setting`) resolved per tensor by :meth:`t_for`.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     schema_version: Literal[1] = SPEC_SCHEMA_VERSION
-    model_1: ModelRef
-    model_2: ModelRef
-    model_names: tuple[str, str] = ("model_1", "model_2")
-    tokenizer: ModelRef | None = Field(None, description="tokenizer source; None = model_1")
-    t: Annotated[TSetting, BeforeValidator(lambda v: _parse_t(v))]
-    DOT_THRESHOLD: float = Field(DEFAULT_DOT_THRESHOLD, gt=0.0, le=1.0)
-    epsilon: float = Field(DEFAULT_EPSILON, gt=0.0)
-    dtype: Annotated[DType | None, BeforeValidator(_normalise_dtype)] = None
-    out_dtype: Annotated[DType | None, BeforeValidator(_normalise_dtype)] = None
-    on_shape_mismatch: Literal["keep", "error"] = "keep"
-    output: Path
-    max_shard_size: Annotated[int, BeforeValidator(parse_size)] = DEFAULT_MAX_SHARD_SIZE
-    device: str = "auto"
-    show_pbar: bool = False
-    overwrite: bool = False
-    chunk_elements: int = Field(DEFAULT_CHUNK_ELEMENTS, ge=1024)
-    buffer_memory: Annotated[int, BeforeValidator(parse_size)] = DEFAULT_BUFFER_MEMORY
-    threads: int | None = Field(None, ge=1, description="CPU compute threads; None = usable CPUs − 2, at least 1")
-    direct_io: bool = Field(True, description="read and write weights with O_DIRECT where the filesystem allows")
+    model_1: ModelRef = Field(description="the model at t = 0: a local folder or a Hub id org/name[@rev]")
+    model_2: ModelRef = Field(description="the model at t = 1: a local folder or a Hub id org/name[@rev]")
+    model_names: tuple[str, str] = Field(("model_1", "model_2"), description="the models' names in messages")
+    tokenizer: ModelRef | None = Field(None, description="tokenizer source (default: model_1)")
+    t: Annotated[TSetting, BeforeValidator(lambda v: _parse_t(v))] = Field(
+        description="interpolation factor in [0, 1]: 0 gives model_1, 1 gives model_2; or a schedule")
+    DOT_THRESHOLD: float = Field(DEFAULT_DOT_THRESHOLD, gt=0.0, le=1.0,
+                                 description="|cos| above it uses LERP (default 0.9995; 0 < τ ≤ 1)")
+    epsilon: float = Field(DEFAULT_EPSILON, gt=0.0,
+                           description="norms at or below it are not normalised (default 1e-8)")
+    dtype: Annotated[DType | None, BeforeValidator(_normalise_dtype)] = Field(
+        None, description="dtype the models are loaded in (default: as stored)")
+    out_dtype: Annotated[DType | None, BeforeValidator(_normalise_dtype)] = Field(
+        None, description="dtype stored (default: dtype, else each tensor keeps model_1's)")
+    on_shape_mismatch: Literal["keep", "error"] = Field(
+        "keep", description="keep model_1's tensor, warning (FusionBench), or refuse (mergekit)")
+    output: Path = Field(description="the merged model's folder")
+    max_shard_size: Annotated[int, BeforeValidator(parse_size)] = Field(
+        DEFAULT_MAX_SHARD_SIZE, description="bytes per output shard (default 5GB)")
+    device: str = Field("auto", description="auto (cuda when present), cpu, cuda or cuda:N")
+    show_pbar: bool = Field(False, description="progress bar even when stderr is not a terminal")
+    overwrite: bool = Field(False, description="replace an earlier merge at output (never anything else)")
+    chunk_elements: int = Field(DEFAULT_CHUNK_ELEMENTS, ge=1024,
+                                description="elements per kernel chunk; scratch memory scales with it")
+    buffer_memory: Annotated[int, BeforeValidator(parse_size)] = Field(
+        DEFAULT_BUFFER_MEMORY, description="bytes of input block buffers (default 192MB); tensors that fit "
+        "stay in memory between the two passes instead of being read twice")
+    threads: int | None = Field(None, ge=1, description="torch compute threads of a CPU merge "
+                                "(default: usable CPUs − 2, at least 1)")
+    direct_io: bool = Field(True, description="read and write weights with O_DIRECT where the filesystem "
+                            "allows it")
     allow_bin: bool = Field(False, description="download pickled .bin weights from the Hub and convert them")
     push_to_hub: str | None = Field(None, description="Hub repo to upload the merged model to")
     private: bool = Field(False, description="create push_to_hub as a private repo")

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from model_helpers import HUB_TOKEN
 
 # Nothing in the tests may reach a real Hub: the default endpoint is a closed local port; the
@@ -27,7 +26,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def demo_bf16(tmp_path_factory) -> tuple[Path, Path]:
     """bf16 Llama pair, sharded (several input shards), untied embeddings."""
-    from slerp_plugin.demo import build_demo_pair
+    from slerp_plugin.demo.pair import build_demo_pair
 
     return build_demo_pair(tmp_path_factory.mktemp("bf16"), max_shard_size="100KB")
 
@@ -35,7 +34,7 @@ def demo_bf16(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def demo_fp32_tied(tmp_path_factory) -> tuple[Path, Path]:
     """float32 Llama pair, single-file checkpoints, tied embeddings."""
-    from slerp_plugin.demo import build_demo_pair
+    from slerp_plugin.demo.pair import build_demo_pair
 
     return build_demo_pair(tmp_path_factory.mktemp("fp32"), dtype="float32", tie_word_embeddings=True)
 

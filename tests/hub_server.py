@@ -121,9 +121,11 @@ class HubState:
     def new_oid(self, *parts: str) -> str:
         with self.lock:
             self._counter += 1
-            return hashlib.sha1(("|".join(parts) + str(self._counter) + str(time.time())).encode()).hexdigest()
+            seed = "|".join(parts) + str(self._counter) + str(time.time())
+            return hashlib.sha1(seed.encode()).hexdigest()
 
-    def make_commit(self, repo: Repo, parent: str | None, files: dict[str, Entry], title: str, message: str = "") -> Commit:
+    def make_commit(self, repo: Repo, parent: str | None, files: dict[str, Entry], title: str,
+                    message: str = "") -> Commit:
         c = Commit(self.new_oid(repo.id, title), parent, files, title, message,
                    datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"))
         repo.commits[c.oid] = c
@@ -166,7 +168,8 @@ def create_app(state: HubState) -> FastAPI:
         if (repo.private or write) and not authorised(request):
             return None, _err(401, "RepoNotFound", f"Repository {repo_id} not found or not authorised")
         if repo.gated and not authorised(request):
-            return None, _err(403, "GatedRepo", f"Access to {repo_id} is restricted; you must accept its terms")
+            return None, _err(403, "GatedRepo",
+                              f"Access to {repo_id} is restricted; you must accept its terms")
         return repo, None
 
     def get_commit(repo: Repo, rev: str):
@@ -194,8 +197,9 @@ def create_app(state: HubState) -> FastAPI:
         if "/" not in repo_id:
             repo_id = f"testuser/{repo_id}"
         if repo_id in state.repos:
-            return JSONResponse({"error": "You already created this model repo", "url": f"{base(request)}/{repo_id}"},
-                                status_code=409, headers={"X-Error-Message": "You already created this model repo"})
+            msg = "You already created this model repo"
+            return JSONResponse({"error": msg, "url": f"{base(request)}/{repo_id}"},
+                                status_code=409, headers={"X-Error-Message": msg})
         repo = Repo(repo_id, private=bool(body.get("private")))
         data = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
         entry = Entry(len(data), state.store(data), git_blob_sha1(data), False)
@@ -252,7 +256,8 @@ def create_app(state: HubState) -> FastAPI:
                 top = prefix + rest.split("/")[0]
                 if top not in dirs:
                     dirs.add(top)
-                    out.append({"type": "directory", "oid": git_blob_sha1(top.encode()), "size": 0, "path": top})
+                    out.append({"type": "directory", "oid": git_blob_sha1(top.encode()), "size": 0,
+                                "path": top})
                 if not recursive:
                     continue
             out.append(tree_entry(path, e))
@@ -273,7 +278,8 @@ def create_app(state: HubState) -> FastAPI:
         if err:
             return err
         return {
-            "branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": o} for b, o in repo.branches.items()],
+            "branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": o}
+                         for b, o in repo.branches.items()],
             "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": o} for t, o in repo.tags.items()],
             "converts": [],
         }
@@ -392,7 +398,8 @@ def create_app(state: HubState) -> FastAPI:
                     if not p.exists():
                         return _err(422, None, f"LFS object {v['oid']} was not uploaded")
                     size = p.stat().st_size
-                    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{v['oid']}\nsize {size}\n"
+                    pointer = (f"version https://git-lfs.github.com/spec/v1\noid sha256:{v['oid']}\n"
+                               f"size {size}\n")
                     files[v["path"]] = Entry(size, v["oid"], git_blob_sha1(pointer.encode()), True)
                 elif key == "deletedFile":
                     files.pop(v["path"], None)

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 HUB_TOKEN = "hf_test_token_write"
+ROOT = Path(__file__).resolve().parents[1]  #: the repository
 
 def load_state(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a model folder (every *.safetensors file)."""
@@ -33,7 +34,8 @@ def write_model(folder: Path, state: dict[str, torch.Tensor], like: Path) -> Pat
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
     """Every file of a folder (recursively) → bytes, for bit-identity checks."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    files = sorted(Path(folder).rglob("*"))
+    return {str(p.relative_to(folder)): p.read_bytes() for p in files if p.is_file()}
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("slerp_bench_run", Path(__file__).resolve().parents[1] / "bench" / "run.py")
+_spec = importlib.util.spec_from_file_location("slerp_bench_run",
+                                               Path(__file__).resolve().parents[1] / "bench" / "run.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
@@ -41,7 +42,8 @@ def test_run_order_puts_every_system_first_once_and_varies_its_predecessor():
 
 def _row(layers: int, params_m: float, device: str, ours: list[float], floors: list[float]) -> dict:
     run = [{"wall_s": w, "cpu_s": 1.5 * w, "user_s": w, "sys_s": 0.5 * w, "peak_rss_mb": 476.0} for w in ours]
-    floor = [{"floor_s": f, "read_cold_s": 0.7 * f, "read_warm_s": 0.1, "write_fsync_s": 0.3 * f} for f in floors]
+    floor = [{"floor_s": f, "read_cold_s": 0.7 * f, "read_warm_s": 0.1, "write_fsync_s": 0.3 * f}
+             for f in floors]
     return {"layers": layers, "params_m": params_m, "model_gb": params_m * 2e-3, "device": device,
             "floors": floor, "runs": {"ours": run}}
 

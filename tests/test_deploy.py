@@ -139,7 +139,8 @@ def test_dockerfile_lints_and_uses_the_ci_lock():
     hadolint = shutil.which("hadolint") or str(Path(__import__("sys").executable).parent / "hadolint")
     if not Path(hadolint).exists():
         pytest.skip("hadolint is not installed")
-    r = subprocess.run([hadolint, str(ROOT / "docker" / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([hadolint, str(ROOT / "docker" / "Dockerfile")], capture_output=True, text=True,
+                       timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert re.search(r"^FROM apache/airflow:\$\{AIRFLOW_VERSION\}", dockerfile, re.M)
     assert "pip install --no-cache-dir -c constraints.txt" in dockerfile and "constraints.txt" in dockerfile

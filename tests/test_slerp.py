@@ -9,7 +9,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slerp_plugin.validate import ulp_distance
 from slerp_plugin.slerp import (
     SlerpStats,
     accumulate,
@@ -20,6 +19,7 @@ from slerp_plugin.slerp import (
     slerp_reference,
     slerp_with_coefficients,
 )
+from slerp_plugin.validate import ulp_distance
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -208,7 +208,8 @@ def test_batched_pass_one_equals_chunk_by_chunk_sums():
     chunks = [(a[s : s + 1024], b[s : s + 1024]) for s in range(0, 10_000, 1024)]
     one_by_one = SlerpStats()
     for x, y in chunks:
-        one_by_one = one_by_one + SlerpStats(float(torch.dot(x, x)), float(torch.dot(y, y)), float(torch.dot(x, y)))
+        sums = SlerpStats(float(torch.dot(x, x)), float(torch.dot(y, y)), float(torch.dot(x, y)))
+        one_by_one = one_by_one + sums
     assert accumulate_chunks(chunks) == one_by_one  # same float64 sums, bit for bit
     assert accumulate_chunks([]) == SlerpStats()
 

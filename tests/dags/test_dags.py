@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from dag_helpers import states, tries
 
+from slerp_plugin.formats.manifest import Manifest
+
 HUB_TOKEN = "hf_test_token_write"
-from slerp_plugin.manifest import Manifest
 
 pytest.importorskip("airflow")
 
@@ -48,7 +48,7 @@ def test_params_reject_t_out_of_range_before_any_task(dagbag, demo_bf16):
 
 
 def test_merge_dag_end_to_end_with_hub_retries_and_publish(dagbag, demo_bf16, hub):
-    from slerp_plugin.hub import upload_folder
+    from slerp_plugin.hub.client import upload_folder
 
     upload_folder(demo_bf16[0], "org/a")
     upload_folder(demo_bf16[1], "org/b")
@@ -73,7 +73,7 @@ def test_merge_dag_end_to_end_with_hub_retries_and_publish(dagbag, demo_bf16, hu
 
 
 def test_interrupted_merge_is_retried_and_resumes(dagbag, demo_bf16, monkeypatch):
-    from slerp_plugin import checkpoint
+    from slerp_plugin.io import writer as checkpoint
 
     original = checkpoint.ShardWriter.write
     seen = {"bytes": 0, "failed": False}
@@ -96,8 +96,8 @@ def test_interrupted_merge_is_retried_and_resumes(dagbag, demo_bf16, monkeypatch
 
 
 def test_invalid_t_inside_the_merge_fails_fast(dagbag, demo_bf16):
-    from slerp_plugin.pipeline import spec_from_params
     from slerp_plugin.errors import ConfigError
+    from slerp_plugin.integrations.airflow.tasks import spec_from_params
 
     with pytest.raises(ConfigError, match="t: must be between 0 and 1"):
         spec_from_params({"model_1": "a", "model_2": "b", "t": 2}, "o")
@@ -106,7 +106,7 @@ def test_invalid_t_inside_the_merge_fails_fast(dagbag, demo_bf16):
 def test_nightly_skips_unchanged_parents_and_merges_new_revisions(dagbag, demo_bf16, hub, tmp_path):
     import shutil
 
-    from slerp_plugin.hub import upload_folder
+    from slerp_plugin.hub.client import upload_folder
 
     upload_folder(demo_bf16[0], "org/a")
     upload_folder(demo_bf16[1], "org/b")

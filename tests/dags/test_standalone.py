@@ -81,7 +81,8 @@ class Standalone:
 
     def api(self, method: str, path: str, **kw) -> httpx.Response:
         if self.token is None:
-            r = httpx.post(f"{self.url}/auth/token", json={"username": "admin", "password": self.password}, timeout=30)
+            r = httpx.post(f"{self.url}/auth/token", json={"username": "admin", "password": self.password},
+                           timeout=30)
             r.raise_for_status()
             self.token = r.json()["access_token"]
         return httpx.request(method, f"{self.url}{path}", headers={"Authorization": f"Bearer {self.token}"},
@@ -184,7 +185,8 @@ def browser_session(standalone):
 
 @needs_chromium
 def test_trigger_from_the_ui_in_headless_chromium(standalone, demo_bf16):
-    before = {r["dag_run_id"] for r in standalone.api("GET", "/api/v2/dags/slerp_merge/dagRuns").json()["dag_runs"]}
+    runs = standalone.api("GET", "/api/v2/dags/slerp_merge/dagRuns").json()["dag_runs"]
+    before = {r["dag_run_id"] for r in runs}
     with browser_session(standalone) as page:
         try:
             page.goto(f"{standalone.url}/dags/slerp_merge", wait_until="domcontentloaded")

@@ -1,0 +1,150 @@
+"""The subcommands of ``slerp-merge``: ``mergekit``, ``validate``, ``upload``, ``demo-models``.
+
+Each takes its argument list and returns the exit status; errors are raised as
+:class:`~slerp_plugin.errors.SlerpPluginError` and reported by :func:`slerp_plugin.cli.main.main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..errors import ConfigError
+
+PROG = "slerp-merge"
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+
+
+def demo_models(argv: list[str]) -> int:
+    """``slerp-merge demo-models DIR``: build the demo model pair."""
+    from ..demo.pair import main
+
+    return main(argv)
+
+
+def mergekit(argv: list[str]) -> int:
+    """``slerp-merge mergekit CONFIG OUT``: a mergekit YAML on the streaming engine."""
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} mergekit",
+        description="Run a mergekit merge YAML (merge_method: slerp_for_causal_lm or slerp) "
+        "with the streaming engine.",
+    )
+    parser.add_argument("config", type=Path, help="mergekit merge YAML")
+    parser.add_argument("out_path", type=Path, help="output folder (must not exist)")
+    parser.add_argument("--max-shard-size", default="5GB", help="bytes per output shard (default 5GB)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier merge in the output folder")
+    parser.add_argument("--show-pbar", action="store_true", help="progress bar even without a terminal")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU compute threads (default: usable CPUs - 2, at least 1)")
+    parser.add_argument("--buffered-io", action="store_true",
+                        help="read and write through the page cache instead of O_DIRECT")
+    parser.add_argument("--buffer-memory", default="192MB",
+                        help="input block buffers; tensors that fit stay in memory between the passes "
+                             "(default 192MB)")
+    args = parser.parse_args(argv)
+    from .process import merge_process
+
+    with merge_process(mergekit_models(args.config)) as prefetch:
+        from ..formats.mergekit_yaml import load_mergekit_yaml, spec_from_mergekit
+        from ..merge import run_merge
+
+        setup_logging()
+        spec = spec_from_mergekit(
+            load_mergekit_yaml(args.config), args.out_path, max_shard_size=args.max_shard_size,
+            device=args.device, overwrite=args.overwrite, show_pbar=args.show_pbar,
+            threads=args.threads, direct_io=not args.buffered_io, buffer_memory=args.buffer_memory,
+        )
+        result = run_merge(spec, prefetch=prefetch)
+    print(f"merged model: {result.output}")
+    return 0
+
+
+def mergekit_models(config: Path) -> list[str]:
+    """The model references of a mergekit YAML, best effort (the YAML is checked later)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(config.read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    found: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("model", "base_model") and isinstance(value, str):
+                    found.append(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(doc)
+    return found
+
+
+def validate(argv: list[str]) -> int:
+    """``slerp-merge validate OUT --parents A B``: exit 0 passed, 6 gate failed."""
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} validate",
+        description="Validate a merged model: structure, spot re-computation, perplexity vs the parents. "
+        "Writes validation.json and validation.txt; exits 6 when the gate fails.",
+    )
+    parser.add_argument("model", type=Path, help="the merged model folder")
+    parser.add_argument("--parents", nargs=2, type=Path, required=True, metavar=("MODEL_1", "MODEL_2"))
+    parser.add_argument("--skip-functional", metavar="REASON", help="skip the perplexity gate, saying why")
+    parser.add_argument("--eval-text", type=Path, help="text file for perplexity (default: bundled text)")
+    parser.add_argument("--margin", type=float, default=0.10,
+                        help="allowed excess over the worse parent's perplexity (default 0.10 = 10%%)")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="evaluation tokens (default 1024)")
+    parser.add_argument("--spot", type=int, default=16,
+                        help="tensors sampled for re-computation of big models")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--t", type=float, help="t of the merge, for outputs without merge_manifest.json")
+    parser.add_argument("--report", type=Path, help="folder for validation.json (default: the model folder)")
+    args = parser.parse_args(argv)
+
+    from ..validate import validate_merge, write_report
+
+    setup_logging()
+    if args.eval_text is not None and not args.eval_text.is_file():
+        raise ConfigError(f"--eval-text: no such file: {args.eval_text}", path=args.eval_text)
+    report = validate_merge(
+        args.model, tuple(args.parents), skip_functional=args.skip_functional,
+        eval_text=args.eval_text.read_text() if args.eval_text else None, margin=args.margin,
+        max_tokens=args.max_tokens, spot_sample=args.spot, device=args.device, t=args.t,
+    )
+    path = write_report(report, args.report)
+    print(report.summary)
+    print(f"report: {path}")
+    return 0 if report.passed else 6
+
+
+def upload(argv: list[str]) -> int:
+    """``slerp-merge upload OUT org/name``: publish a merged folder in one commit."""
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} upload",
+        description="Upload a merged model folder to the Hugging Face Hub in one commit (token: HF_TOKEN "
+        "or `hf auth login`). Re-running after a failure never makes a second or empty commit.",
+    )
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("repo_id", help="org/name; created if missing")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--revision", default="main", help="branch to commit to (default main)")
+    parser.add_argument("--message", help="commit message (default: names the parents, their shas and t)")
+    args = parser.parse_args(argv)
+
+    from ..hub.client import upload_folder
+
+    setup_logging()
+    up = upload_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                       commit_message=args.message)
+    print(f"{'committed' if up.new_commit else 'unchanged'}: {up.commit} {up.url}")
+    return 0

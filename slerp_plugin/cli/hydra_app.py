@@ -1,0 +1,166 @@
+"""The seed's FusionBench config run with Hydra's flags and override grammar.
+
+``--config-path``/``--config-name`` select the YAML (default: the seed's own config, bundled in
+``conf/``); overrides like ``method.t=0.3`` work whether or not the key is in the YAML; ``-m``
+sweeps (one output per value); ``--cfg job`` prints the composed config and merges nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from ..errors import SlerpPluginError
+
+log = logging.getLogger("slerp_plugin.cli")
+
+PROG = "slerp-merge"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+DEFAULT_CONFIG = "llm_slerp"
+
+_VALUE_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c",
+                "--package", "-p", "--experimental-rerun"}
+_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def split_hydra_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra's flags (with their values, config folders made absolute) and its positional
+    overrides, in order."""
+    flags: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _VALUE_FLAGS and i + 1 < len(argv):
+            value = argv[i + 1]
+            if arg in ("--config-path", "-cp", "--config-dir", "-cd"):
+                # Hydra resolves a relative path against its own module; users mean the cwd
+                value = str(Path(value).absolute())
+            flags += [arg, value]
+            i += 2
+            continue
+        if arg in ("--info", "-i") and i + 1 < len(argv) and argv[i + 1] in _INFO_CHOICES:
+            flags += argv[i : i + 2]
+            i += 2
+            continue
+        for flag in ("--config-path", "--config-dir"):
+            if arg.startswith(flag + "="):
+                arg = f"{flag}={Path(arg.split('=', 1)[1]).absolute()}"
+        (flags if arg.startswith("-") else overrides).append(arg)
+        i += 1
+    return flags, overrides
+
+
+def force_method_keys(argv: list[str]) -> list[str]:
+    """``method.DOT_THRESHOLD=0.99`` → ``++method.DOT_THRESHOLD=0.99`` for the method's known options.
+
+    The seed's YAML lacks most option keys, and Hydra refuses to override an absent key without
+    ``+``; ``++`` adds or overrides, so both spellings work.
+    """
+    from ..formats.fusionbench import METHOD_KEYS
+
+    out = []
+    for arg in argv:
+        m = re.fullmatch(r"method\.(\w+)=(.*)", arg, flags=re.S)
+        out.append(f"++{arg}" if m and m.group(1) in METHOD_KEYS else arg)
+    return out
+
+
+def swept_keys(overrides: list[str]) -> set[str]:
+    """Keys that a multirun sweeps over (``method.t=0.3,0.5`` → ``{"method.t"}``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # Hydra reports grammar errors itself, later
+        return set()
+    return {o.key_or_group for o in parsed if o.is_sweep_override()}
+
+
+def multirun_suffix(task_overrides: list[str], swept: set[str]) -> str:
+    """``t=0.3`` from a job's concrete overrides, keeping the swept keys only."""
+    parts = []
+    for o in task_overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key in swept:
+            parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
+    return re.sub(r"[^\w.=,+-]", "_", ",".join(parts))
+
+
+def fusionbench_models(container: object) -> list[str]:
+    """The model references of a composed seed config's ``modelpool``, best effort."""
+    pool = container.get("modelpool") if isinstance(container, dict) else None
+    models = pool.get("models") if isinstance(pool, dict) else None
+    found = []
+    for value in models.values() if isinstance(models, dict) else ():
+        if isinstance(value, dict):
+            value = value.get("pretrained_model_name_or_path")
+        if isinstance(value, str):
+            found.append(value)
+    return found
+
+
+def _task(cfg, swept: set[str]) -> None:
+    """One Hydra job: the composed config → MergeSpec → merge."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from .process import merge_process
+
+    hc = HydraConfig.get()
+    container = OmegaConf.to_container(cfg, resolve=True)
+    with merge_process(fusionbench_models(container)) as prefetch:
+        from ..formats.fusionbench import spec_from_fusionbench
+        from ..merge import run_merge
+
+        spec = spec_from_fusionbench(container, default_output=Path(hc.runtime.output_dir) / "merged")
+        explicit = isinstance(container.get("method"), dict) and container["method"].get("model_save_path")
+        if hc.mode == RunMode.MULTIRUN and explicit:
+            suffix = multirun_suffix(list(hc.overrides.task), swept) or f"job{hc.job.num}"
+            spec = spec.model_copy(update={"output": Path(spec.output) / suffix})
+        log.info("SLERP t=%s DOT_THRESHOLD=%s epsilon=%s: %s (%s) + %s (%s) -> %s",
+                 spec.t, spec.DOT_THRESHOLD, spec.epsilon, spec.model_1, spec.model_names[0],
+                 spec.model_2, spec.model_names[1], spec.output)
+        result = run_merge(spec, prefetch=prefetch)
+    print(f"merged model: {result.output}")
+    if result.upload is not None:
+        print(f"published: {result.upload.url}")
+
+
+def run_hydra(argv: list[str], fail) -> int:
+    """Run the seed-config command line ``argv``; ``fail(error, code)`` reports our errors.
+
+    Returns the exit status.
+    """
+    import hydra
+
+    flags, overrides = split_hydra_args(argv)
+    overrides = force_method_keys(overrides)
+    if not any(a.lstrip("+").startswith("hydra.sweep.dir") for a in overrides):
+        overrides.append("hydra.sweep.dir=outputs/multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}")
+    swept = swept_keys(overrides)
+    saved = sys.argv
+    sys.argv = [PROG, *flags, *overrides]
+    code = 0
+
+    def task(cfg) -> None:
+        nonlocal code
+        try:
+            _task(cfg, swept)
+        except SlerpPluginError as e:
+            if os.environ.get("SLERP_DEBUG") == "1":
+                raise
+            code = fail(e, e.exit_code)
+            raise SystemExit(code) from None
+
+    try:
+        hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=DEFAULT_CONFIG)(task)()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved
+    return code

@@ -1,0 +1,367 @@
+"""Executing a plan: each output shard streamed from the parents' blocks through the kernel.
+
+Nothing is gathered into a state dict: each tensor is read from the parents' safetensors files in
+blocks, merged by the two-pass kernel (:mod:`slerp_plugin.slerp`) and written to the output shard
+the plan assigns. Peak memory is a few blocks, whatever the model or tensor size.
+
+Per shard (:class:`ShardMerge`): two ordered read-ahead threads read block pairs (and, on a CPU,
+take pass 1 of what they read), the calling thread runs the kernel, a write-behind thread writes
+the output (its SHA-256 on a thread of its own), and a thread per model feeds the input SHA-256
+from the bytes read. Finished shards are journalled (:mod:`slerp_plugin.engine.resume`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..formats.manifest import ShardRecord, TensorRecord
+from ..io.prefetch import Prefetch
+from ..io.reader import PageCache, TensorReader, aligned_capacity
+from ..io.safetensors import DTYPES, TensorInfo
+from ..io.streams import ReadAhead, WriteBehind
+from ..io.writer import ShardWriter
+from ..slerp import SlerpCoefficients, SlerpStats, accumulate_chunks, coefficients, combine, compute_dtype
+from . import buffers
+from .buffers import BlockLayout, BufferPool, Lease
+from .inputs import InputHashes
+from .plan import MergePlan, ShardPlan, TensorJob, format_bytes
+from .resources import compute_threads, page_cache_budget
+from .resume import ShardOutcome, load_outcome, prepare_partial, write_marker
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+
+
+def merge_shards(
+    plan: MergePlan,
+    indices: Sequence[int] | None = None,
+    *,
+    progress: Progress | None = None,
+    hashes: InputHashes | None = None,
+    prefetch: Prefetch | None = None,
+) -> list[ShardOutcome]:
+    """Write the shards ``indices`` (default: all) of ``plan`` into ``<output>.partial``.
+
+    Shards already finished by an earlier run are verified by SHA-256 and reused.
+    ``progress(nbytes)`` is called as output bytes are produced (or reused). ``hashes`` receives
+    the bytes read, for the inputs' SHA-256; ``prefetch`` is the start-up read-ahead whose
+    page-cache contents are used instead of reading the disk again.
+
+    Raises:
+        CheckpointError: an input file is unreadable or truncated.
+        OutputWriteError: writing failed (e.g. disk full); finished shards stay for a resume.
+    """
+    if prepare_partial(plan):
+        log.info("%s is complete; nothing to merge", plan.partial)
+        return []
+    selected = plan.shards if indices is None else [plan.shards[i] for i in indices]
+    outcomes = []
+    cached = prefetch.covers if prefetch is not None else None
+    with TensorReader(direct=plan.spec.direct_io, cached=cached) as reader, \
+            compute_threads(plan.device, plan.spec.threads) as threads:
+        log.info("merging %d shard(s) on %s with %d compute thread(s), %s I/O", len(selected),
+                 plan.device, threads, "direct" if plan.spec.direct_io else "buffered")
+        for shard in selected:
+            outcome = load_outcome(plan, shard, verify=True)
+            if outcome is not None:
+                outcome.reused = True
+                write_marker(plan, shard, outcome)
+                log.info("shard %d/%d %s: reused from an earlier run (sha256 verified)",
+                         shard.index + 1, len(plan.shards), shard.file)
+                if progress:
+                    progress(shard.nbytes)
+            else:
+                outcome = ShardMerge(plan, shard, reader, hashes=hashes, progress=progress).run()
+            outcomes.append(outcome)
+    return outcomes
+
+
+def schedule(job: TensorJob, block: int, hold_blocks: int) -> Iterator[tuple[str, int, int]]:
+    """The block reads a tensor needs, in order: (kind, start element, count).
+
+    ``keep``: model_1's tensor copied. ``hold``: tensors of at most ``hold_blocks`` blocks are
+    read once and kept in memory for pass 2. ``pass1``/``pass2``: larger tensors are read twice.
+    """
+    n = job.a.numel
+    starts = range(0, max(n, 1), block)
+    if job.action == "keep":
+        kinds: tuple[str, ...] = ("keep",)
+    elif len(starts) <= hold_blocks:
+        kinds = ("hold",)
+    else:
+        kinds = ("pass1", "pass2")
+    for kind in kinds:
+        for s in starts:
+            yield kind, s, min(block, n - s)
+
+
+@dataclass
+class Block:
+    """One block of a tensor in a pool buffer; releasing the lease gives the buffer back."""
+
+    lease: Lease
+    data: torch.Tensor
+
+
+@dataclass
+class BlockRead:
+    """What a read task delivers: model_1's block, model_2's (None for ``keep``), and the pass-1
+    sums when the reader thread took them (CPU merges)."""
+
+    a: Block
+    b: Block | None
+    stats: SlerpStats | None
+
+
+class ShardMerge:
+    """Merges one output shard of a plan; :meth:`run` does it and returns the journal entry.
+
+    Tensors of at most ``hold_blocks`` blocks are read once and held between the two SLERP passes;
+    larger ones are read twice (through the page cache when it has room). Block buffers come from
+    fixed pools, so memory is bounded by ``buffer_memory`` whatever the tensor size.
+    """
+
+    def __init__(self, plan: MergePlan, shard: ShardPlan, reader: TensorReader, *,
+                 hashes: InputHashes | None = None, progress: Progress | None = None) -> None:
+        self.plan, self.shard, self.reader = plan, shard, reader
+        self.hashes, self.progress = hashes, progress
+        spec = plan.spec
+        self.device = plan.device
+        self.load_dtype = getattr(torch, spec.dtype) if spec.dtype else None
+        self.layout = BlockLayout.for_shard(
+            [j.a.itemsize for j in shard.jobs] + [j.b.itemsize for j in shard.jobs],
+            [DTYPES[j.out_dtype][1] for j in shard.jobs],
+            spec.chunk_elements, spec.buffer_memory, buffers.IO_BLOCK_BYTES,
+        )
+        self.pinned = self.device.type == "cuda"
+        self.raw_pool = BufferPool(2 * self.layout.per_side, self.layout.raw_bytes, self.pinned)
+        self.out_pool = BufferPool(buffers.OUT_BUFFERS, self.layout.out_bytes, self.pinned)
+        # CPU merges: the reader threads take pass 1 of the blocks they read, the calling thread
+        # pass 2; per-chunk sums added in order give the same float64 sums on any thread
+        self.stats_on_read = self.device.type == "cpu"
+        self.threads = torch.get_num_threads()
+        self.cache_budget = page_cache_budget()
+        self.bytes_read = 0
+        self._scratch = threading.local()
+        self._feed: ReadAhead | None = None
+        self._sink: WriteBehind | None = None
+        self._hashing: tuple[WriteBehind, WriteBehind] | None = None
+
+    # ---------------------------------------------------------------- the shard
+
+    def run(self) -> ShardOutcome:
+        """Merge every tensor of the shard into ``<output>.partial/<file>``; journal it.
+
+        Raises:
+            CheckpointError: an input is unreadable or truncated.
+            OutputWriteError: writing failed; no file is left at the shard's path.
+        """
+        started = time.perf_counter()
+        with ExitStack() as stack:
+            writer = stack.enter_context(ShardWriter(self.plan.partial / self.shard.file,
+                                                     [j.output for j in self.shard.jobs],
+                                                     direct=self.plan.spec.direct_io))
+            self._sink = stack.enter_context(WriteBehind(lambda item: self._write_out(writer, item)))
+            self._hashing = (stack.enter_context(WriteBehind(self._hash_input)),
+                             stack.enter_context(WriteBehind(self._hash_input)))
+            self._feed = stack.enter_context(
+                ReadAhead(self._read_tasks(), depth=buffers.READ_AHEAD, workers=buffers.READ_WORKERS))
+            stack.push(self._stop_readers_on_error)
+            records = [self._merge_tensor(job) for job in self.shard.jobs]
+        seconds = time.perf_counter() - started
+        record = ShardRecord(file=self.shard.file, size=writer.size, sha256=writer.sha256,
+                             tensors=len(self.shard.jobs))
+        outcome = ShardOutcome(record, records, seconds, self.bytes_read)
+        write_marker(self.plan, self.shard, outcome)
+        log.info("shard %d/%d %s: %d tensors, %s written in %.1f s (%s/s)",
+                 self.shard.index + 1, len(self.plan.shards), self.shard.file, len(self.shard.jobs),
+                 format_bytes(record.size), seconds, format_bytes(record.size / max(seconds, 1e-9)))
+        return outcome
+
+    def _stop_readers_on_error(self, exc_type: object, exc: object, tb: object) -> bool:
+        if exc_type is not None:
+            self.raw_pool.close()  # a reader waiting for a buffer gives up
+        return False
+
+    # ---------------------------------------------------------------- one tensor
+
+    def _merge_tensor(self, job: TensorJob) -> TensorRecord:
+        """Keep, hold, or two passes: every block of ``job`` through the kernel, in read order."""
+        src, cdtype = self._dtypes(job)
+        stats, coeff, held = SlerpStats(), None, []
+        for kind, start, count in schedule(job, self.layout.block, self.layout.hold_blocks):
+            read: BlockRead = next(self._feed)
+            self._account(job, start, read)
+            if read.b is None:  # "keep": model_1's tensor as it is
+                self._emit_copy(read.a, src, job.out_dtype, count)
+            elif kind == "pass2":
+                if coeff is None:
+                    coeff = self._coefficients(job, stats, cdtype)
+                self._merge_block(read.a, read.b, src, cdtype, coeff, job.out_dtype)
+            else:
+                stats = stats + (read.stats if read.stats is not None
+                                 else self._block_stats(read.a.data, read.b.data, src, cdtype))
+                if kind == "hold":
+                    held.append((read.a, read.b))
+                else:
+                    self._release(read.a, read.b)
+        if held:
+            coeff = self._coefficients(job, stats, cdtype)
+            for a, b in held:
+                self._merge_block(a, b, src, cdtype, coeff, job.out_dtype)
+        if coeff is not None:
+            log.debug("%s: %s (d=%.6g, s0=%.6g, s1=%.6g)", job.name, coeff.branch, coeff.d,
+                      float(coeff.s0), float(coeff.s1))
+        return tensor_record(job, self.shard.file, coeff)
+
+    def _dtypes(self, job: TensorJob) -> tuple[torch.dtype, torch.dtype]:
+        """The dtype a job's inputs are loaded in, and the dtype SLERP computes in."""
+        src = self.load_dtype or job.a.torch_dtype
+        return src, compute_dtype(src)
+
+    def _coefficients(self, job: TensorJob, stats: SlerpStats, cdtype: torch.dtype) -> SlerpCoefficients:
+        spec = self.plan.spec
+        return coefficients(job.t, stats, dtype=cdtype, DOT_THRESHOLD=spec.DOT_THRESHOLD,
+                            epsilon=spec.epsilon)
+
+    def _account(self, job: TensorJob, start: int, read: BlockRead) -> None:
+        """Count the bytes read and queue them for the inputs' SHA-256."""
+        self.bytes_read += read.a.data.nbytes + (read.b.data.nbytes if read.b is not None else 0)
+        self._hash_later(0, job.a, start, read.a)
+        if read.b is not None:
+            self._hash_later(1, job.b, start, read.b)
+
+    # ---------------------------------------------------------------- reading
+
+    def _read_tasks(self) -> Iterator[Callable[[], BlockRead]]:
+        """The block reads of the shard in kernel order, as tasks for the read-ahead threads."""
+        for job in self.shard.jobs:
+            src, cdtype = self._dtypes(job)
+            for kind, start, count in schedule(job, self.layout.block, self.layout.hold_blocks):
+                def task(job=job, kind=kind, start=start, count=count, src=src, cdtype=cdtype) -> BlockRead:
+                    a = self._read(job.a, start, count, kind)
+                    if kind == "keep":
+                        return BlockRead(a, None, None)
+                    b = self._read(job.b, start, count, kind)
+                    stats = None
+                    if self.stats_on_read and kind in ("hold", "pass1"):
+                        stats = self._block_stats(a.data, b.data, src, cdtype)
+                    return BlockRead(a, b, stats)
+                yield task
+
+    def _read(self, info: TensorInfo, start: int, count: int, kind: str) -> Block:
+        nbytes = count * info.itemsize
+        buf = self.raw_pool.take(aligned_capacity(nbytes))
+        # a tensor read twice stays in the page cache between its passes, if it fits there
+        page_cache: PageCache = "bypass"
+        if kind in ("pass1", "pass2") and 2 * info.nbytes <= self.cache_budget:
+            page_cache = "keep" if kind == "pass1" else "drop"
+        skew = self.reader.read_aligned(info, start * info.itemsize, nbytes, buf, page_cache) if count else 0
+        data = buf[skew : skew + nbytes]
+        if skew % info.itemsize:  # a tensor not aligned to its element size in the file
+            data = buf[:nbytes].copy_(data.clone())
+        hashed = self.hashes is not None and self.hashes.get(info.file) is not None
+        return Block(Lease(self.raw_pool, buf, 2 if hashed else 1), data.view(info.torch_dtype))
+
+    def _release(self, *blocks: Block) -> None:
+        # a CUDA copy out of a pinned buffer may still be running: the pool waits for it
+        pending = torch.cuda.Event() if self.pinned else None
+        if pending is not None:
+            pending.record()
+        for block in blocks:
+            block.lease.release(pending)
+
+    def _hash_later(self, side: int, info: TensorInfo, start: int, block: Block) -> None:
+        # in read order, on a thread per model (one SHA-256 stream runs at about 1.7 GB/s)
+        hasher = self.hashes.get(info.file) if self.hashes is not None else None
+        if hasher is not None:
+            self._hashing[side].put((hasher, info.offset + start * info.itemsize,
+                                     block.data.view(torch.uint8), block.lease))
+
+    @staticmethod
+    def _hash_input(item: tuple[Any, int, torch.Tensor, Lease]) -> None:
+        hasher, pos, data, lease = item
+        try:
+            hasher.feed(pos, memoryview(data.numpy()))
+        finally:
+            lease.release()
+
+    # ---------------------------------------------------------------- the kernel
+
+    def _pieces(self, a_raw: torch.Tensor, b_raw: torch.Tensor, src: torch.dtype, cdtype: torch.dtype,
+                size: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """A block as (offset, a, b) pieces of ``size`` elements in the compute dtype."""
+        if src != a_raw.dtype:  # ``dtype`` asks for the models to be loaded in another dtype
+            a_raw, b_raw = a_raw.to(src), b_raw.to(src)
+        if self.device.type == "cpu" and cdtype == torch.float32:
+            if not hasattr(self._scratch, "buffers"):
+                self._scratch.buffers = (torch.empty(self.layout.chunk), torch.empty(self.layout.chunk))
+            sa, sb = self._scratch.buffers
+            for i in range(0, a_raw.numel(), size):
+                n = min(size, a_raw.numel() - i)
+                yield i, sa[:n].copy_(a_raw[i : i + n]), sb[:n].copy_(b_raw[i : i + n])
+            return
+        a = a_raw.to(self.device, non_blocking=True).to(cdtype)
+        b = b_raw.to(self.device, non_blocking=True).to(cdtype)
+        for i in range(0, a.numel(), size):
+            yield i, a[i : i + size], b[i : i + size]
+
+    def _block_stats(self, a_raw: torch.Tensor, b_raw: torch.Tensor, src: torch.dtype,
+                     cdtype: torch.dtype) -> SlerpStats:
+        if not hasattr(self._scratch, "threads"):
+            # BLAS thread counts are per thread (MKL): the same count on every thread, the same sums
+            torch.set_num_threads(self.threads)
+            self._scratch.threads = self.threads
+        pieces = self._pieces(a_raw, b_raw, src, cdtype, self.layout.chunk)
+        return accumulate_chunks((a, b) for _, a, b in pieces)
+
+    def _merge_block(self, a: Block, b: Block, src: torch.dtype, cdtype: torch.dtype,
+                     coeff: SlerpCoefficients, out_dtype: str) -> None:
+        # element-wise: the piece size changes no bit, only how well the CPU cache is used
+        size = self.layout.chunk if self.device.type == "cpu" else self.layout.block
+        buf, out = self._take_out(a.data.numel(), out_dtype)
+        for i, x, y in self._pieces(a.data, b.data, src, cdtype, size):
+            out[i : i + x.numel()].copy_(combine(x, y, coeff, out=x, scratch=y))
+        self._release(a, b)
+        self._emit(buf, out)
+
+    def _emit_copy(self, a: Block, src: torch.dtype, out_dtype: str, count: int) -> None:
+        buf, out = self._take_out(count, out_dtype)
+        out.copy_(a.data.to(src))
+        self._release(a)
+        self._emit(buf, out)
+
+    # ---------------------------------------------------------------- writing
+
+    def _take_out(self, count: int, out_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype, size = DTYPES[out_dtype]
+        buf = self.out_pool.take(count * size)
+        return buf, buf[: count * size].view(dtype)
+
+    def _emit(self, buf: torch.Tensor, out: torch.Tensor) -> None:
+        self._sink.put((buf, out))
+        if self.progress:
+            self.progress(out.nbytes)
+
+    def _write_out(self, writer: ShardWriter, item: tuple[torch.Tensor, torch.Tensor]) -> None:
+        buf, out = item
+        writer.write(memoryview(out.view(torch.uint8).numpy()))
+        self.out_pool.give(buf)
+
+
+def tensor_record(job: TensorJob, shard: str, coeff: SlerpCoefficients | None) -> TensorRecord:
+    """The manifest record of one merged (or kept) tensor."""
+    base = {"name": job.name, "shape": list(job.a.shape), "dtype": job.out_dtype, "shard": shard, "t": job.t}
+    if job.action == "keep":
+        return TensorRecord(**base, branch="shape-kept")
+    assert coeff is not None  # every merged tensor has at least one block, so pass 1 ran
+    return TensorRecord(**base, **coeff.as_record())

@@ -1,0 +1,154 @@
+"""Finishing a merge: index, configs, tokenizer, manifest and model card written into
+``<output>.partial``, which then becomes ``<output>`` by one rename."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import OutputExistsError, OutputWriteError
+from ..formats.manifest import InputRecord, Manifest, describe_input
+from ..formats.modelcard import render_model_card
+from ..io.atomic import fsync_dir, write_json_atomic
+from ..io.model_files import CONFIG_FILES, TOKENIZER_FILES
+from ..io.safetensors import INDEX_NAME
+from .inputs import input_files
+from .output import publish
+from .plan import MergePlan
+from .resume import STATE_DIR, ShardOutcome, finished_partial, load_outcome
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MergeResult:
+    """A finished merge: the output folder, its manifest, and the Hub upload if one was asked for
+    (a :class:`slerp_plugin.hub.client.Upload`)."""
+
+    output: Path
+    manifest: Manifest
+    upload: object | None = None
+
+
+def finalize(
+    plan: MergePlan,
+    *,
+    input_hashes: dict[Path, str] | None = None,
+    started_at: float | None = None,
+) -> MergeResult:
+    """Check every shard is journalled, write index, configs, tokenizer, manifest and model card,
+    then move ``<output>.partial`` to ``<output>`` in one rename.
+
+    ``input_hashes`` are checksums already computed (:meth:`InputHashes.finish
+    <slerp_plugin.engine.inputs.InputHashes.finish>`); the others are computed (cached) here.
+    ``started_at`` (``time.perf_counter()``) adds the total time to the manifest.
+
+    Raises:
+        OutputWriteError: a shard is missing (not merged yet) or writing failed.
+        OutputExistsError: the destination appeared meanwhile and may not be replaced.
+    """
+    t0 = time.perf_counter()
+    finished = finished_partial(plan)
+    if finished is not None:
+        publish(plan)
+        log.info("merged model at %s (finished by an earlier run)", plan.output)
+        return MergeResult(plan.output, finished)
+    outcomes = []
+    for shard in plan.shards:
+        outcome = load_outcome(plan, shard, verify=False)
+        if outcome is None:
+            raise OutputWriteError(f"{plan.partial}: shard {shard.file} is not merged yet; "
+                                   "merge every shard before finishing", path=plan.partial)
+        outcomes.append(outcome)
+    partial = plan.partial
+    try:
+        _write_index(plan, partial)
+        _copy_configs(plan, partial)
+        for name in TOKENIZER_FILES:
+            src = plan.paths["tokenizer"] / name
+            if src.is_file():
+                shutil.copyfile(src, partial / name)
+        manifest = _build_manifest(plan, outcomes, input_records(plan, input_hashes), started_at, t0)
+        manifest.write(partial)
+        (partial / "README.md").write_text(render_model_card(manifest))
+        shutil.rmtree(partial / STATE_DIR)
+        fsync_dir(partial)
+        publish(plan)
+    except (OutputWriteError, OutputExistsError):
+        raise
+    except OSError as e:
+        raise OutputWriteError(f"finishing {plan.output} failed: {e.strerror or e}", path=plan.output) from e
+    log.info("merged model at %s", plan.output)
+    return MergeResult(plan.output, manifest)
+
+
+def input_records(plan: MergePlan, hashes: dict[Path, str] | None = None) -> dict[str, InputRecord]:
+    """Manifest records of the inputs; files' SHA-256 from ``hashes`` or computed (cached)."""
+    refs = {"model_1": plan.spec.model_1, "model_2": plan.spec.model_2, "tokenizer": plan.spec.tokenizer_ref}
+    hashes = {**plan.known_hashes, **(hashes or {})}
+    records = {}
+    for role, ref in refs.items():
+        record = describe_input(ref, plan.paths[role], input_files(plan, role), hashes)
+        record.commit = plan.commits.get(role)
+        records[role] = record
+    return records
+
+
+def _write_index(plan: MergePlan, folder: Path) -> None:
+    weight_map = {j.name: s.file for s in plan.shards for j in s.jobs}
+    write_json_atomic(
+        folder / INDEX_NAME,
+        {"metadata": {"total_size": plan.total_bytes}, "weight_map": weight_map},
+    )
+
+
+def _copy_configs(plan: MergePlan, folder: Path) -> None:
+    for name in CONFIG_FILES:
+        src = plan.paths["model_1"] / name
+        if not src.is_file():
+            continue
+        stored = plan.spec.stored_dtype
+        if name == "config.json" and stored:
+            cfg = json.loads(src.read_text())
+            for key in ("dtype", "torch_dtype"):
+                if key in cfg:
+                    cfg[key] = stored
+            cfg.setdefault("dtype", stored)
+            write_json_atomic(folder / name, cfg)
+        else:
+            shutil.copyfile(src, folder / name)
+
+
+def _build_manifest(
+    plan: MergePlan,
+    outcomes: list[ShardOutcome],
+    inputs: dict[str, InputRecord],
+    started_at: float | None,
+    finalize_started: float,
+) -> Manifest:
+    merge_s = sum(o.seconds for o in outcomes)
+    now = time.perf_counter()
+    timings = {
+        "merge_s": round(merge_s, 3),
+        "finalize_s": round(now - finalize_started, 3),
+        "bytes_read": float(sum(o.bytes_read for o in outcomes)),
+        "bytes_written": float(plan.total_bytes),
+        "write_MBps": round(plan.total_bytes / 1e6 / max(merge_s, 1e-9), 1),
+    }
+    if started_at is not None:
+        timings["total_s"] = round(now - started_at, 3)
+    return Manifest.create(
+        spec=plan.spec.model_dump(mode="json"),
+        inputs=inputs,
+        shards=[o.record for o in outcomes],
+        total_size=plan.total_bytes,
+        tensors=[t for o in outcomes for t in o.tensors],
+        warnings=plan.warnings,
+        timings=timings,
+        resume={"reused_shards": sum(o.reused for o in outcomes), "total_shards": len(outcomes)},
+        plan_fingerprint=plan.fingerprint,
+    )

@@ -1,0 +1,205 @@
+"""What the DAGs share: trigger-form params, retries and the retry policy, GPU routing, timeouts.
+
+The only module of the package that imports Airflow (``airflow.sdk``). Settings come from the
+environment so one image serves a laptop and a cluster:
+
+- ``SLERP_OUTPUT_ROOT`` (default ``~/slerp-merges``): where merges are written (a shared volume
+  when several workers cooperate);
+- ``SLERP_GPU_QUEUE`` (default ``gpu``) and ``SLERP_GPU_POOL`` (default ``default_pool``): where the
+  merge and the functional validation run;
+- ``SLERP_RETRIES`` (default 3), ``SLERP_RETRY_DELAY_S`` (default 30; doubled on each retry up to
+  30 minutes); ``SLERP_RECIPES_DIR`` (default ``dags/recipes``): the nightly recipe files.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import ExceptionRetryPolicy, Param, RetryAction, RetryRule
+
+from ...errors import TRANSIENT_ERRORS, SlerpPluginError
+
+TIMEOUTS = {
+    "resolve": timedelta(minutes=15),
+    "download": timedelta(hours=8),  # ~145 GB per 72B parent
+    "merge": timedelta(hours=12),
+    "validate": timedelta(hours=6),
+    "publish": timedelta(hours=8),
+    "summary": timedelta(minutes=10),
+}
+
+
+def output_root() -> Path:
+    return Path(os.environ.get("SLERP_OUTPUT_ROOT", Path.home() / "slerp-merges")).expanduser()
+
+
+def recipes_dir() -> Path:
+    return Path(os.environ.get("SLERP_RECIPES_DIR", Path(__file__).resolve().parents[1] / "dags" / "recipes"))
+
+
+def retry_policy() -> ExceptionRetryPolicy:
+    """Retry network/Hub outages and interrupted merges; fail fast on anything permanent."""
+    return ExceptionRetryPolicy(
+        rules=[
+            RetryRule(exception=[*TRANSIENT_ERRORS, ConnectionError, TimeoutError],
+                      action=RetryAction.RETRY, reason="transient: network, Hub 5xx or truncated download"),
+            RetryRule(exception=SlerpPluginError, action=RetryAction.FAIL,
+                      reason="permanent: bad config, unknown repo/revision, auth, or failed validation"),
+            RetryRule(exception=[ValueError, TypeError, KeyError], action=RetryAction.FAIL,
+                      reason="permanent: invalid input"),
+        ],
+        default=RetryAction.DEFAULT,  # e.g. a lost worker or an unexpected error: normal retries
+    )
+
+
+def default_args() -> dict[str, Any]:
+    """Retries with exponential backoff and the retry policy, for every task."""
+    return {
+        "owner": "slerp_plugin",
+        "retries": int(os.environ.get("SLERP_RETRIES", 3)),
+        "retry_delay": timedelta(seconds=float(os.environ.get("SLERP_RETRY_DELAY_S", 30))),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(minutes=30),
+        "retry_policy": retry_policy(),
+    }
+
+
+def gpu() -> dict[str, Any]:
+    """Routing for GPU work (merge, functional validation)."""
+    return {"queue": os.environ.get("SLERP_GPU_QUEUE", "gpu"),
+            "pool": os.environ.get("SLERP_GPU_POOL", "default_pool")}
+
+
+def _model_param(title: str, description: str, default: str = "") -> Param:
+    return Param(default, type="string", minLength=1, title=title, description=description)
+
+
+def _optional(value: Any, title: str, description: str) -> Param:
+    # nullable, so that the trigger form accepts an empty field
+    return Param(value or None, type=["null", "string"], title=title, description=description)
+
+
+def merge_params(**defaults: Any) -> dict[str, Param]:
+    """The trigger form of a merge: models, t, thresholds, dtype, target repo, validation."""
+    d = {"model_1": "", "model_2": "", "t": 0.5, **defaults}
+    return {
+        "model_1": _model_param("Model 1 (t = 0)", "Hub id org/name or a local folder on the workers",
+                                d["model_1"]),
+        "model_1_revision": _optional(d.get("model_1_revision"), "Model 1 revision",
+                                      "branch, tag or commit sha (empty: main)"),
+        "model_2": _model_param("Model 2 (t = 1)", "Hub id org/name or a local folder on the workers",
+                                d["model_2"]),
+        "model_2_revision": _optional(d.get("model_2_revision"), "Model 2 revision",
+                                      "branch, tag or commit sha (empty: main)"),
+        "tokenizer": _optional(d.get("tokenizer"), "Tokenizer", "Hub id or folder (empty: model 1's)"),
+        "t": Param(d["t"], type="number", minimum=0, maximum=1, title="t",
+                   description="interpolation factor: 0 gives model 1, 1 gives model 2"),
+        "DOT_THRESHOLD": Param(d.get("DOT_THRESHOLD", 0.9995), type="number", exclusiveMinimum=0, maximum=1,
+                               title="DOT_THRESHOLD", description="|cos| above this uses LERP"),
+        "epsilon": Param(d.get("epsilon", 1e-8), type="number", exclusiveMinimum=0, title="epsilon",
+                         description="norms at or below this are not normalised"),
+        "dtype": Param(d.get("dtype", "auto"), type="string", enum=["auto", "bfloat16", "float16", "float32"],
+                       title="dtype", description="load/output dtype (auto: as model 1)"),
+        "target_repo": _optional(d.get("target_repo"), "Target repo",
+                                 "Hub repo to publish to (empty: do not publish)"),
+        "private": Param(d.get("private", False), type="boolean", title="Private",
+                         description="create the target repo as private"),
+        "validate_functional": Param(d.get("validate_functional", True), type="boolean",
+                                     title="Functional validation",
+                                     description="perplexity gate against the parents (off: structure and "
+                                                 "spot checks only)"),
+        "validation_margin": Param(d.get("validation_margin", 0.10), type="number", minimum=0,
+                                   title="Validation margin",
+                                   description="allowed perplexity excess over the worse parent (0.1 = 10%)"),
+        "eval_max_tokens": Param(d.get("eval_max_tokens", 512), type="integer", minimum=16,
+                                 title="Evaluation tokens", description="tokens of text for perplexity"),
+        "merge_workers": Param(d.get("merge_workers", 1), type="integer", minimum=1, title="Merge workers",
+                               description="parallel merge tasks over output shards (shared volume)"),
+        "max_shard_size": Param(d.get("max_shard_size", "5GB"), type="string", title="Max shard size",
+                                description="bytes per output shard, e.g. 5GB"),
+    }
+
+
+def merge_pipeline(nightly: bool = False) -> None:
+    """Add the merge tasks to the DAG being defined (inside a ``@dag`` function):
+
+    resolve → [skip check, nightly only] → download ×3 (parallel) → plan → merge (mapped over
+    shard groups, GPU queue) → finalize → validate → publish → summary.
+    """
+    from airflow.sdk import get_current_context, task
+
+    from . import tasks as pipeline
+
+    def params() -> dict:
+        return get_current_context()["params"]
+
+    def run_dir() -> Path:
+        ctx = get_current_context()
+        return output_root() / ctx["dag"].dag_id
+
+    @task(execution_timeout=TIMEOUTS["resolve"])
+    def resolve() -> dict:
+        return pipeline.resolve_inputs(params())
+
+    @task.short_circuit(execution_timeout=TIMEOUTS["resolve"])
+    def parents_changed(inputs: dict) -> bool:
+        p = params()
+        last = pipeline.last_published_manifest(p["target_repo"], pipeline.latest_output(run_dir()))
+        verdict = pipeline.parents_changed(inputs, last, p["t"])
+        print(f"{'merging' if verdict['changed'] else 'skipping'}: {verdict['reason']}")
+        return verdict["changed"]
+
+    @task(execution_timeout=TIMEOUTS["download"])
+    def download(inputs: dict, role: str) -> dict:
+        return pipeline.download_input(inputs[role], weights=role != "tokenizer")
+
+    @task(execution_timeout=TIMEOUTS["resolve"])
+    def plan(model_1: dict, model_2: dict, tokenizer: dict) -> dict:
+        ctx = get_current_context()
+        inputs = {"model_1": model_1, "model_2": model_2, "tokenizer": tokenizer}
+        output = str(pipeline.output_path(output_root(), ctx["dag"].dag_id, ctx["run_id"]))
+        groups = pipeline.plan_groups(params(), inputs, output, params()["merge_workers"])
+        return {"inputs": inputs, "output": output, "groups": groups}
+
+    @task(execution_timeout=TIMEOUTS["summary"])
+    def groups(p: dict) -> list[list[int]]:
+        return p["groups"]
+
+    @task(execution_timeout=TIMEOUTS["merge"], **gpu())
+    def merge(p: dict, indices: list[int]) -> dict:
+        return pipeline.merge_group(params(), p["inputs"], p["output"], indices)
+
+    @task(execution_timeout=TIMEOUTS["merge"], **gpu())
+    def finalize(p: dict, merged: list[dict]) -> dict:
+        return pipeline.finalize_merge(params(), p["inputs"], p["output"])
+
+    @task(execution_timeout=TIMEOUTS["validate"], **gpu())
+    def validate(p: dict, result: dict) -> dict:
+        return pipeline.validate_output(result["output"], p["inputs"], params())
+
+    @task(execution_timeout=TIMEOUTS["publish"])
+    def publish(result: dict, validation: dict) -> dict:
+        up = pipeline.publish(result["output"], params()["target_repo"], params()["private"])
+        if nightly:
+            pipeline.record_latest(run_dir(), result["output"])
+        return up
+
+    @task(execution_timeout=TIMEOUTS["summary"])
+    def summary(result: dict, validation: dict, upload: dict) -> dict:
+        return pipeline.summary(result, validation, upload)
+
+    inputs = resolve()
+    downloads = [download.override(task_id=f"download_{role}")(inputs, role)
+                 for role in ("model_1", "model_2", "tokenizer")]
+    if nightly:
+        check = parents_changed(inputs)
+        for d in downloads:
+            check >> d
+    p = plan(*downloads)
+    merged = merge.partial(p=p).expand(indices=groups(p))
+    result = finalize(p, merged)
+    validation = validate(p, result)
+    summary(result, validation, publish(result, validation))

@@ -1,0 +1,340 @@
+"""Pipeline steps as plain functions: resolve → download → plan → merge (shards) → finalize →
+validate → publish → summary. The Airflow DAGs call exactly these; they take and return paths and
+small JSON-able dicts (never tensors), and they import no Airflow.
+
+Errors keep their types: :data:`TRANSIENT_ERRORS` (network, Hub 5xx, truncated downloads, an
+interrupted merge) are worth retrying, everything else (bad config, unknown repo, failed
+validation gate) is permanent — see :func:`is_transient`, which the DAGs' retry policy uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from ...errors import TRANSIENT_ERRORS, ConfigError, SlerpPluginError, ValidationGateError
+from ...spec import MergeSpec, ModelRef
+
+log = logging.getLogger(__name__)
+
+ROLES = ("model_1", "model_2", "tokenizer")
+UPLOAD_RECORD = "hub_upload.json"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying a failed step can help (network/Hub outages, interrupted merges)."""
+    if isinstance(exc, TRANSIENT_ERRORS):
+        return True
+    if isinstance(exc, SlerpPluginError):
+        return False
+    return isinstance(exc, (ConnectionError, TimeoutError, InterruptedError))
+
+
+def _ref(value: str, revision: str | None) -> ModelRef:
+    ref = ModelRef.parse(value)
+    if revision:
+        ref = ModelRef(ref=ref.ref, revision=revision)
+    return ref
+
+
+def spec_from_params(params: dict[str, Any], output: Path | str) -> MergeSpec:
+    """The MergeSpec of a DAG run. Validates everything again (the UI form clamps silently).
+
+    Raises:
+        ConfigError: an invalid parameter, with a one-line message.
+    """
+    for key in ("model_1", "model_2"):
+        if not params.get(key):
+            raise ConfigError(f"{key}: missing (a Hub id org/name or a local folder)")
+    tok = params.get("tokenizer") or None
+    return MergeSpec.build(
+        model_1=_ref(params["model_1"], params.get("model_1_revision")),
+        model_2=_ref(params["model_2"], params.get("model_2_revision")),
+        tokenizer=_ref(tok, params.get("tokenizer_revision")) if tok else None,
+        t=params.get("t"),
+        DOT_THRESHOLD=params.get("DOT_THRESHOLD", 0.9995),
+        epsilon=params.get("epsilon", 1e-8),
+        dtype=None if params.get("dtype") in (None, "", "auto") else params["dtype"],
+        output=str(output),
+        max_shard_size=params.get("max_shard_size") or "5GB",
+        device=params.get("device") or "auto",
+    )
+
+
+def _resolved(inputs: dict[str, dict]):
+    from ...io.model_files import ResolvedModel
+
+    out = {role: ResolvedModel(Path(e["path"]), e.get("commit"))
+           for role, e in inputs.items() if e.get("path")}
+    tok = inputs.get("tokenizer") or {}
+    if tok.get("same_as") in out:
+        out["tokenizer"] = out[tok["same_as"]]
+    return out
+
+
+def resolve_inputs(params: dict[str, Any]) -> dict[str, dict]:
+    """Each input's reference and, for Hub ids, the commit sha its revision points to now."""
+    from ...hub.client import resolve_revision
+    from ...hub.sources import looks_like_hub_id
+
+    spec = spec_from_params(params, "unused")
+    refs = {"model_1": spec.model_1, "model_2": spec.model_2, "tokenizer": spec.tokenizer_ref}
+    out = {}
+    for role, ref in refs.items():
+        if role == "tokenizer" and ref == spec.model_1:
+            out[role] = {**out["model_1"], "role": role, "same_as": "model_1"}
+            continue
+        if looks_like_hub_id(ref.ref):
+            commit = resolve_revision(ref.ref, ref.revision)
+            out[role] = {"role": role, "ref": ref.ref, "revision": ref.revision, "commit": commit}
+        else:
+            if not Path(ref.ref).is_dir():
+                from ...errors import ModelNotFoundError
+
+                raise ModelNotFoundError(f"{role}: model folder not found: {ref.ref}")
+            out[role] = {"role": role, "ref": ref.ref, "revision": None, "commit": None,
+                         "path": str(Path(ref.ref).resolve())}
+        log.info("%s: %s%s", role, ref, f" = commit {out[role]['commit']}" if out[role]["commit"] else "")
+    return out
+
+
+def download_input(entry: dict, *, weights: bool = True) -> dict:
+    """Fetch one resolved input (pinned to its commit); local folders, and a tokenizer that is
+    model_1's (``same_as``), pass through."""
+    if entry.get("commit") is None or entry.get("same_as"):
+        return dict(entry)
+    from ...hub.client import download_model
+
+    d = download_model(entry["ref"], entry["commit"], weights=weights)
+    return {**entry, "path": str(d.path)}
+
+
+def output_path(output_root: str | Path, dag_id: str, run_id: str, suffix: str = "") -> Path:
+    """Where a run writes its merge: the same folder on every retry, so a retry resumes.
+
+    The run id is percent-quoted (reversibly: the dashboard links back to the run)."""
+    from urllib.parse import quote
+
+    return Path(output_root) / dag_id / quote(run_id, safe="") / f"merged{suffix}"
+
+
+def plan_groups(
+    params: dict[str, Any], inputs: dict[str, dict], output: str, workers: int = 1
+) -> list[list[int]]:
+    """The output shards split into ``workers`` groups, for mapped merge tasks."""
+    from ...engine import plan_merge
+
+    plan = plan_merge(spec_from_params(params, output), _resolved(inputs))
+    n = len(plan.shards)
+    workers = max(1, min(workers, n))
+    groups = [list(range(i, n, workers)) for i in range(workers)]
+    log.info("t=%s: %d output shard(s) in %d group(s)", plan.spec.t, n, len(groups))
+    return groups
+
+
+def merge_group(params: dict[str, Any], inputs: dict[str, dict], output: str, indices: list[int]) -> dict:
+    """Merge some output shards (resuming: finished shards are verified and reused)."""
+    from ...engine import merge_shards, plan_merge
+
+    spec = spec_from_params(params, output)
+    log.info("merging shards %s with t=%s (DOT_THRESHOLD=%s, epsilon=%s)", indices, spec.t,
+             spec.DOT_THRESHOLD, spec.epsilon)
+    outcomes = merge_shards(plan_merge(spec, _resolved(inputs)), indices)
+    reused = sum(o.reused for o in outcomes)
+    log.info("merged %d shard(s); %d reused from an earlier attempt", len(outcomes), reused)
+    return {"shards": len(outcomes), "reused": reused}
+
+
+def finalize_merge(params: dict[str, Any], inputs: dict[str, dict], output: str) -> dict:
+    """Write index, configs, tokenizer, manifest and card; publish the folder by one rename."""
+    from ...engine import finalize, plan_merge
+
+    result = finalize(plan_merge(spec_from_params(params, output), _resolved(inputs)))
+    man = result.manifest
+    return {"output": str(result.output), "t": man.spec["t"], "branch_counts": man.branch_counts}
+
+
+def merge_all(params: dict[str, Any], inputs: dict[str, dict], output: str) -> dict:
+    """Plan, merge every shard and finalize in one step (single-worker path)."""
+    merge_group(params, inputs, output, [i for g in plan_groups(params, inputs, output) for i in g])
+    return finalize_merge(params, inputs, output)
+
+
+def validate_output(output: str, inputs: dict[str, dict], params: dict[str, Any]) -> dict:
+    """Validate the merge against its parents; write validation.json.
+
+    Raises:
+        ValidationGateError: the gate failed (the report is written first).
+    """
+    from ...validate import validate_merge, write_report
+
+    skip = None if params.get("validate_functional", True) else "disabled in the run's parameters"
+    report = validate_merge(
+        output, (inputs["model_1"]["path"], inputs["model_2"]["path"]), skip_functional=skip,
+        margin=float(params.get("validation_margin", 0.10)),
+        max_tokens=int(params.get("eval_max_tokens", 512)),
+    )
+    write_report(report)
+    log.info("validation:\n%s", report.summary)
+    if not report.passed:
+        problems = (report.structural.problems + (report.spot.problems if report.spot else [])
+                    + report.functional.problems)
+        raise ValidationGateError(report.summary.splitlines()[0] + ": " + "; ".join(problems)[:500])
+    return {
+        "passed": True,
+        "perplexity": report.functional.perplexity,
+        "functional": report.functional.status,
+        "report": str(Path(output) / "validation.json"),
+    }
+
+
+def publish(output: str, target_repo: str | None, private: bool = False) -> dict:
+    """Upload the merge to ``target_repo`` (None/empty: don't publish; ``published`` is False)."""
+    if not target_repo:
+        log.info("no target repo: the merge stays at %s", output)
+        return {"published": False, "output": output}
+    from ...hub.client import upload_folder
+
+    up = upload_folder(output, target_repo, private=private)
+    record = {"published": True, "repo": up.repo_id, "commit": up.commit, "url": up.url,
+              "new_commit": up.new_commit, "output": output}
+    from ...io.atomic import write_json_atomic
+
+    write_json_atomic(Path(output) / UPLOAD_RECORD, record)  # for the dashboard; not uploaded
+    return record
+
+
+def summary(merge: dict, validation: dict | None, upload: dict | None) -> dict:
+    """One dict for the run's log and XCom: where the merge is, its t, perplexities, the commit."""
+    out = {
+        "output": merge["output"], "t": merge["t"], "branch_counts": merge["branch_counts"],
+        "validation": validation, "upload": upload,
+    }
+    lines = [f"merged model: {merge['output']} (t={merge['t']})"]
+    if validation:
+        ppl = validation.get("perplexity") or {}
+        if ppl:
+            lines.append("perplexity: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
+        lines.append(f"report: {validation['report']}")
+    lines.append(f"published: {upload['url']}" if upload and upload.get("published") else "not published")
+    log.info("\n".join(lines))
+    return out
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def best_of_sweep(results: list[dict]) -> dict:
+    """The sweep entry with the lowest merged perplexity, and the perplexity-vs-t table.
+
+    Raises:
+        ValidationGateError: no entry passed validation.
+    """
+    ok = [r for r in results if r.get("validation") and r["validation"].get("passed")]
+    if not ok:
+        raise ValidationGateError("no t value of the sweep passed validation")
+
+    def ppl(r: dict) -> float:
+        return (r["validation"].get("perplexity") or {}).get("merged", math.inf)
+
+    best = min(ok, key=ppl)
+    rows = ["| t | merged ppl | passed |", "|---|---|---|"]
+    for r in sorted(results, key=lambda r: r["t"]):
+        v = r.get("validation") or {}
+        rows.append(f"| {r['t']} | {(v.get('perplexity') or {}).get('merged', float('nan')):.3f} | "
+                    f"{'yes' if v.get('passed') else 'no'} |")
+    table = "\n".join(rows)
+    log.info("sweep (best t=%s):\n%s", best["t"], table)
+    return {**best, "table": table, "sweep": [{"t": r["t"], "output": r["output"],
+                                               "perplexity": (r.get("validation") or {}).get("perplexity")}
+                                              for r in results]}
+
+
+def merge_and_validate(params: dict[str, Any], inputs: dict[str, dict], output: str) -> dict:
+    """One sweep point: merge and validate; a failed gate is recorded, not raised."""
+    result = merge_all(params, inputs, output)
+    try:
+        validation = validate_output(result["output"], inputs, params)
+    except ValidationGateError as e:
+        validation = {"passed": False, "error": str(e), "perplexity": _report_ppl(result["output"])}
+    return {**result, "validation": validation}
+
+
+def _report_ppl(output: str) -> dict:
+    from ...validate import ValidationReport
+
+    try:
+        return ValidationReport.read(output).functional.perplexity
+    except (OSError, ValueError):
+        return {}
+
+
+# --------------------------------------------------------------------------- nightly
+
+
+def record_latest(dag_root: str | Path, output: str) -> None:
+    """Remember ``output`` as the last published merge of a nightly DAG (for unpublished recipes)."""
+    path = Path(dag_root) / "LATEST"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("LATEST.tmp")
+    tmp.write_text(str(output))
+    tmp.replace(path)
+
+
+def latest_output(dag_root: str | Path) -> str | None:
+    path = Path(dag_root) / "LATEST"
+    return path.read_text().strip() if path.is_file() else None
+
+
+def last_published_manifest(target_repo: str | None, local_output: str | None = None) -> dict | None:
+    """The manifest of the last published merge (from the Hub repo, else a local output), or None."""
+    if target_repo:
+        from ...hub.client import fetch_file
+
+        text = fetch_file(target_repo, "merge_manifest.json")
+        if text is not None:
+            import json
+
+            return json.loads(text)
+    if local_output and (Path(local_output) / "merge_manifest.json").is_file():
+        import json
+
+        return json.loads((Path(local_output) / "merge_manifest.json").read_text())
+    return None
+
+
+def parents_changed(resolved: dict[str, dict], last_manifest: dict | None, t: Any) -> dict:
+    """Compare the parents' current commits (and t) with the last published merge.
+
+    Returns ``{"changed": bool, "reason": str}``; local parents count as changed when their
+    files' checksums differ.
+    """
+    if last_manifest is None:
+        return {"changed": True, "reason": "no earlier merge published"}
+    inputs = last_manifest.get("inputs", {})
+    for role in ("model_1", "model_2"):
+        now, before = resolved[role], inputs.get(role, {})
+        if now.get("commit"):
+            if before.get("commit") != now["commit"]:
+                return {"changed": True, "reason": f"{role} {now['ref']} moved to {now['commit'][:12]}"}
+            continue
+        from ...io.hashing import cached_sha256
+        from ...io.model_files import model_files
+
+        folder = Path(now["path"])
+        current = {str(f.relative_to(folder)): cached_sha256(f) for f in model_files(folder)}
+        if current != {f["name"]: f["sha256"] for f in before.get("files", [])}:
+            return {"changed": True, "reason": f"{role} ({now['ref']}) files changed"}
+    if last_manifest.get("spec", {}).get("t") != t:
+        return {"changed": True, "reason": "t changed"}
+    return {"changed": False, "reason": "parents unchanged since the last published merge"}
+
+
+__all__ = [
+    "ConfigError", "ValidationGateError", "is_transient", "spec_from_params", "resolve_inputs",
+    "download_input", "output_path", "plan_groups", "merge_group", "finalize_merge", "merge_all",
+    "validate_output", "publish", "summary", "best_of_sweep", "last_published_manifest",
+    "parents_changed",
+]

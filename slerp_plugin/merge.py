@@ -1,0 +1,71 @@
+"""One call from a :class:`~slerp_plugin.spec.MergeSpec` to a finished merge: inputs resolved
+(Hub ids downloaded), the engine run, the result published to the Hub if asked."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Mapping
+
+from .engine import InputHashes, MergePlan, MergeResult, finalize, merge_shards
+from .engine import plan_merge as plan_local
+from .hub.sources import resolve_inputs
+from .io.model_files import ResolvedModel
+from .io.prefetch import Prefetch
+from .spec import MergeSpec
+
+log = logging.getLogger(__name__)
+
+
+def plan_merge(spec: MergeSpec, resolved: Mapping[str, ResolvedModel] | None = None) -> MergePlan:
+    """:func:`slerp_plugin.engine.plan_merge` with every input resolved first: those in
+    ``resolved`` as given, local folders as they are, Hub ids downloaded.
+
+    Raises:
+        ModelNotFoundError, HubError: an input cannot be resolved.
+        SlerpPluginError: as :func:`slerp_plugin.engine.plan_merge`.
+    """
+    return plan_local(spec, resolve_inputs(spec, resolved))
+
+
+def run_merge(spec: MergeSpec, *, prefetch: Prefetch | None = None) -> MergeResult:
+    """Plan, merge every shard (resuming an interrupted run), finalize, and upload to
+    ``spec.push_to_hub`` if set.
+
+    ``prefetch`` is a start-up read-ahead (:func:`slerp_plugin.io.prefetch.start`) of the inputs:
+    its page-cache contents and input hashes are taken over. A progress bar is shown with
+    ``spec.show_pbar`` or when stderr is a terminal.
+
+    Raises:
+        SlerpPluginError: any bad input or write failure, with a one-line message.
+    """
+    started = time.perf_counter()
+    plan = plan_merge(spec)
+    hashes = InputHashes.start(plan, prefetch)
+    bar = _progress_bar(plan)
+    try:
+        outcomes = merge_shards(plan, progress=bar.update if bar else None, hashes=hashes, prefetch=prefetch)
+    finally:
+        if bar:
+            bar.close()
+    reused = sum(o.reused for o in outcomes)
+    if reused:
+        log.info("resumed: %d of %d shard(s) reused from the interrupted run", reused, len(outcomes))
+    result = finalize(plan, input_hashes=hashes.finish(), started_at=started)
+    log.info("branches: %s", ", ".join(f"{k} {v}" for k, v in sorted(result.manifest.branch_counts.items())))
+    if spec.push_to_hub:
+        from .hub.client import upload_folder
+
+        result.upload = upload_folder(result.output, spec.push_to_hub, private=spec.private)
+        log.info("published to %s: %s", spec.push_to_hub, result.upload.url)
+    return result
+
+
+def _progress_bar(plan: MergePlan):
+    if not (plan.spec.show_pbar or sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1000,
+                desc="merging", dynamic_ncols=True)
