@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The GPU checks of issue #8 as one prepared run for a lent GPU machine (the `device` tool):
-# the engine's tests on cuda (tests/test_engine_devices.py), then bench/run.py for slerp-merge with
-# --device cuda on the 953M and 2x pairs and the 2.5 GB tensor. Everything lands in $OUT:
-# gpu.txt (nvidia-smi), tests.log, bench.log, RESULTS.md, bench.png, results.json.
+# The GPU check: on a machine with an NVIDIA GPU and a CUDA build of torch, run the engine's tests on
+# cuda (tests/engine/test_execute_devices.py), then bench/run.py for slerp-merge with --device cuda
+# on the 953M and 2x pairs and the 2.5 GB tensor. Everything lands in $OUT (default
+# bench/results/gpu): gpu.txt (nvidia-smi), tests.log, bench.log, RESULTS.md, bench.png, results.json.
 #
-#   bash bench/gpu_check.sh --fetch-wheels   # here, where PyPI is reachable: the packages the GPU
-#                                            # machine's image lacks, as Python 3.12 wheels, in .whl/
-#   bash bench/gpu_check.sh                  # there: run(command="bash bench/gpu_check.sh",
-#                                            #            carry=[".whl"], timeout_s=560)
+#   bash bench/gpu_check.sh                  # on the GPU machine, from a checkout of this repository
+#   bash bench/gpu_check.sh --fetch-wheels   # for a GPU machine without PyPI: on one with PyPI, download
+#                                            # the Python 3.12 wheels the check needs beyond torch into
+#                                            # .whl/; copy .whl/ along and the check installs them first
 #
 # Overrides: PYTHON (python3), DEVICE (cuda), LAYERS ("16 32"), BIG (1: also the 2.5 GB tensor),
 # REPEATS (2; the 953M pair 3). Exit status: the tests' if they failed, else the benchmark's.
@@ -41,7 +41,7 @@ fi
 { nvidia-smi || true; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } \
     >"$OUT/gpu.txt" 2>&1
 
-"$PY" -m pytest -q -p no:cacheprovider -rs tests/test_engine_devices.py 2>&1 | tee "$OUT/tests.log"
+"$PY" -m pytest -q -p no:cacheprovider -rs tests/engine/test_execute_devices.py 2>&1 | tee "$OUT/tests.log"
 tests=${PIPESTATUS[0]}
 
 big=--big-tensor

@@ -6,7 +6,7 @@
 Builds (once, under bench/work/) bf16 Llama pairs of hidden 2048, intermediate 5632, vocab 32000
 and the given layer counts (16 layers = the 953M pair; 4/8/32 ≈ 0.25×/0.5×/2×) in 500 MB input
 shards, and a pair whose one tensor is 152064×8192 bf16 (Qwen-72B's embedding, 2.5 GB), then runs
-each system on each pair ``--repeats`` times (the 953M pair, on which the issue's targets are
+each system on each pair ``--repeats`` times (the 953M pair, on which the targets are
 checked, ``--target-repeats`` times: a single run on this disk scatters by ±0.5 s), in an order
 that changes from one repeat to the next (:func:`run_order`: each system first after the floor
 once per cycle, and not always right after the same system). Before every run the software the
@@ -20,7 +20,7 @@ time, CPU time and peak RSS come from the OS (the kernel's rusage of the run's p
 both inputs cold and warm, writing the output size with fsync (each the faster of buffered and
 O_DIRECT); floor = cold read + write. Writes bench/results/results.json, a markdown table of
 medians, GB/s (both inputs read and the output written, over the wall time) and ratios with the
-issue's targets checked (bench/RESULTS.md) and a plot (bench/bench.png); ``--out DIR`` puts all
+targets checked (bench/RESULTS.md) and a plot (bench/bench.png); ``--out DIR`` puts all
 three in DIR. ``--device`` is passed to slerp-merge (``bash bench/gpu_check.sh`` runs it with
 ``cuda`` on a GPU machine). The eager FusionBench-formula merge is skipped on the 2.5 GB tensor: it
 needs about ten times it in RAM.
@@ -51,7 +51,7 @@ sys.path.insert(0, str(HERE))
 from make_pair import build, build_big  # noqa: E402
 
 BIG = "152064x8192 tensor"
-TARGET_LAYERS = 16  #: the 953M pair, on which the issue's targets are checked
+TARGET_LAYERS = 16  #: the 953M pair, on which the targets are checked
 
 HEADER = """# Benchmark results
 
@@ -184,7 +184,7 @@ def command(system: str, a: Path, b: Path, out: Path, device: str | None = None)
     """The command line of ``system`` merging ``a`` and ``b`` into ``out``; ``device`` is passed to
     ours only (``--device``, default the CLI's: ``auto``)."""
     if system == "ours":
-        # the console script where this package is installed, else the module (a lent GPU machine
+        # the console script where this package is installed, else the module (a GPU machine
         # runs the checkout from PYTHONPATH)
         cli = ([str(BIN / "slerp-merge")] if (BIN / "slerp-merge").exists()
                else [sys.executable, "-m", "slerp_plugin"])
@@ -356,10 +356,9 @@ def floor(row: dict) -> dict:
     return {k: statistics.median(f[k] for f in floors) for k in floors[0]}
 
 
-GPU_NOTE = ("GPU (`device: cuda`): no figures yet — no GPU machine has been lent to a session so far; "
-            "`bash bench/gpu_check.sh` on one runs the CUDA tests and this benchmark for slerp-merge on the "
-            "GPU "
-            "(`--systems ours --device cuda --out DIR`) and writes its own RESULTS.md: add its table here.")
+GPU_NOTE = ("GPU (`device: cuda`): no figures yet. `bash bench/gpu_check.sh` on a machine with an NVIDIA "
+            "GPU runs the engine's CUDA tests and this benchmark for slerp-merge there "
+            "(`--systems ours --device cuda --out DIR`) and writes its own RESULTS.md.")
 
 
 def machine(device: str = "cpu") -> str:
@@ -382,7 +381,7 @@ def pair_label(row: dict) -> str:
 
 
 def targets(results: list[dict]) -> list[str]:
-    """The issue's targets, checked against the medians (ratios measured in the same run)."""
+    """The performance targets, checked against the medians (ratios measured in the same run)."""
     by = {r["layers"]: r for r in results}
     out = []
 
@@ -442,7 +441,7 @@ def write_report(results: list[dict], dest: Path = HERE) -> None:
                      f"{throughput(row, f['floor_s']):.2f} | | cold read {f['read_cold_s']:.2f} s, "
                      f"warm {f['read_warm_s']:.2f} s, write+fsync {f['write_fsync_s']:.2f} s |")
     device = results[0].get("device", "cpu") if results else "cpu"
-    lines += ["", f"Machine: {machine(device)}.", "", "Targets (issue #8):", "", *targets(results)]
+    lines += ["", f"Machine: {machine(device)}.", "", "Targets:", "", *targets(results)]
     lines += ["", GPU_NOTE] if device == "cpu" else []
     (dest / "RESULTS.md").write_text(HEADER + "\n".join(lines) + "\n")
     print("\n".join(lines))

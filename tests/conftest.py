@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 from pathlib import Path
 
@@ -51,3 +53,44 @@ def hub(tmp_path, monkeypatch):
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         yield server
 
+
+def _is_direct(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+
+@pytest.fixture
+def refuse_direct_transfers(monkeypatch):
+    """Direct descriptors open, but every transfer on them fails with EINVAL (as on filesystems
+    that check alignment differently); counts the refusals."""
+    refused = {"n": 0}
+    preadv, pwrite = os.preadv, os.pwrite
+
+    def check(fd):
+        if _is_direct(fd):
+            refused["n"] += 1
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+    def fake_preadv(fd, bufs, pos):
+        check(fd)
+        return preadv(fd, bufs, pos)
+
+    def fake_pwrite(fd, data, pos):
+        check(fd)
+        return pwrite(fd, data, pos)
+
+    monkeypatch.setattr(os, "preadv", fake_preadv)
+    monkeypatch.setattr(os, "pwrite", fake_pwrite)
+    return refused
+
+
+@pytest.fixture
+def refuse_direct_open(monkeypatch):
+    """``open(..., O_DIRECT)`` fails with EINVAL, as on filesystems without direct I/O."""
+    real_open = os.open
+
+    def fake_open(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)

@@ -200,7 +200,8 @@ def create_app(state: HubState) -> FastAPI:
             msg = "You already created this model repo"
             return JSONResponse({"error": msg, "url": f"{base(request)}/{repo_id}"},
                                 status_code=409, headers={"X-Error-Message": msg})
-        repo = Repo(repo_id, private=bool(body.get("private")))
+        # huggingface_hub 2.x sends "visibility"; older clients "private"
+        repo = Repo(repo_id, private=body.get("visibility") == "private" or bool(body.get("private")))
         data = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
         entry = Entry(len(data), state.store(data), git_blob_sha1(data), False)
         c = state.make_commit(repo, None, {".gitattributes": entry}, "initial commit")

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from slerp_plugin.engine import compute_threads
+from slerp_plugin.slerp import slerp, slerp_reference
+from slerp_plugin.spec import MergeSpec
+from slerp_plugin.validate import ulp_distance
+
 HUB_TOKEN = "hf_test_token_write"
 ROOT = Path(__file__).resolve().parents[1]  #: the repository
+
 
 def load_state(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a model folder (every *.safetensors file)."""
@@ -19,9 +27,11 @@ def load_state(folder: Path) -> dict[str, torch.Tensor]:
         state.update(load_file(f))
     return state
 
+
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
 
 def write_model(folder: Path, state: dict[str, torch.Tensor], like: Path) -> Path:
     """A model folder holding ``state`` (single file) with config and tokenizer copied from ``like``."""
@@ -32,10 +42,61 @@ def write_model(folder: Path, state: dict[str, torch.Tensor], like: Path) -> Pat
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
 
+
 def folder_bytes(folder: Path) -> dict[str, bytes]:
     """Every file of a folder (recursively) → bytes, for bit-identity checks."""
     files = sorted(Path(folder).rglob("*"))
     return {str(p.relative_to(folder)): p.read_bytes() for p in files if p.is_file()}
 
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def spec_for(pair, out, **kw) -> MergeSpec:
+    """A spec merging ``pair`` into ``out`` (t = 0.3 unless given)."""
+    a, b = pair
+    return MergeSpec.build(model_1=str(a), model_2=str(b), output=str(out), **{"t": 0.3, **kw})
+
+
+def assert_matches_kernel(pair, out, t, chunk, out_dtype=None):
+    """Every tensor of the merge ``out`` is bit for bit the kernel's, within one bf16 ulp of
+    FusionBench's op order."""
+    a, b, m = load_state(pair[0]), load_state(pair[1]), load_state(out)
+    assert set(m) == set(b) == set(a)
+    for k in b:
+        # clone(): the engine reads into fresh (aligned) buffers, and BLAS dot rounding depends
+        # on alignment (the loaded tensors are mapped at arbitrary offsets) and on the thread count
+        with compute_threads(torch.device("cpu"), None):
+            want = slerp(t, a[k].clone(), b[k].clone(), chunk_elements=chunk).to(out_dtype or a[k].dtype)
+        assert m[k].dtype == want.dtype and m[k].shape == a[k].shape
+        assert torch.equal(m[k], want), k
+        ref = slerp_reference(t, a[k], b[k]).to(want.dtype)
+        if want.dtype == torch.bfloat16:
+            assert int(ulp_distance(m[k], ref).max()) <= 1, k
+
+
+def rewrite(folder: Path, fn) -> None:
+    """Apply ``fn(state)`` to the tensors of every shard, in place (shard layout kept)."""
+    for shard in sorted(folder.glob("*.safetensors")):
+        state = load_file(shard)
+        fn(state)
+        save_file(state, shard, metadata={"format": "pt"})
+
+
+CLI = [sys.executable, "-m", "slerp_plugin"]
+
+
+def run_cli(args, cwd, **kw) -> subprocess.CompletedProcess:
+    """``slerp-merge ARGS`` in ``cwd``, output captured."""
+    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=300, **kw)
+
+
+def seed_args(pair, *extra):
+    """The seed's config pointed at ``pair``, with ``extra`` overrides."""
+    a, b = pair
+    return [
+        "--config-path", str(ROOT / "config/_get_started"), "--config-name", "llm_slerp",
+        f"modelpool.models.model_1={a}", f"modelpool.models.model_2={b}", f"modelpool.tokenizer={a}",
+        *extra,
+    ]

@@ -8,24 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from model_helpers import ROOT, load_state
+from model_helpers import ROOT, run_cli, seed_args
 
 from slerp_plugin.formats.manifest import Manifest
-
-CLI = [sys.executable, "-m", "slerp_plugin"]
-
-
-def run_cli(args, cwd, **kw):
-    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=300, **kw)
-
-
-def seed_args(pair, *extra):
-    a, b = pair
-    return [
-        "--config-path", str(ROOT / "config/_get_started"), "--config-name", "llm_slerp",
-        f"modelpool.models.model_1={a}", f"modelpool.models.model_2={b}", f"modelpool.tokenizer={a}",
-        *extra,
-    ]
 
 
 def test_seed_command_with_overrides(demo_bf16, tmp_path):
@@ -54,24 +39,6 @@ def test_default_output_is_under_outputs(demo_bf16, tmp_path):
     out = Path(line.split(": ", 1)[1])
     assert out.is_relative_to(tmp_path / "outputs") and out.name == "merged"
     assert Manifest.read(out).spec["t"] == 0.6
-
-
-def test_multirun_gives_one_output_per_t(demo_bf16, tmp_path):
-    r = run_cli(["-m", *seed_args(demo_bf16, "method.t=0.3,0.7", "+method.model_save_path=sweep")],
-                cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    outs = {p.name: Manifest.read(p).spec["t"] for p in (tmp_path / "sweep").iterdir()}
-    assert outs == {"t=0.3": 0.3, "t=0.7": 0.7}
-    s3, s7 = load_state(tmp_path / "sweep/t=0.3"), load_state(tmp_path / "sweep/t=0.7")
-    assert any(not (s3[k] == s7[k]).all() for k in s3)
-
-
-def test_cfg_job_prints_config_and_merges_nothing(tmp_path):
-    r = run_cli(["--config-path", str(ROOT / "config/_get_started"), "--config-name", "llm_slerp",
-                 "method.t=0.3", "--cfg", "job"], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "t: 0.3" in r.stdout and "fusion_bench.method.SlerpForCausalLM" in r.stdout
-    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(
@@ -109,14 +76,6 @@ def test_existing_destination_is_not_touched(demo_bf16, tmp_path):
     r = run_cli(seed_args(demo_bf16, "+method.model_save_path=out"), cwd=tmp_path)
     assert r.returncode == 4 and "already exists" in r.stderr
     assert (tmp_path / "out/keep.txt").read_text() == "mine"
-
-
-def test_demo_models_subcommand(tmp_path):
-    r = run_cli(["demo-models", str(tmp_path / "d"), "--dtype", "float32"], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    for m in ("model_a", "model_b"):
-        assert (tmp_path / "d" / m / "config.json").is_file()
-        assert (tmp_path / "d" / m / "tokenizer.json").is_file()
 
 
 def test_importing_the_package_does_not_import_torch():

@@ -9,8 +9,8 @@ import yaml
 from model_helpers import ROOT
 
 from slerp_plugin.errors import ConfigError
-from slerp_plugin.formats.fusionbench import spec_from_fusionbench
-from slerp_plugin.spec import MergeSpec, ModelRef, parse_size
+from slerp_plugin.formats.fusionbench import METHOD_KEYS, spec_from_fusionbench
+from slerp_plugin.spec import ModelRef
 
 SEED_DOC = ROOT.parent / "shared" / "seed" / "fusionbench_llm_slerp_tutorial.txt"
 
@@ -87,15 +87,9 @@ def test_invalid_configs_give_one_line_errors(mutate, match):
     assert "\n" not in str(e.value)
 
 
-def test_parse_size():
-    assert parse_size("5GB") == 5 * 10**9
-    assert parse_size("500MiB") == 500 * 2**20
-    assert parse_size(1234) == 1234
-    for bad in ("0", "-1GB", "5 parsecs", True):
-        with pytest.raises(ValueError):
-            parse_size(bad)
 
 
-def test_spec_round_trips_through_json():
-    spec = MergeSpec.build(model_1="a", model_2="b", t=0.25, output="o")
-    assert MergeSpec.model_validate_json(spec.model_dump_json()) == spec
+def test_the_readme_lists_every_method_option():
+    readme = (ROOT / "README.md").read_text()
+    listed = set(re.findall(r"^\| `method\.(\w+)` \|", readme, re.M))
+    assert listed == set(METHOD_KEYS)

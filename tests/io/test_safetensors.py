@@ -7,13 +7,11 @@ import struct
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from slerp_plugin.errors import CheckpointError, OutputWriteError
-from slerp_plugin.io.hashing import sha256_file
+from slerp_plugin.errors import CheckpointError
 from slerp_plugin.io.reader import TensorReader
-from slerp_plugin.io.safetensors import Checkpoint, OutputTensor, read_header
-from slerp_plugin.io.writer import ShardWriter
+from slerp_plugin.io.safetensors import Checkpoint, read_header
 
 
 @pytest.fixture
@@ -98,30 +96,3 @@ def test_folder_without_safetensors(tmp_path):
         Checkpoint.open(tmp_path / "nope")
 
 
-def test_shard_writer_streams_a_valid_file(tmp_path):
-    x = torch.randn(10, 3).to(torch.bfloat16)
-    y = torch.arange(5, dtype=torch.int64)
-    outs = [OutputTensor("x", "BF16", (10, 3)), OutputTensor("y", "I64", (5,))]
-    path = tmp_path / "out.safetensors"
-    with ShardWriter(path, outs) as w:
-        flat = x.reshape(-1)
-        w.write(memoryview(flat[:7].view(torch.uint8).numpy()))
-        w.write(memoryview(flat[7:].view(torch.uint8).numpy()))
-        w.write(memoryview(y.view(torch.uint8).numpy()))
-    loaded = load_file(path)
-    assert torch.equal(loaded["x"], x) and torch.equal(loaded["y"], y)
-    assert w.sha256 == sha256_file(path) and w.size == path.stat().st_size
-    assert (8 + struct.unpack("<Q", path.read_bytes()[:8])[0]) % 8 == 0
-
-
-def test_shard_writer_leaves_nothing_on_error(tmp_path):
-    path = tmp_path / "out.safetensors"
-    with pytest.raises(RuntimeError):
-        with ShardWriter(path, [OutputTensor("x", "F32", (4,))]) as w:
-            w.write(b"\0" * 8)
-            raise RuntimeError("boom")
-    assert not path.exists() and not list(tmp_path.iterdir())
-    with pytest.raises(OutputWriteError, match="plan says"):
-        with ShardWriter(path, [OutputTensor("x", "F32", (4,))]) as w:
-            w.write(b"\0" * 8)
-    assert not list(tmp_path.iterdir())

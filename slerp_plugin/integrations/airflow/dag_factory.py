@@ -18,9 +18,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import ExceptionRetryPolicy, Param, RetryAction, RetryRule
+from airflow.sdk import ExceptionRetryPolicy, Param, RetryAction, RetryRule, task
 
 from ...errors import TRANSIENT_ERRORS, SlerpPluginError
+from . import tasks
 
 TIMEOUTS = {
     "resolve": timedelta(minutes=15),
@@ -123,74 +124,95 @@ def merge_params(**defaults: Any) -> dict[str, Param]:
     }
 
 
+def _params() -> dict:
+    from airflow.sdk import get_current_context
+
+    return get_current_context()["params"]
+
+
+def _run_dir() -> Path:
+    from airflow.sdk import get_current_context
+
+    return output_root() / get_current_context()["dag"].dag_id
+
+
+@task(execution_timeout=TIMEOUTS["resolve"])
+def resolve() -> dict:
+    """Each input's reference and, for Hub ids, the commit its revision points to now."""
+    return tasks.resolve_inputs(_params())
+
+
+@task.short_circuit(execution_timeout=TIMEOUTS["resolve"])
+def parents_changed(inputs: dict) -> bool:
+    """Nightly runs: go on only if a parent (or t) changed since the last published merge."""
+    p = _params()
+    last = tasks.last_published_manifest(p["target_repo"], tasks.latest_output(_run_dir()))
+    verdict = tasks.parents_changed(inputs, last, p["t"])
+    print(f"{'merging' if verdict['changed'] else 'skipping'}: {verdict['reason']}")
+    return verdict["changed"]
+
+
+@task(execution_timeout=TIMEOUTS["download"])
+def download(inputs: dict, role: str) -> dict:
+    """One input fetched (Hub) or passed through (local folder)."""
+    return tasks.download_input(inputs[role], weights=role != "tokenizer")
+
+
+@task(execution_timeout=TIMEOUTS["resolve"])
+def plan(model_1: dict, model_2: dict, tokenizer: dict) -> dict:
+    """The output folder of this run and its shards split into groups for the merge workers."""
+    from airflow.sdk import get_current_context
+
+    ctx = get_current_context()
+    inputs = {"model_1": model_1, "model_2": model_2, "tokenizer": tokenizer}
+    output = str(tasks.output_path(output_root(), ctx["dag"].dag_id, ctx["run_id"]))
+    groups = tasks.plan_groups(_params(), inputs, output, _params()["merge_workers"])
+    return {"inputs": inputs, "output": output, "groups": groups}
+
+
+@task(execution_timeout=TIMEOUTS["summary"])
+def groups(p: dict) -> list[list[int]]:
+    return p["groups"]
+
+
+@task(execution_timeout=TIMEOUTS["merge"])
+def merge(p: dict, indices: list[int]) -> dict:
+    """One group of output shards merged (resuming an interrupted attempt)."""
+    return tasks.merge_group(_params(), p["inputs"], p["output"], indices)
+
+
+@task(execution_timeout=TIMEOUTS["merge"])
+def finalize(p: dict, merged: list[dict]) -> dict:
+    """Index, configs, manifest and card written; the output published by one rename."""
+    return tasks.finalize_merge(_params(), p["inputs"], p["output"])
+
+
+@task(execution_timeout=TIMEOUTS["validate"])
+def validate(p: dict, result: dict) -> dict:
+    """The validation gate against the parents."""
+    return tasks.validate_output(result["output"], p["inputs"], _params())
+
+
+@task(execution_timeout=TIMEOUTS["publish"])
+def publish(result: dict, validation: dict, nightly: bool = False) -> dict:
+    """The merge uploaded to the target repo, if one is set."""
+    up = tasks.publish(result["output"], _params()["target_repo"], _params()["private"])
+    if nightly:
+        tasks.record_latest(_run_dir(), result["output"])
+    return up
+
+
+@task(execution_timeout=TIMEOUTS["summary"])
+def summary(result: dict, validation: dict, upload: dict) -> dict:
+    return tasks.summary(result, validation, upload)
+
+
 def merge_pipeline(nightly: bool = False) -> None:
     """Add the merge tasks to the DAG being defined (inside a ``@dag`` function):
 
     resolve → [skip check, nightly only] → download ×3 (parallel) → plan → merge (mapped over
     shard groups, GPU queue) → finalize → validate → publish → summary.
     """
-    from airflow.sdk import get_current_context, task
-
-    from . import tasks as pipeline
-
-    def params() -> dict:
-        return get_current_context()["params"]
-
-    def run_dir() -> Path:
-        ctx = get_current_context()
-        return output_root() / ctx["dag"].dag_id
-
-    @task(execution_timeout=TIMEOUTS["resolve"])
-    def resolve() -> dict:
-        return pipeline.resolve_inputs(params())
-
-    @task.short_circuit(execution_timeout=TIMEOUTS["resolve"])
-    def parents_changed(inputs: dict) -> bool:
-        p = params()
-        last = pipeline.last_published_manifest(p["target_repo"], pipeline.latest_output(run_dir()))
-        verdict = pipeline.parents_changed(inputs, last, p["t"])
-        print(f"{'merging' if verdict['changed'] else 'skipping'}: {verdict['reason']}")
-        return verdict["changed"]
-
-    @task(execution_timeout=TIMEOUTS["download"])
-    def download(inputs: dict, role: str) -> dict:
-        return pipeline.download_input(inputs[role], weights=role != "tokenizer")
-
-    @task(execution_timeout=TIMEOUTS["resolve"])
-    def plan(model_1: dict, model_2: dict, tokenizer: dict) -> dict:
-        ctx = get_current_context()
-        inputs = {"model_1": model_1, "model_2": model_2, "tokenizer": tokenizer}
-        output = str(pipeline.output_path(output_root(), ctx["dag"].dag_id, ctx["run_id"]))
-        groups = pipeline.plan_groups(params(), inputs, output, params()["merge_workers"])
-        return {"inputs": inputs, "output": output, "groups": groups}
-
-    @task(execution_timeout=TIMEOUTS["summary"])
-    def groups(p: dict) -> list[list[int]]:
-        return p["groups"]
-
-    @task(execution_timeout=TIMEOUTS["merge"], **gpu())
-    def merge(p: dict, indices: list[int]) -> dict:
-        return pipeline.merge_group(params(), p["inputs"], p["output"], indices)
-
-    @task(execution_timeout=TIMEOUTS["merge"], **gpu())
-    def finalize(p: dict, merged: list[dict]) -> dict:
-        return pipeline.finalize_merge(params(), p["inputs"], p["output"])
-
-    @task(execution_timeout=TIMEOUTS["validate"], **gpu())
-    def validate(p: dict, result: dict) -> dict:
-        return pipeline.validate_output(result["output"], p["inputs"], params())
-
-    @task(execution_timeout=TIMEOUTS["publish"])
-    def publish(result: dict, validation: dict) -> dict:
-        up = pipeline.publish(result["output"], params()["target_repo"], params()["private"])
-        if nightly:
-            pipeline.record_latest(run_dir(), result["output"])
-        return up
-
-    @task(execution_timeout=TIMEOUTS["summary"])
-    def summary(result: dict, validation: dict, upload: dict) -> dict:
-        return pipeline.summary(result, validation, upload)
-
     inputs = resolve()
     downloads = [download.override(task_id=f"download_{role}")(inputs, role)
                  for role in ("model_1", "model_2", "tokenizer")]
@@ -199,7 +221,7 @@ def merge_pipeline(nightly: bool = False) -> None:
         for d in downloads:
             check >> d
     p = plan(*downloads)
-    merged = merge.partial(p=p).expand(indices=groups(p))
-    result = finalize(p, merged)
-    validation = validate(p, result)
-    summary(result, validation, publish(result, validation))
+    merged = merge.override(**gpu()).partial(p=p).expand(indices=groups(p))
+    result = finalize.override(**gpu())(p, merged)
+    validation = validate.override(**gpu())(p, result)
+    summary(result, validation, publish(result, validation, nightly=nightly))

@@ -1,0 +1,50 @@
+"""Input checksums: streamed from reads in order, completed from the file, cached by identity."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from slerp_plugin.io.hashing import (
+    StreamHasher,
+    cache_dir,
+    cached_sha256,
+    has_cached_sha256,
+    remember_sha256,
+    sha256_file,
+)
+
+
+def test_stream_hasher_takes_reads_in_order_and_reads_the_rest(tmp_path):
+    data = os.urandom(100_000)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    h = StreamHasher(path)
+    h.feed(0, memoryview(data[:1000]))
+    h.feed(5000, memoryview(data[5000:6000]))  # a jump ahead: not hashed
+    h.feed(500, memoryview(data[500:3000]))  # overlaps: only the new part counts
+    assert h.pos == 3000
+    assert h.hexdigest() == hashlib.sha256(data).hexdigest() == sha256_file(path)
+    assert h.pos == len(data)
+
+
+def test_cache_remembers_a_file_as_it_is_and_forgets_it_when_it_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLERP_PLUGIN_CACHE", str(tmp_path / "cache"))
+    assert cache_dir() == tmp_path / "cache" / "sha256"
+    path = tmp_path / "f"
+    path.write_bytes(b"one")
+    assert not has_cached_sha256(path)
+    assert cached_sha256(path) == hashlib.sha256(b"one").hexdigest() and has_cached_sha256(path)
+    remember_sha256(path, "0" * 64)  # what the cache says is believed while the file is unchanged
+    assert cached_sha256(path) == "0" * 64
+    path.write_bytes(b"two!")
+    assert not has_cached_sha256(path) and cached_sha256(path) == hashlib.sha256(b"two!").hexdigest()
+
+
+def test_unwritable_cache_only_costs_time(tmp_path, monkeypatch):
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("x")
+    monkeypatch.setenv("SLERP_PLUGIN_CACHE", str(blocker))
+    path = tmp_path / "f"
+    path.write_bytes(b"data")
+    assert cached_sha256(path) == hashlib.sha256(b"data").hexdigest()

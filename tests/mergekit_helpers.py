@@ -1,0 +1,38 @@
+"""Helpers for the mergekit tests: a merge YAML, and runs of mergekit-yaml and of our engine on it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+BIN = Path(sys.executable).parent
+FILTERED_T = [
+    {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+    {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+    {"value": 0.5},
+]
+
+
+def write_cfg(path: Path, a: Path, b: Path, method="slerp_for_causal_lm", **params) -> Path:
+    cfg = {
+        "merge_method": method,
+        "base_model": str(a),
+        "models": [{"model": str(a)}, {"model": str(b)}],
+        "parameters": {"t": FILTERED_T, **params},
+        "dtype": "bfloat16",
+    }
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def mergekit_yaml(cfg: Path, out: Path, *extra: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "mergekit-yaml"), str(cfg), str(out), "--lazy-unpickle", *extra],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def ours(cfg: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "slerp_plugin", "mergekit", str(cfg), str(out), *extra],
+                          capture_output=True, text=True, timeout=300)
