@@ -94,7 +94,7 @@ def build_big(out: Path, rows: int = 152064, cols: int = 8192) -> tuple[Path, Pa
 def _write_pair(a: Path, b: Path, spec: list, cfg: dict, shard_mb: int) -> None:
     write_model(a, spec, 0, None, shard_mb * 10**6, cfg)
     write_model(b, spec, 0, 1, shard_mb * 10**6, cfg)
-    from slerp_plugin.demo import build_tokenizer
+    from slerp_plugin.demo.pair import build_tokenizer
 
     tok = build_tokenizer(512)
     for m in (a, b):

@@ -81,3 +81,17 @@ def test_device_label_resolves_as_the_engine_does():
         assert bench.device_label(None) == "cpu"
         with pytest.raises(ConfigError, match="CUDA is not available"):
             bench.device_label("cuda")
+
+
+def test_pairs_are_built_with_the_package_s_tokenizer(tmp_path):
+    sys.path.insert(0, str(Path(bench.__file__).parent))
+    try:
+        import make_pair
+    finally:
+        sys.path.pop(0)
+    a, b = make_pair.build_big(tmp_path, rows=64, cols=32)
+    from slerp_plugin.io.safetensors import Checkpoint
+
+    assert Checkpoint.open(a).tensors.keys() == Checkpoint.open(b).tensors.keys() == {
+        "model.embed_tokens.weight", "model.norm.weight"}
+    assert (a / "tokenizer.json").is_file() and (b / "config.json").is_file()
