@@ -9,6 +9,7 @@ kept as ``__cause__``. The CLI prints the message and exits with :attr:`~SlerpPl
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,6 +26,14 @@ EXIT_CODES: dict[int, str] = {
     8: "validate: the merged model or a parent cannot be read",
     130: "interrupted (re-run the same command to resume)",
 }
+
+
+_HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with anything shaped like a Hugging Face token replaced by ``hf_***``."""
+    return _HF_TOKEN.sub("hf_***", text)
 
 
 def exit_code_table() -> str:

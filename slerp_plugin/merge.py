@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from .engine import InputHashes, MergePlan, MergeResult, finalize, merge_shards
 from .engine import plan_merge as plan_local
+from .engine.output import output_lock
 from .hub.sources import resolve_inputs
 from .io.model_files import ResolvedModel
 from .io.prefetch import Prefetch
@@ -37,22 +38,27 @@ def run_merge(spec: MergeSpec, *, prefetch: Prefetch | None = None) -> MergeResu
     its page-cache contents and input hashes are taken over. A progress bar is shown with
     ``spec.show_pbar`` or when stderr is a terminal.
 
+    The output is locked for the whole merge: a second merge into it fails at once, naming this one.
+
     Raises:
-        SlerpPluginError: any bad input or write failure, with a one-line message.
+        OutputLockedError: another process is merging into the same output.
+        SlerpPluginError: any other bad input or write failure, with a one-line message.
     """
     started = time.perf_counter()
     plan = plan_merge(spec)
-    hashes = InputHashes.start(plan, prefetch)
-    bar = _progress_bar(plan)
-    try:
-        outcomes = merge_shards(plan, progress=bar.update if bar else None, hashes=hashes, prefetch=prefetch)
-    finally:
-        if bar:
-            bar.close()
-    reused = sum(o.reused for o in outcomes)
-    if reused:
-        log.info("resumed: %d of %d shard(s) reused from the interrupted run", reused, len(outcomes))
-    result = finalize(plan, input_hashes=hashes.finish(), started_at=started)
+    with output_lock(plan.output, exclusive=True, wait=False, what="slerp-merge") as lock:
+        hashes = InputHashes.start(plan, prefetch)
+        bar = _progress_bar(plan)
+        try:
+            outcomes = merge_shards(plan, progress=bar.update if bar else None, hashes=hashes,
+                                    prefetch=prefetch, lock=lock)
+        finally:
+            if bar:
+                bar.close()
+        reused = sum(o.reused for o in outcomes)
+        if reused:
+            log.info("resumed: %d of %d shard(s) reused from the interrupted run", reused, len(outcomes))
+        result = finalize(plan, input_hashes=hashes.finish(), started_at=started, lock=lock)
     log.info("branches: %s", ", ".join(f"{k} {v}" for k, v in sorted(result.manifest.branch_counts.items())))
     if spec.push_to_hub:
         from .hub.client import upload_folder

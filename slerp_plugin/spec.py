@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, redact_secrets
 from .slerp import DEFAULT_CHUNK_ELEMENTS, DEFAULT_DOT_THRESHOLD, DEFAULT_EPSILON
 
 SPEC_SCHEMA_VERSION = 1
@@ -259,4 +259,4 @@ def format_validation_error(e: ValidationError) -> str:
         elif "input" in err and err["type"] not in ("missing", "value_error"):
             msg = f"{msg} (got {err['input']!r})"
         parts.append(f"{loc}: {msg}")
-    return "invalid merge config: " + "; ".join(parts)
+    return redact_secrets("invalid merge config: " + "; ".join(parts))

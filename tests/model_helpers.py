@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slerp_plugin.engine import compute_threads
+from slerp_plugin.io.model_files import OUTPUT_MARKER
 from slerp_plugin.slerp import slerp, slerp_reference
 from slerp_plugin.spec import MergeSpec
 from slerp_plugin.validate import ulp_distance
@@ -44,9 +45,11 @@ def write_model(folder: Path, state: dict[str, torch.Tensor], like: Path) -> Pat
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
-    """Every file of a folder (recursively) → bytes, for bit-identity checks."""
+    """Every file of a folder (recursively) → bytes, for bit-identity checks; the output marker,
+    which names the folder's own path, is left out."""
     files = sorted(Path(folder).rglob("*"))
-    return {str(p.relative_to(folder)): p.read_bytes() for p in files if p.is_file()}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in files
+            if p.is_file() and p.name != OUTPUT_MARKER}
 
 
 def read_json(path: Path) -> dict:

@@ -91,11 +91,13 @@ def mergekit_models(config: Path) -> list[str]:
 
 
 def validate(argv: list[str]) -> int:
-    """``slerp-merge validate OUT --parents A B``: exit 0 passed, 6 gate failed."""
+    """``slerp-merge validate OUT --parents A B``: exit 0 passed, 6 gate failed, 8 an input unreadable
+    (then no report is written)."""
     parser = argparse.ArgumentParser(
         prog=f"{PROG} validate",
         description="Validate a merged model: structure, spot re-computation, perplexity vs the parents. "
-        "Writes validation.json and validation.txt; exits 6 when the gate fails.",
+        "Writes validation.json and validation.txt; exits 6 when the gate fails, 8 when the merge or a "
+        "parent cannot be read (no report is written then).",
     )
     parser.add_argument("model", type=Path, help="the merged model folder")
     parser.add_argument("--parents", nargs=2, type=Path, required=True, metavar=("MODEL_1", "MODEL_2"))
@@ -116,9 +118,12 @@ def validate(argv: list[str]) -> int:
     setup_logging()
     if args.eval_text is not None and not args.eval_text.is_file():
         raise ConfigError(f"--eval-text: no such file: {args.eval_text}", path=args.eval_text)
+    if args.report is not None and not args.report.is_dir():
+        raise ConfigError(f"--report: no such folder: {args.report}", path=args.report)
     report = validate_merge(
         args.model, tuple(args.parents), skip_functional=args.skip_functional,
-        eval_text=args.eval_text.read_text() if args.eval_text else None, margin=args.margin,
+        eval_text=args.eval_text.read_text() if args.eval_text else None,
+        eval_text_name=args.eval_text.name if args.eval_text else None, margin=args.margin,
         max_tokens=args.max_tokens, spot_sample=args.spot, device=args.device, t=args.t,
     )
     path = write_report(report, args.report)

@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..errors import SlerpPluginError
+from ..errors import ConfigError, SlerpPluginError
 
 log = logging.getLogger("slerp_plugin.cli")
 
@@ -131,14 +131,76 @@ def _task(cfg, swept: set[str]) -> None:
         print(f"published: {result.upload.url}")
 
 
+#: the Hydra settings an override may change; the others configure code (callbacks, launchers,
+#: sweepers, logging handlers) or where configs come from
+SAFE_HYDRA_KEYS = frozenset({"hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.job.chdir",
+                             "hydra.output_subdir", "hydra.verbose", "hydra.job.name", "hydra.mode"})
+_NO_CONFIG_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc"}
+
+
+def _flag_values(flags: list[str], *names: str) -> list[str]:
+    values = []
+    for i, flag in enumerate(flags):
+        if flag in names and i + 1 < len(flags):
+            values.append(flags[i + 1])
+        for name in names:
+            if flag.startswith(name + "="):
+                values.append(flag.split("=", 1)[1])
+    return values
+
+
+def primary_config(flags: list[str]) -> Path:
+    """The YAML file Hydra will compose from: ``--config-name`` in ``--config-path`` (else in a
+    ``--config-dir``), by default the bundled seed config.
+
+    Raises:
+        ConfigError: no such file.
+    """
+    name = (_flag_values(flags, "--config-name", "-cn") or [DEFAULT_CONFIG])[-1]
+    dirs = [Path(d) for d in _flag_values(flags, "--config-path", "-cp")[-1:] or [CONF_DIR]]
+    dirs += [Path(d) for d in _flag_values(flags, "--config-dir", "-cd")]
+    for folder in dirs:
+        for candidate in (folder / name, folder / f"{name}.yaml", folder / f"{name}.yml"):
+            if candidate.is_file():
+                return candidate
+    raise ConfigError(f"config {name!r} not found in {', '.join(str(d) for d in dirs)}")
+
+
+def check_command_line(flags: list[str], overrides: list[str]) -> None:
+    """Refuse a command line that would run code or read secrets: ``--experimental-rerun`` (it
+    unpickles a file), overrides of Hydra's code-bearing settings, ``${oc.env:...}`` values, and a
+    config file that is not plain data (:func:`~slerp_plugin.formats.fusionbench.check_config_file`).
+
+    Raises:
+        ConfigError: one line saying what was refused.
+    """
+    from ..formats.fusionbench import ENV_RESOLVER, check_config_file
+
+    if any(f == "--experimental-rerun" or f.startswith("--experimental-rerun=") for f in flags):
+        raise ConfigError("--experimental-rerun is not supported: it loads a pickle, which can run code")
+    for arg in overrides:
+        key = arg.lstrip("+~").split("=", 1)[0]
+        if key.startswith(("hydra.", "hydra/")) and key not in SAFE_HYDRA_KEYS:
+            raise ConfigError(f"{key}: this Hydra setting cannot be overridden here (it configures code); "
+                              f"allowed: {', '.join(sorted(SAFE_HYDRA_KEYS))}")
+        if ENV_RESOLVER.search(arg):
+            raise ConfigError(f"{key}: environment variables cannot be read into a config (${{oc.env:...}})")
+    if not _NO_CONFIG_FLAGS & set(flags):
+        check_config_file(primary_config(flags))
+
+
 def run_hydra(argv: list[str], fail) -> int:
     """Run the seed-config command line ``argv``; ``fail(error, code)`` reports our errors.
 
     Returns the exit status.
+
+    Raises:
+        ConfigError: the command line or the config file is refused (:func:`check_command_line`).
     """
     import hydra
 
     flags, overrides = split_hydra_args(argv)
+    check_command_line(flags, overrides)
     overrides = force_method_keys(overrides)
     if not any(a.lstrip("+").startswith("hydra.sweep.dir") for a in overrides):
         overrides.append("hydra.sweep.dir=outputs/multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}")

@@ -11,7 +11,7 @@ disjoint ``indices``, then one :func:`finalize`. The engine reads local folders 
 references are resolved by :mod:`slerp_plugin.merge`.
 """
 
-from .execute import merge_shards
+from .execute import merge_shards, prepare
 from .finish import MergeResult, finalize, input_records
 from .inputs import InputHashes
 from .plan import VOCAB_TENSOR_NAMES, MergePlan, ShardPlan, TensorJob, layer_fraction, plan_merge
@@ -20,6 +20,6 @@ from .resume import ShardOutcome
 
 __all__ = [
     "VOCAB_TENSOR_NAMES", "InputHashes", "MergePlan", "MergeResult", "ShardOutcome", "ShardPlan", "TensorJob",
-    "compute_threads", "finalize", "input_records", "layer_fraction", "merge_shards", "plan_merge",
+    "compute_threads", "finalize", "input_records", "layer_fraction", "merge_shards", "plan_merge", "prepare",
     "resolve_device",
 ]

@@ -18,11 +18,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
 from ..formats.manifest import ShardRecord, TensorRecord
+from ..io.lock import FileLock
 from ..io.prefetch import Prefetch
 from ..io.reader import PageCache, TensorReader, aligned_capacity
 from ..io.safetensors import DTYPES, TensorInfo
@@ -32,13 +34,27 @@ from ..slerp import SlerpCoefficients, SlerpStats, accumulate_chunks, coefficien
 from . import buffers
 from .buffers import BlockLayout, BufferPool, Lease
 from .inputs import InputHashes
+from .output import output_lock
 from .plan import MergePlan, ShardPlan, TensorJob, format_bytes
 from .resources import compute_threads, page_cache_budget
-from .resume import ShardOutcome, load_outcome, prepare_partial, write_marker
+from .resume import ShardOutcome, journal, load_outcome, prepare_partial, shard_lock
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
+
+
+def prepare(plan: MergePlan, *, wait: bool = False) -> None:
+    """Get the output ready for workers that will each merge some of its shards: with the output
+    locked exclusively for a moment, discard an unfinished merge of a different plan and create
+    ``<output>.partial`` (the Airflow plan task does this before the merge tasks start).
+
+    Raises:
+        OutputLockedError: another process holds the output (without ``wait``).
+        OutputExistsError, OutputWriteError: as :func:`merge_shards`.
+    """
+    with output_lock(plan.output, exclusive=True, wait=wait, what="preparing the merge"):
+        prepare_partial(plan, exclusive=True)
 
 
 def merge_shards(
@@ -48,6 +64,8 @@ def merge_shards(
     progress: Progress | None = None,
     hashes: InputHashes | None = None,
     prefetch: Prefetch | None = None,
+    lock: FileLock | None = None,
+    wait: bool = False,
 ) -> list[ShardOutcome]:
     """Write the shards ``indices`` (default: all) of ``plan`` into ``<output>.partial``.
 
@@ -56,33 +74,53 @@ def merge_shards(
     the bytes read, for the inputs' SHA-256; ``prefetch`` is the start-up read-ahead whose
     page-cache contents are used instead of reading the disk again.
 
+    ``lock`` is the output lock the caller holds (:func:`slerp_plugin.merge.run_merge` holds it
+    exclusively). Without one, the output is locked shared for the call, so that several workers
+    can merge shards of one output at once; each shard is then written under a lock of its own,
+    and a worker that finds a shard locked (an orphaned attempt still writing it) waits, then
+    reuses what that attempt finished. ``wait`` waits for an exclusive holder instead of failing.
+
     Raises:
+        OutputLockedError: another process holds the output exclusively (without ``wait``).
+        OutputExistsError: ``<output>.partial`` is not this tool's, or belongs to another plan.
         CheckpointError: an input file is unreadable or truncated.
         OutputWriteError: writing failed (e.g. disk full); finished shards stay for a resume.
     """
-    if prepare_partial(plan):
-        log.info("%s is complete; nothing to merge", plan.partial)
-        return []
-    selected = plan.shards if indices is None else [plan.shards[i] for i in indices]
-    outcomes = []
-    cached = prefetch.covers if prefetch is not None else None
-    with TensorReader(direct=plan.spec.direct_io, cached=cached) as reader, \
-            compute_threads(plan.device, plan.spec.threads) as threads:
+    with ExitStack() as stack:
+        if lock is None:
+            lock = stack.enter_context(output_lock(plan.output, exclusive=False, wait=wait, what="merging"))
+        if prepare_partial(plan, exclusive=lock.exclusive):
+            log.info("%s is complete; nothing to merge", plan.partial)
+            return []
+        selected = plan.shards if indices is None else [plan.shards[i] for i in indices]
+        cached = prefetch.covers if prefetch is not None else None
+        reader = stack.enter_context(TensorReader(direct=plan.spec.direct_io, cached=cached))
+        threads = stack.enter_context(compute_threads(plan.device, plan.spec.threads))
         log.info("merging %d shard(s) on %s with %d compute thread(s), %s I/O", len(selected),
                  plan.device, threads, "direct" if plan.spec.direct_io else "buffered")
+        outcomes = []
         for shard in selected:
-            outcome = load_outcome(plan, shard, verify=True)
-            if outcome is not None:
-                outcome.reused = True
-                write_marker(plan, shard, outcome)
-                log.info("shard %d/%d %s: reused from an earlier run (sha256 verified)",
-                         shard.index + 1, len(plan.shards), shard.file)
-                if progress:
-                    progress(shard.nbytes)
-            else:
-                outcome = ShardMerge(plan, shard, reader, hashes=hashes, progress=progress).run()
+            with ExitStack() as shard_stack:
+                if not lock.exclusive:
+                    shard_stack.enter_context(shard_lock(plan, shard))
+                outcome = _reuse(plan, shard, progress) or \
+                    ShardMerge(plan, shard, reader, hashes=hashes, progress=progress).run()
             outcomes.append(outcome)
     return outcomes
+
+
+def _reuse(plan: MergePlan, shard: ShardPlan, progress: Progress | None) -> ShardOutcome | None:
+    """The journalled outcome of a shard an earlier run finished (checksum verified), or None."""
+    outcome = load_outcome(plan, shard, verify=True)
+    if outcome is None:
+        return None
+    outcome.reused = True
+    journal(plan, shard, outcome)
+    log.info("shard %d/%d %s: reused from an earlier run (sha256 verified)",
+             shard.index + 1, len(plan.shards), shard.file)
+    if progress:
+        progress(shard.nbytes)
+    return outcome
 
 
 def schedule(job: TensorJob, block: int, hold_blocks: int) -> Iterator[tuple[str, int, int]]:
@@ -166,22 +204,27 @@ class ShardMerge:
             OutputWriteError: writing failed; no file is left at the shard's path.
         """
         started = time.perf_counter()
-        with ExitStack() as stack:
-            writer = stack.enter_context(ShardWriter(self.plan.partial / self.shard.file,
-                                                     [j.output for j in self.shard.jobs],
-                                                     direct=self.plan.spec.direct_io))
-            self._sink = stack.enter_context(WriteBehind(lambda item: self._write_out(writer, item)))
-            self._hashing = (stack.enter_context(WriteBehind(self._hash_input)),
-                             stack.enter_context(WriteBehind(self._hash_input)))
-            self._feed = stack.enter_context(
-                ReadAhead(self._read_tasks(), depth=buffers.READ_AHEAD, workers=buffers.READ_WORKERS))
-            stack.push(self._stop_readers_on_error)
-            records = [self._merge_tensor(job) for job in self.shard.jobs]
+        try:
+            with ExitStack() as stack:
+                writer = stack.enter_context(ShardWriter(self.plan.partial / self.shard.file,
+                                                         [j.output for j in self.shard.jobs],
+                                                         direct=self.plan.spec.direct_io))
+                self._sink = stack.enter_context(WriteBehind(partial(self._write_out, writer)))
+                self._hashing = (stack.enter_context(WriteBehind(self._hash_input)),
+                                 stack.enter_context(WriteBehind(self._hash_input)))
+                self._feed = stack.enter_context(
+                    ReadAhead(self._read_tasks(), depth=buffers.READ_AHEAD, workers=buffers.READ_WORKERS))
+                stack.push(self._stop_readers_on_error)
+                records = [self._merge_tensor(job) for job in self.shard.jobs]
+        finally:
+            # the workers refer back to this object: without the cyclic GC (the command pauses it)
+            # the pools would live on after the shard
+            self._feed = self._sink = self._hashing = None
         seconds = time.perf_counter() - started
         record = ShardRecord(file=self.shard.file, size=writer.size, sha256=writer.sha256,
                              tensors=len(self.shard.jobs))
         outcome = ShardOutcome(record, records, seconds, self.bytes_read)
-        write_marker(self.plan, self.shard, outcome)
+        journal(self.plan, self.shard, outcome)
         log.info("shard %d/%d %s: %d tensors, %s written in %.1f s (%s/s)",
                  self.shard.index + 1, len(self.plan.shards), self.shard.file, len(self.shard.jobs),
                  format_bytes(record.size), seconds, format_bytes(record.size / max(seconds, 1e-9)))

@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +15,11 @@ from ..errors import OutputExistsError, OutputWriteError
 from ..formats.manifest import InputRecord, Manifest, describe_input
 from ..formats.modelcard import render_model_card
 from ..io.atomic import fsync_dir, write_json_atomic
+from ..io.index import INDEX_NAME
+from ..io.lock import FileLock
 from ..io.model_files import CONFIG_FILES, TOKENIZER_FILES
-from ..io.safetensors import INDEX_NAME
 from .inputs import input_files
-from .output import publish
+from .output import output_lock, publish, write_marker
 from .plan import MergePlan
 from .resume import STATE_DIR, ShardOutcome, finished_partial, load_outcome
 
@@ -39,24 +41,36 @@ def finalize(
     *,
     input_hashes: dict[Path, str] | None = None,
     started_at: float | None = None,
+    lock: FileLock | None = None,
+    wait: bool = False,
 ) -> MergeResult:
     """Check every shard is journalled, write index, configs, tokenizer, manifest and model card,
     then move ``<output>.partial`` to ``<output>`` in one rename.
 
     ``input_hashes`` are checksums already computed (:meth:`InputHashes.finish
     <slerp_plugin.engine.inputs.InputHashes.finish>`); the others are computed (cached) here.
-    ``started_at`` (``time.perf_counter()``) adds the total time to the manifest.
+    ``started_at`` (``time.perf_counter()``) adds the total time to the manifest. ``lock`` is the
+    exclusive output lock the caller holds; without it the output is locked exclusively for the
+    call (``wait``: after every worker still merging, orphaned attempts included, has let go).
 
     Raises:
+        OutputLockedError: another process holds the output (without ``wait``).
         OutputWriteError: a shard is missing (not merged yet) or writing failed.
         OutputExistsError: the destination appeared meanwhile and may not be replaced.
     """
+    with ExitStack() as stack:
+        if lock is None or not lock.exclusive:
+            stack.enter_context(output_lock(plan.output, exclusive=True, wait=wait, what="finishing"))
+        finished = finished_partial(plan)
+        if finished is not None:
+            publish(plan)
+            log.info("merged model at %s (finished by an earlier run)", plan.output)
+            return MergeResult(plan.output, finished)
+        return _finish(plan, input_hashes, started_at)
+
+
+def _finish(plan: MergePlan, input_hashes: dict[Path, str] | None, started_at: float | None) -> MergeResult:
     t0 = time.perf_counter()
-    finished = finished_partial(plan)
-    if finished is not None:
-        publish(plan)
-        log.info("merged model at %s (finished by an earlier run)", plan.output)
-        return MergeResult(plan.output, finished)
     outcomes = []
     for shard in plan.shards:
         outcome = load_outcome(plan, shard, verify=False)
@@ -76,6 +90,7 @@ def finalize(
         manifest.write(partial)
         (partial / "README.md").write_text(render_model_card(manifest))
         shutil.rmtree(partial / STATE_DIR)
+        write_marker(partial, plan.output, "complete")
         fsync_dir(partial)
         publish(plan)
     except (OutputWriteError, OutputExistsError):

@@ -23,7 +23,7 @@ from ..errors import CheckpointError, KeyMismatchError, ShapeMismatchError
 from ..io.model_files import TOKENIZER_FILES, ResolvedModel, local_model
 from ..io.safetensors import Checkpoint, OutputTensor, TensorInfo, dtype_name
 from ..spec import MergeSpec
-from .output import check_output
+from .output import check_output, output_path, partial_path
 from .resources import resolve_device
 
 log = logging.getLogger(__name__)
@@ -82,12 +82,12 @@ class MergePlan:
 
     @property
     def output(self) -> Path:
-        return Path(self.spec.output).resolve()
+        return output_path(self.spec)
 
     @property
     def partial(self) -> Path:
         """Where the output is built: ``<output>.partial``, renamed to ``<output>`` when complete."""
-        return self.output.with_name(self.output.name + ".partial")
+        return partial_path(self.output)
 
     @property
     def total_bytes(self) -> int:
@@ -121,7 +121,7 @@ def plan_merge(spec: MergeSpec, resolved: Mapping[str, ResolvedModel] | None = N
     ckpts = {role: Checkpoint.open(paths[role]) for role in ("model_1", "model_2")}
     _check_keys(ckpts["model_1"], ckpts["model_2"], spec.model_names)
     device = resolve_device(spec.device)
-    jobs, warnings = _jobs(spec, ckpts["model_1"], ckpts["model_2"], _num_layers(paths["model_1"]))
+    jobs, warnings = plan_jobs(spec, ckpts["model_1"], ckpts["model_2"], num_layers(paths["model_1"]))
     shards = _split_shards(jobs, spec.max_shard_size)
     plan = MergePlan(spec, paths, ckpts, shards, device, _fingerprint(spec, ckpts, device, shards), warnings,
                      commits={role: r.commit for role, r in inputs.items()},
@@ -143,10 +143,15 @@ def _resolve_locally(spec: MergeSpec, resolved: Mapping[str, ResolvedModel]) -> 
     return inputs
 
 
-def _jobs(
+def plan_jobs(
     spec: MergeSpec, c1: Checkpoint, c2: Checkpoint, num_layers: int
 ) -> tuple[list[TensorJob], list[str]]:
-    """One job per tensor of model_1 (in its order), and the warnings of kept tensors."""
+    """One job per tensor of model_1 (in its order), and the warnings of kept tensors.
+
+    Raises:
+        ShapeMismatchError: shapes differ and ``spec.on_shape_mismatch`` is ``error``.
+        ConfigError: a t schedule that matches no tensor.
+    """
     jobs: list[TensorJob] = []
     warnings: list[str] = []
     for name, a in c1.tensors.items():
@@ -166,7 +171,8 @@ def _jobs(
     return jobs, warnings
 
 
-def _num_layers(folder: Path) -> int:
+def num_layers(folder: Path) -> int:
+    """The model's layer count from its ``config.json`` (0 where it cannot be told)."""
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):

@@ -1,15 +1,20 @@
 """The seed's FusionBench YAML (``fusion_bench.method.SlerpForCausalLM`` + ``CausalLMPool``) → MergeSpec.
 
-``_target_`` values are checked against an allow-list of FusionBench's own names and are
-never instantiated, so a config cannot run code. Unknown keys are errors (typos would otherwise be
-silently ignored); keys of FusionBench's program that do not affect a merge are accepted.
+A config is data: ``_target_`` values are checked against an allow-list of FusionBench's own names
+and never instantiated; a file may not configure Hydra itself (callbacks, launchers, sweepers and
+logging handlers are code), compose other configs, or read environment variables
+(:func:`check_config_file`). Unknown keys are errors (typos would otherwise be silently ignored);
+keys of FusionBench's program that do not affect a merge are accepted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ..errors import ConfigError
 from ..spec import MergeSpec, ModelRef
@@ -39,7 +44,7 @@ LOADER_TARGETS = frozenset({
 PROGRAM_IGNORED = frozenset({
     "_recursive_", "_usage_", "_version_", "fabric", "fabric_logger", "taskpool", "print_config",
     "dry_run", "fast_dev_run", "report_save_path", "seed", "path", "merged_model_save_path",
-    "print_function_call", "log_dir", "defaults", "hydra",
+    "print_function_call", "log_dir", "defaults",
 })
 METHOD_KEYS = {
     # FusionBench's own options
@@ -51,6 +56,53 @@ METHOD_KEYS = {
     "direct_io": "direct_io", "buffer_memory": "buffer_memory", "allow_bin": "allow_bin",
 }
 POOL_IGNORED = frozenset({"_recursive_", "_usage_", "_version_", "tokenizer_kwargs", "enable_lazy_loading"})
+
+
+#: an interpolation that reads the environment (its value would end up in logs and errors)
+ENV_RESOLVER = re.compile(r"\$\{\s*oc\.env\s*:")
+
+
+def check_config_file(path: Path) -> dict[str, Any]:
+    """Read a seed-format YAML file as data and refuse what would make Hydra run code or leak secrets.
+
+    Refused: YAML tags that build Python objects, a ``hydra:`` section, a ``defaults`` list other
+    than ``[_self_]``, and ``${oc.env:...}`` interpolations. Returns the document.
+
+    Raises:
+        ConfigError: one line naming the file and the reason.
+    """
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}", path=path) from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not plain YAML data: {str(e).splitlines()[0]}", path=path) from e
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level", path=path)
+    if "hydra" in doc:
+        raise ConfigError(f"{path}: a config may not configure Hydra (its callbacks, launchers and logging "
+                          "run code); remove the hydra: section", path=path)
+    defaults = doc.get("defaults")
+    if defaults is not None and defaults != ["_self_"]:
+        raise ConfigError(f"{path}: defaults may only be [_self_]: a merge config is one file, it does not "
+                          "compose others", path=path)
+    for where, value in _strings(doc):
+        if ENV_RESOLVER.search(value):
+            raise ConfigError(f"{path}: {where}: environment variables cannot be read into a config "
+                              "(${oc.env:...})", path=path)
+    return doc
+
+
+def _strings(node: Any, where: str = "") -> Iterator[tuple[str, str]]:
+    if isinstance(node, str):
+        yield where or "config", node
+    elif isinstance(node, Mapping):
+        for key, value in node.items():
+            yield from _strings(key, where)
+            yield from _strings(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _strings(value, f"{where}[{i}]")
 
 
 def _check_target(where: str, node: Mapping[str, Any], allowed: frozenset[str]) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import (
+    CheckpointError,
     DiskFullError,
     HubAuthError,
     HubError,
@@ -37,9 +38,10 @@ from ..errors import (
     HubUnavailableError,
     RepoNotFoundError,
     RevisionNotFoundError,
+    redact_secrets,
 )
 from ..io.hashing import cached_sha256
-from ..io.model_files import CONFIG_FILES, TOKENIZER_FILES
+from ..io.model_files import CONFIG_FILES, OUTPUT_MARKER, TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,9 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 DEFAULT_RETRIES = 4
 DEFAULT_BACKOFF_S = 1.0
 LARGE_FOLDER_BYTES = 100 * 10**9
+UPLOAD_RECORD = "hub_upload.json"  #: where a merge folder records its upload (local only)
+#: files of a merge folder that are never uploaded: this tool's output marker and upload record
+NOT_UPLOADED = [OUTPUT_MARKER, UPLOAD_RECORD]
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,7 @@ def _redact(text: str, token: str | None) -> str:
     tok = _token_text(token)
     if tok and len(tok) >= 4:
         text = text.replace(tok, "***")
-    return re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
+    return redact_secrets(text)
 
 
 def _translate(exc: BaseException, what: str, token: str | None) -> HubError:
@@ -297,7 +302,14 @@ def _verify(folder: Path, files: list[HubFile], what: str) -> None:
 
 
 def _convert_bin(download: Download, cache_dir: Path | str | None) -> Path:
-    """Pickled ``.bin`` weights → a local safetensors folder next to the snapshot (once)."""
+    """Pickled ``.bin`` weights → a local safetensors folder next to the snapshot (once).
+
+    The pickles are loaded with ``weights_only=True``: plain tensors only, nothing that runs code.
+
+    Raises:
+        CheckpointError: a pickle holds more than plain tensors, or cannot be read.
+    """
+    import pickle
     import shutil
 
     import torch
@@ -306,18 +318,25 @@ def _convert_bin(download: Download, cache_dir: Path | str | None) -> Path:
     out = download.path.parent.parent / "slerp_plugin_safetensors" / download.commit
     if (out / "model.safetensors").is_file():
         return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     tmp.mkdir(parents=True)
-    state: dict[str, torch.Tensor] = {}
-    for f in sorted(download.path.glob("*.bin")):
-        state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors",
-              metadata={"format": "pt"})
-    for f in download.path.iterdir():
-        if not f.name.endswith(".bin") and f.name != BIN_INDEX:
-            shutil.copyfile(f, tmp / f.name)
-    os.replace(tmp, out)
+    try:
+        state: dict[str, torch.Tensor] = {}
+        for f in sorted(download.path.glob("*.bin")):
+            try:
+                state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+            except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as e:
+                raise CheckpointError(f"{download.repo_id}@{download.commit[:12]}: {f.name} refused: it is "
+                                      "not a pickle of plain tensors (it could run code, or it is damaged)",
+                                      path=f, repo_id=download.repo_id, revision=download.commit) from e
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        for f in download.path.iterdir():
+            if not f.name.endswith(".bin") and f.name != BIN_INDEX:
+                shutil.copyfile(f, tmp / f.name)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours, named for this process; gone once renamed
     return out
 
 
@@ -358,7 +377,8 @@ def upload_folder(
     landed although its response was lost, the head's message is ours and that commit is returned
     instead of a second one; an identical folder makes no commit at all (``new_commit`` False).
     Folders above ``large_folder_bytes`` go through the Hub client's resumable large-folder upload
-    (which may split the work into several commits).
+    (which may split the work into several commits). Local bookkeeping (:data:`NOT_UPLOADED`)
+    stays local.
 
     Raises:
         HubError (subclasses): see the module docstring; also a missing folder.
@@ -374,8 +394,8 @@ def upload_folder(
     if size > large_folder_bytes:
         log.info("uploading %.1f GB with the resumable large-folder upload", size / 1e9)
         _with_retries(lambda: api.upload_large_folder(repo_id, folder, repo_type="model", revision=revision,
-                                                       private=private), f"upload to {repo_id}", token,
-                      retries, _backoff())
+                                                       private=private, ignore_patterns=NOT_UPLOADED),
+                      f"upload to {repo_id}", token, retries, _backoff())
         head = resolve_revision(repo_id, revision, token=token, endpoint=endpoint, retries=retries)
         return Upload(repo_id, head, f"{api.endpoint}/{repo_id}/commit/{head}", True)
 
@@ -383,7 +403,8 @@ def upload_folder(
         head = resolve_revision(repo_id, revision, token=token, endpoint=endpoint, retries=retries)
         try:
             info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message,
-                                     revision=revision, parent_commit=head, repo_type="model")
+                                     revision=revision, parent_commit=head, repo_type="model",
+                                     ignore_patterns=NOT_UPLOADED)
             new = info.oid != head
             log.info("uploaded %s to %s: %s", folder, repo_id,
                      info.oid if new else "unchanged, no new commit")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..errors import ModelNotFoundError
 from ..spec import ModelRef
-from .safetensors import INDEX_NAME, Checkpoint
+from .index import INDEX_NAME
+from .safetensors import Checkpoint
 
 
 @dataclass
@@ -20,6 +21,8 @@ class ResolvedModel:
     hashes: dict[Path, str] = field(default_factory=dict)
 
 CONFIG_FILES = ("config.json", "generation_config.json")
+#: the marker this tool puts in a merge output (and its ``.partial``): which output it belongs to
+OUTPUT_MARKER = ".slerp_merge.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",

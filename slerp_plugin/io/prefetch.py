@@ -18,7 +18,6 @@ an unreadable folder or file is skipped, and the merge reports it.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import queue
@@ -28,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from .hashing import StreamHasher, has_cached_sha256
+from .index import INDEX_NAME, InvalidIndex, shard_names
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ LOOKAHEAD = 4  #: requests asked for ahead of the one being read and hashed
 DEFAULT_BUDGET = 2 << 30  #: bytes read at most (capped at a quarter of the memory available)
 HEAD_BYTES = 1 << 20  #: bytes at the start of each weights file asked for first (its header)
 SMALL_FILE_BYTES = 64 << 20  #: other files of a model folder up to this size are asked for first
-INDEX_NAME = "model.safetensors.index.json"
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -47,10 +46,9 @@ def weight_files(folder: Path) -> list[Path]:
     index = folder / INDEX_NAME
     try:
         if index.is_file():
-            names = json.loads(index.read_text())["weight_map"].values()
-            return [folder / n for n in dict.fromkeys(names)]
+            return [folder / n for n in shard_names(index)]
         files = sorted(folder.glob("*.safetensors"))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, InvalidIndex):
         return []
     return files if len(files) == 1 else []
 

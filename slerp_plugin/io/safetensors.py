@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .index import INDEX_NAME, SINGLE_NAME, InvalidIndex, read_weight_map
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
+MAX_HEADER_BYTES = 100_000_000  #: the limit the safetensors library itself enforces
 
 #: safetensors dtype name → (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -79,65 +78,150 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:
-    """Parse and check one safetensors file's header.
+    """Parse and check one safetensors file's header, as strictly as the safetensors library.
 
-    Returns the tensors in data order and the ``__metadata__`` dict.
+    The header is UTF-8 JSON: an object of tensor entries (``dtype``, a ``shape`` of non-negative
+    integers, two integer ``data_offsets``) and an optional ``__metadata__`` object of strings; no
+    key twice (the library itself takes a repeated tensor name silently; here it is refused). The
+    tensors' byte ranges must follow one another from 0 without gaps or overlaps, each the size its
+    dtype and shape give, and end exactly where the file ends. Returns the tensors in data order and
+    the metadata.
 
     Raises:
-        CheckpointError: missing, unreadable, corrupt or truncated file.
+        CheckpointError: missing, unreadable, corrupt or truncated file, with the reason.
     """
+    size, header = _header_bytes(path)
+    doc = _parse_header_json(path, header)
+    metadata = _metadata(path, doc.pop("__metadata__", None))
+    data_start = 8 + len(header)
+    infos = sorted((_tensor_info(path, name, entry, data_start) for name, entry in doc.items()),
+                   key=lambda i: (i.offset, i.offset + i.nbytes))
+    _check_layout(path, infos, data_start, size)
+    return infos, metadata
+
+
+def _header_bytes(path: Path) -> tuple[int, bytes]:
+    """The file's size and its header's bytes (length checked against the file and the limit)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             raw_len = f.read(8)
             if len(raw_len) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)", path=path)
             (n,) = struct.unpack("<Q", raw_len)
             if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise CheckpointError(
-                    f"{path}: corrupt or truncated safetensors header "
-                    f"(header length {n}, file size {size})"
-                )
-            header_bytes = f.read(n)
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
+                                      f"(header length {n}, file size {size})", path=path)
+            return size, f.read(n)
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: file not found", path=path) from e
+    except IsADirectoryError as e:
+        raise CheckpointError(f"{path}: is a folder, not a safetensors file", path=path) from e
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}", path=path) from e
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_header_json(path: Path, header: bytes) -> dict[str, object]:
     try:
-        header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header: {e}", path=path) from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header: not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + n
-    data_len = size - data_start
-    infos: list[TensorInfo] = []
-    for name, entry in header.items():
-        try:
-            dtype = entry["dtype"]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (TypeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}", path=path,
-                                  tensor=name) from e
-        if dtype not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
-        info = TensorInfo(name, dtype, shape, path, data_start + begin, end - begin)
-        if begin < 0 or end < begin or info.numel * info.itemsize != end - begin or any(
-            s < 0 for s in shape
-        ):
-            raise CheckpointError(
-                f"{path}: tensor {name!r}: offsets {begin}..{end} do not fit {dtype} {list(shape)}"
-            )
-        if end > data_len:
-            raise CheckpointError(
-                f"{path}: truncated: tensor {name!r} ends at byte {end} of the data, "
-                f"but the file holds only {data_len} data bytes"
-            )
-        infos.append(info)
-    infos.sort(key=lambda i: i.offset)
-    return infos, {str(k): str(v) for k, v in metadata.items()}
+        doc = json.loads(header.decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
+                         parse_constant=_no_constant)
+        _check_strings(doc)
+    except RecursionError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header: nested too deeply", path=path) from e
+    except (UnicodeError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: corrupt safetensors header: {reason}", path=path) from e
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: not a JSON object", path=path)
+    return doc
+
+
+def _check_strings(node: object, depth: int = 0) -> None:
+    """Every string of the header is valid Unicode (JSON escapes can encode lone surrogates)."""
+    if depth > 4:  # deeper than any valid header: the entry checks reject it with a clearer reason
+        return
+    if isinstance(node, str):
+        node.encode("utf-8")
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            key.encode("utf-8")
+            _check_strings(value, depth + 1)
+    elif isinstance(node, list):
+        for value in node:
+            _check_strings(value, depth + 1)
+
+
+def _metadata(path: Path, metadata: object) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings",
+                              path=path)
+    return dict(metadata)
+
+
+def _is_count(x: object) -> bool:
+    return type(x) is int and 0 <= x < 1 << 64
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+    """One header entry checked: a known dtype, a shape of counts, two offsets of a matching span."""
+    def bad(reason: str) -> CheckpointError:
+        return CheckpointError(f"{path}: tensor {name!r}: {reason}", path=path, tensor=name)
+
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise bad("corrupt header entry (needs dtype, shape and data_offsets)")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str):
+        raise bad(f"dtype is not a name ({dtype!r})")
+    if dtype not in DTYPES:
+        raise bad(f"unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        raise bad(f"shape must be a list of non-negative integers, got {shape!r}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(x) for x in offsets):
+        raise bad(f"data_offsets must be two non-negative integers, got {offsets!r}")
+    begin, end = offsets
+    numel = 1
+    for s in shape:
+        numel *= s
+    if numel * DTYPES[dtype][1] >= 1 << 64:
+        raise bad(f"shape {shape} is too large")
+    if end < begin or end - begin != numel * DTYPES[dtype][1]:
+        raise bad(f"offsets {begin}..{end} do not fit {dtype} {shape}")
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
+
+
+def _check_layout(path: Path, infos: list[TensorInfo], data_start: int, size: int) -> None:
+    """The tensors' byte ranges (in data order) follow one another from 0 to the end of the file."""
+    expected = data_start
+    for info in infos:
+        if info.offset != expected:
+            what = "overlaps the tensor before it" if info.offset < expected else "leaves a gap before it"
+            raise CheckpointError(f"{path}: tensor {info.name!r} {what} (data offset "
+                                  f"{info.offset - data_start}, expected {expected - data_start})",
+                                  path=path, tensor=info.name)
+        expected = info.offset + info.nbytes
+    if expected > size:
+        last = infos[-1]
+        raise CheckpointError(f"{path}: truncated: tensor {last.name!r} ends at byte "
+                              f"{expected - data_start} of the data, but the file holds only "
+                              f"{size - data_start} data bytes", path=path, tensor=last.name)
+    if expected < size:
+        raise CheckpointError(f"{path}: corrupt: {size - expected} bytes after the last tensor that no "
+                              "tensor refers to", path=path)
 
 
 @dataclass
@@ -157,7 +241,7 @@ class Checkpoint:
         """
         folder = Path(folder)
         if not folder.is_dir():
-            raise CheckpointError(f"{folder}: not a directory")
+            raise CheckpointError(f"{folder}: not a directory", path=folder)
         index_path = folder / INDEX_NAME
         if index_path.is_file():
             return cls._open_indexed(folder, index_path)
@@ -169,10 +253,10 @@ class Checkpoint:
             sharded = [f for f in files if re.fullmatch(r".*-\d{5}-of-\d{5}\.safetensors", f.name)]
             if sharded:
                 raise CheckpointError(
-                    f"{folder}: sharded weights ({sharded[0].name}, ...) without {INDEX_NAME}"
+                    f"{folder}: sharded weights ({sharded[0].name}, ...) without {INDEX_NAME}", path=folder
                 )
             if len(files) != 1:
-                raise CheckpointError(_no_weights_message(folder, files))
+                raise CheckpointError(_no_weights_message(folder, files), path=folder)
         ckpt = cls(folder, files)
         for info in read_header(files[0])[0]:
             ckpt.tensors[info.name] = info
@@ -181,17 +265,14 @@ class Checkpoint:
     @classmethod
     def _open_indexed(cls, folder: Path, index_path: Path) -> Checkpoint:
         try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_path}: corrupt index (no weight_map)", path=index_path) from e
-        file_names = list(dict.fromkeys(weight_map.values()))
+            weight_map = read_weight_map(index_path)
+        except InvalidIndex as e:
+            raise CheckpointError(str(e), path=index_path) from e
         files = []
-        for fname in file_names:
+        for fname in dict.fromkeys(weight_map.values()):
             p = folder / fname
             if not p.is_file():
-                raise CheckpointError(f"{folder}: shard {fname} listed in {INDEX_NAME} is missing")
+                raise CheckpointError(f"{folder}: shard {fname} listed in {INDEX_NAME} is missing", path=p)
             files.append(p)
         ckpt = cls(folder, files)
         for p in files:
@@ -199,9 +280,8 @@ class Checkpoint:
             for name, fname in weight_map.items():
                 if fname == p.name:
                     if name not in infos:
-                        raise CheckpointError(
-                            f"{p}: tensor {name!r} listed in {INDEX_NAME} is not in this shard"
-                        )
+                        raise CheckpointError(f"{p}: tensor {name!r} listed in {INDEX_NAME} is not in "
+                                              "this shard", path=p, tensor=name)
                     ckpt.tensors[name] = infos[name]
         return ckpt
 

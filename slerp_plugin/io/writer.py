@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,7 +47,8 @@ class ShardWriter:
 
     def __init__(self, path: Path, tensors: Sequence[OutputTensor], *, direct: bool = False) -> None:
         self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
+        # named for this process: an orphaned writer and its retry never share a temporary file
+        self.tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(3)}.tmp")
         self.expected = sum(t.nbytes for t in tensors)
         self._header = build_header(tensors)
         self._sha = hashlib.sha256()

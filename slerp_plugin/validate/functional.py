@@ -19,6 +19,7 @@ from .report import FunctionalResult, Generation
 log = logging.getLogger(__name__)
 
 DEFAULT_PROMPTS = ("The meaning of life is", "Once upon a time,", "The capital of France is")
+DEFAULT_EVAL_TEXT_NAME = "the bundled text"  #: how reports name the default evaluation text
 
 
 def default_eval_text() -> str:
@@ -83,8 +84,15 @@ def functional_check(
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = tokenizer(eval_text, return_tensors="pt").input_ids[0][:max_tokens]
     ppl, gens = {}, {}
-    for role, path in (("merged", folder), ("model_1", parents[0]), ("model_2", parents[1])):
-        ppl[role], gens[role] = perplexity_and_generations(path, ids, prompts, tokenizer, dev, max_length)
+    for role, path in (("model_1", parents[0]), ("model_2", parents[1]), ("merged", folder)):
+        try:
+            ppl[role], gens[role] = perplexity_and_generations(path, ids, prompts, tokenizer, dev, max_length)
+        except Exception as e:  # transformers raises many types; the first line says what went wrong
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if role != "merged":
+                raise ValidationInputError(f"{role} {path}: cannot be evaluated: {reason}", path=path) from e
+            return FunctionalResult(status="failed", tokens=int(ids.numel()), device=str(dev), margin=margin,
+                                    problems=[f"the merged model cannot be evaluated: {reason}"])
         log.info("perplexity of %s: %.3f on %d tokens", role, ppl[role], ids.numel())
     threshold = max(ppl["model_1"], ppl["model_2"]) * (1 + margin)
     problems = []

@@ -6,10 +6,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..errors import CheckpointError, ValidationInputError
-from ..formats.manifest import MANIFEST_NAME, Manifest
+from ..engine.plan import num_layers, plan_jobs
+from ..errors import CheckpointError, ConfigError, ValidationInputError
+from ..formats.manifest import MANIFEST_NAME, Manifest, OutputRecord, TensorRecord
+from ..io.safetensors import Checkpoint
 from ..spec import MergeSpec
-from .functional import DEFAULT_PROMPTS, default_eval_text, functional_check
+from .functional import DEFAULT_EVAL_TEXT_NAME, DEFAULT_PROMPTS, default_eval_text, functional_check
 from .report import FunctionalResult, SpotResult, ValidationReport, summarise
 from .spot import spot_check
 from .structural import check_structure, expected_tensors
@@ -21,6 +23,7 @@ def validate_merge(
     *,
     skip_functional: str | None = None,
     eval_text: str | None = None,
+    eval_text_name: str | None = None,
     prompts: list[str] | None = None,
     margin: float = 0.10,
     max_tokens: int = 1024,
@@ -31,21 +34,25 @@ def validate_merge(
 ) -> ValidationReport:
     """Run the checks on ``folder`` (a merged model) against ``parents`` (model_1, model_2).
 
-    ``skip_functional`` (a reason) skips the perplexity gate. Without a manifest in ``folder``,
-    ``t`` must be given (scalar; DOT_THRESHOLD and epsilon take their defaults).
+    The inputs are checked before any work: the merge's folder must exist, and both parents must
+    be readable model folders (headers complete, files as long as they say). ``skip_functional``
+    (a reason) skips the perplexity gate. ``eval_text`` (default: the bundled text) is named in
+    the report by ``eval_text_name``. Without a manifest in ``folder``, ``t`` must be given
+    (scalar; DOT_THRESHOLD and epsilon take their defaults).
 
     Raises:
-        ValidationInputError: the checks cannot run as asked (no manifest and no t, model too large
-            for the functional check).
+        ValidationInputError: the merge or a parent cannot be read, or its manifest is unreadable
+            (nothing is judged, no report is made).
+        ConfigError: no manifest and no ``t``.
     """
     folder = Path(folder)
     p1, p2 = Path(parents[0]), Path(parents[1])
-    timings: dict[str, float] = {}
+    _check_inputs(folder, (p1, p2))
     manifest = _manifest_or_spec(folder, (p1, p2), t)
+    timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    expected = expected_tensors(folder, manifest, p1)
-    structural, _ = check_structure(folder, expected)
+    structural, _ = check_structure(folder, expected_tensors(folder, manifest, p1))
     timings["structural_s"] = round(time.perf_counter() - t0, 3)
 
     spot = None
@@ -68,11 +75,10 @@ def validate_merge(
             prompts=list(prompts or DEFAULT_PROMPTS), margin=margin, max_tokens=max_tokens,
             max_length=max_length, device=device,
         )
+        functional.eval_text = eval_text_name or ("the text given" if eval_text else DEFAULT_EVAL_TEXT_NAME)
         timings["functional_s"] = round(time.perf_counter() - t0, 3)
 
-    passed = structural.passed and (spot is None or spot.passed) and functional.status != "failed"
-    if spot is None:
-        passed = False
+    passed = structural.passed and spot is not None and spot.passed and functional.status != "failed"
     report = ValidationReport(
         model=str(folder), parents=[str(p1), str(p2)],
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -82,27 +88,33 @@ def validate_merge(
     return report
 
 
+def _check_inputs(folder: Path, parents: tuple[Path, Path]) -> None:
+    if not folder.is_dir():
+        raise ValidationInputError(f"the merged model {folder} is not a folder", path=folder)
+    for role, parent in zip(("model_1", "model_2"), parents, strict=True):
+        try:
+            Checkpoint.open(parent)
+        except CheckpointError as e:
+            raise ValidationInputError(f"{role}: {e.message}", path=parent) from e
+
+
 def _manifest_or_spec(folder: Path, parents: tuple[Path, Path], t: float | None) -> Manifest:
     try:
         return Manifest.read(folder)
     except FileNotFoundError:
         pass
-    except ValueError as e:
+    except (OSError, ValueError) as e:
         raise ValidationInputError(f"{folder / MANIFEST_NAME}: unreadable ({str(e).splitlines()[0]})",
                                    path=folder / MANIFEST_NAME) from e
     if t is None:
-        raise ValidationInputError(f"{folder} has no {MANIFEST_NAME}; pass --t (the t it was merged with)")
+        raise ConfigError(f"{folder} has no {MANIFEST_NAME}; pass --t (the t it was merged with)",
+                          path=folder)
     # Without a manifest: the plan is model_1's tensors, merged with this t.
-    from ..engine import plan_merge
-
-    spec = MergeSpec.build(model_1=str(parents[0]), model_2=str(parents[1]), t=t,
-                           output=str(folder.with_name(folder.name + ".validate-plan")))
-    plan = plan_merge(spec)
-    from ..formats.manifest import OutputRecord, TensorRecord
-
+    spec = MergeSpec.build(model_1=str(parents[0]), model_2=str(parents[1]), t=t, output=str(folder))
+    c1, c2 = Checkpoint.open(parents[0]), Checkpoint.open(parents[1])
+    jobs, _ = plan_jobs(spec, c1, c2, num_layers(parents[0]))
     tensors = [TensorRecord(name=j.name, shape=list(j.a.shape), dtype=j.out_dtype, shard="",
-                            branch="shape-kept" if j.action == "keep" else "slerp", t=j.t)
-               for s in plan.shards for j in s.jobs]
+                            branch="shape-kept" if j.action == "keep" else "slerp", t=j.t) for j in jobs]
     return Manifest(tool={}, created_at="", spec=spec.model_dump(mode="json"), inputs={},
-                    output=OutputRecord(shards=[], total_size=plan.total_bytes, dtypes={}),
+                    output=OutputRecord(shards=[], total_size=sum(j.output.nbytes for j in jobs), dtypes={}),
                     tensors=tensors, branch_counts={})

@@ -5,7 +5,7 @@ Fields: ``schema_version``, ``model``, ``parents``, ``created_at``, ``passed``, 
 ``structural`` (``passed``, ``problems``, ``tensors``, ``bytes_scanned``), ``spot`` (``passed``,
 ``problems``, ``tensors``: name, method, numel, checked elements, max ulp or relative error,
 mismatches), ``functional`` (``status`` passed|failed|skipped, ``skip_reason``, ``perplexity``
-{merged, model_1, model_2}, ``threshold``, ``margin``, ``tokens``, ``device``, ``generations``
+{merged, model_1, model_2}, ``threshold``, ``margin``, ``tokens``, ``eval_text``, ``device``, ``generations``
 [{prompt, merged, model_1, model_2}]), ``timings`` (seconds per check).
 """
 
@@ -61,6 +61,7 @@ class FunctionalResult(BaseModel):
     threshold: float | None = None
     margin: float | None = None
     tokens: int = 0
+    eval_text: str | None = Field(None, description="which text the perplexities are measured on")
     device: str | None = None
     generations: list[Generation] = Field(default_factory=list)
     problems: list[str] = Field(default_factory=list)
@@ -100,13 +101,14 @@ def summarise(report: ValidationReport) -> str:
     if f.status == "skipped":
         lines.append(f"functional: SKIPPED ({f.skip_reason})")
     else:
+        verdict = "ok" if f.status == "passed" else "FAILED"
         ppl = f.perplexity
-        lines.append(
-            f"functional: {'ok' if f.status == 'passed' else 'FAILED'}: "
-            f"perplexity merged {ppl['merged']:.3f}, "
-            f"model_1 {ppl['model_1']:.3f}, model_2 {ppl['model_2']:.3f} on {f.tokens} tokens "
-            f"(gate ≤ {f.threshold:.3f})"
-        )
+        if {"merged", "model_1", "model_2"} <= ppl.keys() and f.threshold is not None:
+            lines.append(f"functional: {verdict}: perplexity merged {ppl['merged']:.3f}, "
+                         f"model_1 {ppl['model_1']:.3f}, model_2 {ppl['model_2']:.3f} on {f.tokens} tokens "
+                         f"(gate ≤ {f.threshold:.3f})")
+        else:
+            lines.append(f"functional: {verdict}")
         lines += [f"  - {p}" for p in f.problems]
     return "\n".join(lines)
 

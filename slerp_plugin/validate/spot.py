@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..engine import VOCAB_TENSOR_NAMES
+from ..errors import CheckpointError, ValidationInputError
 from ..formats.manifest import Manifest
 from ..io.safetensors import DTYPES, Checkpoint
 from ..slerp import compute_dtype, slerp_reference
@@ -92,7 +93,12 @@ def spot_check(
     def tensor(role: str, name: str):
         info = index[role].tensors[name]
         if info.file not in handles:
-            handles[info.file] = safe_open(str(info.file), framework="pt")
+            try:
+                handles[info.file] = safe_open(str(info.file), framework="pt")
+            except Exception as e:  # the library's own error type; a parent is bad input, the merge fails
+                if role == "m":
+                    raise CheckpointError(f"{info.file}: {e}", path=info.file) from e
+                raise ValidationInputError(f"{info.file}: cannot be read: {e}", path=info.file) from e
         return handles[info.file]
 
     for name in chosen:

@@ -222,8 +222,12 @@ def test_merges_dashboard_in_the_ui(standalone):
     runs = standalone.api("GET", "/api/v2/dags/slerp_merge/dagRuns").json()["dag_runs"]
     done = [r["dag_run_id"] for r in runs if r["state"] == "success"]
     assert done, "needs the runs of the tests above"
-    api = httpx.get(f"{standalone.url}/slerp/api/merges", timeout=30).json()
-    assert {e["run_id"] for e in api} >= set(done)
+    for path in ("/slerp/", "/slerp/api/merges", f"/slerp/runs/slerp_merge/{done[0]}"):
+        anonymous = httpx.get(f"{standalone.url}{path}", timeout=30)
+        assert anonymous.status_code == 401 and done[0] not in anonymous.text, path
+    api = standalone.api("GET", "/slerp/api/merges").json()
+    assert {e["run_id"] for e in api["merges"]} >= set(done)
+    logged_out_page(standalone, done[0])
     with browser_session(standalone) as page:
         try:
             page.goto(f"{standalone.url}/plugin/slerp_merges", wait_until="domcontentloaded")
@@ -238,3 +242,21 @@ def test_merges_dashboard_in_the_ui(standalone):
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "dashboard-failure.png"))
             raise
+
+
+def logged_out_page(standalone, run_id: str) -> None:
+    """A browser that never logged in gets no data from the dashboard."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            response = page.goto(f"{standalone.url}/slerp/", wait_until="domcontentloaded")
+            assert response.status == 401
+            assert run_id not in page.content() and "PASS" not in page.content()
+            page.screenshot(path=str(ARTIFACTS / "dashboard-logged-out.png"))
+        finally:
+            browser.close()

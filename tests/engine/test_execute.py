@@ -9,7 +9,7 @@ import pytest
 import torch
 from model_helpers import assert_matches_kernel, load_state, read_json, spec_for
 
-from slerp_plugin.engine import buffers, compute_threads, execute
+from slerp_plugin.engine import buffers, compute_threads, execute, merge_shards, plan_merge
 from slerp_plugin.errors import (
     CheckpointError,
 )
@@ -163,3 +163,29 @@ def test_direct_and_buffered_merges_are_identical(demo_bf16, tmp_path):
 def test_merge_on_a_filesystem_without_direct_io(demo_bf16, tmp_path, refuse_direct_open):
     refused = _merge(demo_bf16, tmp_path / "refused")  # direct asked for, the filesystem refuses
     assert refused == _merge(demo_bf16, tmp_path / "buffered", direct_io=False)
+
+
+def test_each_shard_frees_its_buffers_even_without_the_cyclic_gc(demo_bf16, tmp_path, monkeypatch):
+    """The command pauses the cyclic garbage collector: a shard's buffer pools must be freed by
+    reference counting alone, or every shard of a large model would keep its pools."""
+    import gc
+    import weakref
+
+    pools = []
+    init = buffers.BufferPool.__init__
+
+    def track(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        pools.append(weakref.ref(self))
+
+    monkeypatch.setattr(buffers.BufferPool, "__init__", track)
+    plan = plan_merge(spec_for(demo_bf16, tmp_path / "m", max_shard_size="100KB"))
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        merge_shards(plan)
+        assert len(plan.shards) > 2 and len(pools) == 2 * len(plan.shards)
+        assert [p for p in pools if p() is not None] == []
+    finally:
+        if enabled:
+            gc.enable()

@@ -1,30 +1,127 @@
-"""Where a merge writes: an existing output or an input folder is never replaced by accident."""
+"""Where a merge writes: nothing it did not make is ever replaced or deleted; overwrite replaces only
+an earlier merge of the same output; two merges never write one output at once."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
 import pytest
-from model_helpers import spec_for
+from model_helpers import ROOT, folder_bytes, run_cli, seed_args, spec_for
 
 from slerp_plugin.engine import plan_merge
-from slerp_plugin.errors import (
-    OutputExistsError,
-)
+from slerp_plugin.engine.output import carries_marker, lock_path
+from slerp_plugin.errors import OutputExistsError, OutputLockedError
 from slerp_plugin.formats.manifest import MANIFEST_NAME
+from slerp_plugin.io.model_files import OUTPUT_MARKER
 from slerp_plugin.merge import run_merge
 
 
-def test_existing_output_is_kept_unless_overwrite(demo_bf16, tmp_path):
+def test_an_existing_folder_is_kept_with_or_without_overwrite(demo_bf16, tmp_path):
     out = tmp_path / "m"
     out.mkdir()
     (out / "precious.txt").write_text("user data")
     with pytest.raises(OutputExistsError, match="already exists"):
         run_merge(spec_for(demo_bf16, out))
-    assert (out / "precious.txt").read_text() == "user data"
-    run_merge(spec_for(demo_bf16, out, overwrite=True))
-    assert not (out / "precious.txt").exists() and (out / MANIFEST_NAME).is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+    with pytest.raises(OutputExistsError, match="not a merge slerp-merge made for this path"):
+        run_merge(spec_for(demo_bf16, out, overwrite=True))
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_overwrite_replaces_an_earlier_merge_of_this_output_only(demo_bf16, tmp_path):
+    out = tmp_path / "m"
+    run_merge(spec_for(demo_bf16, out, t=0.2))
+    assert carries_marker(out, out.resolve(), "complete")
+    run_merge(spec_for(demo_bf16, out, t=0.7, overwrite=True))
+    assert json.loads((out / MANIFEST_NAME).read_text())["spec"]["t"] == 0.7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # the earlier merge moved aside and deleted
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)  # a merge made for another path is not ours to replace here
+    (tmp_path / "m").mkdir()
+    shutil.copytree(moved, tmp_path / "m" / "copy")
+    with pytest.raises(OutputExistsError, match="never replaced"):
+        run_merge(spec_for(demo_bf16, tmp_path / "m" / "copy", t=0.4, overwrite=True))
+    assert json.loads((tmp_path / "m" / "copy" / MANIFEST_NAME).read_text())["spec"]["t"] == 0.7
+
+
+def test_an_empty_folder_is_taken_over(demo_bf16, tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    run_merge(spec_for(demo_bf16, out))
+    assert (out / MANIFEST_NAME).is_file() and (out / OUTPUT_MARKER).is_file()
 
 
 def test_output_inside_an_input_is_refused(demo_bf16):
     with pytest.raises(OutputExistsError, match="overlaps"):
         plan_merge(spec_for(demo_bf16, demo_bf16[0] / "merged"))
+
+
+def test_an_input_in_the_outputs_partial_folder_is_never_touched(demo_bf16, tmp_path):
+    """model_1 is a finished merge that sits in ``X.partial``; the output is ``X``."""
+    first = tmp_path / "X.partial"
+    run_merge(spec_for(demo_bf16, first))
+    before = folder_bytes(first)
+    with pytest.raises(OutputExistsError, match="overlaps the model_1 folder"):
+        run_merge(spec_for((first, demo_bf16[1]), tmp_path / "X"))
+    assert folder_bytes(first) == before and not (tmp_path / "X").exists()
+
+
+def test_the_working_directory_is_never_the_output(demo_bf16, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    r = run_cli(seed_args(demo_bf16, "+method.model_save_path=.", "method.overwrite=true"), cwd=tmp_path)
+    assert r.returncode == 4 and "is the current directory" in r.stderr, r.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "outputs"]  # Hydra's run log only
+    r = run_cli(seed_args(demo_bf16, f"+method.model_save_path={tmp_path.parent}", "method.overwrite=true"),
+                cwd=tmp_path)
+    assert r.returncode == 4 and "current directory or holds it" in r.stderr, r.stderr
+
+
+HOLD = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from slerp_plugin.engine.output import output_lock
+    lock = output_lock(Path(sys.argv[1]), exclusive=True, wait=False, what="slerp-merge")
+    print("held", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_second_merge_into_a_locked_output_fails_at_once_naming_the_holder(demo_bf16, tmp_path):
+    out = (tmp_path / "m").resolve()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder_text = f"locked by process {holder.pid} on host .* \\(slerp-merge\\)"
+        with pytest.raises(OutputLockedError, match=holder_text):
+            run_merge(spec_for(demo_bf16, out))
+        r = run_cli(seed_args(demo_bf16, f"+method.model_save_path={out}"), cwd=tmp_path)
+        errors = [x for x in r.stderr.splitlines() if x.startswith("slerp-merge: error:")]
+        assert r.returncode == 4 and len(errors) == 1 and f"process {holder.pid}" in errors[0]
+        assert not out.exists() and not (tmp_path / "m.partial").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    run_merge(spec_for(demo_bf16, out))  # the kernel released the dead holder's lock
+    assert not lock_path(out).exists()
+
+
+def test_shard_temporary_files_are_named_per_process(tmp_path):
+    from slerp_plugin.io.safetensors import OutputTensor
+    from slerp_plugin.io.writer import ShardWriter
+
+    writer = ShardWriter(tmp_path / "s.safetensors", [OutputTensor("x", "U8", (1,))])
+    assert writer.tmp.name.startswith(f"s.safetensors.{os.getpid()}-") and writer.tmp.suffix == ".tmp"
+    assert ShardWriter(tmp_path / "s.safetensors", []).tmp != writer.tmp
+
+
+def test_the_readme_states_the_rules():
+    readme = (ROOT / "README.md").read_text()
+    for rule in ("carries this tool's marker", "never an input", "never the working directory",
+                 "replaces only an earlier merge", "locked"):
+        assert rule in readme, rule

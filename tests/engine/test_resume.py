@@ -118,6 +118,43 @@ def test_foreign_partial_folder_is_not_deleted(demo_bf16, tmp_path):
     partial = tmp_path / "merged.partial"
     partial.mkdir()
     (partial / "notes.txt").write_text("not ours")
-    with pytest.raises(OutputExistsError, match="not made by slerp-merge"):
+    with pytest.raises(OutputExistsError, match="is not an unfinished merge of"):
         run_merge(spec_for(demo_bf16, tmp_path / "merged"))
     assert (partial / "notes.txt").read_text() == "not ours"
+
+
+ORPHAN = textwrap.dedent("""
+    import sys, time
+    from slerp_plugin.engine import plan_merge
+    from slerp_plugin.engine.resume import shard_lock
+    from slerp_plugin.spec import MergeSpec
+    plan = plan_merge(MergeSpec.model_validate_json(sys.argv[1]))
+    with shard_lock(plan, plan.shards[0]):
+        print("writing", flush=True)
+        time.sleep(float(sys.argv[2]))
+""")
+
+
+def test_a_retry_waits_for_an_orphaned_attempt_instead_of_racing_it(demo_bf16, reference, tmp_path):
+    """An Airflow retry (a worker lost, its task process still running) shares the output with the
+    orphan; each shard is written under its own lock, so the retry waits for the orphan's shard."""
+    import time
+
+    from slerp_plugin.engine import finalize, merge_shards, plan_merge, prepare
+
+    out = tmp_path / "merged"
+    spec = spec_for(demo_bf16, out)
+    plan = plan_merge(spec)
+    prepare(plan)
+    orphan = subprocess.Popen([sys.executable, "-c", ORPHAN, spec.model_dump_json(), "2"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert orphan.stdout.readline().strip() == "writing"
+        started = time.monotonic()
+        merge_shards(plan_merge(spec), [0, 1], wait=True)
+        assert time.monotonic() - started >= 1.5  # waited for the orphan's lock on shard 0
+    finally:
+        orphan.wait(timeout=60)
+    merge_shards(plan, wait=True)
+    finalize(plan, wait=True)
+    assert without_manifest(folder_bytes(out)) == without_manifest(folder_bytes(reference))

@@ -72,6 +72,37 @@ def test_bin_only_repo_needs_allow_bin(hub, demo_bf16, tmp_path):
     assert set(converted) == set(state) and all(torch.equal(converted[k], state[k]) for k in state)
 
 
+class Payload:
+    """A pickle that would run a command when loaded without ``weights_only``."""
+
+    def __init__(self, victim):
+        self.victim = victim
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.victim}",)
+
+
+def test_a_malicious_bin_is_refused_in_one_line_and_runs_nothing(hub, demo_bf16, tmp_path):
+    from slerp_plugin.errors import CheckpointError
+
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_bf16[0] / f, folder / f)
+    victim = tmp_path / "pwned"
+    torch.save({"w": Payload(victim)}, folder / "pytorch_model.bin")
+    publish(hub, folder, "org/evil")
+    refused = "pytorch_model.bin refused: it is not a pickle of plain tensors"
+    with pytest.raises(CheckpointError, match=refused) as e:
+        H.download_model("org/evil", allow_bin=True)
+    assert "\n" not in str(e.value) and "weights_only" not in str(e.value)
+    assert not victim.exists()
+    snapshot_root = Path(hub.state.blob_dir).parent / "hf-cache"
+    assert not list(snapshot_root.rglob("slerp_plugin_safetensors/*"))  # nothing half-converted left
+
+
 def test_upload_retried_after_500_on_commit_makes_one_commit(hub, demo_bf16):
     H.upload_folder(demo_bf16[0], "org/retry")  # creates the repo: initial commit + 1
     hub.state.fail("POST", r"/api/models/org/retry/commit/", 500, times=2)

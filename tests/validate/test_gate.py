@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from model_helpers import CLI, load_state, rewrite
 
-from slerp_plugin.errors import ValidationInputError
+from slerp_plugin.errors import ConfigError
 from slerp_plugin.validate import ValidationReport, validate_merge, write_report
 from slerp_plugin.validate.report import REPORT_NAME, SUMMARY_NAME
 
@@ -30,7 +30,7 @@ def test_correct_merge_passes(merged, demo_bf16, tmp_path):
 
 def test_without_manifest_t_is_required(copy, demo_bf16):
     (copy / "merge_manifest.json").unlink()
-    with pytest.raises(ValidationInputError, match="pass --t"):
+    with pytest.raises(ConfigError, match="pass --t"):
         validate_merge(copy, demo_bf16)
     report = validate_merge(copy, demo_bf16, t=0.4, skip_functional="quick")
     assert report.passed, report.summary
@@ -52,3 +52,28 @@ def test_cli_exit_codes(merged, copy, demo_bf16, tmp_path):
     r = subprocess.run([*cli, str(copy), "--parents", "/no/such", str(demo_bf16[1])],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and r.stderr.count("slerp-merge: error:") == 1
+
+
+def test_bad_input_is_told_from_a_failed_gate_and_overwrites_no_report(merged, copy, demo_bf16, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    first = subprocess.run([*CLI, "validate", str(copy), "--parents", *map(str, demo_bf16),
+                            "--skip-functional", "fast"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0
+    before = (copy / REPORT_NAME).read_text()
+    r = subprocess.run([*CLI, "validate", str(tmp_path / "nowhere"), "--parents", *map(str, demo_bf16)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 8 and "is not a folder" in r.stderr and "pass --t" not in r.stderr
+    truncated = Path(shutil.copytree(demo_bf16[1], tmp_path / "b"))
+    shard = sorted(truncated.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    r = subprocess.run([*CLI, "validate", str(copy), "--parents", str(demo_bf16[0]), str(truncated)],
+                       capture_output=True, text=True, timeout=300)
+    errors = [x for x in r.stderr.splitlines() if x.startswith("slerp-merge: error:")]
+    assert r.returncode == 8 and len(errors) == 1 and "model_2:" in errors[0] and "truncated" in errors[0]
+    assert (copy / REPORT_NAME).read_text() == before  # the merge's earlier verdict stands
+    r = subprocess.run([*CLI, "validate", str(copy), "--parents", *map(str, demo_bf16), "--report",
+                        str(tmp_path / "missing" / "dir")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--report: no such folder" in r.stderr
+    assert "spot re-computation" not in r.stderr  # refused before any work

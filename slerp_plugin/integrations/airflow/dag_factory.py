@@ -13,6 +13,7 @@ environment so one image serves a laptop and a cluster:
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -21,7 +22,9 @@ from typing import Any
 from airflow.sdk import ExceptionRetryPolicy, Param, RetryAction, RetryRule, task
 
 from ...errors import TRANSIENT_ERRORS, SlerpPluginError
-from . import tasks
+from . import records, tasks
+
+log = logging.getLogger(__name__)
 
 TIMEOUTS = {
     "resolve": timedelta(minutes=15),
@@ -57,7 +60,8 @@ def retry_policy() -> ExceptionRetryPolicy:
 
 
 def default_args() -> dict[str, Any]:
-    """Retries with exponential backoff and the retry policy, for every task."""
+    """Retries with exponential backoff and the retry policy, for every task; a task that fails for
+    good leaves a failure record for the dashboard."""
     return {
         "owner": "slerp_plugin",
         "retries": int(os.environ.get("SLERP_RETRIES", 3)),
@@ -65,7 +69,21 @@ def default_args() -> dict[str, Any]:
         "retry_exponential_backoff": 2.0,
         "max_retry_delay": timedelta(minutes=30),
         "retry_policy": retry_policy(),
+        "on_failure_callback": record_failure,
     }
+
+
+def record_failure(context: dict[str, Any]) -> None:
+    """A task's failure callback: the run's failure record (task, try, one-line error) for the
+    dashboard. Never raises: a callback error would only hide the task's own."""
+    try:
+        ti = context["ti"]
+        folder = records.run_dir(output_root(), ti.dag_id, ti.run_id)
+        records.write_run(folder, ti.dag_id, ti.run_id)
+        records.write_failure(folder, ti.task_id, getattr(ti, "try_number", None),
+                              context.get("exception") or "failed")
+    except Exception as e:  # the task's failure stands; say why the record is missing
+        log.warning("could not record the failure for the dashboard: %s", e)
 
 
 def gpu() -> dict[str, Any]:
@@ -139,7 +157,8 @@ def _run_dir() -> Path:
 @task(execution_timeout=TIMEOUTS["resolve"])
 def resolve() -> dict:
     """Each input's reference and, for Hub ids, the commit its revision points to now."""
-    return tasks.resolve_inputs(_params())
+    p = _params()
+    return tasks.resolve_inputs({**p, "t": p["t_values"][0]} if "t_values" in p else p)
 
 
 @task.short_circuit(execution_timeout=TIMEOUTS["resolve"])
@@ -165,6 +184,8 @@ def plan(model_1: dict, model_2: dict, tokenizer: dict) -> dict:
 
     ctx = get_current_context()
     inputs = {"model_1": model_1, "model_2": model_2, "tokenizer": tokenizer}
+    records.write_run(records.run_dir(output_root(), ctx["dag"].dag_id, ctx["run_id"]), ctx["dag"].dag_id,
+                      ctx["run_id"])
     output = str(tasks.output_path(output_root(), ctx["dag"].dag_id, ctx["run_id"]))
     groups = tasks.plan_groups(_params(), inputs, output, _params()["merge_workers"])
     return {"inputs": inputs, "output": output, "groups": groups}
@@ -204,6 +225,8 @@ def publish(result: dict, validation: dict, nightly: bool = False) -> dict:
 
 @task(execution_timeout=TIMEOUTS["summary"])
 def summary(result: dict, validation: dict, upload: dict) -> dict:
+    """The run's outcome in one log entry; an earlier failure record of the run is cleared."""
+    records.clear_failure(Path(result["output"]).parent)
     return tasks.summary(result, validation, upload)
 
 
@@ -225,3 +248,60 @@ def merge_pipeline(nightly: bool = False) -> None:
     result = finalize.override(**gpu())(p, merged)
     validation = validate.override(**gpu())(p, result)
     summary(result, validation, publish(result, validation, nightly=nightly))
+
+
+def sweep_params(**defaults: Any) -> dict[str, Param]:
+    """The trigger form of a sweep: a merge's form with a list of t values instead of one t."""
+    params = merge_params(**defaults)
+    params.pop("t")
+    params.pop("merge_workers")
+    params["t_values"] = Param(defaults.get("t_values", [0.3, 0.5, 0.7]), type="array",
+                               items={"type": "number", "minimum": 0, "maximum": 1}, minItems=1,
+                               title="t values", description="the t values to merge and compare")
+    return params
+
+
+@task(execution_timeout=TIMEOUTS["download"])
+def download_all(inputs: dict) -> dict:
+    """Every input fetched (Hub) or passed through (local folders)."""
+    return {role: tasks.download_input(entry, weights=role != "tokenizer") for role, entry in inputs.items()}
+
+
+@task(execution_timeout=TIMEOUTS["resolve"])
+def t_values() -> list[float]:
+    return list(_params()["t_values"])
+
+
+@task(execution_timeout=TIMEOUTS["merge"])
+def merge_and_validate(inputs: dict, t: float) -> dict:
+    """One point of the sweep: merged and validated (a failed gate is recorded, not raised)."""
+    from airflow.sdk import get_current_context
+
+    ctx = get_current_context()
+    out = tasks.output_path(output_root(), ctx["dag"].dag_id, ctx["run_id"], f"-t{t}")
+    records.write_run(out.parent, ctx["dag"].dag_id, ctx["run_id"])
+    return tasks.merge_and_validate({**_params(), "t": t}, inputs, str(out))
+
+
+@task(execution_timeout=TIMEOUTS["summary"])
+def best(results: list[dict]) -> dict:
+    """The sweep's choice: the lowest merged perplexity among the points that passed."""
+    choice = tasks.best_of_sweep(list(results))
+    records.write_sweep(Path(choice["output"]).parent, choice["t"], choice["output"])
+    return choice
+
+
+@task(execution_timeout=TIMEOUTS["publish"])
+def publish_choice(choice: dict) -> dict:
+    """The chosen merge uploaded to the target repo, if one is set."""
+    p = _params()
+    records.clear_failure(Path(choice["output"]).parent)
+    return {**choice, "upload": tasks.publish(choice["output"], p["target_repo"], p["private"])}
+
+
+def sweep_pipeline() -> None:
+    """Add the sweep's tasks to the DAG being defined: resolve → download → merge and validate
+    (mapped over t, GPU queue) → best → publish."""
+    inputs = download_all(resolve.override(task_id="resolve")())
+    results = merge_and_validate.override(**gpu()).partial(inputs=inputs).expand(t=t_values())
+    publish_choice.override(task_id="publish")(best(results))

@@ -1,32 +1,51 @@
-"""The "SLERP merges" dashboard: a FastAPI app over the manifests and validation reports on disk.
+"""The "SLERP merges" dashboard: a FastAPI app over the merges and run records on disk.
 
-It reads ``<root>/<dag_id>/<run_id>/merged*/`` folders under each root in
-``$SLERP_DASHBOARD_ROOTS`` (``:``-separated; default ``$SLERP_OUTPUT_ROOT``): the
-``merge_manifest.json``, ``validation.json`` and ``hub_upload.json`` the pipeline writes. A folder
-whose manifest cannot be read is listed as unreadable, never an error page. Routes:
+It reads ``<root>/<dag_id>/<run folder>/`` under each root in ``$SLERP_DASHBOARD_ROOTS``
+(``:``-separated; default ``$SLERP_OUTPUT_ROOT``): each merge's ``merge_manifest.json``,
+``validation.json`` and ``hub_upload.json``, and the run's records (:mod:`.records`). Everything
+read is untrusted: it is validated, and a merge whose files do not validate is listed as unreadable.
 
-- ``GET /`` — the page: every merge (when, DAG run, parents and revisions, t, DOT_THRESHOLD,
-  output, Hub commit, perplexities, pass/fail) and, for sweeps, perplexity against t;
+Every route answers only users Airflow has authenticated (the UI's session cookie or an API token)
+and who may see plugins; merges of DAGs a user may not read are left out. Pages are rendered from
+an autoescaping template and link only to http(s) URLs. Routes:
+
+- ``GET /`` — the page: failed runs, sweeps (plot and table with the parents and the chosen t),
+  every merge;
 - ``GET /runs/{dag_id}/{run_id}`` — the same for one DAG run (the run page's "Merge" tab);
-- ``GET /api/merges`` — the entries as JSON; ``GET /plot/{dag_id}/{run_id}.svg`` — a sweep's plot.
-
-Plots are rendered server-side with matplotlib (SVG), so the page works offline.
+- ``GET /api/merges`` — the merges as JSON; ``GET /plot/{dag_id}/{run_id}.svg`` — a sweep's plot.
 """
 
-from __future__ import annotations
+# no ``from __future__ import annotations``: FastAPI reads the routes' parameter annotations, and
+# names imported inside functions (Airflow's, which load only in its API server) must resolve
 
-import html
 import io
-import json
 import math
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote, unquote
+from typing import Annotated, Any
+from urllib.parse import quote, unquote, urlparse
 
-from pydantic import BaseModel, Field
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from jinja2 import Environment, PackageLoader, select_autoescape
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
-PUBLISH_RECORD = "hub_upload.json"
+from ...formats.manifest import MANIFEST_NAME, Manifest
+from ...hub.client import UPLOAD_RECORD
+from ...validate.report import REPORT_NAME, ValidationReport
+from .records import (
+    FAILURE_RECORD,
+    RUN_RECORD,
+    SWEEP_RECORD,
+    FailureRecord,
+    RunRecord,
+    SweepRecord,
+    read_record,
+)
+
+MAX_JSON_BYTES = 64 << 20  #: a manifest larger than this is not read (listed as unreadable)
+ReadableDags = Callable[[set[str]], set[str]]
 
 
 class Parent(BaseModel):
@@ -35,27 +54,74 @@ class Parent(BaseModel):
     commit: str | None = None
 
 
-class MergeEntry(BaseModel):
-    """One merge folder as the dashboard shows it."""
+class UploadRecord(BaseModel):
+    """``hub_upload.json``, validated: a repo id, a commit sha and an http(s) URL."""
+
+    published: bool
+    repo: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+    commit: str | None = Field(None, pattern=r"^[0-9a-f]{40}$")
+    url: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_only(cls, v: str | None) -> str | None:
+        if v is not None and urlparse(v).scheme not in ("http", "https"):
+            raise ValueError("not an http(s) URL")
+        return v
+
+
+class RunItem(BaseModel):
+    """Something that belongs to a DAG run, linked to the run's page in the UI."""
 
     dag_id: str
     run_id: str
+
+    @property
+    def run_link(self) -> str:
+        return f"/dags/{quote(self.dag_id, safe='')}/runs/{quote(self.run_id, safe='')}"
+
+
+class MergeEntry(RunItem):
+    """One merge folder as the dashboard shows it."""
+
     output: str
     readable: bool = True
     error: str | None = None
     created_at: str | None = None
     parents: list[Parent] = Field(default_factory=list)
-    t: Any = None
+    t: float | None = None
+    t_schedule: bool = False
     DOT_THRESHOLD: float | None = None
     hub_repo: str | None = None
     hub_commit: str | None = None
     hub_url: str | None = None
-    validation: str = "not validated"  # passed | failed | not validated
+    validation: str = "not validated"  #: passed | failed | not validated
     perplexity: dict[str, float] = Field(default_factory=dict)
+    eval_tokens: int | None = None
+    eval_text: str | None = None
+
+
+class FailedRun(RunItem):
+    """A run whose last failed task left a failure record."""
+
+    folder: str
+    failure: FailureRecord
+
+
+class Sweep(BaseModel):
+    """A run with several merges (a t sweep), merges sorted by t."""
+
+    dag_id: str
+    run_id: str
+    merges: list[MergeEntry]
+    chosen_t: float | None = None
+    parents: dict[str, float] = Field(default_factory=dict)  #: model_1/model_2 → perplexity
 
     @property
-    def run_link(self) -> str:
-        return f"/dags/{quote(self.dag_id)}/runs/{quote(self.run_id)}"
+    def all_perplexities(self) -> list[float]:
+        """The merges' and the parents' perplexities (for the decimals that tell them apart)."""
+        merged = [m.perplexity["merged"] for m in self.merges if "merged" in m.perplexity]
+        return merged + list(self.parents.values())
 
 
 def roots() -> list[Path]:
@@ -63,80 +129,137 @@ def roots() -> list[Path]:
     return [Path(p).expanduser() for p in env.split(os.pathsep) if p]
 
 
-def _read(folder: Path, name: str) -> dict | None:
+def _json(folder: Path, name: str, model: type[BaseModel]) -> Any:
     path = folder / name
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ValueError(f"{name} is larger than {MAX_JSON_BYTES >> 20} MB")
+    return model.model_validate_json(path.read_bytes())
 
 
 def load_entry(folder: Path, dag_id: str, run_id: str) -> MergeEntry:
-    """The entry of one merge folder; a corrupt manifest gives an unreadable entry."""
+    """The entry of one merge folder; files that do not validate give an unreadable entry."""
     entry = MergeEntry(dag_id=dag_id, run_id=run_id, output=str(folder))
     try:
-        man = _read(folder, "merge_manifest.json")
-        if not isinstance(man, dict):
-            raise ValueError("merge_manifest.json is missing or not an object")
-        spec, inputs = man.get("spec") or {}, man.get("inputs") or {}
-        entry.created_at = man.get("created_at")
-        entry.t = spec.get("t")
-        entry.DOT_THRESHOLD = spec.get("DOT_THRESHOLD")
-        entry.parents = [Parent(**{k: inputs[r].get(k) for k in ("ref", "revision", "commit")})
-                         for r in ("model_1", "model_2") if r in inputs]
-        report = _read(folder, "validation.json")
-        if isinstance(report, dict):
-            entry.validation = "passed" if report.get("passed") else "failed"
-            entry.perplexity = {k: float(v) for k, v in
-                                ((report.get("functional") or {}).get("perplexity") or {}).items()}
-        up = _read(folder, PUBLISH_RECORD)
-        if isinstance(up, dict) and up.get("published"):
-            entry.hub_repo, entry.hub_commit, entry.hub_url = up.get("repo"), up.get("commit"), up.get("url")
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        entry.readable = False
-        entry.error = f"unreadable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        man: Manifest | None = _json(folder, MANIFEST_NAME, Manifest)
+        if man is None:
+            raise ValueError(f"{MANIFEST_NAME} is missing")
+        _fill_from_manifest(entry, man)
+        report = read_record(folder, REPORT_NAME, ValidationReport)
+        if report is not None:
+            entry.validation = "passed" if report.passed else "failed"
+            entry.perplexity = {k: v for k, v in report.functional.perplexity.items() if math.isfinite(v)}
+            entry.eval_tokens = report.functional.tokens or None
+            entry.eval_text = getattr(report.functional, "eval_text", None)
+        up = read_record(folder, UPLOAD_RECORD, UploadRecord)  # an invalid record is not linked
+        if up is not None and up.published:
+            entry.hub_repo, entry.hub_commit, entry.hub_url = up.repo, up.commit, up.url
+    except (OSError, ValueError, ValidationError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        entry = MergeEntry(dag_id=dag_id, run_id=run_id, output=str(folder), readable=False,
+                           error=f"unreadable: {type(e).__name__}: {first}"[:300])
     return entry
+
+
+class _SpecView(BaseModel):
+    """The manifest's spec fields the dashboard shows, with their types enforced."""
+
+    t: float | list[Any]
+    DOT_THRESHOLD: float
+
+
+def _fill_from_manifest(entry: MergeEntry, man: Manifest) -> None:
+    spec = _SpecView.model_validate({key: man.spec.get(key) for key in ("t", "DOT_THRESHOLD")})
+    entry.created_at = man.created_at
+    entry.t = spec.t if isinstance(spec.t, float) else None
+    entry.t_schedule = isinstance(spec.t, list)
+    entry.DOT_THRESHOLD = spec.DOT_THRESHOLD
+    entry.parents = [Parent(ref=i.ref, revision=i.revision, commit=i.commit)
+                     for i in (man.inputs.get(r) for r in ("model_1", "model_2")) if i is not None]
+
+
+def _run_id(run: Path) -> str:
+    record = read_record(run, RUN_RECORD, RunRecord)
+    return record.run_id if record is not None else unquote(run.name)
+
+
+Runs = dict[tuple[str, str], Path]
+
+
+def collect(search: Iterable[Path]) -> tuple[list[MergeEntry], list[FailedRun], Runs]:
+    """Every merge under the roots (newest first), the failed runs, and each run's folder."""
+    entries, failed, runs = [], [], {}
+    for root in search:
+        if not root.is_dir():
+            continue
+        for run in sorted(p for p in root.glob("*/*") if p.is_dir()):
+            dag_id, run_id = run.parent.name, _run_id(run)
+            runs[(dag_id, run_id)] = run
+            for folder in sorted(run.glob("merged*")):
+                if folder.is_dir() and not folder.name.endswith(".partial"):
+                    entries.append(load_entry(folder, dag_id, run_id))
+            failure = read_record(run, FAILURE_RECORD, FailureRecord)
+            if failure is not None:
+                failed.append(FailedRun(dag_id=dag_id, run_id=run_id, folder=str(run), failure=failure))
+    entries.sort(key=lambda e: (e.created_at or "", e.output), reverse=True)
+    failed.sort(key=lambda f: f.failure.at, reverse=True)
+    return entries, failed, runs
 
 
 def collect_merges(search: list[Path] | None = None) -> list[MergeEntry]:
     """Every merge under the roots, newest first."""
-    entries = []
-    for root in search if search is not None else roots():
-        if not root.is_dir():
-            continue
-        for folder in sorted(root.glob("*/*/merged*")):
-            if folder.is_dir() and not folder.name.endswith(".partial"):
-                entries.append(load_entry(folder, folder.parent.parent.name, unquote(folder.parent.name)))
-    return sorted(entries, key=lambda e: (e.created_at or "", e.output), reverse=True)
+    return collect(roots() if search is None else search)[0]
 
 
-def sweep_points(entries: list[MergeEntry]) -> dict[tuple[str, str], list[MergeEntry]]:
-    """Runs with more than one merge (sweeps), each with its merges sorted by t."""
-    runs: dict[tuple[str, str], list[MergeEntry]] = {}
+def sweeps(entries: list[MergeEntry], runs: Runs) -> list[Sweep]:
+    """Runs with more than one merge at a scalar t, with the parents' perplexities and the choice."""
+    by_run: dict[tuple[str, str], list[MergeEntry]] = {}
     for e in entries:
-        if e.readable and isinstance(e.t, (int, float)):
-            runs.setdefault((e.dag_id, e.run_id), []).append(e)
-    return {k: sorted(v, key=lambda e: e.t) for k, v in runs.items() if len(v) > 1}
+        if e.readable and e.t is not None:
+            by_run.setdefault((e.dag_id, e.run_id), []).append(e)
+    out = []
+    for (dag_id, run_id), merges in by_run.items():
+        if len(merges) < 2:
+            continue
+        merges.sort(key=lambda e: e.t)
+        parents = {role: m.perplexity[role] for m in merges for role in ("model_1", "model_2")
+                   if role in m.perplexity}
+        folder = runs.get((dag_id, run_id))
+        record = read_record(folder, SWEEP_RECORD, SweepRecord) if folder is not None else None
+        out.append(Sweep(dag_id=dag_id, run_id=run_id, merges=merges, parents=parents,
+                         chosen_t=record.chosen_t if record is not None else None))
+    return out
 
 
-def sweep_svg(points: list[MergeEntry]) -> str:
-    """Perplexity of the merge against t, with the parents as horizontal lines (SVG)."""
+def ppl_decimals(values: Iterable[float]) -> int:
+    """Decimals that tell the given perplexities apart: 2, more (up to 6) where two differ only
+    further down."""
+    finite = sorted({round(v, 9) for v in values if math.isfinite(v)})
+    gaps = [b - a for a, b in zip(finite, finite[1:], strict=False) if b - a > 0]
+    if not gaps:
+        return 2
+    return int(min(6, max(2, math.ceil(-math.log10(min(gaps))) + 1)))
+
+
+def sweep_svg(sweep: Sweep) -> str:
+    """Perplexity of the merges against t, the parents as horizontal lines, the chosen t marked (SVG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=100)
-    ts = [p.t for p in points if "merged" in p.perplexity]
-    ppl = [p.perplexity["merged"] for p in points if "merged" in p.perplexity]
-    ax.plot(ts, ppl, marker="o", color="#1f6feb", label="merged")
-    for role, color in (("model_1", "#8250df"), ("model_2", "#bf3989")):
-        values = [p.perplexity[role] for p in points if role in p.perplexity]
-        if values:
-            label = f"{role} (t={0 if role == 'model_1' else 1})"
-            ax.axhline(values[0], linestyle="--", color=color, label=label)
-    for p in points:
-        if p.validation == "failed" and "merged" in p.perplexity:
-            ax.plot([p.t], [p.perplexity["merged"]], marker="x", color="#cf222e", markersize=10)
+    points = [(m.t, m.perplexity["merged"], m.validation) for m in sweep.merges if "merged" in m.perplexity]
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color="#1f6feb", label="merge")
+    for role, color, t in (("model_1", "#8250df", 0), ("model_2", "#bf3989", 1)):
+        if role in sweep.parents:
+            ax.axhline(sweep.parents[role], linestyle="--", color=color, label=f"{role} (t={t})")
+    for t, ppl, validation in points:
+        if validation == "failed":
+            ax.plot([t], [ppl], marker="x", color="#cf222e", markersize=10)
+        if sweep.chosen_t is not None and t == sweep.chosen_t:
+            ax.plot([t], [ppl], marker="*", color="#1a7f37", markersize=16, label=f"chosen (t={t:g})")
     ax.set_xlabel("t")
     ax.set_ylabel("perplexity")
     ax.set_xlim(-0.02, 1.02)
@@ -146,121 +269,110 @@ def sweep_svg(points: list[MergeEntry]) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg")
     plt.close(fig)
-    return buf.getvalue()
+    svg = buf.getvalue()
+    return svg[svg.index("<svg"):]  # inline: without the XML declaration and doctype
 
 
-def _fmt_t(t: Any) -> str:
-    if isinstance(t, (int, float)):
-        return f"{t:.3f}".rstrip("0").rstrip(".") if t not in (0, 1) else str(int(t))
-    return "schedule" if t is not None else "–"
+_ENV = Environment(loader=PackageLoader("slerp_plugin.integrations.airflow", "templates"),
+                   autoescape=select_autoescape(default=True, default_for_string=True))
 
 
-def _fmt_ppl(x: float | None) -> str:
-    if x is None or not math.isfinite(x):
-        return "–"
-    return f"{x:,.2f}"
+def render_page(entries: list[MergeEntry], failed: list[FailedRun], sweep_list: list[Sweep], *,
+                title: str = "SLERP merges", compact: bool = False) -> str:
+    """The dashboard page (server-rendered HTML, inline SVG plots; every value escaped)."""
+    from markupsafe import Markup
 
-
-def _cell(text: str, cls: str = "") -> str:
-    return f'<td class="{cls}">{text}</td>'
-
-
-def _row(e: MergeEntry) -> str:
-    esc = html.escape
-    run = (f"<a href={esc(e.run_link)!r} target=_top>{esc(e.dag_id)}<br>"
-           f"<small>{esc(e.run_id)}</small></a>")
-    if not e.readable:
-        return (f'<tr class="unreadable">{_cell(esc(e.created_at or "–"))}{_cell(run)}'
-                f'<td colspan="7">{esc(e.error or "unreadable")}<br><small>{esc(e.output)}</small></td>'
-                f'{_cell("<span class=badge-bad>UNREADABLE</span>")}</tr>')
-    parents = "<br>".join(
-        f"{esc(p.ref)}<small>{'@' + esc(p.revision) if p.revision else ''}"
-        f"{' · ' + esc(p.commit[:10]) if p.commit else ''}</small>" for p in e.parents)
-    hub = "<small>not published</small>"
-    if e.hub_url:
-        hub = (f'<a href="{esc(e.hub_url)}" target="_blank">{esc(e.hub_repo)}<br>'
-               f'<small>{esc((e.hub_commit or "")[:10])}</small></a>')
-    badge = {"passed": "<span class=badge-ok>PASS</span>", "failed": "<span class=badge-bad>FAIL</span>"}.get(
-        e.validation, "<span class=badge-none>–</span>")
-    ppl = e.perplexity
-    return (
-        f'<tr class="{e.validation}">'
-        f'{_cell(esc((e.created_at or "–").replace("T", " ").replace("+00:00", " UTC")))}'
-        f"{_cell(run)}{_cell(parents)}"
-        f'{_cell(_fmt_t(e.t), "num")}'
-        f'{_cell(str(e.DOT_THRESHOLD) if e.DOT_THRESHOLD is not None else "–", "num")}'
-        f'{_cell(_fmt_ppl(ppl.get("merged")), "num strong")}'
-        f'{_cell(_fmt_ppl(ppl.get("model_1")), "num")}{_cell(_fmt_ppl(ppl.get("model_2")), "num")}'
-        f"{_cell(hub)}{_cell(badge)}"
-        f'</tr><tr class="path"><td></td><td colspan="9"><small>{esc(e.output)}</small></td></tr>'
+    plots = {(s.dag_id, s.run_id): Markup(sweep_svg(s)) for s in sweep_list}
+    return _ENV.get_template("merges.html").render(
+        title=title, entries=entries, failed=failed, sweeps=sweep_list, plots=plots, compact=compact,
+        roots=", ".join(map(str, roots())) or "none", fmt_t=_fmt_t, fmt_ppl=_fmt_ppl,
+        ppl_decimals=ppl_decimals, fmt_when=_fmt_when,
     )
 
 
-STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:16px;color:#1f2328;font-size:14px}
-h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:20px 0 6px}.muted{color:#656d76}
-table{border-collapse:collapse;width:100%}
-th,td{padding:6px 8px;border-bottom:1px solid #d0d7de;vertical-align:top;text-align:left}
-th{background:#f6f8fa;font-weight:600;white-space:nowrap}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td.strong{font-weight:600}tr.path td{border-bottom:1px solid #d0d7de;padding-top:0;color:#656d76}
-tr.failed,tr.unreadable{background:#fff5f5}small{color:#656d76}a{color:#0969da;text-decoration:none}
-.badge-ok,.badge-bad,.badge-none{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;
-font-weight:600}.badge-ok{background:#dafbe1;color:#116329}.badge-bad{background:#ffebe9;color:#a40e26}
-.badge-none{background:#eaeef2;color:#57606a}
-.sweeps{display:flex;flex-wrap:wrap;gap:16px}.sweep{border:1px solid #d0d7de;border-radius:6px;padding:8px}
-"""
+def _fmt_t(t: float | None, schedule: bool = False) -> str:
+    if schedule:
+        return "schedule"
+    return "–" if t is None else f"{t:.4f}".rstrip("0").rstrip(".") or "0"
 
 
-def render_page(entries: list[MergeEntry], title: str = "SLERP merges") -> str:
-    """The whole dashboard page (server-rendered HTML, inline SVG plots)."""
-    rows = "".join(_row(e) for e in entries) or '<tr><td colspan="10" class="muted">no merges yet</td></tr>'
-    sweeps = sweep_points(entries)
-    plots = "".join(
-        f'<div class="sweep"><div><b>{html.escape(d)}</b> <small>{html.escape(r)}</small></div>'
-        f"{sweep_svg(pts)}</div>" for (d, r), pts in sweeps.items()
-    )
-    failed = sum(e.validation == "failed" or not e.readable for e in entries)
-    searched = html.escape(", ".join(map(str, roots())) or "none")
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>{STYLE}</style></head><body>
-<h1>{html.escape(title)}</h1>
-<div class="muted">{len(entries)} merge(s), {failed} failed or unreadable · roots: {searched}</div>
-{"<h2>Sweeps: perplexity against t</h2><div class=sweeps>" + plots + "</div>" if plots else ""}
-<h2>Merges</h2>
-<table><thead><tr><th>When</th><th>DAG run</th><th>Parents (revision · commit)</th><th class="num">t</th>
-<th class="num">DOT_THR.</th><th class="num">ppl merged</th><th class="num">ppl model 1</th>
-<th class="num">ppl model 2</th><th>Hub</th><th>Validation</th></tr></thead><tbody>{rows}</tbody></table>
-</body></html>"""
+def _fmt_ppl(x: float | None, decimals: int = 2) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x:,.{decimals}f}"
 
 
-def create_app(search: list[Path] | None = None):
-    """The FastAPI app the Airflow plugin mounts (``search`` overrides the roots, for tests)."""
-    from fastapi import FastAPI, HTTPException
-    from fastapi.responses import HTMLResponse, Response
+def _fmt_when(iso: str | None) -> str:
+    return "–" if not iso else iso.replace("T", " ")[:16]
 
-    app = FastAPI(title="SLERP merges", docs_url=None, redoc_url=None)
 
-    def entries() -> list[MergeEntry]:
-        return collect_merges(search)
+def airflow_access() -> Callable[..., ReadableDags]:
+    """A route dependency: Airflow's own authentication (session cookie or token) and the plugins
+    view permission, yielding a filter of the DAG ids the user may read. Fails closed (403) where
+    Airflow's API server is not importable."""
+    try:
+        from airflow.api_fastapi.app import get_auth_manager
+        from airflow.api_fastapi.auth.managers.models.resource_details import AccessView
+        from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_view
+    except ImportError:
+        def deny() -> ReadableDags:
+            raise HTTPException(403, "Airflow's authentication is not available")
+
+        return deny
+    check_view = requires_access_view(AccessView.PLUGINS)
+
+    def readable(request: Request, user: GetUserDep) -> ReadableDags:
+        check_view(request, user)
+        def allowed(ids: set[str]) -> set[str]:
+            return get_auth_manager().filter_authorized_dag_ids(dag_ids=set(ids), user=user, method="GET")
+
+        return allowed
+
+    return readable
+
+
+def create_app(
+    search: list[Path] | None = None, access: Callable[..., ReadableDags] | None = None
+) -> FastAPI:
+    """The FastAPI app the Airflow plugin mounts. ``search`` overrides the roots and ``access`` the
+    authentication dependency (:func:`airflow_access` by default), for tests."""
+    guard = access or airflow_access()
+    app = FastAPI(title="SLERP merges", docs_url=None, redoc_url=None, openapi_url=None,
+                  dependencies=[Depends(guard)])
+    Readable = Annotated[ReadableDags, Depends(guard)]  # noqa: N806 (a type, local to this app)
+
+    def visible(readable: ReadableDags, dag_id: str | None = None, run_id: str | None = None):
+        """What this user may see: merges, failed runs and run folders of the DAGs they may read."""
+        entries, failed, runs = collect(roots() if search is None else search)
+        allowed = readable({d for d, _ in runs})
+
+        def keep(d: str, r: str) -> bool:
+            return d in allowed and (dag_id is None or (d, r) == (dag_id, run_id))
+
+        return ([e for e in entries if keep(e.dag_id, e.run_id)],
+                [f for f in failed if keep(f.dag_id, f.run_id)], {k: v for k, v in runs.items() if keep(*k)})
 
     @app.get("/", response_class=HTMLResponse)
-    def page() -> str:
-        return render_page(entries())
+    def page(readable: Readable) -> HTMLResponse:
+        entries, failed, runs = visible(readable)
+        return HTMLResponse(render_page(entries, failed, sweeps(entries, runs)))
 
     @app.get("/runs/{dag_id}/{run_id}", response_class=HTMLResponse)
-    def run_page(dag_id: str, run_id: str) -> str:
-        chosen = [e for e in entries() if e.dag_id == dag_id and e.run_id == run_id]
-        return render_page(chosen, title=f"SLERP merge of {dag_id} / {run_id}")
+    def run_page(dag_id: str, run_id: str, readable: Readable) -> HTMLResponse:
+        entries, failed, runs = visible(readable, dag_id, run_id)
+        return HTMLResponse(render_page(entries, failed, sweeps(entries, runs), compact=True,
+                                        title=f"SLERP merge of {dag_id} / {run_id}"))
 
-    @app.get("/api/merges")
-    def api_merges() -> list[dict]:
-        return [e.model_dump() | {"run_link": e.run_link} for e in entries()]
+    @app.get("/api/merges", response_class=JSONResponse)
+    def api_merges(readable: Readable) -> JSONResponse:
+        entries, failed, _ = visible(readable)
+        return JSONResponse({"merges": [e.model_dump() | {"run_link": e.run_link} for e in entries],
+                             "failed_runs": [f.model_dump() | {"run_link": f.run_link} for f in failed]})
 
-    @app.get("/plot/{dag_id}/{run_id}.svg")
-    def plot(dag_id: str, run_id: str) -> Response:
-        pts = sweep_points(entries()).get((dag_id, run_id))
-        if not pts:
-            raise HTTPException(404, f"no sweep for {dag_id}/{run_id}")
-        return Response(sweep_svg(pts), media_type="image/svg+xml")
+    @app.get("/plot/{dag_id}/{run_id}.svg", response_class=Response)
+    def plot(dag_id: str, run_id: str, readable: Readable) -> Response:
+        entries, _, runs = visible(readable, dag_id, run_id)
+        found = sweeps(entries, runs)
+        if not found:
+            raise HTTPException(404, "no sweep for this run")
+        return Response(sweep_svg(found[0]), media_type="image/svg+xml")
 
     return app

@@ -16,11 +16,11 @@ from typing import Any
 
 from ...errors import TRANSIENT_ERRORS, ConfigError, SlerpPluginError, ValidationGateError
 from ...spec import MergeSpec, ModelRef
+from .records import run_dir
 
 log = logging.getLogger(__name__)
 
 ROLES = ("model_1", "model_2", "tokenizer")
-UPLOAD_RECORD = "hub_upload.json"
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -112,21 +112,21 @@ def download_input(entry: dict, *, weights: bool = True) -> dict:
 
 
 def output_path(output_root: str | Path, dag_id: str, run_id: str, suffix: str = "") -> Path:
-    """Where a run writes its merge: the same folder on every retry, so a retry resumes.
-
-    The run id is percent-quoted (reversibly: the dashboard links back to the run)."""
-    from urllib.parse import quote
-
-    return Path(output_root) / dag_id / quote(run_id, safe="") / f"merged{suffix}"
+    """Where a run writes its merge: the same folder on every retry, so a retry resumes
+    (``<root>/<dag_id>/<run folder>/merged<suffix>``, see :mod:`.records`)."""
+    return run_dir(output_root, dag_id, run_id) / f"merged{suffix}"
 
 
 def plan_groups(
     params: dict[str, Any], inputs: dict[str, dict], output: str, workers: int = 1
 ) -> list[list[int]]:
-    """The output shards split into ``workers`` groups, for mapped merge tasks."""
-    from ...engine import plan_merge
+    """The output shards split into ``workers`` groups, for mapped merge tasks; the output is
+    prepared for them (an unfinished merge of a different plan discarded, waiting for any attempt
+    still holding the output)."""
+    from ...engine import plan_merge, prepare
 
     plan = plan_merge(spec_from_params(params, output), _resolved(inputs))
+    prepare(plan, wait=True)
     n = len(plan.shards)
     workers = max(1, min(workers, n))
     groups = [list(range(i, n, workers)) for i in range(workers)]
@@ -135,23 +135,25 @@ def plan_groups(
 
 
 def merge_group(params: dict[str, Any], inputs: dict[str, dict], output: str, indices: list[int]) -> dict:
-    """Merge some output shards (resuming: finished shards are verified and reused)."""
+    """Merge some output shards (resuming: finished shards are verified and reused). A retry that
+    finds an orphaned attempt still writing a shard waits for it instead of racing it."""
     from ...engine import merge_shards, plan_merge
 
     spec = spec_from_params(params, output)
     log.info("merging shards %s with t=%s (DOT_THRESHOLD=%s, epsilon=%s)", indices, spec.t,
              spec.DOT_THRESHOLD, spec.epsilon)
-    outcomes = merge_shards(plan_merge(spec, _resolved(inputs)), indices)
+    outcomes = merge_shards(plan_merge(spec, _resolved(inputs)), indices, wait=True)
     reused = sum(o.reused for o in outcomes)
     log.info("merged %d shard(s); %d reused from an earlier attempt", len(outcomes), reused)
     return {"shards": len(outcomes), "reused": reused}
 
 
 def finalize_merge(params: dict[str, Any], inputs: dict[str, dict], output: str) -> dict:
-    """Write index, configs, tokenizer, manifest and card; publish the folder by one rename."""
+    """Write index, configs, tokenizer, manifest and card; publish the folder by one rename (once
+    every merge worker, orphaned attempts included, has let go of the output)."""
     from ...engine import finalize, plan_merge
 
-    result = finalize(plan_merge(spec_from_params(params, output), _resolved(inputs)))
+    result = finalize(plan_merge(spec_from_params(params, output), _resolved(inputs)), wait=True)
     man = result.manifest
     return {"output": str(result.output), "t": man.spec["t"], "branch_counts": man.branch_counts}
 
@@ -195,7 +197,7 @@ def publish(output: str, target_repo: str | None, private: bool = False) -> dict
     if not target_repo:
         log.info("no target repo: the merge stays at %s", output)
         return {"published": False, "output": output}
-    from ...hub.client import upload_folder
+    from ...hub.client import UPLOAD_RECORD, upload_folder
 
     up = upload_folder(output, target_repo, private=private)
     record = {"published": True, "repo": up.repo_id, "commit": up.commit, "url": up.url,
