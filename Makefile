@@ -19,10 +19,16 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP) ## create .venv with the pinned dependencies
 
-# Airflow on SQLite in .airflow/, with this repo's DAGs and plugins
-AIRFLOW_ENV := AIRFLOW_HOME=$(CURDIR)/.airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
-	AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins AIRFLOW__CORE__LOAD_EXAMPLES=False \
-	SLERP_OUTPUT_ROOT=$(CURDIR)/demo/merges SLERP_GPU_POOL=default_pool
+# Airflow on SQLite in $(AIRFLOW_HOME_DIR), with this repo's DAGs and plugins. The venv leads PATH
+# (airflow standalone starts its parts by name); DAGs start unpaused, so recipes fire on schedule.
+AIRFLOW_HOME_DIR ?= $(CURDIR)/.airflow
+AIRFLOW_PORT ?= 8080
+SLERP_OUTPUT_ROOT ?= $(CURDIR)/demo/merges
+SLERP_RECIPES_DIR ?= $(CURDIR)/dags/recipes
+AIRFLOW_ENV := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" AIRFLOW_HOME=$(AIRFLOW_HOME_DIR) \
+	AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins \
+	AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False \
+	SLERP_OUTPUT_ROOT=$(SLERP_OUTPUT_ROOT) SLERP_RECIPES_DIR=$(SLERP_RECIPES_DIR) SLERP_GPU_POOL=default_pool
 
 demo: setup ## build two demo models and run the slerp_merge DAG end to end (Airflow, SQLite)
 	test -f demo/models/model_b/config.json || $(VENV)/bin/slerp-merge demo-models demo/models
@@ -32,8 +38,11 @@ demo-cli: setup ## the same merge with the CLI and the seed's config format
 	test -f demo/models/model_b/config.json || $(VENV)/bin/slerp-merge demo-models demo/models
 	$(VENV)/bin/slerp-merge --config-path config/demo --config-name demo_slerp
 
-airflow-ui: setup ## airflow standalone with these DAGs on http://127.0.0.1:8080 (password: .airflow/simple_auth_manager_passwords.json.generated)
-	$(AIRFLOW_ENV) AIRFLOW__CORE__PARALLELISM=4 AIRFLOW__API__HOST=127.0.0.1 $(VENV)/bin/airflow standalone
+airflow-ui: setup ## airflow standalone with these DAGs on http://127.0.0.1:8080 (user admin, password in .airflow/simple_auth_manager_passwords.json.generated)
+	$(AIRFLOW_ENV) AIRFLOW__CORE__PARALLELISM=4 AIRFLOW__API__HOST=127.0.0.1 AIRFLOW__API__PORT=$(AIRFLOW_PORT) \
+		AIRFLOW__API__BASE_URL=http://127.0.0.1:$(AIRFLOW_PORT) \
+		AIRFLOW__CORE__EXECUTION_API_SERVER_URL=http://127.0.0.1:$(AIRFLOW_PORT)/execution/ \
+		$(VENV)/bin/airflow standalone
 
 lint: setup ## static checks: ruff (pyflakes, pycodestyle, isort, pyupgrade, bugbear) and the import layers
 	$(VENV)/bin/ruff check $(wildcard slerp_plugin tests bench dags plugins)

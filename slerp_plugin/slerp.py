@@ -29,11 +29,14 @@ from typing import Literal
 import numpy as np
 import torch
 
+from .defaults import DEFAULT_CHUNK_ELEMENTS, DEFAULT_DOT_THRESHOLD, DEFAULT_EPSILON
+
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "DEFAULT_DOT_THRESHOLD", "DEFAULT_EPSILON", "SlerpCoefficients",
+           "SlerpStats", "accumulate", "accumulate_chunks", "coefficients", "combine", "compute_dtype",
+           "slerp", "slerp_reference", "slerp_with_coefficients"]
+
 log = logging.getLogger(__name__)
 
-DEFAULT_DOT_THRESHOLD = 0.9995
-DEFAULT_EPSILON = 1e-8
-DEFAULT_CHUNK_ELEMENTS = 1 << 19  # 512 Ki elements: 2 MiB of float32 scratch per operand, cache-resident
 
 Branch = Literal["slerp", "lerp", "unnormalised"]
 

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
+from .defaults import DEFAULT_CHUNK_ELEMENTS, DEFAULT_DOT_THRESHOLD, DEFAULT_EPSILON
 from .errors import ConfigError, redact_secrets
-from .slerp import DEFAULT_CHUNK_ELEMENTS, DEFAULT_DOT_THRESHOLD, DEFAULT_EPSILON
 
 SPEC_SCHEMA_VERSION = 1
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000  # "5GB", as transformers' save_pretrained

@@ -95,3 +95,17 @@ def test_pairs_are_built_with_the_package_s_tokenizer(tmp_path):
     assert Checkpoint.open(a).tensors.keys() == Checkpoint.open(b).tensors.keys() == {
         "model.embed_tokens.weight", "model.norm.weight"}
     assert (a / "tokenizer.json").is_file() and (b / "config.json").is_file()
+
+
+def test_dag_parse_report_lists_every_dag_file_and_fails_over_the_limit(capsys):
+    pytest.importorskip("airflow")
+    spec = importlib.util.spec_from_file_location(
+        "slerp_bench_dag_parse", Path(__file__).resolve().parents[1] / "bench" / "dag_parse.py")
+    dag_parse = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dag_parse)
+    assert dag_parse.seconds("0:01:02.500000") == 62.5
+    assert dag_parse.main(["--limit", "1000"]) == 0
+    table = set(capsys.readouterr().out.split())
+    assert {"slerp_merge.py", "slerp_nightly.py", "slerp_sweep.py", "slerp_nightly_bench"} <= table
+    assert dag_parse.main(["--limit", "0"]) == 1
+    assert "slower than 0.0 s" in capsys.readouterr().err

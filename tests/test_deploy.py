@@ -4,6 +4,7 @@ Dockerfile lints and installs from the CI lock; .env.example documents every var
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -65,13 +66,33 @@ def test_gpu_worker_listens_on_gpu_and_reserves_a_gpu(tmp_path):
     svc = resolved(tmp_path)["services"]
     gpu = svc["airflow-worker-gpu"]
     command = " ".join(gpu["command"])
-    assert "--queues gpu" in command and "--concurrency 1" in command
+    assert "--queues gpu" in command and "--concurrency 1" in command and gpu["deploy"]["replicas"] == 1
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices and devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert "--queues default" in " ".join(svc["airflow-worker"]["command"])
     env = svc["airflow-scheduler"]["environment"]
     assert env["SLERP_GPU_QUEUE"] == "gpu" and env["SLERP_GPU_POOL"] == "gpu"
-    assert "pools set gpu" in " ".join(svc["airflow-init"]["command"])
+    assert env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] == "false"
+
+
+def test_gpu_pool_slots_follow_the_gpu_workers_total_concurrency(tmp_path):
+    """Scaling a merge out: 2 GPU workers × 3 tasks each give the gpu pool 6 slots."""
+    env = env_file(tmp_path)
+    env.write_text(env.read_text() + "GPU_WORKERS=2\nGPU_WORKER_CONCURRENCY=3\n")
+    r = subprocess.run([compose_binary(), "--env-file", str(env), "-f", str(COMPOSE_FILE), "config",
+                        "--format", "json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    svc = json.loads(r.stdout)["services"]
+    assert svc["airflow-worker-gpu"]["deploy"]["replicas"] == 2
+    assert "--concurrency 3" in " ".join(svc["airflow-worker-gpu"]["command"])
+    init = svc["airflow-init"]
+    script = init["command"][-1]
+    pool_line = next(line for line in script.splitlines() if "pools set gpu" in line)
+    pool_line = pool_line.replace("$$", "$")  # compose's escape, undone when the container runs it
+    shown = subprocess.run(["bash", "-c", pool_line.replace("/entrypoint airflow", "echo")],
+                           env={"PATH": os.environ["PATH"], **init["environment"]}, capture_output=True,
+                           text=True)
+    assert shown.stdout.startswith("pools set gpu 6 "), shown.stdout + shown.stderr
 
 
 def test_airflow_services_share_image_env_and_folders(tmp_path):

@@ -27,7 +27,7 @@ from ..formats.manifest import ShardRecord, TensorRecord
 from ..io.lock import FileLock
 from ..io.prefetch import Prefetch
 from ..io.reader import PageCache, TensorReader, aligned_capacity
-from ..io.safetensors import DTYPES, TensorInfo
+from ..io.safetensors import DTYPES, TensorInfo, torch_dtype
 from ..io.streams import ReadAhead, WriteBehind
 from ..io.writer import ShardWriter
 from ..slerp import SlerpCoefficients, SlerpStats, accumulate_chunks, coefficients, combine, compute_dtype
@@ -386,9 +386,9 @@ class ShardMerge:
     # ---------------------------------------------------------------- writing
 
     def _take_out(self, count: int, out_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype, size = DTYPES[out_dtype]
+        size = DTYPES[out_dtype][1]
         buf = self.out_pool.take(count * size)
-        return buf, buf[: count * size].view(dtype)
+        return buf, buf[: count * size].view(torch_dtype(out_dtype))
 
     def _emit(self, buf: torch.Tensor, out: torch.Tensor) -> None:
         self._sink.put((buf, out))

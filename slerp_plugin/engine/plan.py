@@ -156,7 +156,7 @@ def plan_jobs(
     warnings: list[str] = []
     for name, a in c1.tensors.items():
         b = c2.tensors[name]
-        out_dtype = dtype_name(getattr(torch, spec.stored_dtype)) if spec.stored_dtype else a.dtype
+        out_dtype = dtype_name(spec.stored_dtype) if spec.stored_dtype else a.dtype
         t = spec.t_for(name, layer_fraction(name, num_layers))
         if a.shape == b.shape:
             jobs.append(TensorJob(name, "merge", a, b, out_dtype, t))

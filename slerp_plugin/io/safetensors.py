@@ -16,36 +16,51 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
 from .index import INDEX_NAME, SINGLE_NAME, InvalidIndex, read_weight_map
 
+if TYPE_CHECKING:
+    import torch
+
 MAX_HEADER_BYTES = 100_000_000  #: the limit the safetensors library itself enforces
 
-#: safetensors dtype name → (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
+#: safetensors dtype name → (torch dtype name, bytes per element); names, so that reading a header
+#: needs no torch
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
-TORCH_TO_ST: dict[torch.dtype, str] = {v[0]: k for k, v in DTYPES.items()}
+_BY_TORCH_NAME = {torch_name: name for name, (torch_name, _) in DTYPES.items()}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """The safetensors name of a torch dtype (``torch.bfloat16`` → ``"BF16"``)."""
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (``"BF16"`` → ``torch.bfloat16``)."""
+    import torch
+
+    return getattr(torch, DTYPES[name][0])
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """The safetensors name of a torch dtype or its name (``torch.bfloat16``, ``"bfloat16"`` → ``"BF16"``).
+
+    Raises:
+        CheckpointError: a dtype safetensors cannot store.
+    """
+    key = str(dtype).removeprefix("torch.")
     try:
-        return TORCH_TO_ST[dtype]
+        return _BY_TORCH_NAME[key]
     except KeyError as e:
         raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors") from e
 
@@ -63,7 +78,7 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype][0]
+        return torch_dtype(self.dtype)
 
     @property
     def itemsize(self) -> int:

@@ -20,7 +20,7 @@ import torch
 from ..engine import VOCAB_TENSOR_NAMES
 from ..errors import CheckpointError, ValidationInputError
 from ..formats.manifest import Manifest
-from ..io.safetensors import DTYPES, Checkpoint
+from ..io.safetensors import Checkpoint, torch_dtype
 from ..slerp import compute_dtype, slerp_reference
 from .report import SpotResult, SpotTensor
 
@@ -151,7 +151,7 @@ def _spot_streamed(name, a_h, b_h, m_h, rec, spec, load, numel, seed) -> SpotTen
     rows = sa.get_shape()[0]
     per_row = max(1, numel // max(rows, 1))
     block = max(1, (1 << 22) // per_row)
-    cd = compute_dtype(load or DTYPES[sa.get_dtype()][0])
+    cd = compute_dtype(load or torch_dtype(sa.get_dtype()))
     ssa = ssb = dot = 0.0
     for r in range(0, rows, block):
         x = sa[r:r + block].to(load or torch.float32).double()

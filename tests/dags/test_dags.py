@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -132,7 +133,7 @@ def test_nightly_skips_unchanged_parents_and_merges_new_revisions(dagbag, demo_b
     assert hub.state.commit_count("org/ab-nightly") == 3
 
 
-def test_sweep_publishes_the_best_t(dagbag, demo_bf16, hub):
+def test_sweep_publishes_the_best_t(dagbag, demo_bf16, hub, capfd):
     dag = dagbag().dags["slerp_sweep"]
     dr = dag.test(run_conf={"model_1": str(demo_bf16[0]), "model_2": str(demo_bf16[1]),
                             "t_values": [0.2, 0.5, 0.8], "target_repo": "org/sweep", "eval_max_tokens": 64})
@@ -148,3 +149,7 @@ def test_sweep_publishes_the_best_t(dagbag, demo_bf16, hub):
     published = hub.state.repos["org/sweep"]
     head = published.commits[published.branches["main"]]
     assert f"t={best.removeprefix('merged-t')}" in head.title
+    out = capfd.readouterr()
+    lines = (out.out + out.err).splitlines()
+    errors = [line for line in lines if re.search(r"\[(error|critical)\s*\]", line)]
+    assert errors == [], "a successful sweep logs no errors"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,31 +29,23 @@ def free_port() -> int:
 
 
 class Standalone:
-    def __init__(self, home: Path, outputs: Path) -> None:
+    """``make airflow-ui`` as a user starts it from a fresh shell (the venv not on PATH), on a free
+    port, with its own home, outputs and recipes."""
+
+    def __init__(self, home: Path, outputs: Path, recipes: Path) -> None:
         self.home = home
         self.outputs = outputs
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {
-            **os.environ,
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "AIRFLOW_HOME": str(home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__PARALLELISM": "4",
-            "AIRFLOW__API__HOST": "127.0.0.1",
-            "AIRFLOW__API__PORT": str(self.port),
-            "AIRFLOW__API__BASE_URL": self.url,
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
-            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-            "SLERP_OUTPUT_ROOT": str(outputs),
-            "SLERP_GPU_POOL": "default_pool",
-            "SLERP_RETRY_DELAY_S": "1",
-        }
+        venv_bin = str(Path(sys.executable).parent)
+        path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "VIRTUAL_ENV"))},
+               "PATH": path, "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5", "SLERP_RETRY_DELAY_S": "1"}
         self.log = open(home / "standalone.log", "w")
-        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"], env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            ["make", "--no-print-directory", "airflow-ui", f"AIRFLOW_HOME_DIR={home}",
+             f"AIRFLOW_PORT={self.port}", f"SLERP_OUTPUT_ROOT={outputs}", f"SLERP_RECIPES_DIR={recipes}"],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.token = None
 
     def wait_healthy(self, timeout: float = 240) -> None:
@@ -85,8 +78,8 @@ class Standalone:
                            timeout=30)
             r.raise_for_status()
             self.token = r.json()["access_token"]
-        return httpx.request(method, f"{self.url}{path}", headers={"Authorization": f"Bearer {self.token}"},
-                             timeout=30, **kw)
+        headers = {"Authorization": f"Bearer {self.token}", **kw.pop("headers", {})}
+        return httpx.request(method, f"{self.url}{path}", headers=headers, timeout=30, **kw)
 
     def wait_dag(self, dag_id: str, timeout: float = 120) -> None:
         deadline = time.time() + timeout
@@ -121,18 +114,38 @@ class Standalone:
 
 
 @pytest.fixture(scope="module")
-def standalone(tmp_path_factory):
+def standalone(tmp_path_factory, demo_bf16):
     pytest.importorskip("airflow")
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
     home = tmp_path_factory.mktemp("standalone-home")
-    server = Standalone(home, tmp_path_factory.mktemp("standalone-merges"))
+    recipes = tmp_path_factory.mktemp("standalone-recipes")
+    (recipes / "every-minute.yaml").write_text(yaml.safe_dump({
+        "name": "every-minute", "schedule": "* * * * *", "model_1": str(demo_bf16[0]),
+        "model_2": str(demo_bf16[1]), "t": 0.4, "validate_functional": False}))
+    server = Standalone(home, tmp_path_factory.mktemp("standalone-merges"), recipes)
     try:
         server.wait_healthy()
         server.wait_dag("slerp_merge")
-        r = server.api("PATCH", "/api/v2/dags/slerp_merge", json={"is_paused": False})
-        assert r.status_code == 200, r.text
         yield server
     finally:
         server.stop()
+
+
+def test_dags_start_unpaused_and_a_recipe_fires_on_its_schedule(standalone):
+    """No PATCH is_paused: the embedded default creates DAGs unpaused, and the scheduler runs a
+    recipe's DAG by itself on its cron (every minute here)."""
+    assert standalone.api("GET", "/api/v2/dags/slerp_merge").json()["is_paused"] is False
+    standalone.wait_dag("slerp_nightly_every_minute")
+    deadline = time.time() + 200
+    dag_id = "slerp_nightly_every_minute"
+    runs = []
+    while time.time() < deadline and not runs:
+        listed = standalone.api("GET", f"/api/v2/dags/{dag_id}/dagRuns").json()["dag_runs"]
+        runs = [r for r in listed if r["run_type"] == "scheduled"]
+        time.sleep(3)
+    assert runs, f"no scheduled run within 200 s: {standalone.tail()}"
+    assert standalone.wait_run(dag_id, runs[0]["dag_run_id"]) == "success", standalone.tail()
 
 
 def test_trigger_through_the_rest_api(standalone, demo_bf16):
@@ -146,6 +159,28 @@ def test_trigger_through_the_rest_api(standalone, demo_bf16):
     assert standalone.wait_run("slerp_merge", run_id) == "success", standalone.tail()
     outs = list(standalone.outputs.glob("slerp_merge/*/merged"))
     assert len(outs) == 1 and json.loads((outs[0] / "merge_manifest.json").read_text())["spec"]["t"] == 0.3
+    assert task_log_errors(standalone, "slerp_merge", run_id) == {}
+
+
+def task_log_errors(standalone, dag_id: str, run_id: str) -> dict[str, list[str]]:
+    """Error-level lines and tracebacks in each task's log of a run, read back through the REST API."""
+    base = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"
+    found: dict[str, list[str]] = {}
+    instances = standalone.api("GET", base).json()["task_instances"]
+    assert instances
+    for ti in instances:
+        if ti["state"] == "skipped":
+            continue
+        r = standalone.api("GET", f"{base}/{ti['task_id']}/logs/{ti['try_number']}",
+                           params={"map_index": ti["map_index"]}, headers={"Accept": "application/json"})
+        assert r.status_code == 200, (ti["task_id"], ti["map_index"], r.text)
+        entries = [e for e in r.json()["content"] if isinstance(e, dict)]
+        assert any("level" in e for e in entries), f"{ti['task_id']}: no structured entries: {r.text[:300]}"
+        bad = [str(e.get("event")) for e in entries
+               if e.get("level") in ("error", "critical") or "Traceback" in str(e.get("event"))]
+        if bad:
+            found[ti["task_id"]] = bad
+    return found
 
 
 needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(),
@@ -184,18 +219,29 @@ def browser_session(standalone):
 
 
 @needs_chromium
+def fill_trigger_form(page, standalone, demo_bf16, t: str) -> None:
+    page.goto(f"{standalone.url}/dags/slerp_merge", wait_until="domcontentloaded")
+    page.get_by_label("Trigger Dag").first.click()
+    page.locator("input[name=element_model_1]").fill(str(demo_bf16[0]))
+    page.locator("input[name=element_model_2]").fill(str(demo_bf16[1]))
+    page.locator("input[name=element_t]").fill(t)
+    page.locator("input[name=element_eval_max_tokens]").fill("64")
+    page.locator("input[name=element_model_1]").click()  # leave the t field, as a user would
+
+
 def test_trigger_from_the_ui_in_headless_chromium(standalone, demo_bf16):
     runs = standalone.api("GET", "/api/v2/dags/slerp_merge/dagRuns").json()["dag_runs"]
     before = {r["dag_run_id"] for r in runs}
     with browser_session(standalone) as page:
         try:
-            page.goto(f"{standalone.url}/dags/slerp_merge", wait_until="domcontentloaded")
-            page.get_by_label("Trigger Dag").first.click()
-            page.locator("input[name=element_model_1]").fill(str(demo_bf16[0]))
-            page.locator("input[name=element_model_2]").fill(str(demo_bf16[1]))
-            t_field = page.locator("input[name=element_t]")
-            t_field.fill("0.7")
-            page.locator("input[name=element_eval_max_tokens]").fill("64")
+            fill_trigger_form(page, standalone, demo_bf16, "1.5")
+            assert page.locator("input[name=element_t]").input_value() == "1.5"  # not clamped to 1
+            page.get_by_role("dialog").get_by_role("button", name="Trigger").click()
+            page.get_by_role("dialog").get_by_text("maximum").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "trigger-form-t-out-of-range.png"))
+            runs = standalone.api("GET", "/api/v2/dags/slerp_merge/dagRuns").json()["dag_runs"]
+            assert {r["dag_run_id"] for r in runs} == before, "an out-of-range t created a run"
+            fill_trigger_form(page, standalone, demo_bf16, "0.7")
             page.screenshot(path=str(ARTIFACTS / "trigger-form.png"))
             page.get_by_role("dialog").get_by_role("button", name="Trigger").click()
             deadline = time.time() + 60

@@ -13,8 +13,11 @@ environment so one image serves a laptop and a cluster:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import sys
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -101,6 +104,14 @@ def _optional(value: Any, title: str, description: str) -> Param:
     return Param(value or None, type=["null", "string"], title=title, description=description)
 
 
+def _number(value: Any, title: str, description: str, kind: str = "number", **bounds: float) -> Param:
+    """A number param whose bounds are checked when the run is created, not silently applied by the
+    form: the UI's number field clamps to a schema's own ``minimum``/``maximum``, so the bounds sit
+    in ``allOf``, where the form ignores them and the server's validation (an error shown in the
+    form, HTTP 400 over REST) does not."""
+    return Param(value, type=kind, title=title, description=description, allOf=[bounds])
+
+
 def merge_params(**defaults: Any) -> dict[str, Param]:
     """The trigger form of a merge: models, t, thresholds, dtype, target repo, validation."""
     d = {"model_1": "", "model_2": "", "t": 0.5, **defaults}
@@ -114,12 +125,13 @@ def merge_params(**defaults: Any) -> dict[str, Param]:
         "model_2_revision": _optional(d.get("model_2_revision"), "Model 2 revision",
                                       "branch, tag or commit sha (empty: main)"),
         "tokenizer": _optional(d.get("tokenizer"), "Tokenizer", "Hub id or folder (empty: model 1's)"),
-        "t": Param(d["t"], type="number", minimum=0, maximum=1, title="t",
-                   description="interpolation factor: 0 gives model 1, 1 gives model 2"),
-        "DOT_THRESHOLD": Param(d.get("DOT_THRESHOLD", 0.9995), type="number", exclusiveMinimum=0, maximum=1,
-                               title="DOT_THRESHOLD", description="|cos| above this uses LERP"),
-        "epsilon": Param(d.get("epsilon", 1e-8), type="number", exclusiveMinimum=0, title="epsilon",
-                         description="norms at or below this are not normalised"),
+        "t": _number(d["t"], "t", "interpolation factor between 0 and 1: 0 gives model 1, 1 gives model 2",
+                     minimum=0, maximum=1),
+        "DOT_THRESHOLD": _number(d.get("DOT_THRESHOLD", 0.9995), "DOT_THRESHOLD",
+                                 "|cos| above this uses LERP (more than 0, at most 1)",
+                                 exclusiveMinimum=0, maximum=1),
+        "epsilon": _number(d.get("epsilon", 1e-8), "epsilon", "norms at or below this are not normalised",
+                           exclusiveMinimum=0),
         "dtype": Param(d.get("dtype", "auto"), type="string", enum=["auto", "bfloat16", "float16", "float32"],
                        title="dtype", description="load/output dtype (auto: as model 1)"),
         "target_repo": _optional(d.get("target_repo"), "Target repo",
@@ -130,16 +142,33 @@ def merge_params(**defaults: Any) -> dict[str, Param]:
                                      title="Functional validation",
                                      description="perplexity gate against the parents (off: structure and "
                                                  "spot checks only)"),
-        "validation_margin": Param(d.get("validation_margin", 0.10), type="number", minimum=0,
-                                   title="Validation margin",
-                                   description="allowed perplexity excess over the worse parent (0.1 = 10%)"),
-        "eval_max_tokens": Param(d.get("eval_max_tokens", 512), type="integer", minimum=16,
-                                 title="Evaluation tokens", description="tokens of text for perplexity"),
-        "merge_workers": Param(d.get("merge_workers", 1), type="integer", minimum=1, title="Merge workers",
-                               description="parallel merge tasks over output shards (shared volume)"),
+        "validation_margin": _number(d.get("validation_margin", 0.10), "Validation margin",
+                                     "allowed perplexity excess over the worse parent (0.1 = 10%)",
+                                     minimum=0),
+        "eval_max_tokens": _number(d.get("eval_max_tokens", 512), "Evaluation tokens",
+                                   "tokens of text for perplexity (at least 16)", kind="integer", minimum=16),
+        "merge_workers": _number(d.get("merge_workers", 1), "Merge workers",
+                                 "parallel merge tasks over output shards (shared volume)", kind="integer",
+                                 minimum=1),
         "max_shard_size": Param(d.get("max_shard_size", "5GB"), type="string", title="Max shard size",
                                 description="bytes per output shard, e.g. 5GB"),
     }
+
+
+def quiet(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a task's function with the libraries' progress bars off and torch's statistics quiet:
+    Airflow logs whatever a task writes to stderr at ERROR level."""
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' bars
+        if "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        logging.getLogger("torch").setLevel(logging.WARNING)  # e.g. FakeTensor cache stats at exit
+        return fn(*args, **kwargs)
+
+    return run
 
 
 def _params() -> dict:
@@ -155,6 +184,7 @@ def _run_dir() -> Path:
 
 
 @task(execution_timeout=TIMEOUTS["resolve"])
+@quiet
 def resolve() -> dict:
     """Each input's reference and, for Hub ids, the commit its revision points to now."""
     p = _params()
@@ -162,6 +192,7 @@ def resolve() -> dict:
 
 
 @task.short_circuit(execution_timeout=TIMEOUTS["resolve"])
+@quiet
 def parents_changed(inputs: dict) -> bool:
     """Nightly runs: go on only if a parent (or t) changed since the last published merge."""
     p = _params()
@@ -172,12 +203,14 @@ def parents_changed(inputs: dict) -> bool:
 
 
 @task(execution_timeout=TIMEOUTS["download"])
+@quiet
 def download(inputs: dict, role: str) -> dict:
     """One input fetched (Hub) or passed through (local folder)."""
     return tasks.download_input(inputs[role], weights=role != "tokenizer")
 
 
 @task(execution_timeout=TIMEOUTS["resolve"])
+@quiet
 def plan(model_1: dict, model_2: dict, tokenizer: dict) -> dict:
     """The output folder of this run and its shards split into groups for the merge workers."""
     from airflow.sdk import get_current_context
@@ -192,29 +225,34 @@ def plan(model_1: dict, model_2: dict, tokenizer: dict) -> dict:
 
 
 @task(execution_timeout=TIMEOUTS["summary"])
+@quiet
 def groups(p: dict) -> list[list[int]]:
     return p["groups"]
 
 
 @task(execution_timeout=TIMEOUTS["merge"])
+@quiet
 def merge(p: dict, indices: list[int]) -> dict:
     """One group of output shards merged (resuming an interrupted attempt)."""
     return tasks.merge_group(_params(), p["inputs"], p["output"], indices)
 
 
 @task(execution_timeout=TIMEOUTS["merge"])
+@quiet
 def finalize(p: dict, merged: list[dict]) -> dict:
     """Index, configs, manifest and card written; the output published by one rename."""
     return tasks.finalize_merge(_params(), p["inputs"], p["output"])
 
 
 @task(execution_timeout=TIMEOUTS["validate"])
+@quiet
 def validate(p: dict, result: dict) -> dict:
     """The validation gate against the parents."""
     return tasks.validate_output(result["output"], p["inputs"], _params())
 
 
 @task(execution_timeout=TIMEOUTS["publish"])
+@quiet
 def publish(result: dict, validation: dict, nightly: bool = False) -> dict:
     """The merge uploaded to the target repo, if one is set."""
     up = tasks.publish(result["output"], _params()["target_repo"], _params()["private"])
@@ -224,6 +262,7 @@ def publish(result: dict, validation: dict, nightly: bool = False) -> dict:
 
 
 @task(execution_timeout=TIMEOUTS["summary"])
+@quiet
 def summary(result: dict, validation: dict, upload: dict) -> dict:
     """The run's outcome in one log entry; an earlier failure record of the run is cleared."""
     records.clear_failure(Path(result["output"]).parent)
@@ -257,22 +296,25 @@ def sweep_params(**defaults: Any) -> dict[str, Param]:
     params.pop("merge_workers")
     params["t_values"] = Param(defaults.get("t_values", [0.3, 0.5, 0.7]), type="array",
                                items={"type": "number", "minimum": 0, "maximum": 1}, minItems=1,
-                               title="t values", description="the t values to merge and compare")
+                               title="t values", description="the t values to merge and compare, each 0 to 1")
     return params
 
 
 @task(execution_timeout=TIMEOUTS["download"])
+@quiet
 def download_all(inputs: dict) -> dict:
     """Every input fetched (Hub) or passed through (local folders)."""
     return {role: tasks.download_input(entry, weights=role != "tokenizer") for role, entry in inputs.items()}
 
 
 @task(execution_timeout=TIMEOUTS["resolve"])
+@quiet
 def t_values() -> list[float]:
     return list(_params()["t_values"])
 
 
 @task(execution_timeout=TIMEOUTS["merge"])
+@quiet
 def merge_and_validate(inputs: dict, t: float) -> dict:
     """One point of the sweep: merged and validated (a failed gate is recorded, not raised)."""
     from airflow.sdk import get_current_context
@@ -284,14 +326,17 @@ def merge_and_validate(inputs: dict, t: float) -> dict:
 
 
 @task(execution_timeout=TIMEOUTS["summary"])
+@quiet
 def best(results: list[dict]) -> dict:
     """The sweep's choice: the lowest merged perplexity among the points that passed."""
-    choice = tasks.best_of_sweep(list(results))
+    # by index, not by iteration: iterating asks for one item past the end, which Airflow logs as an error
+    choice = tasks.best_of_sweep([results[i] for i in range(len(results))])
     records.write_sweep(Path(choice["output"]).parent, choice["t"], choice["output"])
     return choice
 
 
 @task(execution_timeout=TIMEOUTS["publish"])
+@quiet
 def publish_choice(choice: dict) -> dict:
     """The chosen merge uploaded to the target repo, if one is set."""
     p = _params()

@@ -118,6 +118,15 @@ class Sweep(BaseModel):
     parents: dict[str, float] = Field(default_factory=dict)  #: model_1/model_2 → perplexity
 
     @property
+    def best_parent(self) -> str | None:
+        """The parent whose perplexity is lower than every merge's, if one is."""
+        merged = [m.perplexity["merged"] for m in self.merges if "merged" in m.perplexity]
+        if not merged or not self.parents:
+            return None
+        role, value = min(self.parents.items(), key=lambda kv: kv[1])
+        return role if value < min(merged) else None
+
+    @property
     def all_perplexities(self) -> list[float]:
         """The merges' and the parents' perplexities (for the decimals that tell them apart)."""
         merged = [m.perplexity["merged"] for m in self.merges if "merged" in m.perplexity]

@@ -102,12 +102,21 @@ def resolve_inputs(params: dict[str, Any]) -> dict[str, dict]:
 
 def download_input(entry: dict, *, weights: bool = True) -> dict:
     """Fetch one resolved input (pinned to its commit); local folders, and a tokenizer that is
-    model_1's (``same_as``), pass through."""
-    if entry.get("commit") is None or entry.get("same_as"):
+    model_1's (``same_as``), pass through (the log says so)."""
+    role = entry.get("role", "input")
+    if entry.get("same_as"):
+        log.info("%s: the same as %s, nothing to download", role, entry["same_as"])
+        return dict(entry)
+    if entry.get("commit") is None:
+        folder = Path(entry["path"])
+        files = [p for p in folder.iterdir() if p.is_file()]
+        log.info("%s: local folder %s (%d files, %.1f MB), nothing to download", role, folder, len(files),
+                 sum(p.stat().st_size for p in files) / 1e6)
         return dict(entry)
     from ...hub.client import download_model
 
     d = download_model(entry["ref"], entry["commit"], weights=weights)
+    log.info("%s: %s@%s in %s", role, entry["ref"], entry["commit"][:12], d.path)
     return {**entry, "path": str(d.path)}
 
 

@@ -15,8 +15,15 @@ from slerp_plugin.integrations.airflow import dag_factory  # noqa: E402
 def test_form_params_have_defaults_and_ranges():
     params = dag_factory.merge_params(model_1="org/a", t=0.3)
     assert params["model_1"].value == "org/a" and params["t"].value == 0.3
-    assert params["t"].schema["minimum"] == 0 and params["t"].schema["maximum"] == 1
-    assert params["DOT_THRESHOLD"].schema["exclusiveMinimum"] == 0
+    # bounds the form does not clamp to (it would, silently, to a schema's own minimum/maximum)
+    assert params["t"].schema["allOf"] == [{"minimum": 0, "maximum": 1}]
+    assert "maximum" not in params["t"].schema
+    assert params["DOT_THRESHOLD"].schema["allOf"] == [{"exclusiveMinimum": 0, "maximum": 1}]
+    from airflow.sdk.exceptions import ParamValidationError
+
+    assert params["t"].resolve(0.7) == 0.7
+    with pytest.raises(ParamValidationError, match="maximum"):
+        params["t"].resolve(1.5)
     assert params["model_1_revision"].value is None  # empty field allowed
 
 

@@ -14,7 +14,13 @@ from fastapi.testclient import TestClient
 from model_helpers import ROOT
 
 from slerp_plugin.integrations.airflow import records
-from slerp_plugin.integrations.airflow.dashboard import collect_merges, create_app, ppl_decimals
+from slerp_plugin.integrations.airflow.dashboard import (
+    MergeEntry,
+    Sweep,
+    collect_merges,
+    create_app,
+    ppl_decimals,
+)
 from slerp_plugin.merge import run_merge
 from slerp_plugin.spec import MergeSpec
 from slerp_plugin.validate import validate_merge, write_report
@@ -112,6 +118,7 @@ def test_page_shows_failures_sweeps_and_close_values(root):
     assert "← chosen" in page and "model_2 (parent)" in page and "<svg" in page
     sweep_rows = page[page.index("Sweeps"):page.index("<h2>Merges")]
     assert sweep_rows.index(">0.2<") < sweep_rows.index(">0.5<") < sweep_rows.index(">0.8<")  # sorted by t
+    assert "model_1 alone has a lower perplexity than every merge" in sweep_rows  # 535 < 540.001
     assert "of the bundled text" in page and "64 tokens" in page
     readable = str(records.run_dir(root, "slerp_merge", RUN) / "merged")
     assert readable in page and "%" not in readable  # folder names a person can read and type
@@ -166,3 +173,13 @@ def test_plugin_declares_the_app_and_views():
     assert views["nav"]["href"] == "/slerp/" and "{RUN_ID}" in views["dag_run"]["href"]
     anonymous = TestClient(plugin.fastapi_apps[0]["app"])
     assert anonymous.get("/api/merges").status_code in (401, 403)  # Airflow's own authentication
+
+
+def test_a_parent_is_named_only_when_it_beats_every_merge():
+    def sweep(parents: dict[str, float]) -> Sweep:
+        merges = [MergeEntry.model_construct(perplexity={"merged": p}) for p in (12.0, 10.5)]
+        return Sweep(dag_id="d", run_id="r", merges=merges, parents=parents)
+
+    assert sweep({"model_1": 10.4, "model_2": 11.0}).best_parent == "model_1"
+    assert sweep({"model_1": 10.6, "model_2": 11.0}).best_parent is None
+    assert sweep({}).best_parent is None
