@@ -36,6 +36,12 @@ def redact_secrets(text: str) -> str:
     return _HF_TOKEN.sub("hf_***", text)
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(e)
+    return text.splitlines()[0] if text.strip() else type(e).__name__
+
+
 def exit_code_table() -> str:
     """:data:`EXIT_CODES` as aligned text lines (for ``--help``)."""
     return "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES.items())

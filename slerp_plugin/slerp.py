@@ -14,12 +14,19 @@ chunks); :func:`coefficients` turns the sums into the branch and the scalars ``s
 same scalar op order as FusionBench; pass 2 (:func:`combine`) computes ``s0·A + s1·B`` chunk by
 chunk. Scratch memory is therefore bounded by the chunk size, not by the tensor.
 
+The float64 sums make ``d`` more exact than FusionBench's, whose float32 ``torch.linalg.norm`` and
+``torch.sum`` over a whole tensor can be off by about 1e-3 relative on large tensors; where ``|d|``
+lies that close to DOT_THRESHOLD the two can choose different branches.
+:func:`fusionbench_coefficients` takes ``d`` FusionBench's way (``norm_precision="float32"``) from
+whole tensors in memory, reproducing its branch choices.
+
 :func:`slerp_reference` is FusionBench's op order on whole tensors, kept for tests and for the
 validator's spot re-computation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterable
@@ -31,14 +38,18 @@ import torch
 
 from .defaults import DEFAULT_CHUNK_ELEMENTS, DEFAULT_DOT_THRESHOLD, DEFAULT_EPSILON
 
-__all__ = ["DEFAULT_CHUNK_ELEMENTS", "DEFAULT_DOT_THRESHOLD", "DEFAULT_EPSILON", "SlerpCoefficients",
-           "SlerpStats", "accumulate", "accumulate_chunks", "coefficients", "combine", "compute_dtype",
-           "slerp", "slerp_reference", "slerp_with_coefficients"]
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "DEFAULT_DOT_THRESHOLD", "DEFAULT_EPSILON", "NormPrecision",
+           "SlerpCoefficients", "SlerpStats", "accumulate", "accumulate_chunks", "coefficients",
+           "coefficients_from_d", "combine", "compute_dtype", "fusionbench_coefficients", "slerp",
+           "slerp_reference", "slerp_with_coefficients"]
 
 log = logging.getLogger(__name__)
 
 
 Branch = Literal["slerp", "lerp", "unnormalised"]
+#: how ``d`` is computed: ``float64`` sums over chunks (default), or FusionBench's whole-tensor
+#: ``torch.linalg.norm`` and ``torch.sum`` in the compute dtype (``float32``)
+NormPrecision = Literal["float64", "float32"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -65,7 +76,8 @@ class SlerpCoefficients:
     """What pass 1 decided for one tensor: the branch and ``r = s0·A + s1·B``.
 
     ``s0``/``s1`` are 0-d tensors in the compute dtype, so pass 2 rounds exactly as FusionBench.
-    ``d`` is the cosine of the normalised (or, below epsilon, unnormalised) pair.
+    ``d`` is the cosine of the normalised (or, below epsilon, unnormalised) pair, taken with
+    ``norm_precision``.
     """
 
     branch: Branch
@@ -74,6 +86,7 @@ class SlerpCoefficients:
     d: float
     norm_a: float
     norm_b: float
+    norm_precision: NormPrecision = "float64"
 
     def as_record(self) -> dict[str, float | str]:
         """A JSON-friendly summary for the manifest."""
@@ -82,6 +95,7 @@ class SlerpCoefficients:
             "d": _finite_or_str(self.d),
             "s0": _finite_or_str(float(self.s0)),
             "s1": _finite_or_str(float(self.s1)),
+            "norm_precision": self.norm_precision,
         }
 
 
@@ -132,25 +146,64 @@ def coefficients(
     """
     norm_a = math.sqrt(stats.sumsq_a)
     norm_b = math.sqrt(stats.sumsq_b)
-    normalised_a = norm_a > epsilon
-    normalised_b = norm_b > epsilon
-    scale = (norm_a if normalised_a else 1.0) * (norm_b if normalised_b else 1.0)
-    d_value = stats.dot / scale if scale != 0.0 else 0.0
-    d = torch.tensor(d_value, dtype=dtype)
-    branch: Branch = "slerp" if normalised_a and normalised_b else "unnormalised"
-    if bool(torch.abs(d) > DOT_THRESHOLD):
-        return _lerp_coefficients(t, dtype, float(d), norm_a, norm_b)
-    theta_0 = torch.arccos(d)
+    scale = (norm_a if norm_a > epsilon else 1.0) * (norm_b if norm_b > epsilon else 1.0)
+    d = stats.dot / scale if scale != 0.0 else 0.0
+    return coefficients_from_d(t, d, norm_a, norm_b, dtype=dtype, DOT_THRESHOLD=DOT_THRESHOLD,
+                               epsilon=epsilon)
+
+
+def fusionbench_coefficients(
+    t: float,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    DOT_THRESHOLD: float = DEFAULT_DOT_THRESHOLD,
+    epsilon: float = DEFAULT_EPSILON,
+) -> SlerpCoefficients:
+    """The branch and scalars with ``d`` taken as FusionBench takes it: ``torch.linalg.norm`` of each
+    whole tensor, the division, and ``torch.sum`` of the product, all in the compute dtype of the
+    tensors given (float32 for 16-bit models).
+
+    ``a``/``b`` must be whole tensors in their own shape, in the compute dtype, and are
+    overwritten (pass copies): the division and the product happen in place, which rounds exactly
+    as FusionBench's new tensors do, so no memory beyond the two tensors is needed.
+    """
+    norm_a, norm_b = torch.linalg.norm(a), torch.linalg.norm(b)
+    na = a.div_(norm_a) if norm_a > epsilon else a
+    nb = b.div_(norm_b) if norm_b > epsilon else b
+    d = torch.sum(na.mul_(nb))
+    coeff = coefficients_from_d(t, float(d), float(norm_a), float(norm_b), dtype=a.dtype,
+                                DOT_THRESHOLD=DOT_THRESHOLD, epsilon=epsilon)
+    return dataclasses.replace(coeff, norm_precision="float32")
+
+
+def coefficients_from_d(
+    t: float,
+    d: float,
+    norm_a: float,
+    norm_b: float,
+    *,
+    dtype: torch.dtype = torch.float32,
+    DOT_THRESHOLD: float = DEFAULT_DOT_THRESHOLD,
+    epsilon: float = DEFAULT_EPSILON,
+) -> SlerpCoefficients:
+    """The branch and scalars from the cosine ``d`` (rounded to ``dtype`` first, as FusionBench's
+    ``d`` is a tensor of the compute dtype) and the two norms."""
+    d_t = torch.tensor(d, dtype=dtype)
+    branch: Branch = "slerp" if norm_a > epsilon and norm_b > epsilon else "unnormalised"
+    if bool(torch.abs(d_t) > DOT_THRESHOLD):
+        return _lerp_coefficients(t, dtype, float(d_t), norm_a, norm_b)
+    theta_0 = torch.arccos(d_t)
     # FusionBench takes sin θ₀ with numpy (np.sin of a 0-d tensor); numpy and torch can differ
     # by one ulp here, and it scales every element of the result.
-    sin_theta_0 = np.sin(theta_0.numpy())
+    sin_theta_0 = np.sin(theta_0.cpu().numpy())
     if sin_theta_0 == 0.0:
-        log.warning("sin(theta_0) is 0 (d=%r, DOT_THRESHOLD=%r): using LERP", float(d), DOT_THRESHOLD)
-        return _lerp_coefficients(t, dtype, float(d), norm_a, norm_b)
+        log.warning("sin(theta_0) is 0 (d=%r, DOT_THRESHOLD=%r): using LERP", float(d_t), DOT_THRESHOLD)
+        return _lerp_coefficients(t, dtype, float(d_t), norm_a, norm_b)
     theta_t = theta_0 * t
     s0 = torch.sin(theta_0 - theta_t) / sin_theta_0
     s1 = torch.sin(theta_t) / sin_theta_0
-    return SlerpCoefficients(branch, s0.to(dtype), s1.to(dtype), float(d), norm_a, norm_b)
+    return SlerpCoefficients(branch, s0.to(dtype), s1.to(dtype), float(d_t), norm_a, norm_b)
 
 
 def _lerp_coefficients(
@@ -193,17 +246,19 @@ def slerp(
     epsilon: float = DEFAULT_EPSILON,
     *,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    norm_precision: NormPrecision = "float64",
 ) -> torch.Tensor:
     """SLERP of two same-shape tensors with the two-pass chunked kernel.
 
     Returns the result in the compute dtype (float32, or float64 for float64 ``v0``) on ``v0``'s
     device, as FusionBench's ``slerp`` does; cast it to model_1's dtype to store it.
+    ``norm_precision="float32"`` takes ``d`` as FusionBench does (:func:`fusionbench_coefficients`).
 
     Raises:
         ValueError: the shapes differ.
     """
     return slerp_with_coefficients(
-        t, v0, v1, DOT_THRESHOLD, epsilon, chunk_elements=chunk_elements
+        t, v0, v1, DOT_THRESHOLD, epsilon, chunk_elements=chunk_elements, norm_precision=norm_precision
     )[0]
 
 
@@ -215,6 +270,7 @@ def slerp_with_coefficients(
     epsilon: float = DEFAULT_EPSILON,
     *,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    norm_precision: NormPrecision = "float64",
 ) -> tuple[torch.Tensor, SlerpCoefficients]:
     """:func:`slerp`, also returning the branch and scalars it used."""
     if v0.shape != v1.shape:
@@ -222,8 +278,13 @@ def slerp_with_coefficients(
     dtype = compute_dtype(v0.dtype)
     a = v0.reshape(-1)
     b = v1.reshape(-1).to(v0.device)
-    stats = accumulate_chunks((a[s].to(dtype), b[s].to(dtype)) for s in _chunks(a.numel(), chunk_elements))
-    coeff = coefficients(t, stats, dtype=dtype, DOT_THRESHOLD=DOT_THRESHOLD, epsilon=epsilon)
+    if norm_precision == "float32":
+        coeff = fusionbench_coefficients(t, v0.to(dtype, copy=True), v1.to(v0.device, dtype, copy=True),
+                                         DOT_THRESHOLD=DOT_THRESHOLD, epsilon=epsilon)
+    else:
+        pieces = ((a[s].to(dtype), b[s].to(dtype)) for s in _chunks(a.numel(), chunk_elements))
+        stats = accumulate_chunks(pieces)
+        coeff = coefficients(t, stats, dtype=dtype, DOT_THRESHOLD=DOT_THRESHOLD, epsilon=epsilon)
     out = torch.empty(a.numel(), dtype=dtype, device=v0.device)
     for s in _chunks(a.numel(), chunk_elements):
         combine(a[s].to(dtype), b[s].to(dtype), coeff, out=out[s])
@@ -236,17 +297,29 @@ def slerp_reference(
     v1: torch.Tensor,
     DOT_THRESHOLD: float = DEFAULT_DOT_THRESHOLD,
     epsilon: float = DEFAULT_EPSILON,
+    *,
+    norm_precision: NormPrecision = "float32",
 ) -> torch.Tensor:
-    """FusionBench's SLERP op order on whole tensors (memory ~10× the tensor; for checks only)."""
+    """FusionBench's SLERP op order on whole tensors (memory ~10× the tensor; for checks only).
+
+    ``norm_precision="float64"`` takes ``d`` from float64 norms and dot instead (the engine's
+    default), everything else unchanged.
+    """
     if v0.dtype not in (torch.float32, torch.float64):
         v0 = v0.to(torch.float32)
         v1 = v1.to(torch.float32)
     a, b = v0.clone(), v1.clone()
-    norm0 = torch.linalg.norm(v0)
-    norm1 = torch.linalg.norm(v1)
-    n0 = v0 / norm0 if norm0 > epsilon else v0
-    n1 = v1 / norm1 if norm1 > epsilon else v1
-    dot = torch.sum(n0 * n1)
+    if norm_precision == "float64":
+        x, y = v0.double(), v1.double()
+        nx, ny = float(torch.linalg.norm(x)), float(torch.linalg.norm(y))
+        scale = (nx if nx > epsilon else 1.0) * (ny if ny > epsilon else 1.0)
+        dot = torch.tensor(float((x * y).sum()) / scale if scale else 0.0, dtype=v0.dtype)
+    else:
+        norm0 = torch.linalg.norm(v0)
+        norm1 = torch.linalg.norm(v1)
+        n0 = v0 / norm0 if norm0 > epsilon else v0
+        n1 = v1 / norm1 if norm1 > epsilon else v1
+        dot = torch.sum(n0 * n1)
     if torch.abs(dot) > DOT_THRESHOLD:
         return (1 - t) * a + t * b
     theta_0 = torch.arccos(dot)

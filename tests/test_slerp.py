@@ -217,3 +217,35 @@ def test_batched_pass_one_equals_chunk_by_chunk_sums():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shape mismatch"):
         slerp(0.5, torch.zeros(3), torch.zeros(4))
+
+
+def near_parallel_pair(seed: int = 0, rows: int = 2048, cols: int = 1536) -> tuple[torch.Tensor, ...]:
+    """bf16 tensors of 3M elements with float64 cosine ≈ 1 − 5e-6: FusionBench's float32 norms put
+    their d about 1e-4 lower, below DOT_THRESHOLD 0.99999."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(rows, cols, generator=g).to(torch.bfloat16)
+    b = (a.float() + 3e-3 * torch.randn(rows, cols, generator=g)).to(torch.bfloat16)
+    return a, b
+
+
+def test_fusionbench_d_is_reproduced_where_float64_sums_choose_the_other_branch():
+    a, b = near_parallel_pair()
+    exact, exact_coeff = slerp_with_coefficients(0.3, a, b, 0.99999)
+    fb, fb_coeff = slerp_with_coefficients(0.3, a, b, 0.99999, norm_precision="float32")
+    assert exact_coeff.branch == "lerp" and fb_coeff.branch == "slerp"
+    assert fb_coeff.norm_precision == "float32" and exact_coeff.norm_precision == "float64"
+    assert 0.99999 < exact_coeff.d < 1 and 0.9998 < fb_coeff.d < 0.99999
+    ref = slerp_reference(0.3, a, b, 0.99999)
+    assert torch.equal(fb, ref)  # FusionBench's op order, bit for bit
+    assert torch.equal(exact, slerp_reference(0.3, a, b, 0.99999, norm_precision="float64"))
+    assert not torch.equal(fb.to(torch.bfloat16), exact.to(torch.bfloat16))
+
+
+def test_coefficients_from_d_rounds_d_to_the_compute_dtype_as_fusionbench_does():
+    from slerp_plugin.slerp import coefficients_from_d
+
+    just_above = 0.9995 + 1e-12  # the same float32 as 0.9995: not above the threshold in float32
+    c = coefficients_from_d(0.5, just_above, 1.0, 1.0)
+    assert c.branch == "slerp" and c.d == float(torch.tensor(0.9995, dtype=torch.float32))
+    assert coefficients_from_d(0.5, 0.99951, 1.0, 1.0).branch == "lerp"
+    assert coefficients_from_d(0.5, 0.3, 1e-9, 1.0).branch == "unnormalised"

@@ -108,28 +108,59 @@ def validate(argv: list[str]) -> int:
     parser.add_argument("--max-tokens", type=int, default=1024, help="evaluation tokens (default 1024)")
     parser.add_argument("--spot", type=int, default=16,
                         help="tensors sampled for re-computation of big models")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="compute dtype (default auto: float32 on CPU, the checkpoint's dtype on GPU)")
+    parser.add_argument("--generation-memory", default="1GiB", metavar="SIZE",
+                        help="weights a model may keep in memory to write completions of the prompts "
+                        "(default 1GiB; 0: no completions); larger models are evaluated layer by layer only")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="evaluate the parents again instead of reusing cached results")
     parser.add_argument("--t", type=float, help="t of the merge, for outputs without merge_manifest.json")
     parser.add_argument("--report", type=Path, help="folder for validation.json (default: the model folder)")
     args = parser.parse_args(argv)
 
-    from ..validate import validate_merge, write_report
+    from ..validate import EvalSettings, EvaluationCache, validate_merge, write_report
 
     setup_logging()
     if args.eval_text is not None and not args.eval_text.is_file():
         raise ConfigError(f"--eval-text: no such file: {args.eval_text}", path=args.eval_text)
     if args.report is not None and not args.report.is_dir():
         raise ConfigError(f"--report: no such folder: {args.report}", path=args.report)
+    settings = _settings(args, EvalSettings)
     report = validate_merge(
-        args.model, tuple(args.parents), skip_functional=args.skip_functional,
-        eval_text=args.eval_text.read_text() if args.eval_text else None,
-        eval_text_name=args.eval_text.name if args.eval_text else None, margin=args.margin,
-        max_tokens=args.max_tokens, spot_sample=args.spot, device=args.device, t=args.t,
+        args.model, tuple(args.parents), settings=settings, skip_functional=args.skip_functional,
+        margin=args.margin, spot_sample=args.spot, t=args.t,
+        cache=None if args.no_cache else EvaluationCache(),
     )
     path = write_report(report, args.report)
     print(report.summary)
     print(f"report: {path}")
     return 0 if report.passed else 6
+
+
+def _settings(args: argparse.Namespace, settings_type: type):
+    """The evaluation settings of ``validate``'s arguments.
+
+    Raises:
+        ConfigError: an invalid value (one line naming the option).
+    """
+    from pydantic import ValidationError
+
+    from ..spec import parse_size
+
+    try:
+        memory = 0 if args.generation_memory.strip() == "0" else parse_size(args.generation_memory)
+    except ValueError as e:
+        raise ConfigError(f"--generation-memory: {e}") from None
+    try:
+        return settings_type(
+            eval_text=args.eval_text.read_text() if args.eval_text else None,
+            eval_text_name=args.eval_text.name if args.eval_text else None,
+            max_tokens=args.max_tokens, device=args.device, dtype=args.dtype, generation_memory=memory)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
 
 
 def upload(argv: list[str]) -> int:

@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from ..errors import SlerpPluginError, exit_code_table, redact_secrets
+from ..errors import SlerpPluginError, exit_code_table, first_line, redact_secrets
 from . import commands
 from .hydra_app import PROG, run_hydra
 from .process import fast_exit, limit_blas_threads
@@ -34,7 +34,7 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
 
 def fail(exc: BaseException, code: int) -> int:
     """Print ``exc`` as one error line; return ``code``."""
-    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    msg = first_line(exc)
     print(f"{PROG}: error: {redact_secrets(msg)}", file=sys.stderr)
     return code
 

@@ -30,7 +30,15 @@ from ..io.reader import PageCache, TensorReader, aligned_capacity
 from ..io.safetensors import DTYPES, TensorInfo, torch_dtype
 from ..io.streams import ReadAhead, WriteBehind
 from ..io.writer import ShardWriter
-from ..slerp import SlerpCoefficients, SlerpStats, accumulate_chunks, coefficients, combine, compute_dtype
+from ..slerp import (
+    SlerpCoefficients,
+    SlerpStats,
+    accumulate_chunks,
+    coefficients,
+    combine,
+    compute_dtype,
+    fusionbench_coefficients,
+)
 from . import buffers
 from .buffers import BlockLayout, BufferPool, Lease
 from .inputs import InputHashes
@@ -258,7 +266,10 @@ class ShardMerge:
                 else:
                     self._release(read.a, read.b)
         if held:
-            coeff = self._coefficients(job, stats, cdtype)
+            if self.plan.spec.norm_precision == "float32":
+                coeff = self._fusionbench_coefficients(job, held, src, cdtype)
+            else:
+                coeff = self._coefficients(job, stats, cdtype)
             for a, b in held:
                 self._merge_block(a, b, src, cdtype, coeff, job.out_dtype)
         if coeff is not None:
@@ -275,6 +286,16 @@ class ShardMerge:
         spec = self.plan.spec
         return coefficients(job.t, stats, dtype=cdtype, DOT_THRESHOLD=spec.DOT_THRESHOLD,
                             epsilon=spec.epsilon)
+
+    def _fusionbench_coefficients(self, job: TensorJob, held: list[tuple[Block, Block]], src: torch.dtype,
+                                  cdtype: torch.dtype) -> SlerpCoefficients:
+        """``d`` as FusionBench takes it, from the whole held tensors (``norm_precision=float32``)."""
+        def whole(blocks: list[Block]) -> torch.Tensor:  # a fresh tensor: it is overwritten
+            flat = torch.cat([blk.data.to(self.device).to(src) for blk in blocks])
+            return flat.to(cdtype).reshape(job.a.shape)
+        spec = self.plan.spec
+        return fusionbench_coefficients(job.t, whole([a for a, _ in held]), whole([b for _, b in held]),
+                                        DOT_THRESHOLD=spec.DOT_THRESHOLD, epsilon=spec.epsilon)
 
     def _account(self, job: TensorJob, start: int, read: BlockRead) -> None:
         """Count the bytes read and queue them for the inputs' SHA-256."""

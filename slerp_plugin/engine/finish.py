@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OutputExistsError, OutputWriteError
-from ..formats.manifest import InputRecord, Manifest, describe_input
+from ..formats.manifest import InputRecord, Manifest, TensorRecord, describe_input
 from ..formats.modelcard import render_model_card
 from ..io.atomic import fsync_dir, write_json_atomic
 from ..io.index import INDEX_NAME
 from ..io.lock import FileLock
 from ..io.model_files import CONFIG_FILES, TOKENIZER_FILES
+from ..spec import MergeSpec
 from .inputs import input_files
 from .output import output_lock, publish, write_marker
 from .plan import MergePlan
@@ -156,14 +157,29 @@ def _build_manifest(
     }
     if started_at is not None:
         timings["total_s"] = round(now - started_at, 3)
+    tensors = [t for o in outcomes for t in o.tensors]
     return Manifest.create(
         spec=plan.spec.model_dump(mode="json"),
         inputs=inputs,
         shards=[o.record for o in outcomes],
         total_size=plan.total_bytes,
-        tensors=[t for o in outcomes for t in o.tensors],
-        warnings=plan.warnings,
+        tensors=tensors,
+        warnings=plan.warnings + _precision_warnings(plan.spec, tensors),
         timings=timings,
         resume={"reused_shards": sum(o.reused for o in outcomes), "total_shards": len(outcomes)},
         plan_fingerprint=plan.fingerprint,
     )
+
+
+def _precision_warnings(spec: MergeSpec, tensors: list[TensorRecord]) -> list[str]:
+    """Where ``norm_precision=float32`` was asked but a tensor was too large to hold whole."""
+    if spec.norm_precision != "float32":
+        return []
+    summed = [t.name for t in tensors if t.norm_precision == "float64"]
+    if not summed:
+        return []
+    msg = (f"norm_precision=float32: {len(summed)} tensor(s) larger than buffer_memory took d from float64 "
+           f"sums (raise method.buffer_memory to hold them): {', '.join(summed[:5])}"
+           + (" …" if len(summed) > 5 else ""))
+    log.warning("%s", msg)
+    return [msg]

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from ..spec import MergeSpec, ModelRef
 
 PROGRAM_TARGETS = frozenset({
@@ -54,6 +54,7 @@ METHOD_KEYS = {
     "dtype": "dtype", "device": "device", "max_shard_size": "max_shard_size",
     "overwrite": "overwrite", "chunk_elements": "chunk_elements", "threads": "threads",
     "direct_io": "direct_io", "buffer_memory": "buffer_memory", "allow_bin": "allow_bin",
+    "norm_precision": "norm_precision",
 }
 POOL_IGNORED = frozenset({"_recursive_", "_usage_", "_version_", "tokenizer_kwargs", "enable_lazy_loading"})
 
@@ -76,7 +77,7 @@ def check_config_file(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}", path=path) from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not plain YAML data: {str(e).splitlines()[0]}", path=path) from e
+        raise ConfigError(f"{path}: not plain YAML data: {first_line(e)}", path=path) from e
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level", path=path)
     if "hydra" in doc:

@@ -73,6 +73,8 @@ class TensorRecord(BaseModel):
     d: float | str | None = None
     s0: float | str | None = None
     s1: float | str | None = None
+    norm_precision: Literal["float64", "float32"] | None = Field(
+        None, description="how d was summed: float64 over chunks, or float32 whole-tensor (FusionBench)")
 
 
 class OutputRecord(BaseModel):

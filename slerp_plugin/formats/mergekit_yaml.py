@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from ..spec import MergeSpec, ModelRef
 
 METHOD_NAMES = ("slerp_for_causal_lm", "slerp")
@@ -46,7 +46,7 @@ def load_mergekit_yaml(path: Path | str) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: not valid YAML: {first_line(e)}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return doc

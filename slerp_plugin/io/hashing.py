@@ -14,12 +14,18 @@ import threading
 from pathlib import Path
 
 
-def cache_dir() -> Path:
-    """Where cached input checksums live."""
+def cache_root() -> Path:
+    """The folder of slerp_plugin's caches: ``$SLERP_PLUGIN_CACHE``, else
+    ``$XDG_CACHE_HOME/slerp_plugin`` (``~/.cache/slerp_plugin``)."""
     env = os.environ.get("SLERP_PLUGIN_CACHE")
     if env:
-        return Path(env) / "sha256"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slerp_plugin" / "sha256"
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slerp_plugin"
+
+
+def cache_dir() -> Path:
+    """Where cached input checksums live."""
+    return cache_root() / "sha256"
 
 
 def file_identity(path: Path) -> dict[str, int | str]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from .index import INDEX_NAME, SINGLE_NAME, InvalidIndex, read_weight_map
 
 if TYPE_CHECKING:
@@ -157,8 +157,7 @@ def _parse_header_json(path: Path, header: bytes) -> dict[str, object]:
     except RecursionError as e:
         raise CheckpointError(f"{path}: corrupt safetensors header: nested too deeply", path=path) from e
     except (UnicodeError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: corrupt safetensors header: {reason}", path=path) from e
+        raise CheckpointError(f"{path}: corrupt safetensors header: {first_line(e)}", path=path) from e
     if not isinstance(doc, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header: not a JSON object", path=path)
     return doc

@@ -3,15 +3,19 @@
 :func:`validate_merge` returns a :class:`~.report.ValidationReport` and
 :func:`~.report.write_report` writes ``validation.json`` and ``validation.txt``. The gate passes
 only if every enabled check passes: structural (:mod:`.structural`), spot re-computation
-(:mod:`.spot`) and the functional perplexity gate (:mod:`.functional`). The functional check is
-skipped only when asked, with the reason in the report.
+(:mod:`.spot`) and the functional perplexity gate (:mod:`.functional`), which evaluates models
+layer by layer (:mod:`.streaming`) and reuses parents' results (:mod:`.cache`). The functional
+check is skipped only when asked, with the reason in the report. The report also lists the
+branch-sensitive tensors of the merge (:mod:`.branches`).
 """
 
-from .functional import default_eval_text
+from .cache import EvaluationCache
+from .functional import EvalSettings, default_eval_text, evaluate_parents
 from .gate import validate_merge
 from .report import ValidationReport, summarise, write_report
 from .spot import ulp_distance
 
 __all__ = [
-    "ValidationReport", "default_eval_text", "summarise", "ulp_distance", "validate_merge", "write_report",
+    "EvalSettings", "EvaluationCache", "ValidationReport", "default_eval_text", "evaluate_parents",
+    "summarise", "ulp_distance", "validate_merge", "write_report",
 ]

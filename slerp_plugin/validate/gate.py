@@ -7,11 +7,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..engine.plan import num_layers, plan_jobs
-from ..errors import CheckpointError, ConfigError, ValidationInputError
+from ..errors import CheckpointError, ConfigError, ValidationInputError, first_line
 from ..formats.manifest import MANIFEST_NAME, Manifest, OutputRecord, TensorRecord
 from ..io.safetensors import Checkpoint
 from ..spec import MergeSpec
-from .functional import DEFAULT_EVAL_TEXT_NAME, DEFAULT_PROMPTS, default_eval_text, functional_check
+from .branches import branch_result
+from .cache import EvaluationCache
+from .functional import EvalSettings, functional_check
 from .report import FunctionalResult, SpotResult, ValidationReport, summarise
 from .spot import spot_check
 from .structural import check_structure, expected_tensors
@@ -21,28 +23,25 @@ def validate_merge(
     folder: Path | str,
     parents: tuple[Path | str, Path | str],
     *,
+    settings: EvalSettings | None = None,
     skip_functional: str | None = None,
-    eval_text: str | None = None,
-    eval_text_name: str | None = None,
-    prompts: list[str] | None = None,
     margin: float = 0.10,
-    max_tokens: int = 1024,
-    max_length: int = 512,
     spot_sample: int = 16,
-    device: str = "auto",
     t: float | None = None,
+    cache: EvaluationCache | None = None,
 ) -> ValidationReport:
     """Run the checks on ``folder`` (a merged model) against ``parents`` (model_1, model_2).
 
     The inputs are checked before any work: the merge's folder must exist, and both parents must
-    be readable model folders (headers complete, files as long as they say). ``skip_functional``
-    (a reason) skips the perplexity gate. ``eval_text`` (default: the bundled text) is named in
-    the report by ``eval_text_name``. Without a manifest in ``folder``, ``t`` must be given
-    (scalar; DOT_THRESHOLD and epsilon take their defaults).
+    be readable model folders (headers complete, files as long as they say). ``settings`` says how
+    the models are evaluated (default :class:`EvalSettings`); ``skip_functional`` (a reason) skips
+    the perplexity gate. Parents' evaluations are taken from and stored in ``cache`` when one is
+    given. Without a manifest in ``folder``, ``t`` must be given (scalar; DOT_THRESHOLD and epsilon
+    take their defaults).
 
     Raises:
-        ValidationInputError: the merge or a parent cannot be read, or its manifest is unreadable
-            (nothing is judged, no report is made).
+        ValidationInputError: the merge or a parent cannot be read or evaluated, or the merge's
+            manifest is unreadable (nothing is judged, no report is made).
         ConfigError: no manifest and no ``t``.
     """
     folder = Path(folder)
@@ -70,19 +69,16 @@ def validate_merge(
         functional = FunctionalResult(status="skipped", skip_reason="structural checks failed")
     else:
         t0 = time.perf_counter()
-        functional = functional_check(
-            folder, (p1, p2), eval_text=eval_text or default_eval_text(),
-            prompts=list(prompts or DEFAULT_PROMPTS), margin=margin, max_tokens=max_tokens,
-            max_length=max_length, device=device,
-        )
-        functional.eval_text = eval_text_name or ("the text given" if eval_text else DEFAULT_EVAL_TEXT_NAME)
+        functional = functional_check(folder, (p1, p2), settings=settings or EvalSettings(), margin=margin,
+                                      cache=cache)
         timings["functional_s"] = round(time.perf_counter() - t0, 3)
 
     passed = structural.passed and spot is not None and spot.passed and functional.status != "failed"
     report = ValidationReport(
         model=str(folder), parents=[str(p1), str(p2)],
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        passed=passed, summary="", structural=structural, spot=spot, functional=functional, timings=timings,
+        passed=passed, summary="", structural=structural, spot=spot, functional=functional,
+        branches=branch_result(manifest), timings=timings,
     )
     report.summary = summarise(report)
     return report
@@ -104,7 +100,7 @@ def _manifest_or_spec(folder: Path, parents: tuple[Path, Path], t: float | None)
     except FileNotFoundError:
         pass
     except (OSError, ValueError) as e:
-        raise ValidationInputError(f"{folder / MANIFEST_NAME}: unreadable ({str(e).splitlines()[0]})",
+        raise ValidationInputError(f"{folder / MANIFEST_NAME}: unreadable ({first_line(e)})",
                                    path=folder / MANIFEST_NAME) from e
     if t is None:
         raise ConfigError(f"{folder} has no {MANIFEST_NAME}; pass --t (the t it was merged with)",

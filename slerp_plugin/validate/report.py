@@ -5,8 +5,11 @@ Fields: ``schema_version``, ``model``, ``parents``, ``created_at``, ``passed``, 
 ``structural`` (``passed``, ``problems``, ``tensors``, ``bytes_scanned``), ``spot`` (``passed``,
 ``problems``, ``tensors``: name, method, numel, checked elements, max ulp or relative error,
 mismatches), ``functional`` (``status`` passed|failed|skipped, ``skip_reason``, ``perplexity``
-{merged, model_1, model_2}, ``threshold``, ``margin``, ``tokens``, ``eval_text``, ``device``, ``generations``
-[{prompt, merged, model_1, model_2}]), ``timings`` (seconds per check).
+{merged, model_1, model_2}, ``threshold``, ``margin``, ``tokens``, ``eval_text``, ``device``,
+``dtype``, ``evaluations`` {role: perplexity, tokens, device, dtype, mode, seconds, generations,
+generation_note, cached}, ``generations`` [{prompt, merged, model_1, model_2}]), ``branches``
+(``counts`` per branch, ``DOT_THRESHOLD``, ``window``, ``sensitive`` [{name, d, branch}]),
+``timings`` (seconds per check).
 """
 
 from __future__ import annotations
@@ -54,6 +57,21 @@ class Generation(BaseModel):
     model_2: str | None = None
 
 
+class ModelEvaluation(BaseModel):
+    """One model's perplexity on the evaluation tokens, and its completions of the prompts."""
+
+    perplexity: float
+    tokens: int
+    device: str
+    dtype: str
+    mode: Literal["resident", "layer-streamed"] = Field(
+        description="weights read once and kept, or read layer by layer as the model runs")
+    seconds: float
+    generations: list[str] = Field(default_factory=list)
+    generation_note: str | None = Field(None, description="why there are no completions")
+    cached: bool = Field(False, description="taken from the evaluation cache")
+
+
 class FunctionalResult(BaseModel):
     status: Literal["passed", "failed", "skipped"]
     skip_reason: str | None = None
@@ -63,8 +81,28 @@ class FunctionalResult(BaseModel):
     tokens: int = 0
     eval_text: str | None = Field(None, description="which text the perplexities are measured on")
     device: str | None = None
+    dtype: str | None = None
+    evaluations: dict[str, ModelEvaluation] = Field(default_factory=dict)
     generations: list[Generation] = Field(default_factory=list)
     problems: list[str] = Field(default_factory=list)
+
+
+class BranchSensitiveTensor(BaseModel):
+    """A tensor whose ``|d|`` lies so close to DOT_THRESHOLD that the last bits of the norms decide
+    between SLERP and LERP (FusionBench's float32 norms can decide otherwise)."""
+
+    name: str
+    d: float
+    branch: str
+
+
+class BranchResult(BaseModel):
+    """The branches the merge took, from its manifest."""
+
+    counts: dict[str, int] = Field(default_factory=dict)
+    DOT_THRESHOLD: float | None = None
+    window: float = Field(description="|d| within this of DOT_THRESHOLD counts as branch-sensitive")
+    sensitive: list[BranchSensitiveTensor] = Field(default_factory=list)
 
 
 class ValidationReport(BaseModel):
@@ -79,6 +117,7 @@ class ValidationReport(BaseModel):
     structural: StructuralResult
     spot: SpotResult | None = None
     functional: FunctionalResult
+    branches: BranchResult | None = None
     timings: dict[str, float] = Field(default_factory=dict)
 
     @classmethod
@@ -97,20 +136,35 @@ def summarise(report: ValidationReport) -> str:
         sp = report.spot
         lines.append(f"spot re-computation: {'ok' if sp.passed else 'FAILED'} ({len(sp.tensors)} tensors)")
         lines += [f"  - {p}" for p in sp.problems]
-    f = report.functional
-    if f.status == "skipped":
-        lines.append(f"functional: SKIPPED ({f.skip_reason})")
-    else:
-        verdict = "ok" if f.status == "passed" else "FAILED"
-        ppl = f.perplexity
-        if {"merged", "model_1", "model_2"} <= ppl.keys() and f.threshold is not None:
-            lines.append(f"functional: {verdict}: perplexity merged {ppl['merged']:.3f}, "
-                         f"model_1 {ppl['model_1']:.3f}, model_2 {ppl['model_2']:.3f} on {f.tokens} tokens "
-                         f"(gate ≤ {f.threshold:.3f})")
-        else:
-            lines.append(f"functional: {verdict}")
-        lines += [f"  - {p}" for p in f.problems]
+    lines += _functional_lines(report.functional)
+    b = report.branches
+    if b is not None and b.counts:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(b.counts.items()))
+        lines.append(f"branches: {counts}; {len(b.sensitive)} branch-sensitive tensor(s) "
+                     f"(|d| within {b.window:g} of DOT_THRESHOLD {b.DOT_THRESHOLD:g})")
+        lines += [f"  - {s.name}: d={s.d:.9g} ({s.branch})" for s in b.sensitive[:10]]
+        if len(b.sensitive) > 10:
+            lines.append(f"  - … {len(b.sensitive) - 10} more in validation.json")
     return "\n".join(lines)
+
+
+def _functional_lines(f: FunctionalResult) -> list[str]:
+    if f.status == "skipped":
+        return [f"functional: SKIPPED ({f.skip_reason})"]
+    verdict = "ok" if f.status == "passed" else "FAILED"
+    ppl = f.perplexity
+    if not ({"merged", "model_1", "model_2"} <= ppl.keys() and f.threshold is not None):
+        return [f"functional: {verdict}", *(f"  - {p}" for p in f.problems)]
+    text = f" of {f.eval_text}" if f.eval_text else ""
+    lines = [f"functional: {verdict}: perplexity merged {ppl['merged']:.3f}, model_1 {ppl['model_1']:.3f}, "
+             f"model_2 {ppl['model_2']:.3f} on {f.tokens} tokens{text} (gate ≤ {f.threshold:.3f})"]
+    lines += [f"  - {p}" for p in f.problems]
+    for role, ev in f.evaluations.items():
+        how = "from the cache" if ev.cached else f"{ev.seconds:.1f} s"
+        lines.append(f"  {role}: {ev.device}, {ev.dtype}, {ev.mode}, {how}")
+    notes = {ev.generation_note for ev in f.evaluations.values() if ev.generation_note}
+    lines += [f"  {note}" for note in sorted(notes)]
+    return lines
 
 
 def write_report(report: ValidationReport, folder: Path | str | None = None) -> Path:

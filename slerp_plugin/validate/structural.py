@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from ..formats.manifest import Manifest
 from ..io.reader import TensorReader
 from ..io.safetensors import Checkpoint
@@ -69,7 +69,7 @@ def check_structure(folder: Path, expected: dict[str, tuple[tuple[int, ...], str
         AutoConfig.from_pretrained(folder)
         AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # transformers raises many types; the message is what matters
-        problems.append(f"config/tokenizer do not load: {str(e).splitlines()[0]}")
+        problems.append(f"config/tokenizer do not load: {first_line(e)}")
     return (
         StructuralResult(passed=not problems, problems=problems, tensors=len(ckpt.tensors),
                          bytes_scanned=scanned),

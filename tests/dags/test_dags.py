@@ -143,8 +143,14 @@ def test_sweep_publishes_the_best_t(dagbag, demo_bf16, hub, capfd):
         "merge_and_validate[0]", "merge_and_validate[1]", "merge_and_validate[2]"]
     outs = sorted(dagbag.outputs.glob("slerp_sweep/*/merged-t*"))
     assert [p.name for p in outs] == ["merged-t0.2", "merged-t0.5", "merged-t0.8"]
-    ppl = {p.name: json.loads((p / "validation.json").read_text())["functional"]["perplexity"]["merged"]
-           for p in outs}
+    reports = {p.name: json.loads((p / "validation.json").read_text())["functional"] for p in outs}
+    ppl = {name: f["perplexity"]["merged"] for name, f in reports.items()}
+    # the parents were evaluated once, before the merges: 3 + 2 perplexity runs, not 3 × 3
+    assert st["evaluate_parents"] == "success"
+    for f in reports.values():
+        assert f["evaluations"]["model_1"]["cached"] and f["evaluations"]["model_2"]["cached"]
+        assert not f["evaluations"]["merged"]["cached"]
+    assert len(list((dagbag.outputs / ".evaluations").glob("*.json"))) == 2
     best = min(ppl, key=ppl.get)
     published = hub.state.repos["org/sweep"]
     head = published.commits[published.branches["main"]]

@@ -189,3 +189,51 @@ def test_each_shard_frees_its_buffers_even_without_the_cyclic_gc(demo_bf16, tmp_
     finally:
         if enabled:
             gc.enable()
+
+
+@pytest.fixture(scope="module")
+def near_parallel_models(demo_bf16, tmp_path_factory):
+    """The demo pair plus one 3M-element tensor whose float64 cosine is ≈ 1 − 5e-6 (FusionBench's
+    float32 norms put it ≈ 1e-4 lower)."""
+    from model_helpers import write_model
+
+    root = tmp_path_factory.mktemp("near_parallel")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2048, 1536, generator=g).to(torch.bfloat16)
+    b = (a.float() + 3e-3 * torch.randn(2048, 1536, generator=g)).to(torch.bfloat16)
+    return tuple(write_model(root / name, {**load_state(src), "model.big.weight": big}, src)
+                 for name, src, big in (("a", demo_bf16[0], a), ("b", demo_bf16[1], b)))
+
+
+def test_norm_precision_float32_reproduces_fusionbench_branch_choices(near_parallel_models, tmp_path):
+    from slerp_plugin.formats.manifest import Manifest
+    from slerp_plugin.slerp import slerp_reference
+
+    pair = near_parallel_models
+    fb = run_merge(spec_for(pair, tmp_path / "fb", DOT_THRESHOLD=0.99999, norm_precision="float32")).output
+    exact = run_merge(spec_for(pair, tmp_path / "exact", DOT_THRESHOLD=0.99999)).output
+    records = {m: {t.name: t for t in Manifest.read(m).tensors} for m in (fb, exact)}
+    assert records[fb]["model.big.weight"].branch == "slerp"
+    assert records[exact]["model.big.weight"].branch == "lerp"
+    assert {t.norm_precision for t in records[fb].values()} == {"float32"}
+    assert {t.norm_precision for t in records[exact].values()} == {"float64"}
+    a, b, got = load_state(pair[0]), load_state(pair[1]), load_state(fb)
+    with compute_threads(torch.device("cpu"), None):
+        for name in a:
+            want = slerp_reference(0.3, a[name], b[name], 0.99999).to(torch.bfloat16)
+            assert torch.equal(got[name], want), name
+
+
+def test_norm_precision_float32_on_a_tensor_too_large_to_hold_is_a_warning(near_parallel_models, tmp_path,
+                                                                          monkeypatch):
+    from slerp_plugin.formats.manifest import Manifest
+
+    monkeypatch.setattr(buffers, "IO_BLOCK_BYTES", 1 << 20)  # the 6 MB tensor takes 6 blocks
+    spec = spec_for(near_parallel_models, tmp_path / "m", DOT_THRESHOLD=0.99999, norm_precision="float32",
+                    buffer_memory=1)
+    man = Manifest.read(run_merge(spec).output)
+    big = next(t for t in man.tensors if t.name == "model.big.weight")
+    assert big.norm_precision == "float64" and big.branch == "lerp"
+    warning = "norm_precision=float32: 1 tensor(s) larger than buffer_memory"
+    assert any(warning in w and "model.big.weight" in w
+               for w in man.warnings)

@@ -77,3 +77,24 @@ def test_bad_input_is_told_from_a_failed_gate_and_overwrites_no_report(merged, c
                         str(tmp_path / "missing" / "dir")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--report: no such folder" in r.stderr
     assert "spot re-computation" not in r.stderr  # refused before any work
+
+
+def test_cli_evaluation_options(merged, demo_bf16, tmp_path):
+    cli = [*CLI, "validate", str(merged), "--parents", *map(str, demo_bf16), "--report", str(tmp_path),
+           "--max-tokens", "64"]
+    for bad, message in ((["--generation-memory", "lots"], "--generation-memory: not a size"),
+                         (["--max-tokens", "1"], "--max-tokens: Input should be greater than or equal to 2"),
+                         (["--dtype", "int8"], "invalid choice: 'int8'")):
+        r = subprocess.run([*cli, *bad], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+    streamed = [*cli, "--generation-memory", "0", "--dtype", "bfloat16"]
+    r = subprocess.run(streamed, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    f = ValidationReport.read(tmp_path).functional
+    assert f.dtype == "bfloat16" and f.generations == [] and not f.evaluations["model_1"].cached
+    streamed = [*cli, "--generation-memory", "0", "--dtype", "bfloat16"]
+    r = subprocess.run(streamed, capture_output=True, text=True, timeout=300)
+    assert "model_1: cpu, bfloat16, layer-streamed, from the cache" in r.stdout
+    r = subprocess.run([*cli, "--generation-memory", "0", "--dtype", "bfloat16", "--no-cache"],
+                       capture_output=True, text=True, timeout=300)
+    assert not ValidationReport.read(tmp_path).functional.evaluations["model_1"].cached

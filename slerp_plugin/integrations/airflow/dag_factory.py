@@ -248,7 +248,7 @@ def finalize(p: dict, merged: list[dict]) -> dict:
 @quiet
 def validate(p: dict, result: dict) -> dict:
     """The validation gate against the parents."""
-    return tasks.validate_output(result["output"], p["inputs"], _params())
+    return tasks.validate_output(result["output"], p["inputs"], _params(), output_root())
 
 
 @task(execution_timeout=TIMEOUTS["publish"])
@@ -322,7 +322,14 @@ def merge_and_validate(inputs: dict, t: float) -> dict:
     ctx = get_current_context()
     out = tasks.output_path(output_root(), ctx["dag"].dag_id, ctx["run_id"], f"-t{t}")
     records.write_run(out.parent, ctx["dag"].dag_id, ctx["run_id"])
-    return tasks.merge_and_validate({**_params(), "t": t}, inputs, str(out))
+    return tasks.merge_and_validate({**_params(), "t": t}, inputs, str(out), output_root())
+
+
+@task(execution_timeout=TIMEOUTS["validate"])
+@quiet
+def evaluate_parents(inputs: dict) -> dict:
+    """Both parents evaluated once into the shared cache, before the merges that compare with them."""
+    return tasks.evaluate_parents(inputs, _params(), output_root())
 
 
 @task(execution_timeout=TIMEOUTS["summary"])
@@ -345,8 +352,10 @@ def publish_choice(choice: dict) -> dict:
 
 
 def sweep_pipeline() -> None:
-    """Add the sweep's tasks to the DAG being defined: resolve → download → merge and validate
-    (mapped over t, GPU queue) → best → publish."""
+    """Add the sweep's tasks to the DAG being defined: resolve → download → evaluate the parents
+    (once, GPU queue) → merge and validate (mapped over t, GPU queue) → best → publish."""
     inputs = download_all(resolve.override(task_id="resolve")())
+    parents = evaluate_parents.override(**gpu())(inputs)
     results = merge_and_validate.override(**gpu()).partial(inputs=inputs).expand(t=t_values())
+    parents >> results
     publish_choice.override(task_id="publish")(best(results))

@@ -31,6 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from ...errors import first_line
 from ...formats.manifest import MANIFEST_NAME, Manifest
 from ...hub.client import UPLOAD_RECORD
 from ...validate.report import REPORT_NAME, ValidationReport
@@ -165,9 +166,8 @@ def load_entry(folder: Path, dag_id: str, run_id: str) -> MergeEntry:
         if up is not None and up.published:
             entry.hub_repo, entry.hub_commit, entry.hub_url = up.repo, up.commit, up.url
     except (OSError, ValueError, ValidationError) as e:
-        first = str(e).splitlines()[0] if str(e) else ""
         entry = MergeEntry(dag_id=dag_id, run_id=run_id, output=str(folder), readable=False,
-                           error=f"unreadable: {type(e).__name__}: {first}"[:300])
+                           error=f"unreadable: {type(e).__name__}: {first_line(e)}"[:300])
     return entry
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ...errors import ConfigError
+from ...errors import ConfigError, first_line
 from ...spec import format_validation_error
 
 
@@ -71,7 +71,7 @@ def load_recipes(folder: Path | str) -> list[Recipe]:
         except ValidationError as e:
             raise ConfigError(f"{path}: {format_validation_error(e)}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"{path}: not valid YAML: {first_line(e)}") from None
     names = [r.dag_id for r in recipes]
     if len(set(names)) != len(names):
         raise ConfigError(f"{folder}: two recipes share a name")

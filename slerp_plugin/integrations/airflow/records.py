@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ...errors import redact_secrets
+from ...errors import first_line, redact_secrets
 from ...io.atomic import write_json_atomic
 
 RUN_RECORD = "run.json"
@@ -71,7 +71,7 @@ def write_run(folder: Path, dag_id: str, run_id: str) -> None:
 
 def write_failure(folder: Path, task_id: str, try_number: int | None, error: BaseException | str) -> None:
     """Record that ``task_id`` failed with ``error`` (its first line, secrets redacted)."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = first_line(error)
     record = FailureRecord(task_id=task_id, try_number=try_number, error=redact_secrets(text)[:2000],
                            at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     folder.mkdir(parents=True, exist_ok=True)

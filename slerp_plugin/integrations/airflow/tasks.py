@@ -173,8 +173,38 @@ def merge_all(params: dict[str, Any], inputs: dict[str, dict], output: str) -> d
     return finalize_merge(params, inputs, output)
 
 
-def validate_output(output: str, inputs: dict[str, dict], params: dict[str, Any]) -> dict:
-    """Validate the merge against its parents; write validation.json.
+def eval_settings(params: dict[str, Any]):
+    """The evaluation settings of a run's parameters (``eval_max_tokens``, default 512)."""
+    from ...validate import EvalSettings
+
+    return EvalSettings(max_tokens=int(params.get("eval_max_tokens", 512)))
+
+
+def evaluation_cache(output_root: str | Path):
+    """The evaluation cache every worker shares: ``<output root>/.evaluations``."""
+    from ...validate import EvaluationCache
+
+    return EvaluationCache(Path(output_root) / ".evaluations")
+
+
+def evaluate_parents(inputs: dict[str, dict], params: dict[str, Any], output_root: str | Path) -> dict:
+    """Both parents' perplexities into the shared cache, once for every merge that follows (a
+    sweep); nothing when functional validation is off. Returns role → perplexity."""
+    from ...validate import evaluate_parents as evaluate
+
+    if not params.get("validate_functional", True):
+        log.info("functional validation is off: the parents are not evaluated")
+        return {}
+    parents = (Path(inputs["model_1"]["path"]), Path(inputs["model_2"]["path"]))
+    tokenizer = Path((inputs.get("tokenizer") or inputs["model_1"])["path"])
+    evals = evaluate(parents, tokenizer, eval_settings(params), evaluation_cache(output_root))
+    return {role: ev.perplexity for role, ev in evals.items()}
+
+
+def validate_output(output: str, inputs: dict[str, dict], params: dict[str, Any],
+                    output_root: str | Path | None = None) -> dict:
+    """Validate the merge against its parents; write validation.json. Parents' evaluations come
+    from the cache under ``output_root`` when given.
 
     Raises:
         ValidationGateError: the gate failed (the report is written first).
@@ -184,8 +214,8 @@ def validate_output(output: str, inputs: dict[str, dict], params: dict[str, Any]
     skip = None if params.get("validate_functional", True) else "disabled in the run's parameters"
     report = validate_merge(
         output, (inputs["model_1"]["path"], inputs["model_2"]["path"]), skip_functional=skip,
-        margin=float(params.get("validation_margin", 0.10)),
-        max_tokens=int(params.get("eval_max_tokens", 512)),
+        margin=float(params.get("validation_margin", 0.10)), settings=eval_settings(params),
+        cache=evaluation_cache(output_root) if output_root is not None else None,
     )
     write_report(report)
     log.info("validation:\n%s", report.summary)
@@ -263,11 +293,13 @@ def best_of_sweep(results: list[dict]) -> dict:
                                               for r in results]}
 
 
-def merge_and_validate(params: dict[str, Any], inputs: dict[str, dict], output: str) -> dict:
-    """One sweep point: merge and validate; a failed gate is recorded, not raised."""
+def merge_and_validate(params: dict[str, Any], inputs: dict[str, dict], output: str,
+                       output_root: str | Path | None = None) -> dict:
+    """One sweep point: merge and validate (parents from the cache under ``output_root``); a
+    failed gate is recorded, not raised."""
     result = merge_all(params, inputs, output)
     try:
-        validation = validate_output(result["output"], inputs, params)
+        validation = validate_output(result["output"], inputs, params, output_root)
     except ValidationGateError as e:
         validation = {"passed": False, "error": str(e), "perplexity": _report_ppl(result["output"])}
     return {**result, "validation": validation}

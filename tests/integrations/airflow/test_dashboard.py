@@ -23,7 +23,7 @@ from slerp_plugin.integrations.airflow.dashboard import (
 )
 from slerp_plugin.merge import run_merge
 from slerp_plugin.spec import MergeSpec
-from slerp_plugin.validate import validate_merge, write_report
+from slerp_plugin.validate import EvalSettings, validate_merge, write_report
 
 RUN = "manual__2026-11-28T02:00:00+00:00"
 SWEEP = "manual__2026-11-28T03:00:00+00:00"
@@ -55,7 +55,7 @@ def root(demo_bf16, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dash")
     one = run_folder(root, "slerp_merge", RUN) / "merged"
     run_merge(MergeSpec(model_1=str(demo_bf16[0]), model_2=str(demo_bf16[1]), t=0.3, output=str(one)))
-    write_report(validate_merge(one, demo_bf16, max_tokens=64))
+    write_report(validate_merge(one, demo_bf16, settings=EvalSettings(max_tokens=64)))
     (one / "hub_upload.json").write_text(json.dumps(
         {"published": True, "repo": "org/merged", "commit": "a" * 40, "url": "https://hub.example/org/merged"}))
     sweep = run_folder(root, "slerp_sweep", SWEEP)

@@ -1,0 +1,116 @@
+"""Layer-streamed evaluation: the same perplexities as the model in memory, one module's weights
+at a time, tied embeddings, clear errors for layouts it cannot stream."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+from model_helpers import load_state, write_model
+
+from slerp_plugin.errors import ValidationInputError
+from slerp_plugin.validate.streaming import StreamedCausalLM
+
+CPU = torch.device("cpu")
+
+
+def in_memory_perplexity(folder, ids: torch.Tensor, max_length: int) -> float:
+    """The plain transformers evaluation: the whole model loaded, window by window."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, ids.numel(), max_length):
+            w = ids[start:start + max_length].unsqueeze(0)
+            if w.numel() >= 2:
+                nll += model(w, labels=w).loss.item() * (w.numel() - 1)
+                count += w.numel() - 1
+    return math.exp(nll / count)
+
+
+def tokens(folder, n: int) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    from slerp_plugin.validate import default_eval_text
+
+    return AutoTokenizer.from_pretrained(folder)(default_eval_text(), return_tensors="pt").input_ids[0][:n]
+
+
+@pytest.mark.parametrize("fixture", ["demo_bf16", "demo_fp32_tied"])
+def test_streamed_perplexity_equals_the_model_in_memory(fixture, request):
+    folder = request.getfixturevalue(fixture)[0]
+    ids = tokens(folder, 300)  # two windows of 128 and one of 44
+    with StreamedCausalLM(folder, CPU) as model:
+        streamed = model.perplexity(ids, 128)
+        with model.resident():
+            resident = model.perplexity(ids, 128)
+    want = in_memory_perplexity(folder, ids, 128)
+    assert streamed == pytest.approx(want, rel=1e-5) and resident == pytest.approx(want, rel=1e-5)
+
+
+def test_only_one_module_s_weights_are_in_memory_at_a_time(demo_bf16):
+    folder = demo_bf16[0]
+    seen = []
+    with StreamedCausalLM(folder, CPU) as model:
+        def count(*_args):
+            seen.append(sum(p.numel() for p in model.model.parameters() if p.device.type != "meta"))
+        for module in model.model.modules():
+            module.register_forward_hook(count)
+        model.perplexity(tokens(folder, 200), 100)
+        head = model.model.get_output_embeddings().weight.numel()
+        largest = max(sum(s.info.numel for s in srcs) for srcs in model._sources.values())
+        assert model.weight_bytes == sum(s.info.numel * 4 for srcs in model._sources.values() for s in srcs)
+    total = sum(t.numel() for t in load_state(folder).values())
+    assert seen and max(seen) <= head + largest < total / 2
+    assert sum(p.device.type != "meta" for p in model.model.parameters()) == 0  # all dropped again
+
+
+def test_completions_equal_transformers_generate(demo_fp32_tied):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = demo_fp32_tied[0]
+    tok = AutoTokenizer.from_pretrained(folder)
+    prompts = ["The meaning of life is", "Once"]
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    want = []
+    for p in prompts:
+        enc = tok(p, return_tensors="pt")
+        out = reference.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+        want.append(out[0, enc.input_ids.shape[1]:].tolist())
+    with StreamedCausalLM(folder, CPU) as model:
+        with pytest.raises(RuntimeError, match="resident"):
+            model.greedy([tok(p, return_tensors="pt").input_ids[0] for p in prompts], 8, None, 0)
+        with model.resident():
+            got = model.greedy([tok(p, return_tensors="pt").input_ids[0] for p in prompts], 8,
+                               tok.eos_token_id, tok.eos_token_id)
+    assert got == [w[:len(g)] for w, g in zip(want, got, strict=True)] and all(got)
+
+
+def test_a_missing_or_misshapen_tensor_is_a_clear_error(demo_bf16, tmp_path):
+    state = load_state(demo_bf16[0])
+    name = "model.layers.0.mlp.up_proj.weight"
+    missing = write_model(tmp_path / "missing", {k: v for k, v in state.items() if k != name}, demo_bf16[0])
+    with pytest.raises(ValidationInputError, match=f"{name} is not in the checkpoint"):
+        StreamedCausalLM(missing, CPU)
+    misshapen = write_model(tmp_path / "misshapen", {**state, name: state[name][:-1].clone()}, demo_bf16[0])
+    with pytest.raises(ValidationInputError, match=f"{name} has shape"):
+        StreamedCausalLM(misshapen, CPU)
+    no_config = tmp_path / "no_config"
+    shutil.copytree(demo_bf16[0], no_config)
+    (no_config / "config.json").write_text("{not json")
+    with pytest.raises(ValidationInputError, match="the model cannot be built"):
+        StreamedCausalLM(no_config, CPU)
+
+
+@pytest.mark.slow
+def test_real_smollm2_streamed_equals_in_memory():
+    from slerp_plugin.demo.smollm2 import smollm2_folder
+
+    folder = smollm2_folder()
+    ids = tokens(folder, 1024)
+    with StreamedCausalLM(folder, CPU) as model:
+        streamed = model.perplexity(ids, 512)
+    assert streamed == pytest.approx(in_memory_perplexity(folder, ids, 512), rel=1e-4)
