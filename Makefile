@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-cli airflow-ui test lint lock clean bench
+.PHONY: setup demo demo-cli airflow-ui cluster cluster-down test lint lock clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,22 @@ airflow-ui: setup ## airflow standalone with these DAGs on http://127.0.0.1:8080
 		AIRFLOW__CORE__EXECUTION_API_SERVER_URL=http://127.0.0.1:$(AIRFLOW_PORT)/execution/ \
 		$(VENV)/bin/airflow standalone
 
+# docker-compose's topology on this machine without Docker: PostgreSQL and Redis from wheels, the
+# api-server, scheduler, dag-processor, triggerer and Celery workers (one default, GPU_WORKERS on the
+# GPU queue), settings from docker/airflow.env like the compose file. Runs in the background.
+CLUSTER_HOME ?= $(CURDIR)/.cluster
+GPU_WORKERS ?= 2
+GPU_WORKER_CONCURRENCY ?= 1
+CLUSTER := $(PY) -m slerp_plugin.integrations.airflow.cluster
+
+cluster: setup ## the CeleryExecutor deployment on 127.0.0.1 (UI on AIRFLOW_PORT, user admin, password in .cluster/airflow/simple_auth_manager_passwords.json.generated)
+	$(CLUSTER) up --home $(CLUSTER_HOME) --env-file docker/airflow.env --port $(AIRFLOW_PORT) \
+		--dags dags --plugins plugins --outputs $(SLERP_OUTPUT_ROOT) --recipes $(SLERP_RECIPES_DIR) \
+		--gpu-workers $(GPU_WORKERS) --gpu-worker-concurrency $(GPU_WORKER_CONCURRENCY)
+
+cluster-down: ## stop exactly the processes `make cluster` started
+	$(CLUSTER) down --home $(CLUSTER_HOME)
+
 lint: setup ## static checks: ruff (pyflakes, pycodestyle, isort, pyupgrade, bugbear) and the import layers
 	$(VENV)/bin/ruff check $(wildcard slerp_plugin tests bench dags plugins)
 	$(VENV)/bin/lint-imports --no-cache
@@ -59,4 +75,5 @@ lock: setup ## re-pin constraints.txt from the current venv
 	{ sed -n '1,2p' constraints.txt; $(PY) -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/'; } > constraints.new && mv constraints.new constraints.txt
 
 clean:
-	rm -rf demo outputs .pytest_cache .airflow
+	test ! -f $(CLUSTER_HOME)/cluster.json || $(CLUSTER) down --home $(CLUSTER_HOME)
+	rm -rf demo outputs .pytest_cache .airflow .cluster

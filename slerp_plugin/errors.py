@@ -96,6 +96,10 @@ def _rebuild(cls: type[SlerpPluginError], message: str, state: dict[str, Any]) -
     return error
 
 
+class ClusterError(SlerpPluginError):
+    """The local Airflow cluster (``make cluster``) could not start or stop; ``path`` is its home."""
+
+
 class ConfigError(SlerpPluginError, ValueError):
     """The merge configuration or a command's arguments are invalid."""
 

@@ -14,6 +14,7 @@ from .engine.output import output_lock
 from .hub.sources import resolve_inputs
 from .io.model_files import ResolvedModel
 from .io.prefetch import Prefetch
+from .preflight import require_disk
 from .spec import MergeSpec
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,12 @@ def run_merge(spec: MergeSpec, *, prefetch: Prefetch | None = None) -> MergeResu
     The output is locked for the whole merge: a second merge into it fails at once, naming this one.
 
     Raises:
+        OutputWriteError: the merge cannot fit on disk (refused before any download).
         OutputLockedError: another process is merging into the same output.
         SlerpPluginError: any other bad input or write failure, with a one-line message.
     """
     started = time.perf_counter()
+    require_disk(spec)  # before anything is downloaded
     plan = plan_merge(spec)
     with output_lock(plan.output, exclusive=True, wait=False, what="slerp-merge") as lock:
         hashes = InputHashes.start(plan, prefetch)

@@ -3,9 +3,11 @@
 It implements what huggingface_hub 2.x calls for model repos on the LFS path
 (``HF_HUB_DISABLE_XET=1``): repo creation, model info, tree, refs, commits, tags, preupload,
 the ndjson commit endpoint (with ``parentCommit``), the LFS batch/upload/verify protocol, and
-``resolve`` (HEAD/GET, with ranges). Repos, branches, tags and commits live in memory; blobs on
-disk. Fault injection: :meth:`HubState.fail` answers a chosen endpoint with an HTTP status N times
-(optionally after a delay); private and gated repos need a token from ``tokens``.
+``resolve`` (HEAD/GET, with single ``Range: bytes=a-b`` requests). Repos, branches, tags and
+commits live in memory; blobs on disk. Fault injection: :meth:`HubState.fail` answers a chosen
+endpoint with an HTTP status N times (optionally after a delay); :meth:`HubState.reset` drops the
+connection of a file download after some bytes; ``bandwidth`` limits downloads (``down``) and LFS
+uploads (``up``) in bytes per second. Private and gated repos need a token from ``tokens``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5")
 LFS_MIN_SIZE = 10 * 1024 * 1024
@@ -84,6 +86,16 @@ class Fault:
     after: bool = False  # let the request take effect, then answer with the error
 
 
+@dataclass
+class Reset:
+    pattern: re.Pattern
+    after_bytes: int
+    times: int
+
+
+CHUNK = 64 * 1024
+
+
 class HubState:
     """Everything the server holds; tests reach it as ``hub.state``."""
 
@@ -92,6 +104,9 @@ class HubState:
         self.blob_dir = blob_dir
         self.tokens: set[str] = {"hf_test_token_write"}
         self.faults: list[Fault] = []
+        self.resets: list[Reset] = []
+        self.bandwidth: dict[str, float | None] = {"down": None, "up": None}
+        self.bytes_sent = 0
         self.requests: list[tuple[str, str, str]] = []  # (method, path, authorization)
         self.lock = threading.RLock()
         self._counter = 0
@@ -102,6 +117,19 @@ class HubState:
         """Answer ``method`` requests matching ``path_regex`` with ``status``, ``times`` times
         (after ``delay`` seconds; with ``after``, only once the request has taken effect)."""
         self.faults.append(Fault(method.upper(), re.compile(path_regex), status, times, delay, after))
+
+    def reset(self, path_regex: str, after_bytes: int, times: int = 1) -> None:
+        """Drop the connection of the next ``times`` downloads (``resolve`` GETs) whose path matches
+        ``path_regex`` once ``after_bytes`` of the body are sent, as a network reset does."""
+        self.resets.append(Reset(re.compile(path_regex), after_bytes, times))
+
+    def _take_reset(self, path: str) -> int | None:
+        with self.lock:
+            for r in self.resets:
+                if r.times > 0 and r.pattern.search(path):
+                    r.times -= 1
+                    return r.after_bytes
+        return None
 
     def commit_count(self, repo_id: str, branch: str = "main") -> int:
         repo = self.repos[repo_id]
@@ -360,7 +388,10 @@ def create_app(state: HubState) -> FastAPI:
 
     @app.put("/lfs-upload/{oid}")
     async def lfs_put(request: Request, oid: str):
+        started = time.monotonic()
         data = await request.body()
+        if state.bandwidth["up"]:
+            await asyncio.sleep(max(0.0, len(data) / state.bandwidth["up"] - (time.monotonic() - started)))
         if hashlib.sha256(data).hexdigest() != oid:
             return _err(400, None, "sha256 mismatch")
         state.store(data)
@@ -430,7 +461,47 @@ def create_app(state: HubState) -> FastAPI:
         if request.method == "HEAD":
             headers["Content-Length"] = str(e.size)
             return Response(status_code=200, headers=headers)
-        return FileResponse(state.blob_path(e.sha256), headers=headers, media_type="application/octet-stream")
+        start, end = 0, e.size - 1
+        status = 200
+        m = re.fullmatch(r"bytes=(\d*)-(\d*)", request.headers.get("range", "").strip())
+        if m and (m.group(1) or m.group(2)):
+            if m.group(1):
+                start = int(m.group(1))
+                end = min(int(m.group(2)), e.size - 1) if m.group(2) else e.size - 1
+            else:  # the last N bytes
+                start = max(e.size - int(m.group(2)), 0)
+            if start >= e.size or start > end:
+                return Response(status_code=416, headers={"Content-Range": f"bytes */{e.size}"})
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{e.size}"
+        headers["Content-Length"] = str(end - start + 1)
+        stream = body(state.blob_path(e.sha256), start, end + 1, state._take_reset(request.url.path))
+        return StreamingResponse(stream, status_code=status, headers=headers,
+                                 media_type="application/octet-stream")
+
+    async def body(blob: Path, start: int, stop: int, reset_after: int | None):
+        """The bytes [start, stop) of ``blob`` in chunks, at the download bandwidth; a reset ends the
+        stream early (the server then drops the connection: fewer bytes than Content-Length)."""
+        sent = 0
+        began = time.monotonic()
+        with open(blob, "rb") as f:
+            f.seek(start)
+            pos = start
+            while pos < stop:
+                n = min(CHUNK, stop - pos)
+                if reset_after is not None and sent + n > reset_after:
+                    n = reset_after - sent
+                    if n > 0:
+                        yield f.read(n)
+                    raise ConnectionResetError("injected reset")
+                chunk = f.read(n)
+                pos += n
+                sent += n
+                bw = state.bandwidth["down"]
+                if bw:  # a chunk leaves no earlier than the bandwidth allows
+                    await asyncio.sleep(max(0.0, sent / bw - (time.monotonic() - began)))
+                state.bytes_sent += n
+                yield chunk
 
     return app
 

@@ -62,17 +62,51 @@ def test_missing_secret_is_refused_by_name(tmp_path):
     assert r.returncode != 0 and "POSTGRES_PASSWORD" in r.stderr
 
 
+def as_run(line: str, env: dict, program: str = "airflow") -> str:
+    """What a shell line of a service runs, with ``program`` replaced by ``echo`` (compose's ``$$``
+    escape undone, as in the container)."""
+    line = line.replace("$$", "$")
+    line = line.replace(f"exec {program}", "echo").replace(f"/entrypoint {program}", "echo")
+    shown = subprocess.run(["bash", "-c", line], env={"PATH": os.environ["PATH"], **env},
+                           capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    return shown.stdout
+
+
 def test_gpu_worker_listens_on_gpu_and_reserves_a_gpu(tmp_path):
     svc = resolved(tmp_path)["services"]
     gpu = svc["airflow-worker-gpu"]
-    command = " ".join(gpu["command"])
-    assert "--queues gpu" in command and "--concurrency 1" in command and gpu["deploy"]["replicas"] == 1
+    command = as_run(gpu["command"][-1], gpu["environment"])
+    assert command.startswith("celery worker --queues gpu --concurrency 1") and gpu["deploy"]["replicas"] == 1
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices and devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
-    assert "--queues default" in " ".join(svc["airflow-worker"]["command"])
+    # the CPU worker takes Airflow's default queue
+    assert svc["airflow-worker"]["command"] == ["celery", "worker"]
     env = svc["airflow-scheduler"]["environment"]
+    assert env["AIRFLOW__OPERATORS__DEFAULT_QUEUE"] == "default"
     assert env["SLERP_GPU_QUEUE"] == "gpu" and env["SLERP_GPU_POOL"] == "gpu"
-    assert env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] == "false"
+    assert env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] == "False"
+
+
+def test_shared_settings_come_from_one_file(tmp_path):
+    """docker/airflow.env is the one place for executor, queue, pool and scheduling settings: every
+    Airflow service gets each of its values, the compose file sets none of them itself, and the
+    local cluster (`make cluster`) reads the same file."""
+    from slerp_plugin.integrations.airflow.cluster import read_env_file
+
+    shared = read_env_file(ROOT / "docker" / "airflow.env")
+    assert {"AIRFLOW__CORE__EXECUTOR", "SLERP_GPU_QUEUE", "SLERP_GPU_POOL",
+            "AIRFLOW__OPERATORS__DEFAULT_QUEUE"} <= set(shared)
+    svc = resolved(tmp_path)["services"]
+    for name in AIRFLOW_SERVICES:
+        env = svc[name]["environment"]
+        assert {k: env.get(k) for k in shared} == shared, name
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    sections = [raw["x-airflow-common"]["environment"]]
+    sections += [s.get("environment") or {} for s in raw["services"].values()]
+    for env in sections:
+        assert not set(shared) & set(env), "set in docker-compose.yaml too"
+    assert "docker/airflow.env" in (ROOT / "Makefile").read_text()
 
 
 def test_gpu_pool_slots_follow_the_gpu_workers_total_concurrency(tmp_path):
@@ -84,15 +118,11 @@ def test_gpu_pool_slots_follow_the_gpu_workers_total_concurrency(tmp_path):
     assert r.returncode == 0, r.stderr
     svc = json.loads(r.stdout)["services"]
     assert svc["airflow-worker-gpu"]["deploy"]["replicas"] == 2
-    assert "--concurrency 3" in " ".join(svc["airflow-worker-gpu"]["command"])
     init = svc["airflow-init"]
-    script = init["command"][-1]
-    pool_line = next(line for line in script.splitlines() if "pools set gpu" in line)
-    pool_line = pool_line.replace("$$", "$")  # compose's escape, undone when the container runs it
-    shown = subprocess.run(["bash", "-c", pool_line.replace("/entrypoint airflow", "echo")],
-                           env={"PATH": os.environ["PATH"], **init["environment"]}, capture_output=True,
-                           text=True)
-    assert shown.stdout.startswith("pools set gpu 6 "), shown.stdout + shown.stderr
+    pool_line = next(line for line in init["command"][-1].splitlines() if "pools set" in line)
+    assert as_run(pool_line, init["environment"]).startswith("pools set gpu 6 ")
+    assert as_run(svc["airflow-worker-gpu"]["command"][-1], init["environment"]).startswith(
+        "celery worker --queues gpu --concurrency 3")
 
 
 def test_airflow_services_share_image_env_and_folders(tmp_path):

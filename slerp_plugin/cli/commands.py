@@ -1,4 +1,4 @@
-"""The subcommands of ``slerp-merge``: ``mergekit``, ``validate``, ``upload``, ``demo-models``.
+"""The subcommands of ``slerp-merge``: ``plan``, ``mergekit``, ``validate``, ``upload``, ``demo-models``.
 
 Each takes its argument list and returns the exit status; errors are raised as
 :class:`~slerp_plugin.errors.SlerpPluginError` and reported by :func:`slerp_plugin.cli.main.main`.
@@ -24,6 +24,39 @@ def demo_models(argv: list[str]) -> int:
     from ..demo.pair import main
 
     return main(argv)
+
+
+def plan(argv: list[str]) -> int:
+    """``slerp-merge plan [--config-path D --config-name N] [overrides]``: what the merge needs
+    (parents' sizes, disk, memory, time at the given bandwidths); exit 0, or 5 when a local merge
+    would not fit on disk."""
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} plan",
+        description="Preflight of a merge given as for the merge itself (seed config and overrides): "
+        "the parents' sizes, the disk and memory it needs, and the time expected. Downloads nothing.",
+    )
+    parser.add_argument("--download-bandwidth", default="100MB", metavar="SIZE",
+                        help="bytes per second from the Hub (default 100MB)")
+    parser.add_argument("--upload-bandwidth", default="50MB", metavar="SIZE",
+                        help="bytes per second to the Hub (default 50MB)")
+    parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    args, rest = parser.parse_known_args(argv)
+    from ..preflight import estimate
+    from ..spec import parse_size
+    from .hydra_app import compose_spec
+
+    try:
+        down, up = parse_size(args.download_bandwidth), parse_size(args.upload_bandwidth)
+    except ValueError as e:
+        raise ConfigError(f"bandwidth: {e}") from e
+    est = estimate(compose_spec(rest), download_bps=down, upload_bps=up)
+    if args.json:
+        import json
+
+        print(json.dumps(est.as_record(), indent=1))
+    else:
+        print("\n".join(est.lines()))
+    return 5 if est.problems else 0
 
 
 def mergekit(argv: list[str]) -> int:

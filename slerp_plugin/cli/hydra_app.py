@@ -189,6 +189,34 @@ def check_command_line(flags: list[str], overrides: list[str]) -> None:
         check_config_file(primary_config(flags))
 
 
+def compose_spec(argv: list[str]):
+    """The MergeSpec a seed-config command line would merge, composed without running anything
+    (Hydra's compose API: no output folder, no log file). Without ``method.model_save_path`` the
+    output is taken as ``outputs/merged`` (where Hydra's run folders go).
+
+    Raises:
+        ConfigError: the command line or config is refused or invalid; a sweep (``-m``).
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from ..formats.fusionbench import spec_from_fusionbench
+
+    flags, overrides = split_hydra_args(argv)
+    check_command_line(flags, overrides)
+    if {"-m", "--multirun"} & set(flags) or swept_keys(overrides):
+        raise ConfigError("plan takes one merge: give single values, not a sweep")
+    unknown = [f for f in flags if f.split("=", 1)[0] not in {"--config-path", "-cp", "--config-name", "-cn"}
+               and not _flag_values([f], "--config-path", "-cp", "--config-name", "-cn")]
+    if unknown:
+        raise ConfigError(f"plan: unsupported option {unknown[0]}")
+    config = primary_config(flags)
+    with initialize_config_dir(config_dir=str(config.parent), version_base="1.3"):
+        cfg = compose(config_name=config.stem, overrides=force_method_keys(overrides))
+    container = OmegaConf.to_container(cfg, resolve=True)
+    return spec_from_fusionbench(container, default_output=Path("outputs") / "merged")
+
+
 def run_hydra(argv: list[str], fail) -> int:
     """Run the seed-config command line ``argv``; ``fail(error, code)`` reports our errors.
 

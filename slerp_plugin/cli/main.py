@@ -5,6 +5,7 @@
         +method.model_save_path=out/merged
     slerp-merge -m ... method.t=0.3,0.5,0.7          # one output per t
     slerp-merge --cfg job ...                        # print the composed config
+    slerp-merge plan [--config-path ...] [overrides] # sizes, disk, memory and time; downloads nothing
     slerp-merge mergekit CONFIG.yml OUT              # a mergekit YAML, streaming engine
     slerp-merge validate OUT --parents A B           # validate a merge
     slerp-merge upload OUT org/name [--private]      # publish a merge on the Hub
@@ -25,6 +26,7 @@ from .hydra_app import PROG, run_hydra
 from .process import fast_exit, limit_blas_threads
 
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "plan": commands.plan,
     "demo-models": commands.demo_models,
     "mergekit": commands.mergekit,
     "validate": commands.validate,

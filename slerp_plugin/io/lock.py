@@ -53,15 +53,16 @@ class FileLock:
         on_wait: Callable[[str], None] | None = None,
     ) -> FileLock:
         """Lock ``path`` (created if missing). Without ``wait`` a held lock raises :class:`LockBusy`
-        at once; with it this waits (up to ``timeout`` seconds), calling ``on_wait(holder)`` every
-        :data:`WAIT_LOG_S` seconds. ``what`` says what the holder does (shown to others).
+        at once; with it this waits (up to ``timeout`` seconds), calling ``on_wait(holder)`` when it
+        starts waiting and every :data:`WAIT_LOG_S` seconds after. ``what`` says what the holder does
+        (shown to others).
 
         Raises:
             LockBusy: held by another process (without ``wait``, or past ``timeout``).
             OSError: the lock file cannot be created.
         """
         started = time.monotonic()
-        last_note = started
+        last_note = started - WAIT_LOG_S  # the first note as soon as it waits
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:

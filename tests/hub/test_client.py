@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,33 @@ def test_transient_503s_on_download_are_retried(hub, demo_bf16):
     hub.state.fail("GET", r"/org/flaky/resolve/", 503, times=2)
     d = H.download_model("org/flaky")
     assert d.commit == sha and (d.path / "config.json").is_file()
+
+
+def test_a_connection_reset_mid_file_is_resumed_and_verified(hub, demo_bf16):
+    publish(hub, demo_bf16[0], "org/reset")
+    shards = sorted(demo_bf16[0].glob("*.safetensors"))
+    hub.state.reset(r"/org/reset/resolve/.*safetensors$", after_bytes=1000, times=3)
+    d = H.download_model("org/reset")
+    assert hub.state.resets[0].times == 0  # every reset was hit
+    for src in shards:
+        assert (d.path / src.name).read_bytes() == src.read_bytes()
+
+
+def test_the_test_hub_serves_ranges_at_a_set_bandwidth(hub, demo_bf16):
+    import httpx
+
+    publish(hub, demo_bf16[0], "org/bw")
+    src = sorted(demo_bf16[0].glob("*.safetensors"))[0]
+    url = f"{hub.url}/org/bw/resolve/main/{src.name}"
+    part = httpx.get(url, headers={"Range": "bytes=10-1033"})
+    assert part.status_code == 206 and part.content == src.read_bytes()[10:1034]
+    assert part.headers["Content-Range"] == f"bytes 10-1033/{src.stat().st_size}"
+    assert httpx.get(url, headers={"Range": "bytes=-16"}).content == src.read_bytes()[-16:]
+    assert httpx.get(url, headers={"Range": f"bytes={src.stat().st_size}-"}).status_code == 416
+    hub.state.bandwidth["down"] = 200_000
+    started = time.monotonic()
+    assert httpx.get(url).content == src.read_bytes()
+    assert time.monotonic() - started >= src.stat().st_size / 200_000 * 0.9
 
 
 def test_slow_responses_still_succeed(hub, demo_bf16):

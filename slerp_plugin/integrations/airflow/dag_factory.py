@@ -186,9 +186,15 @@ def _run_dir() -> Path:
 @task(execution_timeout=TIMEOUTS["resolve"])
 @quiet
 def resolve() -> dict:
-    """Each input's reference and, for Hub ids, the commit its revision points to now."""
+    """Each input's reference and, for Hub ids, the commit its revision points to now; a merge
+    that cannot fit on disk fails here, before any download."""
+    from airflow.sdk import get_current_context
+
     p = _params()
-    return tasks.resolve_inputs({**p, "t": p["t_values"][0]} if "t_values" in p else p)
+    if "t_values" in p:  # a sweep: one output per t, checked as each is merged
+        return tasks.resolve_inputs({**p, "t": p["t_values"][0]})
+    ctx = get_current_context()
+    return tasks.resolve_inputs(p, output=tasks.output_path(output_root(), ctx["dag"].dag_id, ctx["run_id"]))
 
 
 @task.short_circuit(execution_timeout=TIMEOUTS["resolve"])

@@ -74,12 +74,19 @@ def _resolved(inputs: dict[str, dict]):
     return out
 
 
-def resolve_inputs(params: dict[str, Any]) -> dict[str, dict]:
-    """Each input's reference and, for Hub ids, the commit sha its revision points to now."""
+def resolve_inputs(params: dict[str, Any], output: Path | str | None = None) -> dict[str, dict]:
+    """Each input's reference and, for Hub ids, the commit sha its revision points to now. With
+    ``output``, the preflight too: the parents' sizes, disk and time are logged, and a merge that
+    cannot fit on disk there is refused before anything is downloaded.
+
+    Raises:
+        OutputWriteError: not enough disk space (with ``output``).
+        ModelNotFoundError, HubError: an input cannot be resolved.
+    """
     from ...hub.client import resolve_revision
     from ...hub.sources import looks_like_hub_id
 
-    spec = spec_from_params(params, "unused")
+    spec = spec_from_params(params, output or "unused")
     refs = {"model_1": spec.model_1, "model_2": spec.model_2, "tokenizer": spec.tokenizer_ref}
     out = {}
     for role, ref in refs.items():
@@ -97,6 +104,11 @@ def resolve_inputs(params: dict[str, Any]) -> dict[str, dict]:
             out[role] = {"role": role, "ref": ref.ref, "revision": None, "commit": None,
                          "path": str(Path(ref.ref).resolve())}
         log.info("%s: %s%s", role, ref, f" = commit {out[role]['commit']}" if out[role]["commit"] else "")
+    if output is not None:
+        from ...preflight import require_disk
+
+        for line in require_disk(spec).lines():
+            log.info("preflight: %s", line)
     return out
 
 

@@ -40,6 +40,23 @@ def test_resolve_inputs_checks_local_folders(demo_bf16):
         tasks.resolve_inputs({"model_1": str(demo_bf16[0]), "model_2": "/no/such", "t": 0.5})
 
 
+def test_resolve_inputs_refuses_a_merge_that_cannot_fit_before_downloading(demo_bf16, tmp_path, monkeypatch,
+                                                                             caplog):
+    from collections import namedtuple
+
+    from slerp_plugin import preflight
+    from slerp_plugin.errors import OutputWriteError
+
+    params = {"model_1": str(demo_bf16[0]), "model_2": str(demo_bf16[1]), "t": 0.5}
+    with caplog.at_level("INFO"):
+        tasks.resolve_inputs(params, output=tmp_path / "run" / "merged")
+    assert "preflight: output: " in caplog.text and "preflight: disk at " in caplog.text
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 0))
+    with pytest.raises(OutputWriteError, match="^not enough disk space"):
+        tasks.resolve_inputs(params, output=tmp_path / "run" / "merged")
+
+
 def test_parents_changed_compares_commits_and_t():
     now = {"model_1": {"ref": "org/a", "commit": "a" * 40}, "model_2": {"ref": "org/b", "commit": "b" * 40}}
     last = {"inputs": {"model_1": {"commit": "a" * 40}, "model_2": {"commit": "b" * 40}}, "spec": {"t": 0.5}}

@@ -1,0 +1,213 @@
+"""What a merge will need before it starts (``slerp-merge plan``): the parents' sizes, the disk and
+memory it takes, and how long it should take at given bandwidths.
+
+A local merge keeps both parents and the output on disk: the Hub downloads in the Hub cache, the
+output next to its folder. :func:`require_disk` refuses such a merge before anything is downloaded
+when a filesystem has less room than it needs, counting what is already there (files in the Hub
+cache, shards an interrupted run finished).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .engine.output import output_path, partial_path
+from .errors import HubError, ModelNotFoundError, OutputWriteError
+from .hub.client import list_files, resolve_revision, select_files
+from .hub.sources import looks_like_hub_id
+from .io.model_files import local_model
+from .spec import MergeSpec, ModelRef
+
+log = logging.getLogger(__name__)
+
+DOWNLOAD_BPS = 100e6  #: default download bandwidth for the estimate, bytes/s
+UPLOAD_BPS = 50e6  #: default upload bandwidth, bytes/s
+MERGE_BPS = 400e6  #: output bytes/s of a local merge (a disk-bound rate; see docs/performance.md)
+BASE_MEMORY = 512 << 20  #: resident memory of a merge besides its buffers, bytes
+DISK_MARGIN = 256 << 20  #: room kept for configs, tokenizer, manifest and filesystem slack, bytes
+_DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
+
+
+@dataclass
+class ParentSize:
+    """One parent's weights: ``size`` bytes in ``files`` files; ``to_download`` of them not on
+    this machine yet (0 for a local folder)."""
+
+    role: str
+    ref: str
+    revision: str | None
+    size: int
+    files: int
+    to_download: int
+    dtype: str | None = None
+
+
+@dataclass
+class MergeEstimate:
+    """Sizes in bytes, times in seconds. ``disk`` maps each filesystem (a folder on it) to the bytes
+    a local merge still writes there and the bytes free; ``problems`` says what does not fit."""
+
+    parents: list[ParentSize]
+    output_bytes: int
+    memory_bytes: int
+    disk: dict[str, dict[str, int]] = field(default_factory=dict)
+    download_s: float = 0.0
+    merge_s: float = 0.0
+    upload_s: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def sequential_s(self) -> float:
+        """Download, merge and upload one after the other."""
+        return self.download_s + self.merge_s + self.upload_s
+
+    def as_record(self) -> dict:
+        return {**asdict(self), "sequential_s": self.sequential_s}
+
+    def lines(self) -> list[str]:
+        """The estimate as lines for a terminal."""
+        out = [f"{p.role}: {p.ref}{'@' + p.revision if p.revision else ''}: {_gb(p.size)} in {p.files} "
+               f"file(s), {_gb(p.to_download)} to download" for p in self.parents]
+        out.append(f"output: {_gb(self.output_bytes)}; memory: {_gb(self.memory_bytes)}")
+        for where, d in self.disk.items():
+            out.append(f"disk at {where}: needs {_gb(d['needed'])}, {_gb(d['free'])} free")
+        out.append(f"time: download {_duration(self.download_s)}, merge {_duration(self.merge_s)}, "
+                   f"upload {_duration(self.upload_s)}; {_duration(self.sequential_s)} in all")
+        out += [f"does not fit: {p}" for p in self.problems]
+        return out
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _duration(s: float) -> str:
+    return f"{s / 60:.1f} min" if s >= 60 else f"{s:.1f} s"
+
+
+def estimate(
+    spec: MergeSpec,
+    *,
+    download_bps: float = DOWNLOAD_BPS,
+    upload_bps: float = UPLOAD_BPS,
+    merge_bps: float = MERGE_BPS,
+) -> MergeEstimate:
+    """What ``spec`` needs as a local merge. Reads only listings and sizes (Hub API calls for Hub
+    parents, no download).
+
+    Raises:
+        ModelNotFoundError: a parent is neither a local folder nor a Hub id.
+        HubError: the Hub cannot list a parent.
+        ConfigError: a bandwidth is not positive.
+    """
+    from .errors import ConfigError
+
+    if min(download_bps, upload_bps, merge_bps) <= 0:
+        raise ConfigError("bandwidths must be more than 0 bytes/s")
+    refs = (spec.model_1, spec.model_2)
+    parents = [_parent_size(name, ref) for name, ref in zip(spec.model_names, refs, strict=True)]
+    output_bytes = _output_bytes(spec, parents[0])
+    est = MergeEstimate(parents, output_bytes, BASE_MEMORY + spec.buffer_memory)
+    downloads = sum(p.to_download for p in parents)
+    est.download_s = downloads / download_bps
+    est.merge_s = output_bytes / merge_bps
+    est.upload_s = output_bytes / upload_bps if spec.push_to_hub else 0.0
+    _disk(spec, est, downloads)
+    return est
+
+
+def require_disk(spec: MergeSpec) -> MergeEstimate:
+    """:func:`estimate`, raising when a local merge of ``spec`` cannot fit on disk.
+
+    Raises:
+        OutputWriteError: a filesystem has less room than the merge needs (nothing was written).
+        ModelNotFoundError, HubError: as :func:`estimate`.
+    """
+    est = estimate(spec)
+    if est.problems:
+        raise OutputWriteError(f"not enough disk space: {est.problems[0]} (nothing was downloaded or "
+                               "written; free space, or set HF_HUB_CACHE or the output elsewhere)",
+                               path=spec.output)
+    return est
+
+
+def _parent_size(role: str, ref: ModelRef) -> ParentSize:
+    try:
+        folder = local_model(ref, role).path
+    except ModelNotFoundError:
+        if not looks_like_hub_id(ref.ref):
+            raise
+        try:
+            return _hub_parent_size(role, ref)
+        except HubError as e:
+            raise e.with_context(role) from e
+    from .io.safetensors import Checkpoint
+
+    files = list(Checkpoint.open(folder).files)
+    return ParentSize(role, str(folder), None, sum(f.stat().st_size for f in files), len(files), 0,
+                      _config_dtype(folder / "config.json"))
+
+
+def _hub_parent_size(role: str, ref: ModelRef) -> ParentSize:
+    from huggingface_hub import try_to_load_from_cache
+
+    commit = resolve_revision(ref.ref, ref.revision)
+    chosen = select_files(list_files(ref.ref, commit), tokenizer=False)
+    weights = [f for f in chosen if f.name.endswith((".safetensors", ".bin"))]
+    cache = os.environ.get("HF_HUB_CACHE")
+    missing = sum(f.size for f in chosen
+                  if not isinstance(try_to_load_from_cache(ref.ref, f.name, cache_dir=cache, revision=commit),
+                                    str))
+    config = try_to_load_from_cache(ref.ref, "config.json", cache_dir=cache, revision=commit)
+    dtype = _config_dtype(Path(config)) if isinstance(config, str) else None
+    return ParentSize(role, ref.ref, commit[:12], sum(f.size for f in weights), len(weights), missing, dtype)
+
+
+def _config_dtype(path: Path) -> str | None:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    dtype = (config.get("torch_dtype") or config.get("dtype")) if isinstance(config, dict) else None
+    return dtype if dtype in _DTYPE_BYTES else None
+
+
+def _output_bytes(spec: MergeSpec, model_1: ParentSize) -> int:
+    """model_1's bytes in the stored dtype (each tensor keeps model_1's dtype unless one is set)."""
+    stored = spec.out_dtype or spec.dtype
+    if stored is None or model_1.dtype is None:
+        return model_1.size
+    return model_1.size * _DTYPE_BYTES[str(stored)] // _DTYPE_BYTES[model_1.dtype]
+
+
+def _disk(spec: MergeSpec, est: MergeEstimate, downloads: int) -> None:
+    """Bytes still to write per filesystem (Hub cache and output), against the room free there."""
+    output = output_path(spec)
+    partial = partial_path(output)
+    done = sum(f.stat().st_size for f in partial.glob("*.safetensors")) if partial.is_dir() else 0
+    needs = {_existing(output.parent): max(est.output_bytes - done, 0) + DISK_MARGIN}
+    if downloads:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        cache = _existing(Path(os.environ.get("HF_HUB_CACHE") or HF_HUB_CACHE))
+        same = {os.stat(p).st_dev: p for p in needs}
+        key = same.get(os.stat(cache).st_dev, cache)
+        needs[key] = needs.get(key, 0) + downloads
+    for where, needed in needs.items():
+        free = shutil.disk_usage(where).free
+        est.disk[str(where)] = {"needed": needed, "free": free}
+        if needed > free:
+            est.problems.append(f"{where} needs {_gb(needed)} for a local merge, {_gb(free)} free")
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent (where the filesystem is known)."""
+    path = path.expanduser().resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path

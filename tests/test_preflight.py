@@ -1,0 +1,110 @@
+"""The preflight: parents' sizes, disk, memory and time before anything is downloaded; a local merge
+that cannot fit on disk refused up front; ``slerp-merge plan``."""
+
+from __future__ import annotations
+
+import json
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+
+from slerp_plugin import preflight
+from slerp_plugin.cli.main import main
+from slerp_plugin.errors import OutputWriteError
+from slerp_plugin.hub.client import upload_folder
+from slerp_plugin.spec import MergeSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+Usage = namedtuple("Usage", "total used free")
+
+
+def _weights(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def test_local_parents_need_only_the_output(demo_bf16, tmp_path):
+    spec = MergeSpec.build(model_1=str(demo_bf16[0]), model_2=str(demo_bf16[1]), t=0.3,
+                           output=str(tmp_path / "o"), push_to_hub="org/out")
+    est = preflight.estimate(spec, download_bps=1e6, upload_bps=2e6, merge_bps=4e6)
+    sizes = [_weights(d) for d in demo_bf16]
+    assert [p.size for p in est.parents] == sizes and all(p.to_download == 0 for p in est.parents)
+    assert [p.files for p in est.parents] == [len(list(d.glob("*.safetensors"))) for d in demo_bf16]
+    assert est.output_bytes == sizes[0]  # stored in model_1's dtype
+    assert est.memory_bytes == preflight.BASE_MEMORY + spec.buffer_memory
+    assert est.download_s == 0 and est.merge_s == pytest.approx(sizes[0] / 4e6)
+    assert est.upload_s == pytest.approx(sizes[0] / 2e6)
+    assert est.sequential_s == pytest.approx(est.merge_s + est.upload_s)
+    (disk,) = est.disk.values()
+    assert disk["needed"] == sizes[0] + preflight.DISK_MARGIN and not est.problems
+    assert any(line.startswith("time: ") for line in est.lines())
+
+
+def test_a_stored_dtype_changes_the_output_size(demo_bf16, tmp_path):
+    spec = MergeSpec.build(model_1=str(demo_bf16[0]), model_2=str(demo_bf16[1]), t=0.3,
+                           output=str(tmp_path / "o"), dtype="float32")
+    assert preflight.estimate(spec).output_bytes == 2 * _weights(demo_bf16[0])
+
+
+def test_a_merge_that_does_not_fit_is_refused_before_anything_is_written(demo_bf16, tmp_path, monkeypatch):
+    from slerp_plugin import run_merge
+
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 1000, 1000))
+    out = tmp_path / "o"
+    spec = MergeSpec.build(model_1=str(demo_bf16[0]), model_2=str(demo_bf16[1]), t=0.3, output=str(out))
+    with pytest.raises(OutputWriteError, match=r"^not enough disk space: .* needs .* GB for a local merge, "
+                                               r"0.00 GB free \(nothing was downloaded or written"):
+        run_merge(spec)
+    assert not out.exists() and not out.with_name("o.partial").exists()
+
+
+def test_finished_shards_of_an_interrupted_run_count_as_written(demo_bf16, tmp_path):
+    out = tmp_path / "o"
+    partial = out.with_name("o.partial")
+    partial.mkdir()
+    (partial / "model-00001-of-00002.safetensors").write_bytes(b"x" * 1000)
+    spec = MergeSpec.build(model_1=str(demo_bf16[0]), model_2=str(demo_bf16[1]), t=0.3, output=str(out))
+    (disk,) = preflight.estimate(spec).disk.values()
+    assert disk["needed"] == _weights(demo_bf16[0]) - 1000 + preflight.DISK_MARGIN
+
+
+def test_hub_parents_count_what_is_not_in_the_cache_yet(hub, demo_bf16, tmp_path):
+    from slerp_plugin.hub.client import download_model
+
+    commit = upload_folder(demo_bf16[0], "org/a").commit
+    upload_folder(demo_bf16[1], "org/b")
+    spec = MergeSpec.build(model_1="org/a", model_2="org/b", t=0.3, output=str(tmp_path / "o"))
+    est = preflight.estimate(spec, download_bps=1e6)
+    first = est.parents[0]
+    assert first.revision == commit[:12] and first.size == _weights(demo_bf16[0])
+    assert first.to_download > first.size  # weights, index and configs
+    assert est.download_s == pytest.approx(sum(p.to_download for p in est.parents) / 1e6)
+    download_model("org/a")
+    again = preflight.estimate(spec)
+    assert again.parents[0].to_download == 0 and again.parents[1].to_download == est.parents[1].to_download
+    assert again.parents[0].dtype == "bfloat16"
+
+
+def test_plan_command_prints_the_estimate(demo_bf16, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["plan", f"modelpool.models.model_1={demo_bf16[0]}", f"modelpool.models.model_2={demo_bf16[1]}",
+            "method.t=0.3", f"method.model_save_path={tmp_path / 'o'}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"model_1: {demo_bf16[0]}: " in out and "disk at " in out and "time: download 0.0 s" in out
+    assert main([*args, "--json", "--download-bandwidth", "10MB"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["parents"][1]["size"] == _weights(demo_bf16[1]) and record["problems"] == []
+    assert not any(tmp_path.iterdir())  # nothing written, not even Hydra's run folder
+
+
+def test_plan_errors_are_one_line(demo_bf16, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = [f"modelpool.models.model_1={demo_bf16[0]}", f"modelpool.models.model_2={demo_bf16[1]}"]
+    assert main(["plan", *base, "method.t=0.3,0.5"]) == 2
+    assert "plan takes one merge" in capsys.readouterr().err
+    assert main(["plan", *base, "method.t=0.3", "--download-bandwidth", "fast"]) == 2
+    assert capsys.readouterr().err.startswith("slerp-merge: error: bandwidth:")
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: Usage(10**9, 10**9, 0))
+    assert main(["plan", *base, "method.t=0.3"]) == 5
+    assert "does not fit: " in capsys.readouterr().out
