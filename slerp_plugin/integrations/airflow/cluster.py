@@ -21,6 +21,7 @@ the user ``nobody``.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import logging
@@ -203,8 +204,8 @@ def _package_dir(package: str, what: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _pg_bin(name: str) -> str:
-    return str(_package_dir("pgserver", "PostgreSQL") / "pginstall" / "bin" / name)
+def _pgserver_dir() -> Path:
+    return _package_dir("pgserver", "PostgreSQL")
 
 
 def _redis_server() -> str:
@@ -257,12 +258,38 @@ class _Launcher:
             return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd]
         return cmd
 
+    def _nobody_can(self, test: str, path: Path) -> bool:
+        return subprocess.run(self._postgres_cmd(["test", test, str(path)])).returncode == 0
+
+    def pg_bin(self, name: str) -> str:
+        """A PostgreSQL program of the ``pgserver`` wheel (see :meth:`_pgserver`)."""
+        return str(self._pgserver / "pginstall" / "bin" / name)
+
+    @functools.cached_property
+    def _pgserver(self) -> Path:
+        """The ``pgserver`` package folder. Under root the server runs as nobody, who may not reach
+        the venv (e.g. under a 0700 home): then the wheel's binaries are copied into the cluster's
+        home once, with the libraries beside them where their rpath looks."""
+        source = _pgserver_dir()
+        if self.as_nobody and not self._nobody_can("-x", source / "pginstall" / "bin" / "postgres"):
+            copy = self.home / "pgserver-copy"
+            stamp = copy / "source.txt"
+            if not stamp.is_file() or stamp.read_text() != str(source):
+                shutil.rmtree(copy, ignore_errors=True)
+                shutil.copytree(source / "pginstall", copy / "pgserver" / "pginstall", symlinks=True)
+                libs = source.parent / "pgserver.libs"
+                if libs.is_dir():
+                    shutil.copytree(libs, copy / "pgserver.libs", symlinks=True)
+                stamp.write_text(str(source))
+            source = copy / "pgserver"
+        return source
+
     def postgres(self, password: str) -> None:
         data = self.home / "postgres"
         sockets = self.home / "postgres-run"
         sockets.mkdir(exist_ok=True)
         pg_env = {**_base_env(self.home), "PGPASSWORD": password}
-        if self.as_nobody and subprocess.run(self._postgres_cmd(["test", "-x", str(self.home)])).returncode:
+        if self.as_nobody and not self._nobody_can("-x", self.home):
             raise ClusterError(f"PostgreSQL runs as nobody (uid {NOBODY}) when started by root, and nobody "
                                f"cannot enter {self.home}: use a home every user can traverse",
                                path=self.home)
@@ -275,23 +302,23 @@ class _Launcher:
                     os.chown(path, NOBODY, NOBODY)
             try:
                 self.run("postgres-initdb", self._postgres_cmd(
-                    [_pg_bin("initdb"), "-D", str(data), "-U", "airflow", "--auth=scram-sha-256",
+                    [self.pg_bin("initdb"), "-D", str(data), "-U", "airflow", "--auth=scram-sha-256",
                      f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C"]), env=pg_env)
             finally:
                 pwfile.unlink(missing_ok=True)
         elif self.as_nobody:
             os.chown(sockets, NOBODY, NOBODY)
         self.spawn("postgres", self._postgres_cmd(
-            [_pg_bin("postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(self.ports["postgres"]),
+            [self.pg_bin("postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(self.ports["postgres"]),
              "-k", str(sockets)]), env=pg_env, stop_signal=signal.SIGINT)  # SIGINT: fast shutdown
         pg = ["-h", "127.0.0.1", "-p", str(self.ports["postgres"]), "-U", "airflow"]
-        _wait(lambda: subprocess.run([_pg_bin("pg_isready"), *pg], capture_output=True).returncode == 0,
+        _wait(lambda: subprocess.run([self.pg_bin("pg_isready"), *pg], capture_output=True).returncode == 0,
               60, "PostgreSQL did not accept connections", self.processes[-1])
-        exists = subprocess.run([_pg_bin("psql"), *pg, "-d", "postgres", "-tAc",
+        exists = subprocess.run([self.pg_bin("psql"), *pg, "-d", "postgres", "-tAc",
                                  "SELECT 1 FROM pg_database WHERE datname = 'airflow'"],
                                 capture_output=True, text=True, env=pg_env)
         if exists.stdout.strip() != "1":
-            self.run("postgres-createdb", [_pg_bin("createdb"), *pg, "airflow"], env=pg_env)
+            self.run("postgres-createdb", [self.pg_bin("createdb"), *pg, "airflow"], env=pg_env)
 
     def redis(self, password: str) -> None:
         conf = self.home / "redis.conf"

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -137,3 +138,31 @@ def test_up_refuses_a_running_cluster(tmp_path):
         assert p.poll() is None
     finally:
         p.send_signal(signal.SIGKILL)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="PostgreSQL runs as nobody only when started by root")
+def test_postgres_binaries_nobody_cannot_reach_are_copied_into_the_home(tmp_path, monkeypatch):
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("pgserver") is None:
+        pytest.skip("pgserver is not installed")
+    private = tmp_path / "private"  # like a venv under a 0700 home
+    private.mkdir(mode=0o700)
+    real = cl._pgserver_dir()
+    shutil.copytree(real / "pginstall", private / "pgserver" / "pginstall", symlinks=True)
+    shutil.copytree(real.parent / "pgserver.libs", private / "pgserver.libs", symlinks=True)
+    monkeypatch.setattr(cl, "_pgserver_dir", lambda: private / "pgserver")
+    home = Path(tempfile.mkdtemp(prefix="slerp-cluster-test-"))  # a home every user can traverse
+    try:
+        home.chmod(0o755)
+        launcher = cl._Launcher(cl.ClusterSettings(home=home, env_file=ROOT / "docker" / "airflow.env",
+                                                   dags=ROOT / "dags", plugins=ROOT / "plugins",
+                                                   outputs=home, recipes=home))
+        postgres = launcher.pg_bin("postgres")
+        assert postgres.startswith(str(home.resolve() / "pgserver-copy"))
+        for program in (postgres, launcher.pg_bin("initdb")):
+            r = subprocess.run(launcher._postgres_cmd([program, "--version"]), capture_output=True, text=True)
+            assert r.returncode == 0 and "PostgreSQL" in r.stdout, r.stderr
+    finally:
+        shutil.rmtree(home)
