@@ -98,6 +98,18 @@ def test_plan_command_prints_the_estimate(demo_bf16, tmp_path, capsys, monkeypat
     assert not any(tmp_path.iterdir())  # nothing written, not even Hydra's run folder
 
 
+def test_plan_takes_the_config_flags(demo_bf16, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["plan", "--config-path", str(ROOT / "config" / "demo"), "--config-name", "demo_slerp",
+            f"modelpool.models.model_1={demo_bf16[0]}", f"modelpool.models.model_2={demo_bf16[1]}"]
+    assert main(args) == 0
+    assert f"model_2: {demo_bf16[1]}: " in capsys.readouterr().out
+    assert main(["plan", "--config-name=demo_slerp", f"--config-path={ROOT / 'config' / 'demo'}",
+                 *args[5:]]) == 0
+    assert main([*args, "--cfg", "job"]) == 2
+    assert "plan: unsupported option --cfg" in capsys.readouterr().err
+
+
 def test_plan_errors_are_one_line(demo_bf16, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     base = [f"modelpool.models.model_1={demo_bf16[0]}", f"modelpool.models.model_2={demo_bf16[1]}"]

@@ -12,8 +12,12 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, SlerpPluginError
+
+if TYPE_CHECKING:
+    from ..spec import MergeSpec
 
 log = logging.getLogger("slerp_plugin.cli")
 
@@ -189,7 +193,7 @@ def check_command_line(flags: list[str], overrides: list[str]) -> None:
         check_config_file(primary_config(flags))
 
 
-def compose_spec(argv: list[str]):
+def compose_spec(argv: list[str]) -> MergeSpec:
     """The MergeSpec a seed-config command line would merge, composed without running anything
     (Hydra's compose API: no output folder, no log file). Without ``method.model_save_path`` the
     output is taken as ``outputs/merged`` (where Hydra's run folders go).
@@ -206,10 +210,15 @@ def compose_spec(argv: list[str]):
     check_command_line(flags, overrides)
     if {"-m", "--multirun"} & set(flags) or swept_keys(overrides):
         raise ConfigError("plan takes one merge: give single values, not a sweep")
-    unknown = [f for f in flags if f.split("=", 1)[0] not in {"--config-path", "-cp", "--config-name", "-cn"}
-               and not _flag_values([f], "--config-path", "-cp", "--config-name", "-cn")]
-    if unknown:
-        raise ConfigError(f"plan: unsupported option {unknown[0]}")
+    allowed = {"--config-path", "-cp", "--config-name", "-cn"}
+    i = 0
+    while i < len(flags):
+        if flags[i] in allowed:
+            i += 2  # the flag and its value
+        elif flags[i].split("=", 1)[0] in allowed:
+            i += 1
+        else:
+            raise ConfigError(f"plan: unsupported option {flags[i]}")
     config = primary_config(flags)
     with initialize_config_dir(config_dir=str(config.parent), version_base="1.3"):
         cfg = compose(config_name=config.stem, overrides=force_method_keys(overrides))
