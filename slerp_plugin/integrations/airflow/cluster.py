@@ -134,7 +134,11 @@ class Cluster:
                                path=self.state_path) from e
         if not isinstance(doc, dict) or doc.get("tool") != "slerp_plugin":
             raise ClusterError(f"{self.state_path} is not this tool's cluster state", path=self.state_path)
-        return [Started(**p) for p in doc.get("processes", [])]
+        try:
+            return [Started(**p) for p in doc.get("processes", [])]
+        except TypeError as e:
+            raise ClusterError(f"unreadable cluster state {self.state_path}: {first_line(e)}",
+                               path=self.state_path) from e
 
     def _record(self, processes: list[Started], **extra: object) -> None:
         doc = {"tool": "slerp_plugin", "kind": "cluster", "processes": [asdict(p) for p in processes],
@@ -160,7 +164,11 @@ class Cluster:
         """The home's passwords and keys, made on first use (file mode 0600)."""
         path = self.home / "secrets.json"
         if path.is_file():
-            return json.loads(path.read_text())
+            try:
+                return {k: str(v) for k, v in json.loads(path.read_text()).items()}
+            except (OSError, ValueError, AttributeError) as e:
+                raise ClusterError(f"unreadable {path}: {first_line(e)} (remove it to make new secrets)",
+                                   path=path) from e
         from cryptography.fernet import Fernet  # an Airflow dependency
 
         made = {"postgres": secrets.token_urlsafe(24), "redis": secrets.token_urlsafe(24),
@@ -585,8 +593,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for p in Cluster(args.home).running():
                 print(f"{p.name}\tpid {p.pid}\t{p.log}")
-    except ClusterError as e:
-        print(f"slerp-cluster: error: {e}", file=sys.stderr)
+    except (ClusterError, OSError) as e:
+        print(f"slerp-cluster: error: {first_line(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -110,10 +110,16 @@ def test_down_never_signals_a_reused_pid(tmp_path):
         other.kill()
 
 
-def test_state_that_is_not_ours_is_refused(tmp_path):
+def test_state_that_is_not_ours_or_is_damaged_is_refused(tmp_path):
     (tmp_path / cl.STATE_FILE).write_text(json.dumps({"processes": []}))
     with pytest.raises(ClusterError, match="not this tool's cluster state"):
         cl.down(tmp_path)
+    (tmp_path / cl.STATE_FILE).write_text(json.dumps({"tool": "slerp_plugin", "processes": [{"pid": 1}]}))
+    with pytest.raises(ClusterError, match="^unreadable cluster state"):
+        cl.down(tmp_path)
+    (tmp_path / "secrets.json").write_text("{not json")
+    with pytest.raises(ClusterError, match="remove it to make new secrets"):
+        cl.Cluster(tmp_path).secrets()
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
