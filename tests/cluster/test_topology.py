@@ -23,15 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
+from airflow_rest import PASSWORDS, AirflowREST
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 SHARD = "600KB"  #: output shard size: ~100 shards, so a merge can be caught half done
 NIGHTLY = "cluster-nightly"
-PASSWORDS = "simple_auth_manager_passwords.json.generated"
 
 
 def _need(*modules: str) -> None:
@@ -40,41 +39,20 @@ def _need(*modules: str) -> None:
             pytest.skip(f"{m} is not installed (pip install 'slerp_plugin[cluster]')")
 
 
-class Stack:
+class Stack(AirflowREST):
     """The running cluster and its REST API (as the admin user)."""
 
     def __init__(self, home: Path, outputs: Path, port: int) -> None:
         from slerp_plugin.integrations.airflow.cluster import Cluster
 
+        super().__init__(f"http://127.0.0.1:{port}", home / "airflow" / PASSWORDS)
         self.cluster = Cluster(home)
         self.home, self.outputs = home, outputs
-        self.url = f"http://127.0.0.1:{port}"
-        self._token: str | None = None
-
-    def api(self, method: str, path: str, **kw) -> httpx.Response:
-        if self._token is None:
-            pw = json.loads((self.home / "airflow" / PASSWORDS).read_text())
-            r = httpx.post(f"{self.url}/auth/token", json={"username": "admin", "password": pw["admin"]},
-                           timeout=30)
-            r.raise_for_status()
-            self._token = r.json()["access_token"]
-        r = httpx.request(method, f"{self.url}{path}", headers={"Authorization": f"Bearer {self._token}"},
-                          timeout=30, **kw)
-        return r
 
     def trigger(self, dag_id: str, conf: dict) -> str:
         r = self.api("POST", f"/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf})
         assert r.status_code == 200, r.text
         return r.json()["dag_run_id"]
-
-    def wait_run(self, dag_id: str, run_id: str, timeout: float = 300) -> str:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            state = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}").json().get("state")
-            if state in ("success", "failed"):
-                return state
-            time.sleep(1)
-        raise AssertionError(f"run {run_id} not finished after {timeout} s")
 
     def task(self, run_id: str, task_id: str, map_index: int = -1, dag_id: str = "slerp_merge") -> dict:
         path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}"

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from airflow_rest import PASSWORDS, AirflowREST
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +29,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Standalone:
+class Standalone(AirflowREST):
     """``make airflow-ui`` as a user starts it from a fresh shell (the venv not on PATH), on a free
     port, with its own home, outputs and recipes."""
 
@@ -36,7 +37,7 @@ class Standalone:
         self.home = home
         self.outputs = outputs
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(f"http://127.0.0.1:{self.port}", home / PASSWORDS, describe=self.tail)
         venv_bin = str(Path(sys.executable).parent)
         path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
         env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "VIRTUAL_ENV"))},
@@ -46,7 +47,6 @@ class Standalone:
             ["make", "--no-print-directory", "airflow-ui", f"AIRFLOW_HOME_DIR={home}",
              f"AIRFLOW_PORT={self.port}", f"SLERP_OUTPUT_ROOT={outputs}", f"SLERP_RECIPES_DIR={recipes}"],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.token = None
 
     def wait_healthy(self, timeout: float = 240) -> None:
         deadline = time.time() + timeout
@@ -56,8 +56,7 @@ class Standalone:
             try:
                 r = httpx.get(f"{self.url}/api/v2/monitor/health", timeout=5)
                 if r.status_code == 200 and r.json()["scheduler"]["status"] == "healthy":
-                    pw = self.home / "simple_auth_manager_passwords.json.generated"
-                    if pw.is_file():
+                    if self.passwords.is_file():
                         return
             except (httpx.HTTPError, KeyError, ValueError):
                 pass
@@ -67,37 +66,6 @@ class Standalone:
     def tail(self) -> str:
         self.log.flush()
         return (self.home / "standalone.log").read_text()[-3000:]
-
-    @property
-    def password(self) -> str:
-        return json.loads((self.home / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
-
-    def api(self, method: str, path: str, **kw) -> httpx.Response:
-        if self.token is None:
-            r = httpx.post(f"{self.url}/auth/token", json={"username": "admin", "password": self.password},
-                           timeout=30)
-            r.raise_for_status()
-            self.token = r.json()["access_token"]
-        headers = {"Authorization": f"Bearer {self.token}", **kw.pop("headers", {})}
-        return httpx.request(method, f"{self.url}{path}", headers=headers, timeout=30, **kw)
-
-    def wait_dag(self, dag_id: str, timeout: float = 120) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.api("GET", f"/api/v2/dags/{dag_id}").status_code == 200:
-                return
-            time.sleep(2)
-        raise RuntimeError(f"{dag_id} never appeared: {self.tail()}")
-
-    def wait_run(self, dag_id: str, run_id: str, timeout: float = 300) -> str:
-        deadline = time.time() + timeout
-        state = None
-        while time.time() < deadline:
-            state = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}").json().get("state")
-            if state in ("success", "failed"):
-                return state
-            time.sleep(2)
-        raise RuntimeError(f"run {run_id} still {state} after {timeout} s")
 
     def stop(self) -> None:
         import signal
