@@ -154,9 +154,10 @@ with open(sys.argv[1], "w") as f:
 """
 
 
-def timed(cmd: list[str], env: dict | None = None) -> dict:
+def timed(cmd: list[str], env: dict | None = None, stderr_to: Path | None = None) -> dict:
     """Run ``cmd``; its wall time, and the CPU time (s) and peak RSS (MB) the kernel accounts to
     that process and its children (``wait4``'s rusage, what ``/usr/bin/time -v`` reports).
+    ``stderr_to``: a file that gets the command's stderr (its log).
 
     Raises:
         RuntimeError: the command failed (the end of its stderr in the message).
@@ -169,6 +170,9 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
         if code:
             err.seek(0)
             raise RuntimeError(f"{cmd[0]} failed: {err.read().decode(errors='replace')[-1500:]}")
+        if stderr_to is not None:
+            err.seek(0)
+            stderr_to.write_bytes(err.read())
     return {"user_s": user, "sys_s": system, "wall_s": wall, "cpu_s": user + system,
             "peak_rss_mb": maxrss_kb / 1024}
 
@@ -423,6 +427,9 @@ def throughput(row: dict, wall_s: float) -> float:
     return 3 * row["model_gb"] / wall_s
 
 
+STREAM_SECTION = "## Hub to Hub streaming"  #: written by bench/stream.py, kept by write_report
+
+
 def write_report(results: list[dict], dest: Path = HERE) -> None:
     """``dest``/RESULTS.md (the table, the machine, the targets checked) and ``dest``/bench.png."""
     lines = ["| pair | system | wall (s) | CPU (s) | peak RSS (MB) | GB/s | ours / system "
@@ -443,7 +450,9 @@ def write_report(results: list[dict], dest: Path = HERE) -> None:
     device = results[0].get("device", "cpu") if results else "cpu"
     lines += ["", f"Machine: {machine(device)}.", "", "Targets:", "", *targets(results)]
     lines += ["", GPU_NOTE] if device == "cpu" else []
-    (dest / "RESULTS.md").write_text(HEADER + "\n".join(lines) + "\n")
+    old = (dest / "RESULTS.md").read_text() if (dest / "RESULTS.md").is_file() else ""
+    kept = old[old.index(STREAM_SECTION):] if STREAM_SECTION in old else ""  # bench/stream.py's
+    (dest / "RESULTS.md").write_text(HEADER + "\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
     print("\n".join(lines))
     try:
         import matplotlib

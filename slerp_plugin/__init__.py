@@ -5,14 +5,16 @@ Importing the package is cheap (no torch); the public API loads on first use:
 - :func:`slerp`, :func:`slerp_reference` — the kernel (:mod:`slerp_plugin.slerp`);
 - :class:`MergeSpec` — the typed merge description (:mod:`slerp_plugin.spec`);
 - :func:`run_merge`, :func:`plan_merge` — a whole merge, Hub inputs and upload included
-  (:mod:`slerp_plugin.merge`); :func:`merge_shards`, :func:`finalize` — the streaming engine's
+  (:mod:`slerp_plugin.merge`); :func:`stream_merge` — Hub to Hub with bounded disk
+  (:mod:`slerp_plugin.stream`); :func:`merge_shards`, :func:`finalize` — the streaming engine's
   steps, for merges shared by several workers (:mod:`slerp_plugin.engine`);
 - :class:`Manifest` — ``merge_manifest.json`` (:mod:`slerp_plugin.formats.manifest`).
 
 The package's layers, bottom to top: :mod:`~slerp_plugin.errors`, :mod:`~slerp_plugin.slerp` (the
 kernel) and :mod:`~slerp_plugin.spec`; :mod:`~slerp_plugin.io`; :mod:`~slerp_plugin.formats`;
-:mod:`~slerp_plugin.engine` and :mod:`~slerp_plugin.hub`; :mod:`~slerp_plugin.merge` and
-:mod:`~slerp_plugin.validate`; :mod:`~slerp_plugin.demo`; :mod:`~slerp_plugin.cli`;
+:mod:`~slerp_plugin.engine` and :mod:`~slerp_plugin.hub`; :mod:`~slerp_plugin.preflight`;
+:mod:`~slerp_plugin.validate`; :mod:`~slerp_plugin.stream`; :mod:`~slerp_plugin.merge`;
+:mod:`~slerp_plugin.demo`; :mod:`~slerp_plugin.cli`;
 :mod:`~slerp_plugin.integrations` (mergekit, Airflow). Each imports only from layers below it.
 """
 
@@ -30,6 +32,7 @@ _LAZY = {
     "ModelRef": "slerp_plugin.spec",
     "run_merge": "slerp_plugin.merge",
     "plan_merge": "slerp_plugin.merge",
+    "stream_merge": "slerp_plugin.stream",
     "merge_shards": "slerp_plugin.engine",
     "finalize": "slerp_plugin.engine",
     "Manifest": "slerp_plugin.formats.manifest",

@@ -33,7 +33,8 @@ def plan_merge(spec: MergeSpec, resolved: Mapping[str, ResolvedModel] | None = N
 
 def run_merge(spec: MergeSpec, *, prefetch: Prefetch | None = None) -> MergeResult:
     """Plan, merge every shard (resuming an interrupted run), finalize, and upload to
-    ``spec.push_to_hub`` if set.
+    ``spec.push_to_hub`` if set. With ``spec.stream``, Hub parents are merged straight into
+    ``spec.push_to_hub`` within ``spec.disk_budget`` (:func:`slerp_plugin.stream.stream_merge`).
 
     ``prefetch`` is a start-up read-ahead (:func:`slerp_plugin.io.prefetch.start`) of the inputs:
     its page-cache contents and input hashes are taken over. A progress bar is shown with
@@ -46,6 +47,10 @@ def run_merge(spec: MergeSpec, *, prefetch: Prefetch | None = None) -> MergeResu
         OutputLockedError: another process is merging into the same output.
         SlerpPluginError: any other bad input or write failure, with a one-line message.
     """
+    if spec.stream:
+        from .stream import stream_merge
+
+        return stream_merge(spec)
     started = time.perf_counter()
     require_disk(spec)  # before anything is downloaded
     plan = plan_merge(spec)

@@ -4,7 +4,8 @@ memory it takes, and how long it should take at given bandwidths.
 A local merge keeps both parents and the output on disk: the Hub downloads in the Hub cache, the
 output next to its folder. :func:`require_disk` refuses such a merge before anything is downloaded
 when a filesystem has less room than it needs, counting what is already there (files in the Hub
-cache, shards an interrupted run finished).
+cache, shards an interrupted run finished). A streaming merge (``method.stream=true``) holds at
+most its disk budget, and its download, merge and upload overlap.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ class MergeEstimate:
     merge_s: float = 0.0
     upload_s: float = 0.0
     problems: list[str] = field(default_factory=list)
+    #: a streaming merge's disk (its budget) and time (the slowest of the overlapped stages)
+    stream_disk_bytes: int = 0
+    stream_s: float = 0.0
 
     @property
     def sequential_s(self) -> float:
@@ -78,6 +82,9 @@ class MergeEstimate:
             out.append(f"disk at {where}: needs {_gb(d['needed'])}, {_gb(d['free'])} free")
         out.append(f"time: download {_duration(self.download_s)}, merge {_duration(self.merge_s)}, "
                    f"upload {_duration(self.upload_s)}; {_duration(self.sequential_s)} in all")
+        out.append(f"streaming Hub to Hub (method.stream=true): disk {_gb(self.stream_disk_bytes)}, memory "
+                   f"{_gb(self.memory_bytes)}, about {_duration(self.stream_s)} (download, merge and upload "
+                   "overlap)")
         out += [f"does not fit: {p}" for p in self.problems]
         return out
 
@@ -117,8 +124,21 @@ def estimate(
     est.download_s = downloads / download_bps
     est.merge_s = output_bytes / merge_bps
     est.upload_s = output_bytes / upload_bps if spec.push_to_hub else 0.0
+    est.stream_disk_bytes = stream_disk(spec, parents, output_bytes)
+    full_download = sum(p.size for p in parents) / download_bps
+    est.stream_s = max(full_download, est.merge_s, output_bytes / upload_bps)
     _disk(spec, est, downloads)
     return est
+
+
+def stream_disk(spec: MergeSpec, parents: list[ParentSize], output_bytes: int) -> int:
+    """The disk a streaming merge of ``spec`` holds at most: ``spec.disk_budget``, else three output
+    shards in flight, each with the parents' bytes it is merged from (bytes)."""
+    if spec.disk_budget:
+        return spec.disk_budget
+    shard = min(spec.max_shard_size, output_bytes)
+    inputs = sum(p.size for p in parents) / max(output_bytes, 1)
+    return int(3 * shard * (1 + inputs))
 
 
 def require_disk(spec: MergeSpec) -> MergeEstimate:
@@ -130,8 +150,11 @@ def require_disk(spec: MergeSpec) -> MergeEstimate:
     """
     est = estimate(spec)
     if est.problems:
+        hub = all(p.revision for p in est.parents)  # Hub parents (local folders have none)
+        stream = (f", or stream Hub to Hub with method.stream=true +push_to_hub=org/name (about "
+                  f"{_gb(est.stream_disk_bytes)} of disk)") if hub else ""
         raise OutputWriteError(f"not enough disk space: {est.problems[0]} (nothing was downloaded or "
-                               "written; free space, or set HF_HUB_CACHE or the output elsewhere)",
+                               f"written; free space, or set HF_HUB_CACHE or the output elsewhere{stream})",
                                path=spec.output)
     return est
 

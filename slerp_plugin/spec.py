@@ -54,6 +54,10 @@ def parse_size(value: int | str) -> int:
     return n
 
 
+def _optional_size(value: int | str | None) -> int | None:
+    return None if value is None else parse_size(value)
+
+
 def _normalise_dtype(value: Any) -> Any:
     if value is None or value == "auto":
         return None
@@ -205,6 +209,11 @@ class MergeSpec(BaseModel):
     allow_bin: bool = Field(False, description="download pickled .bin weights from the Hub and convert them")
     push_to_hub: str | None = Field(None, description="Hub repo to upload the merged model to")
     private: bool = Field(False, description="create push_to_hub as a private repo")
+    stream: bool = Field(False, description="Hub parents to push_to_hub with bounded disk: parents read by "
+                         "range as needed, each output shard uploaded once written, then deleted")
+    disk_budget: Annotated[int | None, BeforeValidator(_optional_size)] = Field(
+        None, description="bytes of disk a streaming merge may use at once (default: three output shards in "
+        "flight with their inputs)")
 
     @field_validator("model_1", "model_2", "tokenizer", mode="before")
     @classmethod

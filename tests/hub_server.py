@@ -7,7 +7,8 @@ the ndjson commit endpoint (with ``parentCommit``), the LFS batch/upload/verify 
 commits live in memory; blobs on disk. Fault injection: :meth:`HubState.fail` answers a chosen
 endpoint with an HTTP status N times (optionally after a delay); :meth:`HubState.reset` drops the
 connection of a file download after some bytes; ``bandwidth`` limits downloads (``down``) and LFS
-uploads (``up``) in bytes per second. Private and gated repos need a token from ``tokens``.
+uploads (``up``) in bytes per second, all connections of a direction together, as one network
+link does. Private and gated repos need a token from ``tokens``.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class Reset:
     times: int
 
 
-CHUNK = 64 * 1024
+CHUNK = 1 << 20  # bytes per write of a download: large, so the server takes little CPU
 
 
 class HubState:
@@ -107,6 +108,7 @@ class HubState:
         self.resets: list[Reset] = []
         self.bandwidth: dict[str, float | None] = {"down": None, "up": None}
         self.bytes_sent = 0
+        self._link_free = {"down": 0.0, "up": 0.0}  # when each direction's link is next idle
         self.requests: list[tuple[str, str, str]] = []  # (method, path, authorization)
         self.lock = threading.RLock()
         self._counter = 0
@@ -122,6 +124,18 @@ class HubState:
         """Drop the connection of the next ``times`` downloads (``resolve`` GETs) whose path matches
         ``path_regex`` once ``after_bytes`` of the body are sent, as a network reset does."""
         self.resets.append(Reset(re.compile(path_regex), after_bytes, times))
+
+    def link_delay(self, direction: str, nbytes: int) -> float:
+        """Seconds to wait before ``nbytes`` more may pass in ``direction`` at its bandwidth: the
+        link is shared, so bytes of concurrent requests queue behind each other."""
+        bw = self.bandwidth[direction]
+        if not bw:
+            return 0.0
+        with self.lock:
+            now = time.monotonic()
+            done = max(now, self._link_free[direction]) + nbytes / bw
+            self._link_free[direction] = done
+        return done - now
 
     def _take_reset(self, path: str) -> int | None:
         with self.lock:
@@ -390,8 +404,8 @@ def create_app(state: HubState) -> FastAPI:
     async def lfs_put(request: Request, oid: str):
         started = time.monotonic()
         data = await request.body()
-        if state.bandwidth["up"]:
-            await asyncio.sleep(max(0.0, len(data) / state.bandwidth["up"] - (time.monotonic() - started)))
+        # the body arrived at once over loopback: the response waits as long as the link would have
+        await asyncio.sleep(max(0.0, state.link_delay("up", len(data)) - (time.monotonic() - started)))
         if hashlib.sha256(data).hexdigest() != oid:
             return _err(400, None, "sha256 mismatch")
         state.store(data)
@@ -442,6 +456,16 @@ def create_app(state: HubState) -> FastAPI:
         return {"commitUrl": f"{base(request)}/{repo.id}/commit/{c.oid}", "commitOid": c.oid,
                 "success": True, "commitMessage": c.title}
 
+    @app.post("/_test/bandwidth")
+    async def set_bandwidth(request: Request):
+        """Test control from another process (the benchmark): ``{"down": B/s, "up": B/s}``; null: no
+        limit."""
+        body = await request.json()
+        for direction in ("down", "up"):
+            if direction in body:
+                state.bandwidth[direction] = float(body[direction]) if body[direction] else None
+        return state.bandwidth
+
     @app.post("/api/validate-yaml")
     async def validate_yaml(request: Request):
         return {"errors": [], "warnings": []}
@@ -483,7 +507,6 @@ def create_app(state: HubState) -> FastAPI:
         """The bytes [start, stop) of ``blob`` in chunks, at the download bandwidth; a reset ends the
         stream early (the server then drops the connection: fewer bytes than Content-Length)."""
         sent = 0
-        began = time.monotonic()
         with open(blob, "rb") as f:
             f.seek(start)
             pos = start
@@ -497,9 +520,9 @@ def create_app(state: HubState) -> FastAPI:
                 chunk = f.read(n)
                 pos += n
                 sent += n
-                bw = state.bandwidth["down"]
-                if bw:  # a chunk leaves no earlier than the bandwidth allows
-                    await asyncio.sleep(max(0.0, sent / bw - (time.monotonic() - began)))
+                delay = state.link_delay("down", n)  # a chunk leaves no earlier than the link allows
+                if delay > 0:
+                    await asyncio.sleep(delay)
                 state.bytes_sent += n
                 yield chunk
 
@@ -533,3 +556,16 @@ class HubServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def main() -> None:
+    """Serve until stdin closes: ``python tests/hub_server.py BLOB_DIR`` prints the URL first."""
+    import sys
+
+    with HubServer(Path(sys.argv[1])) as server:
+        print(server.url, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()

@@ -85,6 +85,27 @@ def test_hub_parents_count_what_is_not_in_the_cache_yet(hub, demo_bf16, tmp_path
     assert again.parents[0].dtype == "bfloat16"
 
 
+def test_streaming_needs_its_budget_and_takes_the_slowest_stage(hub, demo_bf16, tmp_path, monkeypatch):
+    upload_folder(demo_bf16[0], "org/a")
+    upload_folder(demo_bf16[1], "org/b")
+    spec = MergeSpec.build(model_1="org/a", model_2="org/b", t=0.3, output=str(tmp_path / "o"),
+                           max_shard_size="100KB", push_to_hub="org/m")
+    est = preflight.estimate(spec, download_bps=1e6, upload_bps=1e5)
+    weights = sum(p.size for p in est.parents)
+    # three 100 kB shards in flight, each with the parents' bytes it is made of
+    assert est.stream_disk_bytes == int(3 * 100_000 * (1 + weights / est.output_bytes))
+    assert est.stream_s == pytest.approx(max(weights / 1e6, est.merge_s, est.output_bytes / 1e5))
+    line = "streaming Hub to Hub (method.stream=true): disk 0.00 GB"
+    assert any(x.startswith(line) for x in est.lines())
+    budgeted = MergeSpec.build(**{**spec.model_dump(), "disk_budget": "5MB"})
+    assert preflight.estimate(budgeted).stream_disk_bytes == 5_000_000
+    # a local merge of Hub parents that does not fit suggests streaming
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(OutputWriteError, match=r"or stream Hub to Hub with method.stream=true "
+                                               r"\+push_to_hub=org/name \(about 0.00 GB of disk\)\)$"):
+        preflight.require_disk(spec)
+
+
 def test_plan_command_prints_the_estimate(demo_bf16, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["plan", f"modelpool.models.model_1={demo_bf16[0]}", f"modelpool.models.model_2={demo_bf16[1]}",

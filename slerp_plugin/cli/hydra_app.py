@@ -130,7 +130,8 @@ def _task(cfg, swept: set[str]) -> None:
                  spec.t, spec.DOT_THRESHOLD, spec.epsilon, spec.model_1, spec.model_names[0],
                  spec.model_2, spec.model_names[1], spec.output)
         result = run_merge(spec, prefetch=prefetch)
-    print(f"merged model: {result.output}")
+    if result.output is not None:
+        print(f"merged model: {result.output}")
     if result.upload is not None:
         print(f"published: {result.upload.url}")
 

@@ -29,10 +29,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class MergeResult:
-    """A finished merge: the output folder, its manifest, and the Hub upload if one was asked for
-    (a :class:`slerp_plugin.hub.client.Upload`)."""
+    """A finished merge: the output folder (None for a streaming merge, which keeps nothing
+    locally), its manifest, and the Hub upload if one was asked for (a
+    :class:`slerp_plugin.hub.client.Upload`)."""
 
-    output: Path
+    output: Path | None
     manifest: Manifest
     upload: object | None = None
 
@@ -81,15 +82,7 @@ def _finish(plan: MergePlan, input_hashes: dict[Path, str] | None, started_at: f
         outcomes.append(outcome)
     partial = plan.partial
     try:
-        _write_index(plan, partial)
-        _copy_configs(plan, partial)
-        for name in TOKENIZER_FILES:
-            src = plan.paths["tokenizer"] / name
-            if src.is_file():
-                shutil.copyfile(src, partial / name)
-        manifest = _build_manifest(plan, outcomes, input_records(plan, input_hashes), started_at, t0)
-        manifest.write(partial)
-        (partial / "README.md").write_text(render_model_card(manifest))
+        manifest = write_metadata(plan, partial, outcomes, input_records(plan, input_hashes), started_at, t0)
         shutil.rmtree(partial / STATE_DIR)
         write_marker(partial, plan.output, "complete")
         fsync_dir(partial)
@@ -100,6 +93,27 @@ def _finish(plan: MergePlan, input_hashes: dict[Path, str] | None, started_at: f
         raise OutputWriteError(f"finishing {plan.output} failed: {e.strerror or e}", path=plan.output) from e
     log.info("merged model at %s", plan.output)
     return MergeResult(plan.output, manifest)
+
+
+def write_metadata(plan: MergePlan, folder: Path, outcomes: list[ShardOutcome],
+                   inputs: dict[str, InputRecord], started_at: float | None,
+                   finalize_started: float) -> Manifest:
+    """Write the index, configs, tokenizer files, manifest and model card of a merge whose shards
+    are ``outcomes`` into ``folder``; returns the manifest.
+
+    Raises:
+        OSError: writing failed.
+    """
+    _write_index(plan, folder)
+    _copy_configs(plan, folder)
+    for name in TOKENIZER_FILES:
+        src = plan.paths["tokenizer"] / name
+        if src.is_file():
+            shutil.copyfile(src, folder / name)
+    manifest = _build_manifest(plan, outcomes, inputs, started_at, finalize_started)
+    manifest.write(folder)
+    (folder / "README.md").write_text(render_model_card(manifest))
+    return manifest
 
 
 def input_records(plan: MergePlan, hashes: dict[Path, str] | None = None) -> dict[str, InputRecord]:

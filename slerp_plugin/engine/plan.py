@@ -119,13 +119,40 @@ def plan_merge(spec: MergeSpec, resolved: Mapping[str, ResolvedModel] | None = N
         raise CheckpointError(f"tokenizer: no tokenizer files in {paths['tokenizer']}",
                               path=paths["tokenizer"])
     ckpts = {role: Checkpoint.open(paths[role]) for role in ("model_1", "model_2")}
+    identity = []
+    for role, ck in ckpts.items():
+        for f in ck.files:
+            st = f.stat()
+            identity.append([role, str(f), st.st_size, st.st_mtime_ns])
+    return plan_checkpoints(spec, paths, ckpts, identity,
+                            commits={role: r.commit for role, r in inputs.items()},
+                            known_hashes={p: h for r in inputs.values() for p, h in r.hashes.items()})
+
+
+def plan_checkpoints(
+    spec: MergeSpec,
+    paths: dict[str, Path],
+    ckpts: dict[str, Checkpoint],
+    identity: list,
+    *,
+    commits: dict[str, str | None] | None = None,
+    known_hashes: dict[Path, str] | None = None,
+) -> MergePlan:
+    """The plan of merging ``ckpts`` (by role) whose configs and tokenizer are in ``paths``.
+
+    ``identity`` is JSON that changes whenever an input's bytes may have (paths, sizes, mtimes;
+    Hub commits): it goes into the plan's fingerprint, which decides what a re-run may reuse.
+
+    Raises:
+        KeyMismatchError, ShapeMismatchError, ConfigError: as :func:`plan_merge`.
+    """
     _check_keys(ckpts["model_1"], ckpts["model_2"], spec.model_names)
     device = resolve_device(spec.device)
     jobs, warnings = plan_jobs(spec, ckpts["model_1"], ckpts["model_2"], num_layers(paths["model_1"]))
     shards = _split_shards(jobs, spec.max_shard_size)
-    plan = MergePlan(spec, paths, ckpts, shards, device, _fingerprint(spec, ckpts, device, shards), warnings,
-                     commits={role: r.commit for role, r in inputs.items()},
-                     known_hashes={p: h for r in inputs.values() for p, h in r.hashes.items()})
+    fingerprint = _fingerprint(spec, identity, device, shards)
+    plan = MergePlan(spec, paths, ckpts, shards, device, fingerprint, warnings,
+                     commits=dict(commits or {}), known_hashes=dict(known_hashes or {}))
     log.info("planned %d tensors (%s) into %d output shard(s) at %s; device %s",
              len(jobs), format_bytes(plan.total_bytes), len(shards), plan.output, device)
     return plan
@@ -281,18 +308,12 @@ def _front_to_back(jobs: list[TensorJob]) -> bool:
     return True
 
 
-def _fingerprint(
-    spec: MergeSpec, ckpts: dict[str, Checkpoint], device: torch.device, shards: list[ShardPlan]
-) -> str:
-    inputs = []
-    for role, ck in ckpts.items():
-        for f in ck.files:
-            st = f.stat()
-            inputs.append([role, str(f), st.st_size, st.st_mtime_ns])
+def _fingerprint(spec: MergeSpec, inputs: list, device: torch.device, shards: list[ShardPlan]) -> str:
     doc = {
         "kernel": KERNEL_VERSION,
         "DOT_THRESHOLD": spec.DOT_THRESHOLD,
         "epsilon": spec.epsilon,
+        "norm_precision": spec.norm_precision,
         "dtype": spec.dtype,
         "chunk_elements": spec.chunk_elements,
         "device": device.type,

@@ -131,21 +131,29 @@ def journal(plan: MergePlan, shard: ShardPlan, outcome: ShardOutcome) -> None:
     )
 
 
-def load_outcome(plan: MergePlan, shard: ShardPlan, verify: bool) -> ShardOutcome | None:
+def forget(plan: MergePlan, shard: ShardPlan) -> None:
+    """Remove a shard and its journal entry (a check found it wrong: it must be merged again)."""
+    _shard_marker(plan, shard).unlink(missing_ok=True)
+    (plan.partial / shard.file).unlink(missing_ok=True)
+
+
+def load_outcome(plan: MergePlan, shard: ShardPlan, verify: bool, *,
+                 local: bool = True) -> ShardOutcome | None:
     """The journalled outcome of ``shard`` if its file is present and (with ``verify``) its
-    SHA-256 matches the journal; None otherwise."""
+    SHA-256 matches the journal; None otherwise. Without ``local``, the journal entry alone (a
+    streaming merge deletes each shard once it is uploaded)."""
     marker = _shard_marker(plan, shard)
     path = plan.partial / shard.file
     try:
         doc = json.loads(marker.read_text())
-    except (OSError, ValueError):
+        record = ShardRecord(**doc["record"])
+    except (OSError, ValueError, TypeError, KeyError):
         return None
-    if doc.get("fingerprint") != plan.fingerprint or not path.is_file():
+    if doc.get("fingerprint") != plan.fingerprint:
         return None
-    record = ShardRecord(**doc["record"])
-    if path.stat().st_size != record.size:
+    if local and (not path.is_file() or path.stat().st_size != record.size):
         return None
-    if verify and sha256_file(path) != record.sha256:
+    if local and verify and sha256_file(path) != record.sha256:
         log.warning("%s: checksum differs from the journal; merging it again", shard.file)
         return None
     return ShardOutcome(

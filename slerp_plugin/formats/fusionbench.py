@@ -54,7 +54,7 @@ METHOD_KEYS = {
     "dtype": "dtype", "device": "device", "max_shard_size": "max_shard_size",
     "overwrite": "overwrite", "chunk_elements": "chunk_elements", "threads": "threads",
     "direct_io": "direct_io", "buffer_memory": "buffer_memory", "allow_bin": "allow_bin",
-    "norm_precision": "norm_precision",
+    "norm_precision": "norm_precision", "stream": "stream", "disk_budget": "disk_budget",
 }
 POOL_IGNORED = frozenset({"_recursive_", "_usage_", "_version_", "tokenizer_kwargs", "enable_lazy_loading"})
 

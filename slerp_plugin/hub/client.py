@@ -399,33 +399,68 @@ def upload_folder(
         head = resolve_revision(repo_id, revision, token=token, endpoint=endpoint, retries=retries)
         return Upload(repo_id, head, f"{api.endpoint}/{repo_id}/commit/{head}", True)
 
-    for attempt in range(retries + 1):
+    def attempt(head: str):
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message,
+                                 revision=revision, parent_commit=head, repo_type="model",
+                                 ignore_patterns=NOT_UPLOADED)
+
+    upload = commit_once(api, repo_id, message, attempt, revision=revision, token=token, endpoint=endpoint,
+                         retries=retries)
+    log.info("uploaded %s to %s: %s", folder, repo_id, upload.commit if upload.new_commit else
+             "unchanged, no new commit")
+    return upload
+
+
+def commit_once(api, repo_id: str, message: str, attempt: Callable[[str], object], *, revision: str = "main",
+                token: str | None = None, endpoint: str | None = None,
+                retries: int = DEFAULT_RETRIES) -> Upload:
+    """Run ``attempt(head)`` (a commit with ``parent_commit=head``, returning the Hub's CommitInfo)
+    until one lands exactly once.
+
+    If the branch moved (a 409/412 answer, or a head that changed since the last attempt) and its
+    newest commit carries ``message``, an earlier attempt landed although its answer was lost: that
+    commit is returned instead of a second one. Transient errors are retried with backoff.
+
+    Raises:
+        HubError (subclasses): a permanent error, or still failing after ``retries`` retries.
+    """
+    previous = None
+    for n in range(retries + 1):
         head = resolve_revision(repo_id, revision, token=token, endpoint=endpoint, retries=retries)
+        if previous is not None and head != previous:  # moved since our last attempt: was it us?
+            landed = _landed(api, repo_id, revision, message, token, retries)
+            if landed is not None:
+                return landed
+        previous = head
         try:
-            info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message,
-                                     revision=revision, parent_commit=head, repo_type="model",
-                                     ignore_patterns=NOT_UPLOADED)
-            new = info.oid != head
-            log.info("uploaded %s to %s: %s", folder, repo_id,
-                     info.oid if new else "unchanged, no new commit")
-            return Upload(repo_id, info.oid, info.commit_url, new)
+            info = attempt(head)
+            return Upload(repo_id, info.oid, info.commit_url, info.oid != head)
         except Exception as e:
             err = _translate(e, f"upload to {repo_id}", token)
             status = getattr(getattr(e, "response", None), "status_code", None)
-            if status in (409, 412):  # the branch moved: did our own earlier attempt land?
-                latest = _with_retries(lambda: api.list_repo_commits(repo_id, revision=revision)[0],
-                                       f"{repo_id} commits", token, retries, _backoff())
-                if latest.title == message:
-                    log.info("an earlier attempt already committed %s to %s", latest.commit_id, repo_id)
-                    url = f"{api.endpoint}/{repo_id}/commit/{latest.commit_id}"
-                    return Upload(repo_id, latest.commit_id, url, True)
+            if status in (409, 412):  # the branch moved under this attempt: was it an earlier one of ours?
+                landed = _landed(api, repo_id, revision, message, token, retries)
+                if landed is not None:
+                    return landed
+                previous = None  # checked: someone else's commit, try again on top of it
                 continue
-            if not err.transient or attempt == retries:
+            if not err.transient or n == retries:
                 raise err from None
-            delay = _backoff() * (2 ** attempt)
-            log.warning("%s (attempt %d of %d); retrying in %.1f s", err, attempt + 1, retries + 1, delay)
+            delay = _backoff() * (2 ** n)
+            log.warning("%s (attempt %d of %d); retrying in %.1f s", err, n + 1, retries + 1, delay)
             time.sleep(delay)
     raise HubError(f"upload to {repo_id}: the branch kept moving during {retries + 1} attempts")
+
+
+def _landed(api, repo_id: str, revision: str, message: str, token: str | None,
+            retries: int) -> Upload | None:
+    """The branch's newest commit if it carries ``message`` (an attempt of ours landed), else None."""
+    latest = _with_retries(lambda: api.list_repo_commits(repo_id, revision=revision)[0],
+                           f"{repo_id} commits", token, retries, _backoff())
+    if latest.title != message:
+        return None
+    log.info("an earlier attempt already committed %s to %s", latest.commit_id, repo_id)
+    return Upload(repo_id, latest.commit_id, f"{api.endpoint}/{repo_id}/commit/{latest.commit_id}", True)
 
 
 def fetch_file(repo_id: str, filename: str, revision: str = "main", *, token: str | None = None,

@@ -11,11 +11,15 @@ from typing import Any
 def write_json_atomic(path: Path, data: Any) -> Path:
     """Write ``data`` as indented JSON to ``path`` through a temporary file (named for this
     process, so two writers never share it), an fsync and a rename; returns ``path``."""
+    return write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` as :func:`write_json_atomic` does; returns ``path``."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

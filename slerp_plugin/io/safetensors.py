@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -106,6 +106,16 @@ def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:
         CheckpointError: missing, unreadable, corrupt or truncated file, with the reason.
     """
     size, header = _header_bytes(path)
+    return parse_header(path, header, size)
+
+
+def parse_header(path: Path, header: bytes, size: int) -> tuple[list[TensorInfo], dict[str, str]]:
+    """:func:`read_header` of header bytes already read (``header``: the ``N`` bytes after the
+    length) of a file of ``size`` bytes; ``path`` names the file in the result and in errors.
+
+    Raises:
+        CheckpointError: as :func:`read_header`.
+    """
     doc = _parse_header_json(path, header)
     metadata = _metadata(path, doc.pop("__metadata__", None))
     data_start = 8 + len(header)
@@ -271,10 +281,7 @@ class Checkpoint:
                 )
             if len(files) != 1:
                 raise CheckpointError(_no_weights_message(folder, files), path=folder)
-        ckpt = cls(folder, files)
-        for info in read_header(files[0])[0]:
-            ckpt.tensors[info.name] = info
-        return ckpt
+        return cls.assemble(folder, files, None, lambda p: read_header(p)[0])
 
     @classmethod
     def _open_indexed(cls, folder: Path, index_path: Path) -> Checkpoint:
@@ -288,9 +295,25 @@ class Checkpoint:
             if not p.is_file():
                 raise CheckpointError(f"{folder}: shard {fname} listed in {INDEX_NAME} is missing", path=p)
             files.append(p)
+        return cls.assemble(folder, files, weight_map, lambda p: read_header(p)[0])
+
+    @classmethod
+    def assemble(cls, folder: Path, files: list[Path], weight_map: dict[str, str] | None,
+                 headers: Callable[[Path], list[TensorInfo]]) -> Checkpoint:
+        """A checkpoint of ``files`` whose headers ``headers(file)`` gives, each tensor taken from
+        the file ``weight_map`` (an index's, by file name) names; every tensor of the single file
+        where there is no index.
+
+        Raises:
+            CheckpointError: a tensor the index lists is not in its file; a corrupt header.
+        """
         ckpt = cls(folder, files)
+        if weight_map is None:
+            for info in headers(files[0]):
+                ckpt.tensors[info.name] = info
+            return ckpt
         for p in files:
-            infos = {i.name: i for i in read_header(p)[0]}
+            infos = {i.name: i for i in headers(p)}
             for name, fname in weight_map.items():
                 if fname == p.name:
                     if name not in infos:

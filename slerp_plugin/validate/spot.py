@@ -92,9 +92,8 @@ class _Tensors:
     CheckpointError for the merge.
     """
 
-    def __init__(self, folder: Path, parents: tuple[Path, Path]) -> None:
-        self.checkpoints = {"a": Checkpoint.open(parents[0]), "b": Checkpoint.open(parents[1]),
-                            "m": Checkpoint.open(folder)}
+    def __init__(self, checkpoints: dict[str, Checkpoint]) -> None:
+        self.checkpoints = checkpoints  # "a", "b": the parents; "m": the merge
         self.reader = TensorReader()
 
     def has(self, name: str) -> bool:
@@ -134,17 +133,40 @@ def spot_check(
         ValidationInputError: a parent's tensor cannot be read.
         CheckpointError: a merged tensor cannot be read.
     """
-    records = {t.name: t for t in manifest.tensors}
     chosen = _choose(manifest, check_all_below_bytes, sample, seed)
-    log.info("spot re-computation of %d of %d tensors", len(chosen), len(records))
-    tensors = _Tensors(folder, parents)
+    log.info("spot re-computation of %d of %d tensors", len(chosen), len(manifest.tensors))
+    checkpoints = {"a": Checkpoint.open(parents[0]), "b": Checkpoint.open(parents[1]),
+                   "m": Checkpoint.open(folder)}
+    return spot_check_tensors(checkpoints, manifest.tensors, manifest.spec, chosen,
+                              reference_max_elements=reference_max_elements, seed=seed)
+
+
+def spot_check_tensors(
+    checkpoints: dict[str, Checkpoint],
+    tensors_merged: list[TensorRecord],
+    spec: dict[str, Any],
+    names: list[str],
+    *,
+    reference_max_elements: int = 1 << 22,
+    seed: int = 0,
+) -> SpotResult:
+    """Recompute the tensors ``names`` of a merge from the parents: ``checkpoints`` maps ``a`` and
+    ``b`` (the parents) and ``m`` (the merge, or some of its shards) to where their tensors lie;
+    ``tensors_merged`` are the merge's records of them, ``spec`` its spec as JSON.
+
+    Raises:
+        ValidationInputError: a parent's tensor cannot be read.
+        CheckpointError: a merged tensor cannot be read.
+    """
+    records = {t.name: t for t in tensors_merged}
+    tensors = _Tensors(checkpoints)
     results, problems = [], []
     try:
-        for name in chosen:
-            if not tensors.has(name):
+        for name in names:
+            if not tensors.has(name) or name not in records:
                 problems.append(f"{name}: missing in a parent or the merge")
                 continue
-            res = _check_one(tensors, records[name], manifest.spec, reference_max_elements, seed)
+            res = _check_one(tensors, records[name], spec, reference_max_elements, seed)
             results.append(res)
             if not res.passed:
                 worst = (f"max {res.max_ulp} ulp" if res.max_ulp is not None

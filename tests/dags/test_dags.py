@@ -62,7 +62,7 @@ def test_merge_dag_end_to_end_with_hub_retries_and_publish(dagbag, demo_bf16, hu
                             "eval_max_tokens": 128})
     st = states(dr)
     assert str(dr.state) == "success", st
-    assert all(s == "success" for s in st.values()), st
+    assert st.pop("stream_to_hub") == "skipped" and all(s == "success" for s in st.values()), st
     assert tries(dr)["download_model_1"] == 2
     assert hub.state.commit_count("org/merged") == 2
     out = next(dagbag.outputs.glob("slerp_merge/*/merged"))
@@ -71,6 +71,26 @@ def test_merge_dag_end_to_end_with_hub_retries_and_publish(dagbag, demo_bf16, hu
     report = json.loads((out / "validation.json").read_text())
     assert report["passed"] and report["functional"]["status"] == "passed"
     assert HUB_TOKEN not in (out / "merge_manifest.json").read_text()
+
+
+def test_merge_dag_streams_hub_to_hub_when_asked(dagbag, demo_bf16, hub):
+    from slerp_plugin.hub.client import list_files, resolve_revision, upload_folder
+
+    upload_folder(demo_bf16[0], "org/a")
+    upload_folder(demo_bf16[1], "org/b")
+    hub.state.reset(r"/org/b/resolve/.*safetensors$", after_bytes=3000, times=2)
+    dag = dagbag().dags["slerp_merge"]
+    dr = dag.test(run_conf={"model_1": "org/a", "model_2": "org/b", "t": 0.3, "target_repo": "org/streamed",
+                            "stream": True, "max_shard_size": "200KB"})
+    st = states(dr)
+    assert str(dr.state) == "success", st
+    assert st["stream_to_hub"] == "success"
+    assert st["download_model_1"] == "skipped" and st["plan"] == "skipped" and st["publish"] == "skipped"
+    assert dag.get_task("stream_to_hub").queue == "gpu"
+    assert hub.state.commit_count("org/streamed") == 2
+    names = {f.name for f in list_files("org/streamed", resolve_revision("org/streamed"))}
+    assert {"model.safetensors.index.json", "merge_manifest.json", "config.json"} <= names
+    assert not list(dagbag.outputs.glob("slerp_merge/*/merged*"))  # nothing of the models kept locally
 
 
 def test_interrupted_merge_is_retried_and_resumes(dagbag, demo_bf16, monkeypatch):

@@ -35,6 +35,7 @@ TIMEOUTS = {
     "merge": timedelta(hours=12),
     "validate": timedelta(hours=6),
     "publish": timedelta(hours=8),
+    "stream": timedelta(hours=16),  # download, merge and upload of 72B overlapped
     "summary": timedelta(minutes=10),
 }
 
@@ -152,6 +153,13 @@ def merge_params(**defaults: Any) -> dict[str, Param]:
                                  minimum=1),
         "max_shard_size": Param(d.get("max_shard_size", "5GB"), type="string", title="Max shard size",
                                 description="bytes per output shard, e.g. 5GB"),
+        "stream": Param(d.get("stream", False), type="boolean", title="Stream Hub to Hub",
+                        description="merge Hub parents straight into the target repo within the disk budget: "
+                                    "parents read by range, each shard spot-checked and uploaded once merged "
+                                    "(no local copy; no perplexity gate)"),
+        "disk_budget": _optional(d.get("disk_budget"), "Disk budget",
+                                 "streaming only: disk the merge may hold at once, e.g. 60GB (empty: three "
+                                 "output shards with their inputs)"),
     }
 
 
@@ -195,6 +203,26 @@ def resolve() -> dict:
         return tasks.resolve_inputs({**p, "t": p["t_values"][0]})
     ctx = get_current_context()
     return tasks.resolve_inputs(p, output=tasks.output_path(output_root(), ctx["dag"].dag_id, ctx["run_id"]))
+
+
+@task.branch(execution_timeout=TIMEOUTS["resolve"])
+@quiet
+def route(inputs: dict) -> str | list[str]:
+    """``stream``: the streaming task; otherwise the downloads of the local pipeline."""
+    if _params().get("stream"):
+        return "stream_to_hub"
+    return [f"download_{role}" for role in ("model_1", "model_2", "tokenizer")]
+
+
+@task(execution_timeout=TIMEOUTS["stream"])
+@quiet
+def stream_to_hub(inputs: dict, nightly: bool = False) -> dict:
+    """Hub parents merged straight into the target repo, shard by shard (``stream``)."""
+    from airflow.sdk import get_current_context
+
+    ctx = get_current_context()
+    output = tasks.output_path(output_root(), ctx["dag"].dag_id, ctx["run_id"])
+    return tasks.stream_to_hub(_params(), str(output))
 
 
 @task.short_circuit(execution_timeout=TIMEOUTS["resolve"])
@@ -278,16 +306,19 @@ def summary(result: dict, validation: dict, upload: dict) -> dict:
 def merge_pipeline(nightly: bool = False) -> None:
     """Add the merge tasks to the DAG being defined (inside a ``@dag`` function):
 
-    resolve → [skip check, nightly only] → download ×3 (parallel) → plan → merge (mapped over
-    shard groups, GPU queue) → finalize → validate → publish → summary.
+    resolve → [skip check, nightly only] → route → download ×3 (parallel) → plan → merge (mapped
+    over shard groups, GPU queue) → finalize → validate → publish → summary; or, with the ``stream``
+    param, route → stream_to_hub (GPU queue).
     """
     inputs = resolve()
+    branch = route(inputs)
+    if nightly:
+        parents_changed(inputs) >> branch
+    branch >> stream_to_hub.override(**gpu())(inputs)
     downloads = [download.override(task_id=f"download_{role}")(inputs, role)
                  for role in ("model_1", "model_2", "tokenizer")]
-    if nightly:
-        check = parents_changed(inputs)
-        for d in downloads:
-            check >> d
+    for d in downloads:
+        branch >> d
     p = plan(*downloads)
     merged = merge.override(**gpu()).partial(p=p).expand(indices=groups(p))
     result = finalize.override(**gpu())(p, merged)
@@ -298,8 +329,8 @@ def merge_pipeline(nightly: bool = False) -> None:
 def sweep_params(**defaults: Any) -> dict[str, Param]:
     """The trigger form of a sweep: a merge's form with a list of t values instead of one t."""
     params = merge_params(**defaults)
-    params.pop("t")
-    params.pop("merge_workers")
+    for name in ("t", "merge_workers", "stream", "disk_budget"):  # each t is merged locally and validated
+        params.pop(name)
     params["t_values"] = Param(defaults.get("t_values", [0.3, 0.5, 0.7]), type="array",
                                items={"type": "number", "minimum": 0, "maximum": 1}, minItems=1,
                                title="t values", description="the t values to merge and compare, each 0 to 1")

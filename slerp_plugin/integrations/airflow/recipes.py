@@ -48,6 +48,8 @@ class Recipe(BaseModel):
     eval_max_tokens: int = 512
     merge_workers: int = 1
     max_shard_size: str = "5GB"
+    stream: bool = False
+    disk_budget: str = ""
 
     @property
     def dag_id(self) -> str:

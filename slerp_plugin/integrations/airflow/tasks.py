@@ -60,6 +60,10 @@ def spec_from_params(params: dict[str, Any], output: Path | str) -> MergeSpec:
         output=str(output),
         max_shard_size=params.get("max_shard_size") or "5GB",
         device=params.get("device") or "auto",
+        stream=bool(params.get("stream", False)),
+        disk_budget=params.get("disk_budget") or None,
+        push_to_hub=(params.get("target_repo") or None) if params.get("stream") else None,
+        private=bool(params.get("private", False)),
     )
 
 
@@ -104,7 +108,11 @@ def resolve_inputs(params: dict[str, Any], output: Path | str | None = None) -> 
             out[role] = {"role": role, "ref": ref.ref, "revision": None, "commit": None,
                          "path": str(Path(ref.ref).resolve())}
         log.info("%s: %s%s", role, ref, f" = commit {out[role]['commit']}" if out[role]["commit"] else "")
-    if output is not None:
+    if output is not None and spec.stream:
+        from ...stream import check_stream_spec
+
+        check_stream_spec(spec)
+    elif output is not None:
         from ...preflight import require_disk
 
         for line in require_disk(spec).lines():
@@ -130,6 +138,31 @@ def download_input(entry: dict, *, weights: bool = True) -> dict:
     d = download_model(entry["ref"], entry["commit"], weights=weights)
     log.info("%s: %s@%s in %s", role, entry["ref"], entry["commit"][:12], d.path)
     return {**entry, "path": str(d.path)}
+
+
+def stream_to_hub(params: dict[str, Any], output: str) -> dict:
+    """A streaming merge (``stream``) of the Hub parents straight into ``target_repo``: nothing of
+    the models stays on local disk, and a retry resumes from what the Hub already holds.
+
+    Each shard is spot-checked before it is uploaded; the perplexity gate needs the merged weights
+    on local disk, so it does not run here, and the log says so. Returns what :func:`summary`
+    returns.
+
+    Raises:
+        ConfigError: no target repo, or a parent that is not a Hub id.
+        HubError, SlerpPluginError: as :func:`slerp_plugin.stream.stream_merge`.
+    """
+    from ...stream import stream_merge
+
+    result = stream_merge(spec_from_params(params, output))
+    up = result.upload
+    man = result.manifest
+    upload = {"published": True, "repo": up.repo_id, "commit": up.commit, "url": up.url,
+              "new_commit": up.new_commit, "output": None}
+    log.info("validation: every shard passed its spot re-computation; the perplexity gate did not run (a "
+             "streamed merge is never whole on local disk)")
+    return summary({"output": f"{up.repo_id}@{up.commit[:12]}", "t": man.spec["t"],
+                    "branch_counts": man.branch_counts}, None, upload)
 
 
 def output_path(output_root: str | Path, dag_id: str, run_id: str, suffix: str = "") -> Path:

@@ -1,0 +1,416 @@
+"""A Hub-to-Hub merge with bounded disk: parents read by range as needed, each output shard merged,
+uploaded and deleted at once, one commit at the end.
+
+Three stages overlap, each on its own thread, all within ``spec.disk_budget``:
+
+1. fetch: output shard by output shard, the parents' bytes it needs, into spool files
+   (:mod:`.spool`); every parent file is hashed as its bytes arrive;
+2. merge: the engine's :class:`~slerp_plugin.engine.execute.ShardMerge`, reading the spool, writing
+   the shard into ``<output>.partial`` and journalling it; the spool is then deleted;
+3. upload: the shard is pre-uploaded as an LFS object (the Hub checks its SHA-256), recorded in
+   the journal, and deleted.
+
+When every shard is uploaded and every parent file matched the Hub's SHA-256, one commit (pinned
+to the branch head it saw) publishes the shards with the index, configs, tokenizer, manifest and
+model card; ``<output>.partial`` is then removed. A re-run of an interrupted merge skips the shards
+the journal says are uploaded and the Hub still holds, and uploads without merging those merged
+but not uploaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..engine import VOCAB_TENSOR_NAMES, MergePlan, MergeResult, ShardPlan, compute_threads
+from ..engine.execute import ShardMerge
+from ..engine.finish import write_metadata
+from ..engine.output import output_lock
+from ..engine.plan import format_bytes, plan_checkpoints
+from ..engine.resume import ShardOutcome, forget, load_outcome, prepare_partial, state_dir
+from ..errors import ConfigError, HubIntegrityError, OutputWriteError, ValidationGateError
+from ..formats.manifest import InputFile, InputRecord
+from ..hub.client import commit_message_for, is_hub_id
+from ..hub.lfs import ensure_repo, lfs_present, preupload, publish, uploaded_file
+from ..io.atomic import write_json_atomic
+from ..io.model_files import OUTPUT_MARKER
+from ..io.reader import TensorReader
+from ..io.safetensors import Checkpoint, read_header
+from ..spec import MergeSpec
+from .remote import RemoteParent, open_parent
+from .spool import ROLES, DiskBudget, ParentHashes, ShardSpool, fetch_spool, spool_shard
+
+log = logging.getLogger(__name__)
+
+#: shards in flight by default: one being fetched, one merged, one uploaded
+DEFAULT_SHARDS_IN_FLIGHT = 3
+_DONE = object()
+
+
+@dataclass
+class StreamStats:
+    """What a streaming merge measured: bytes each way, the disk it held at most, reused shards."""
+
+    bytes_fetched: int = 0
+    bytes_uploaded: int = 0
+    peak_disk: int = 0
+    reused: int = 0
+    uploaded_only: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def check_stream_spec(spec: MergeSpec) -> None:
+    """What a streaming merge needs of its spec.
+
+    Raises:
+        ConfigError: no ``push_to_hub``, or a parent that is not a Hub id.
+    """
+    if not spec.push_to_hub:
+        raise ConfigError("method.stream=true needs a Hub target: add +push_to_hub=org/name")
+    for role, ref in (("model_1", spec.model_1), ("model_2", spec.model_2)):
+        if not is_hub_id(ref.ref):
+            raise ConfigError(f"{role}: {ref} is not a Hub id; method.stream=true merges Hub models "
+                              "(org/name[@revision]); merge local folders without it")
+    if spec.allow_bin:
+        raise ConfigError("method.allow_bin: pickled .bin weights cannot be streamed; merge them without "
+                          "method.stream")
+
+
+def stream_merge(spec: MergeSpec, *, token: str | None = None) -> MergeResult:
+    """Merge Hub parents into ``spec.push_to_hub`` with at most ``spec.disk_budget`` bytes of disk.
+
+    The local working folder is ``<output>.partial`` (this tool's marker; removed once published).
+
+    Raises:
+        ConfigError: see :func:`check_stream_spec`; a budget below one shard's need.
+        OutputLockedError: another merge holds the output.
+        OutputWriteError: the working folder cannot be written (disk full).
+        HubIntegrityError: a parent's bytes do not match the Hub's SHA-256 (nothing published; the
+            working folder is discarded, so a re-run starts over).
+        HubError (subclasses), CheckpointError, KeyMismatchError, ShapeMismatchError: as a local merge.
+    """
+    check_stream_spec(spec)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="slerp-stream-") as tmp:
+        parents = {role: open_parent(ref, name, Path(tmp) / role, token=token)
+                   for role, ref, name in (("model_1", spec.model_1, spec.model_names[0]),
+                                           ("model_2", spec.model_2, spec.model_names[1]))}
+        tokenizer_folder = _tokenizer(spec, parents, Path(tmp) / "tokenizer", token)
+        plan = _plan(spec, parents, tokenizer_folder)
+        with output_lock(plan.output, exclusive=True, wait=False, what="slerp-merge (streaming)"):
+            prepare_partial(plan, exclusive=True)
+            bar = progress_bar(plan)
+            try:
+                merge = StreamingMerge(plan, parents, token=token, progress=bar.update if bar else None)
+                return merge.run(started)
+            finally:
+                if bar:
+                    bar.close()
+
+
+def _tokenizer(spec: MergeSpec, parents: dict[str, RemoteParent], folder: Path, token: str | None) -> Path:
+    if spec.tokenizer_ref == spec.model_1:
+        return parents["model_1"].folder
+    if is_hub_id(spec.tokenizer_ref.ref) and not Path(spec.tokenizer_ref.ref).is_dir():
+        return open_parent(spec.tokenizer_ref, "tokenizer", folder, weights=False, token=token).folder
+    return Path(spec.tokenizer_ref.ref).expanduser().resolve()
+
+
+def _plan(spec: MergeSpec, parents: dict[str, RemoteParent], tokenizer: Path) -> MergePlan:
+    """The merge plan of the parents' remote checkpoints (their files named as in their repos)."""
+    identity = [[role, p.repo_id, p.commit, name, p.files[name].size, p.files[name].sha256]
+                for role, p in parents.items() for name in sorted(p.files)]
+    paths = {role: p.folder for role, p in parents.items()}
+    paths["tokenizer"] = tokenizer
+    return plan_checkpoints(spec, paths, {role: p.checkpoint for role, p in parents.items()}, identity,
+                            commits={role: p.commit for role, p in parents.items()})
+
+
+class StreamingMerge:
+    """One streaming merge of ``plan`` (see the module docstring); :meth:`run` does it."""
+
+    def __init__(self, plan: MergePlan, parents: dict[str, RemoteParent], *, token: str | None = None,
+                 progress: Callable[[int], None] | None = None) -> None:
+        self.plan, self.parents, self.token = plan, parents, token
+        self.spec = plan.spec
+        self.repo_id: str = plan.spec.push_to_hub  # type: ignore[assignment]
+        self.spool_dir = plan.partial / "spool"
+        self.spools: list[tuple[ShardPlan, ShardSpool]] = [spool_shard(s, self.spool_dir)
+                                                           for s in plan.shards]
+        need = max((sp.disk_bytes for _, sp in self.spools), default=0)
+        self.budget = DiskBudget(plan.spec.disk_budget or DEFAULT_SHARDS_IN_FLIGHT * need)
+        if self.budget.limit < need:
+            raise ConfigError(f"method.disk_budget: {format_bytes(self.budget.limit)} is less than one "
+                              f"output shard needs in flight ({format_bytes(need)}: its inputs and itself); "
+                              "raise method.disk_budget or lower method.max_shard_size")
+        self.hashes = ParentHashes(parents)
+        self.stats = StreamStats()
+        self._error: BaseException | None = None
+        self._ready: queue.Queue = queue.Queue()
+        self._uploads: queue.Queue = queue.Queue()
+        self._progress = progress
+        self.uploaded: set[int] = set()
+        self.merged: set[int] = set()
+
+    # ---------------------------------------------------------------- the whole merge
+
+    def run(self, started: float) -> MergeResult:
+        plan = self.plan
+        ensure_repo(self.repo_id, private=self.spec.private, token=self.token)
+        self.uploaded, self.merged = uploaded, merged = self._resume_state()
+        self.stats.reused, self.stats.uploaded_only = len(uploaded), len(merged)
+        shutil.rmtree(self.spool_dir, ignore_errors=True)  # a killed run's spool, inside our marked folder
+        _check_free_disk(plan.partial, self.budget.limit)
+        log.info("streaming %d output shard(s) (%s) to %s within a disk budget of %s; %d already uploaded, "
+                 "%d merged and waiting to upload", len(plan.shards), format_bytes(plan.total_bytes),
+                 self.repo_id, format_bytes(self.budget.limit), len(uploaded), len(merged))
+        self.spool_dir.mkdir(exist_ok=True)
+        fetcher = threading.Thread(target=self._guard, args=(self._fetch_all, uploaded | merged),
+                                   name="stream-fetch", daemon=True)
+        uploader = threading.Thread(target=self._guard, args=(self._upload_all,), name="stream-upload",
+                                    daemon=True)
+        for index in sorted(merged):  # on disk already: held before anything else may take the budget
+            self.budget.hold(self.spools[index][1].output_bytes)
+            self._uploads.put(index)
+        fetcher.start()
+        uploader.start()
+        try:
+            self._merge_all(skip=uploaded | merged)
+        except BaseException as e:
+            self._fail(e)
+        finally:
+            self._uploads.put(_DONE)
+            if not isinstance(self._error, KeyboardInterrupt):  # Ctrl-C: exit now; the journal is safe
+                fetcher.join()
+                uploader.join()
+        if self._error is not None:
+            raise self._error
+        try:
+            self.hashes.verify()
+        except HubIntegrityError:
+            log.error("discarding %s: its shards were merged from bytes that do not match the Hub",
+                      plan.partial)
+            shutil.rmtree(plan.partial, ignore_errors=True)
+            raise
+        return self._publish(started)
+
+    def _guard(self, fn: Callable, *args: object) -> None:
+        try:
+            fn(*args)
+        except BaseException as e:
+            self._fail(e)
+
+    def _stopped(self) -> bool:
+        return self._error is not None
+
+    def _fail(self, e: BaseException) -> None:
+        if self._error is None:
+            self._error = e
+        self.budget.close()
+        self._ready.put(_DONE)
+
+    # ---------------------------------------------------------------- resume
+
+    def _resume_state(self) -> tuple[set[int], set[int]]:
+        """Shards an earlier run uploaded (and the Hub still holds), and shards merged but not uploaded."""
+        records = {}
+        for shard in self.plan.shards:
+            doc = _read_json(self._upload_marker(shard))
+            if doc and doc.get("fingerprint") == self.plan.fingerprint and doc.get("repo_id") == self.repo_id:
+                records[shard.index] = (doc["sha256"], int(doc["size"]))
+        present = lfs_present(self.repo_id, set(records.values()), token=self.token) if records else set()
+        uploaded = {i for i, (sha, _) in records.items() if sha in present}
+        merged = set()
+        for shard in self.plan.shards:
+            if shard.index not in uploaded and load_outcome(self.plan, shard, verify=True) is not None:
+                merged.add(shard.index)
+        return uploaded, merged
+
+    def _upload_marker(self, shard: ShardPlan) -> Path:
+        return state_dir(self.plan) / "shards" / f"{shard.file}.hub.json"
+
+    # ---------------------------------------------------------------- the three stages
+
+    def _fetch_all(self, skip: set[int]) -> None:
+        """Fill the spool of each shard to merge, in order, as the budget allows; the others' bytes
+        are fetched only to hash the parents in order."""
+        with ThreadPoolExecutor(len(ROLES), thread_name_prefix="stream-fetch") as pool:
+            for _, spool in self.spools:
+                write = spool.index not in skip
+                if write and not self.budget.take(spool.disk_bytes):
+                    return
+                t0 = time.perf_counter()
+                for f in [pool.submit(fetch_spool, spool, role, self.parents[role], self.hashes, write=write,
+                                      stop=self._stopped) for role in ROLES]:
+                    f.result()
+                self.stats.bytes_fetched += spool.input_bytes
+                if write:
+                    seconds = time.perf_counter() - t0
+                    log.info("shard %d/%d: fetched %s of parent bytes in %.1f s (%s/s)", spool.index + 1,
+                             len(self.spools), format_bytes(spool.input_bytes), seconds,
+                             format_bytes(spool.input_bytes / max(seconds, 1e-9)))
+                    self._ready.put(spool.index)
+                if self._error is not None:
+                    return
+
+    def _merge_all(self, skip: set[int]) -> None:
+        with compute_threads(self.plan.device, self.spec.threads) as threads:
+            log.info("merging on %s with %d compute thread(s)", self.plan.device, threads)
+            self._merge_shards(skip)
+
+    def _merge_shards(self, skip: set[int]) -> None:
+        for shard, spool in self.spools:
+            if shard.index in skip:
+                if self._progress:
+                    self._progress(shard.nbytes)
+                continue
+            index = self._ready.get()
+            if index is _DONE or self._error is not None:
+                return
+            assert index == shard.index
+            with TensorReader(direct=self.spec.direct_io) as reader:
+                outcome = ShardMerge(self.plan, shard, reader, progress=self._progress).run()
+            self._spot_check(shard, spool, outcome)
+            spool.remove()
+            self.budget.give(spool.input_bytes)
+            self._uploads.put(shard.index)
+
+    def _spot_check(self, shard: ShardPlan, spool: ShardSpool, outcome: ShardOutcome) -> None:
+        """Recompute some of the shard's tensors from the spooled parent bytes, FusionBench's way
+        (:mod:`slerp_plugin.validate.spot`), before it leaves: see :func:`spot_names`.
+
+        Raises:
+            ValidationGateError: a tensor differs (the shard is discarded, nothing is published).
+        """
+        from ..validate.spot import spot_check_tensors
+
+        path = self.plan.partial / shard.file
+        merged = Checkpoint(self.plan.partial, [path], {i.name: i for i in read_header(path)[0]})
+        parents = {side: Checkpoint(self.spool_dir, [spool.files[role]],
+                                    {j.name: (j.a if side == "a" else j.b) for j in shard.jobs})
+                   for side, role in (("a", "model_1"), ("b", "model_2"))}
+        names = spot_names(shard, seed=shard.index)
+        result = spot_check_tensors({**parents, "m": merged}, outcome.tensors,
+                                    self.spec.model_dump(mode="json"), names, seed=shard.index)
+        if not result.passed:
+            forget(self.plan, shard)
+            raise ValidationGateError(f"{shard.file}: spot re-computation failed: {result.problems[0]}; "
+                                      "nothing was published")
+        log.info("shard %d/%d %s: spot re-computation of %d tensor(s) passed", shard.index + 1,
+                 len(self.spools), shard.file, len(names))
+
+    def _upload_all(self) -> None:
+        while (index := self._uploads.get()) is not _DONE:
+            if self._error is not None:
+                continue
+            shard, spool = self.spools[index]
+            outcome = load_outcome(self.plan, shard, verify=False)
+            path = self.plan.partial / shard.file
+            if outcome is None:
+                raise OutputWriteError(f"{path}: merged shard missing before upload", path=path)
+            t0 = time.perf_counter()
+            preupload(self.repo_id, path, shard.file, outcome.record.sha256, token=self.token)
+            write_json_atomic(self._upload_marker(shard), {
+                "fingerprint": self.plan.fingerprint, "repo_id": self.repo_id,
+                "sha256": outcome.record.sha256, "size": outcome.record.size})
+            path.unlink()
+            self.budget.give(spool.output_bytes)
+            self.stats.bytes_uploaded += outcome.record.size
+            seconds = time.perf_counter() - t0
+            log.info("shard %d/%d %s: uploaded %s in %.1f s (%s/s) and deleted locally", index + 1,
+                     len(self.spools), shard.file, format_bytes(outcome.record.size), seconds,
+                     format_bytes(outcome.record.size / max(seconds, 1e-9)))
+
+    # ---------------------------------------------------------------- publishing
+
+    def _publish(self, started: float) -> MergeResult:
+        from huggingface_hub import CommitOperationAdd
+
+        plan = self.plan
+        outcomes: list[ShardOutcome] = []
+        for shard in plan.shards:
+            outcome = load_outcome(plan, shard, verify=False, local=False)
+            if outcome is None:
+                raise OutputWriteError(f"{plan.partial}: shard {shard.file} has no journal entry",
+                                       path=plan.partial)
+            outcome.reused = shard.index in self.uploaded | self.merged
+            outcomes.append(outcome)
+        meta = plan.partial / "publish"
+        shutil.rmtree(meta, ignore_errors=True)  # inside our marked working folder: an earlier attempt's
+        meta.mkdir()
+        manifest = write_metadata(plan, meta, outcomes, self._input_records(), started, time.perf_counter())
+        operations = [uploaded_file(o.record.file, o.record.sha256, o.record.size) for o in outcomes]
+        operations += [CommitOperationAdd(path_in_repo=f.name, path_or_fileobj=str(f))
+                       for f in sorted(meta.iterdir()) if f.is_file() and f.name != OUTPUT_MARKER]
+        upload = publish(self.repo_id, operations, commit_message_for(meta), token=self.token)
+        shutil.rmtree(plan.partial)
+        self.stats.peak_disk = self.budget.peak
+        self.stats.seconds = time.perf_counter() - started
+        log.info("streamed %s to %s in %.1f s: %s fetched, %s uploaded, at most %s of disk held",
+                 format_bytes(plan.total_bytes), self.repo_id, self.stats.seconds,
+                 format_bytes(self.stats.bytes_fetched), format_bytes(self.stats.bytes_uploaded),
+                 format_bytes(self.stats.peak_disk))
+        return MergeResult(None, manifest, upload)
+
+    def _input_records(self) -> dict[str, InputRecord]:
+        records = {}
+        refs = {"model_1": self.spec.model_1, "model_2": self.spec.model_2}
+        for role, parent in self.parents.items():
+            records[role] = InputRecord(
+                ref=refs[role].ref, revision=refs[role].revision, commit=parent.commit,
+                path=f"hf://{parent.repo_id}@{parent.commit}",
+                files=[InputFile(name=f.name, size=f.size, sha256=f.sha256) for f in parent.files.values()])
+        tok = self.plan.paths["tokenizer"]
+        records["tokenizer"] = records["model_1"] if tok == self.parents["model_1"].folder else InputRecord(
+            ref=self.spec.tokenizer_ref.ref, revision=self.spec.tokenizer_ref.revision, path=str(tok),
+            files=[InputFile(name=f.name, size=f.stat().st_size)
+                   for f in sorted(tok.iterdir()) if f.is_file()])
+        return records
+
+
+def spot_names(shard: ShardPlan, *, seed: int, sample: int = 1) -> list[str]:
+    """The tensors of ``shard`` a streaming merge recomputes: its vocabulary tensors and ``sample``
+    more chosen with ``seed`` (a few percent of a merge's work; see docs/performance.md)."""
+    names = [j.name for j in shard.jobs]
+    vocab = [n for n in names if any(v in n for v in VOCAB_TENSOR_NAMES)]
+    rest = [n for n in names if n not in vocab]
+    return vocab + random.Random(seed).sample(rest, min(sample, len(rest)))
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _check_free_disk(folder: Path, budget: int) -> None:
+    """The budget fits in the free space, counting what the working folder holds already."""
+    held = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    free = shutil.disk_usage(folder).free + held
+    if free < budget:
+        raise OutputWriteError(f"{folder}: {format_bytes(free)} free, but the disk budget is "
+                               f"{format_bytes(budget)}; free space or lower method.disk_budget", path=folder)
+
+
+def progress_bar(plan: MergePlan):
+    """A progress bar of output bytes when ``show_pbar`` is set or stderr is a terminal, else None."""
+    if not (plan.spec.show_pbar or sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="streaming",
+                dynamic_ncols=True)

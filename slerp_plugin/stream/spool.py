@@ -1,0 +1,224 @@
+"""The spool of a streaming merge: each output shard's input bytes, fetched by range just before
+the shard is merged, deleted just after; all of it within a disk budget.
+
+:func:`spool_shard` maps an output shard's tensors onto one spool file per parent: each run of
+tensors that lie back to back in a parent file becomes one ranged GET (:class:`Fetch`), placed in
+the spool file at the same alignment as in the parent, so the engine reads the spool exactly as it
+reads a local parent. :class:`ParentHashes` hashes every parent file from the bytes as they
+arrive, and :class:`DiskBudget` holds fetches back until the disk they need is free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..engine import ShardPlan, TensorJob
+from ..errors import HubIntegrityError, OutputWriteError
+from ..io.direct import ALIGN
+from ..io.safetensors import TensorInfo
+from .remote import RemoteParent
+
+log = logging.getLogger(__name__)
+
+ROLES = ("model_1", "model_2")
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """Bytes ``[start, stop)`` of parent file ``name``, placed at ``local`` in the spool file."""
+
+    name: str
+    start: int
+    stop: int
+    local: int
+
+
+@dataclass
+class ShardSpool:
+    """Where one output shard's input bytes go: a spool file per parent and the fetches that fill it."""
+
+    index: int
+    files: dict[str, Path]
+    fetches: dict[str, list[Fetch]]
+    output_bytes: int
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(f.stop - f.start for fs in self.fetches.values() for f in fs)
+
+    @property
+    def disk_bytes(self) -> int:
+        """The disk this shard takes at most while it is in flight: its inputs and its output."""
+        return self.input_bytes + self.output_bytes
+
+    def remove(self) -> None:
+        for f in self.files.values():
+            f.unlink(missing_ok=True)
+
+
+def spool_shard(shard: ShardPlan, folder: Path) -> tuple[ShardPlan, ShardSpool]:
+    """``shard`` with each tensor read from the spool files in ``folder`` instead of the parents,
+    and the fetches that fill those files.
+
+    Tensors are taken in the shard's read order; consecutive tensors that lie back to back in the
+    same parent file share one fetch.
+    """
+    files = {role: folder / f"{role}-{shard.index + 1:05d}.bin" for role in ROLES}
+    fetches: dict[str, list[Fetch]] = {role: [] for role in ROLES}
+    ends = dict.fromkeys(ROLES, 0)
+    placed: dict[tuple[str, Path, int], TensorInfo] = {}
+    for job in shard.jobs:
+        for role, info in zip(ROLES, (job.a, job.b), strict=True):
+            key = (role, info.file, info.offset)
+            if key in placed:
+                continue
+            runs = fetches[role]
+            last = runs[-1] if runs else None
+            if last is not None and last.name == info.file.name and last.stop == info.offset:
+                runs[-1] = replace(last, stop=info.offset + info.nbytes)
+                local = last.local + info.offset - last.start
+            else:  # a new run, at the parent's alignment
+                local = ends[role] + (info.offset - ends[role]) % ALIGN
+                runs.append(Fetch(info.file.name, info.offset, info.offset + info.nbytes, local))
+            ends[role] = local + info.nbytes
+            placed[key] = replace(info, file=files[role], offset=local)
+    jobs = [TensorJob(j.name, j.action, placed[("model_1", j.a.file, j.a.offset)],
+                      placed[("model_2", j.b.file, j.b.offset)], j.out_dtype, j.t) for j in shard.jobs]
+    return ShardPlan(shard.index, shard.file, jobs), ShardSpool(shard.index, files, fetches, shard.nbytes)
+
+
+class ParentHashes:
+    """SHA-256 of every parent weight file, fed in file order with the bytes fetched.
+
+    Bytes that arrive out of order (a re-run that skips shards, parents sharded differently) are
+    not hashed then; :meth:`verify` fetches whatever was not hashed and compares every file with the
+    SHA-256 the Hub gives.
+    """
+
+    def __init__(self, parents: dict[str, RemoteParent]) -> None:
+        self.parents = parents
+        self._state: dict[tuple[str, str], list] = {}  # (role, name) → [hasher, position]
+        self._lock = threading.Lock()
+        for role, parent in parents.items():
+            for name, head in parent.heads.items():
+                self._state[(role, name)] = [hashlib.sha256(head), len(head)]
+
+    def feed(self, role: str, name: str, pos: int, data: memoryview) -> None:
+        self._feed(self._state[(role, name)], pos, data)
+
+    @staticmethod
+    def _feed(state: list, pos: int, data: memoryview) -> None:
+        if pos == state[1]:
+            state[0].update(data)
+            state[1] += len(data)
+
+    def verify(self) -> dict[str, dict[str, str]]:
+        """Finish each file's hash (fetching what was not hashed) and check it against the Hub.
+
+        Returns the SHA-256 of each file by role and name.
+
+        Raises:
+            HubIntegrityError: a file's bytes differ from what the Hub says it holds.
+            HubError: the missing bytes cannot be fetched.
+        """
+        out: dict[str, dict[str, str]] = {}
+        for (role, name), state in self._state.items():
+            parent = self.parents[role]
+            size = parent.files[name].size
+            if state[1] < size:
+                log.info("%s/%s: hashing the %d bytes this run did not fetch in order", parent.repo_id, name,
+                         size - state[1])
+                parent.reader.stream(name, state[1], size,
+                                     lambda pos, data, s=state: self._feed(s, pos, data))
+            digest = state[0].hexdigest()
+            expected = parent.files[name].sha256
+            if expected and digest != expected:
+                raise HubIntegrityError(f"{parent.repo_id}@{parent.commit[:12]}: {name}: the bytes received "
+                                        f"do not match the Hub's SHA-256 ({digest[:12]} ≠ {expected[:12]}); "
+                                        "nothing was published", repo_id=parent.repo_id,
+                                        revision=parent.commit)
+            out.setdefault(role, {})[name] = digest
+        return out
+
+
+def fetch_spool(spool: ShardSpool, role: str, parent: RemoteParent, hashes: ParentHashes, *,
+                write: bool = True, stop: Callable[[], bool] = lambda: False) -> None:
+    """Fill ``role``'s spool file of one shard (or, without ``write``, only hash its bytes);
+    ``stop()`` true ends it early (the merge failed elsewhere).
+
+    Raises:
+        FetchStopped: ``stop()`` became true.
+        HubError: the bytes cannot be fetched.
+        OutputWriteError: the spool file cannot be written (disk full).
+    """
+    fd = os.open(spool.files[role], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if write else None
+    try:
+        for f in spool.fetches[role]:
+            def sink(pos: int, data: memoryview, f: Fetch = f) -> None:
+                if stop():
+                    raise FetchStopped
+                hashes.feed(role, f.name, pos, data)
+                if fd is not None:
+                    _pwrite_all(fd, data, f.local + pos - f.start)
+            parent.reader.stream(f.name, f.start, f.stop, sink)
+    except OSError as e:
+        raise OutputWriteError(f"{spool.files[role]}: cannot write the spool: {e.strerror or e}",
+                               path=spool.files[role]) from e
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, pos)
+        data, pos = data[n:], pos + n
+
+
+class FetchStopped(Exception):
+    """A fetch ended early because the merge stopped."""
+
+
+class DiskBudget:
+    """Bytes of disk a streaming merge may hold at once; :meth:`take` waits until they are free."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def take(self, n: int) -> bool:
+        """Wait until ``n`` more bytes fit (or nothing else is held), then hold them; False once
+        :meth:`close` was called."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._closed or self.used == 0 or self.used + n <= self.limit)
+            if self._closed:
+                return False
+            self.used += n
+            self.peak = max(self.peak, self.used)
+            return True
+
+    def hold(self, n: int) -> None:
+        """Count ``n`` bytes already on disk, without waiting."""
+        with self._cond:
+            self.used += n
+            self.peak = max(self.peak, self.used)
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Wake every waiter with a refusal (the merge stops)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()

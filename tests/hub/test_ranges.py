@@ -1,0 +1,55 @@
+"""Range reads of Hub files: exact bytes, resumed after a reset, retried on 5xx/429; permanent errors
+at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from slerp_plugin.errors import HubError, HubUnavailableError
+from slerp_plugin.hub.client import list_files, upload_folder
+from slerp_plugin.hub.ranges import RangeReader
+
+
+@pytest.fixture
+def repo(hub, demo_bf16):
+    commit = upload_folder(demo_bf16[0], "org/r").commit
+    name = next(f.name for f in list_files("org/r", commit) if f.name.endswith(".safetensors"))
+    return RangeReader("org/r", commit), (demo_bf16[0] / name).read_bytes(), name
+
+
+def test_ranges_are_the_file_s_bytes(repo):
+    reader, data, name = repo
+    assert reader.read(name, 0, 8) == data[:8]
+    assert reader.read(name, 1000, 3000) == data[1000:4000]
+    assert reader.read(name, len(data) - 5, 5) == data[-5:]
+    assert reader.bytes_read == 8 + 3000 + 5
+
+
+def test_a_reset_mid_range_resumes_where_it_stopped(hub, repo):
+    reader, data, name = repo
+    hub.state.reset(rf"/resolve/.*/{name}$", after_bytes=1500, times=3)
+    got = []
+    reader.stream(name, 100, len(data), lambda pos, chunk: got.append((pos, bytes(chunk))))
+    positions = [p for p, _ in got]
+    assert positions == sorted(positions) and positions[0] == 100
+    assert b"".join(c for _, c in got) == data[100:]  # every byte once, in order
+    gets = [p for m, p, _ in hub.state.requests if m == "GET" and p.endswith(name)]
+    assert len(gets) == 4  # three resets, then the rest
+
+
+def test_server_errors_and_rate_limits_are_retried(hub, repo):
+    reader, data, name = repo
+    hub.state.fail("GET", rf"/resolve/.*/{name}$", status=503, times=2)
+    hub.state.fail("GET", rf"/resolve/.*/{name}$", status=429, times=1)
+    assert reader.read(name, 0, 100) == data[:100]
+
+
+def test_errors_that_do_not_go_away_are_one_line(hub, repo):
+    reader, _, name = repo
+    hub.state.fail("GET", rf"/resolve/.*/{name}$", status=503, times=50)
+    with pytest.raises(HubUnavailableError, match="unavailable"):
+        reader.read(name, 0, 10)
+    hub.state.faults.clear()
+    with pytest.raises(HubError, match="HTTP 404") as e:
+        reader.read("no-such-file.safetensors", 0, 10)
+    assert not e.value.transient and "\n" not in str(e.value)

@@ -1,0 +1,221 @@
+"""Hub to Hub streaming merges against the local Hub test server: the result, the disk it holds,
+resume, and faults."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+from model_helpers import spec_for
+
+from slerp_plugin.errors import ConfigError, HubIntegrityError, HubUnavailableError
+from slerp_plugin.hub import client as H
+from slerp_plugin.merge import run_merge
+from slerp_plugin.stream import spool as spool_mod
+from slerp_plugin.stream.pipeline import stream_merge
+
+SHARD = "200KB"
+
+
+@pytest.fixture
+def parents(hub, demo_bf16):
+    a = H.upload_folder(demo_bf16[0], "org/parent-a").commit
+    b = H.upload_folder(demo_bf16[1], "org/parent-b").commit
+    return a, b
+
+
+def local_result(demo_bf16, tmp_path: Path, **kw) -> Path:
+    return run_merge(spec_for(demo_bf16, tmp_path / "local", **{"max_shard_size": SHARD, **kw})).output
+
+
+def stream_spec(tmp_path: Path, **kw):
+    from slerp_plugin.spec import MergeSpec
+
+    fields = dict(model_1="org/parent-a", model_2="org/parent-b", t=0.3, output=tmp_path / "streamed",
+                  max_shard_size=SHARD, stream=True, push_to_hub="org/merged")
+    fields.update(kw)
+    return MergeSpec.build(**fields)
+
+
+def published(repo_id: str, tmp_path: Path) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, cache_dir=tmp_path / "check-cache",
+                                  endpoint=os.environ["HF_ENDPOINT"]))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.glob("*.safetensors"))
+    assert names and names == sorted(p.name for p in b.glob("*.safetensors"))
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+    assert json.loads((a / "model.safetensors.index.json").read_text()) == \
+        json.loads((b / "model.safetensors.index.json").read_text())
+
+
+def test_streamed_merge_is_bit_identical_and_published_in_one_commit(hub, parents, demo_bf16, tmp_path):
+    expected = local_result(demo_bf16, tmp_path)
+    before = hub.state.commit_count("org/merged") if "org/merged" in hub.state.repos else 0
+    result = run_merge(stream_spec(tmp_path))
+    assert result.output is None and result.upload.new_commit
+    assert hub.state.commit_count("org/merged") == before + 2  # the repo's initial commit, then ours
+    got = published("org/merged", tmp_path)
+    assert_same_weights(expected, got)
+    for name in ("config.json", "tokenizer.json", "merge_manifest.json", "README.md"):
+        assert (got / name).is_file(), name
+    manifest = json.loads((got / "merge_manifest.json").read_text())
+    assert manifest["inputs"]["model_1"]["commit"] == parents[0]
+    weights = [f for f in manifest["inputs"]["model_2"]["files"] if f["name"].endswith(".safetensors")]
+    assert weights and all(len(f["sha256"]) == 64 for f in weights)
+    title = hub.state.repos["org/merged"].commits[result.upload.commit].title
+    assert title.startswith("SLERP merge of org/parent-a@") and "(t=0.3)" in title
+    # nothing kept locally, the Hub cache not filled with the parents
+    assert not (tmp_path / "streamed").exists() and not (tmp_path / "streamed.partial").exists()
+    assert not list((tmp_path / "hf-cache").glob("models--org--parent-*"))
+
+
+def test_disk_stays_within_the_budget(hub, parents, tmp_path, monkeypatch):
+    seen = []
+    real_take = spool_mod.DiskBudget.take
+
+    def take(self, n):
+        ok = real_take(self, n)
+        seen.append(self.used)
+        return ok
+
+    monkeypatch.setattr(spool_mod.DiskBudget, "take", take)
+    sizes = []
+    real_fetch = spool_mod.fetch_spool
+
+    def fetch(spool, role, *a, **kw):  # measure what the working folder really holds
+        real_fetch(spool, role, *a, **kw)
+        work = tmp_path / "streamed.partial"
+        sizes.append(sum(f.stat().st_blocks * 512 for f in work.rglob("*") if f.is_file()))
+
+    monkeypatch.setattr("slerp_plugin.stream.pipeline.fetch_spool", fetch)
+    budget = 1_600_000
+    run_merge(stream_spec(tmp_path, disk_budget=budget))
+    assert max(seen) <= budget and max(sizes) <= budget + 200_000  # + journal, markers
+
+
+def test_budget_below_one_shard_is_refused_before_anything_is_fetched(hub, parents, tmp_path):
+    with pytest.raises(ConfigError, match="disk_budget: .* less than one output shard"):
+        run_merge(stream_spec(tmp_path, disk_budget="100KB"))
+    assert "org/merged" not in hub.state.repos
+
+
+def test_needs_hub_parents_and_a_target(demo_bf16, tmp_path):
+    with pytest.raises(ConfigError, match="push_to_hub"):
+        stream_merge(stream_spec(tmp_path, push_to_hub=None))
+    with pytest.raises(ConfigError, match="not a Hub id"):
+        stream_merge(stream_spec(tmp_path, model_1=str(demo_bf16[0])))
+
+
+def test_resets_and_server_errors_are_retried(hub, parents, demo_bf16, tmp_path):
+    expected = local_result(demo_bf16, tmp_path)
+    hub.state.reset(r"parent-a/resolve/.*safetensors$", after_bytes=5000, times=3)
+    hub.state.reset(r"parent-b/resolve/.*safetensors$", after_bytes=70_000, times=2)
+    hub.state.fail("GET", r"parent-b/resolve/.*safetensors$", status=503, times=2)
+    hub.state.fail("GET", r"parent-a/resolve/.*safetensors$", status=429, times=1)
+    hub.state.fail("PUT", r"lfs-upload", status=500, times=2)
+    hub.state.fail("POST", r"/commit/", status=502, times=1)
+    run_merge(stream_spec(tmp_path))
+    assert_same_weights(expected, published("org/merged", tmp_path))
+
+
+def test_a_parent_that_does_not_match_its_sha256_fails_and_publishes_nothing(hub, parents, tmp_path):
+    repo = hub.state.repos["org/parent-b"]
+    entry = next(e for p, e in repo.commits[parents[1]].files.items() if p.endswith(".safetensors"))
+    blob = hub.state.blob_path(entry.sha256)
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF  # the served bytes no longer match the LFS sha256 the Hub lists
+    blob.write_bytes(bytes(data))
+    with pytest.raises(HubIntegrityError, match="do not match the Hub's SHA-256.*nothing was published"):
+        run_merge(stream_spec(tmp_path))
+    assert "org/merged" not in hub.state.repos or hub.state.commit_count("org/merged") == 1
+    assert not (tmp_path / "streamed.partial").exists()
+
+
+def test_an_interrupted_stream_resumes_without_merging_or_uploading_again(hub, parents, demo_bf16, tmp_path,
+                                                                         caplog, monkeypatch):
+    expected = local_result(demo_bf16, tmp_path, max_shard_size="60KB")
+    total = len(list(expected.glob("*.safetensors")))
+    spec = stream_spec(tmp_path, max_shard_size="60KB")
+    real = spool_mod.fetch_spool
+
+    shards = tmp_path / "streamed.partial" / ".slerp_state" / "shards"
+
+    def network_gone_at_shard_4(spool, role, *a, **kw):
+        if kw.get("write", True) and spool.index >= 3:
+            deadline = time.monotonic() + 30
+            while not list(shards.glob("*.hub.json")) and time.monotonic() < deadline:
+                time.sleep(0.01)  # once the first shard is on the Hub
+            raise HubUnavailableError("network gone")
+        return real(spool, role, *a, **kw)
+
+    monkeypatch.setattr("slerp_plugin.stream.pipeline.fetch_spool", network_gone_at_shard_4)
+    with pytest.raises(HubUnavailableError, match="network gone"):
+        run_merge(spec)
+    assert total > 4 and hub.state.commit_count("org/merged") == 1  # created, nothing published
+    uploaded = len(list(shards.glob("*.hub.json")))
+    assert 1 <= uploaded <= 3
+
+    monkeypatch.setattr("slerp_plugin.stream.pipeline.fetch_spool", real)
+    puts_before = sum(1 for m, _, _ in hub.state.requests if m == "PUT")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="slerp_plugin"):
+        run_merge(spec)
+    waiting = int(re.search(r"(\d+) merged and waiting to upload", caplog.text).group(1))
+    assert f"{uploaded} already uploaded" in caplog.text
+    puts = sum(1 for m, _, _ in hub.state.requests if m == "PUT") - puts_before
+    assert puts == total - uploaded  # the shards the Hub holds are not sent again
+    assert caplog.text.count(" written in ") == total - uploaded - waiting  # nor merged again
+    assert_same_weights(expected, published("org/merged", tmp_path))
+
+
+def test_a_shard_that_fails_its_spot_check_is_not_published(hub, parents, tmp_path, monkeypatch):
+    from slerp_plugin.engine.execute import ShardMerge
+    from slerp_plugin.errors import ValidationGateError
+    from slerp_plugin.io.safetensors import read_header
+    from slerp_plugin.stream.pipeline import spot_names
+
+    real_run = ShardMerge.run
+
+    def run_then_damage(self):
+        outcome = real_run(self)
+        if self.shard.index == 0:  # a merged value changed after the kernel wrote it
+            path = self.plan.partial / self.shard.file
+            checked = [i for i in read_header(path)[0] if i.name in spot_names(self.shard, seed=0)]
+            with open(path, "r+b") as f:
+                f.seek(checked[-1].offset)
+                f.write(b"\x80\x7f")  # its first element becomes +inf (bf16)
+        return outcome
+
+    monkeypatch.setattr(ShardMerge, "run", run_then_damage)
+    with pytest.raises(ValidationGateError, match="spot re-computation failed.*nothing was published"):
+        run_merge(stream_spec(tmp_path))
+    assert hub.state.commit_count("org/merged") == 1
+    journal = tmp_path / "streamed.partial" / ".slerp_state" / "shards"
+    assert not list(journal.glob("model-00001-*"))  # merged again by the next run
+
+
+def test_the_command_line_contract(hub, parents, demo_bf16, tmp_path):
+    from model_helpers import run_cli, seed_args
+
+    expected = local_result(demo_bf16, tmp_path)
+    pair = (f"org/parent-a@{parents[0]}", "org/parent-b@main")
+    r = run_cli(seed_args(pair, "method.t=0.3", "method.stream=true", f"method.max_shard_size={SHARD}",
+                          f"method.model_save_path={tmp_path / 'cli'}", "+push_to_hub=org/cli-merged"),
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "published: " in r.stdout and "merged model:" not in r.stdout
+    log = r.stdout + r.stderr
+    assert "spot re-computation" in log and "deleted locally" in log
+    assert_same_weights(expected, published("org/cli-merged", tmp_path))
+    bad = run_cli(seed_args(pair, "method.t=0.3", "method.stream=true"), cwd=tmp_path)
+    assert bad.returncode == 2 and "+push_to_hub=org/name" in bad.stderr.strip().splitlines()[-1]

@@ -1,0 +1,76 @@
+"""Spool files: each output shard's parent bytes mapped, fetched, hashed, and held within a budget."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from slerp_plugin.engine import ShardPlan, TensorJob
+from slerp_plugin.io.direct import ALIGN
+from slerp_plugin.io.safetensors import TensorInfo
+from slerp_plugin.stream.spool import DiskBudget, Fetch, spool_shard
+
+
+def info(name: str, file: str, offset: int, nbytes: int) -> TensorInfo:
+    return TensorInfo(name, "BF16", (nbytes // 2,), Path(file), offset, nbytes)
+
+
+def job(name: str, a: TensorInfo, b: TensorInfo) -> TensorJob:
+    return TensorJob(name, "merge", a, b, "BF16", 0.5)
+
+
+def test_back_to_back_tensors_share_one_fetch_at_the_parent_alignment(tmp_path):
+    # model_1: x and y back to back in one file, z in another; model_2: x, y, z in one file, y first
+    jobs = [job("x", info("x", "a1", 100, 40), info("x", "b1", 5000, 40)),
+            job("y", info("y", "a1", 140, 60), info("y", "b1", 4000, 60)),
+            job("z", info("z", "a2", 9000, 8), info("z", "b1", 5040, 8))]
+    mapped, spool = spool_shard(ShardPlan(2, "out.safetensors", jobs), tmp_path)
+    assert spool.files == {"model_1": tmp_path / "model_1-00003.bin",
+                           "model_2": tmp_path / "model_2-00003.bin"}
+    assert spool.fetches["model_1"] == [Fetch("a1", 100, 200, 100), Fetch("a2", 9000, 9008, 9000 % ALIGN)]
+    # x and z are adjacent in b1 but z comes after y in the shard: three runs, in shard order
+    assert [(f.name, f.start, f.stop) for f in spool.fetches["model_2"]] == \
+        [("b1", 5000, 5040), ("b1", 4000, 4060), ("b1", 5040, 5048)]
+    for f in spool.fetches["model_2"]:
+        assert f.local % ALIGN == f.start % ALIGN
+    runs = spool.fetches["model_2"]
+    assert runs[1].local >= runs[0].local + 40 and runs[2].local >= runs[1].local + 60
+    a = {j.name: j.a for j in mapped.jobs}
+    assert a["y"].file == spool.files["model_1"] and a["y"].offset == a["x"].offset + 40
+    assert [j.name for j in mapped.jobs] == ["x", "y", "z"] and mapped.file == "out.safetensors"
+    assert spool.input_bytes == 108 + 108 and spool.output_bytes == 108
+    assert spool.disk_bytes == 216 + 108
+
+
+def test_the_budget_holds_fetches_back_until_disk_is_given_back():
+    budget = DiskBudget(100)
+    assert budget.take(60)
+    got = []
+    t = threading.Thread(target=lambda: got.append(budget.take(50)))
+    t.start()
+    time.sleep(0.1)
+    assert not got  # 60 + 50 > 100: waits
+    budget.give(60)
+    t.join(5)
+    assert got == [True] and budget.used == 50 and budget.peak == 60
+    budget.hold(80)  # already on disk: counted without waiting, even over the limit
+    assert budget.used == 130 and budget.peak == 130
+
+
+def test_a_closed_budget_refuses_waiters():
+    budget = DiskBudget(10)
+    budget.take(10)
+    got = []
+    t = threading.Thread(target=lambda: got.append(budget.take(5)))
+    t.start()
+    time.sleep(0.05)
+    budget.close()
+    t.join(5)
+    assert got == [False]
+
+
+def test_one_shard_bigger_than_the_budget_still_runs_alone():
+    budget = DiskBudget(10)
+    assert budget.take(50) and budget.used == 50  # nothing else held: it goes
+
