@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,39 @@ def test_merge_dag_streams_hub_to_hub_when_asked(dagbag, demo_bf16, hub):
     names = {f.name for f in list_files("org/streamed", resolve_revision("org/streamed"))}
     assert {"model.safetensors.index.json", "merge_manifest.json", "config.json"} <= names
     assert not list(dagbag.outputs.glob("slerp_merge/*/merged*"))  # nothing of the models kept locally
+
+
+def test_an_interrupted_stream_is_retried_by_airflow_and_resumes(dagbag, demo_bf16, hub, monkeypatch):
+    from slerp_plugin.errors import HubUnavailableError
+    from slerp_plugin.hub.client import upload_folder
+    from slerp_plugin.stream import pipeline
+
+    upload_folder(demo_bf16[0], "org/a")
+    upload_folder(demo_bf16[1], "org/b")
+    real = pipeline.fetch_spool
+    seen = {"failed": False}
+
+    def network_gone_once(spool, role, *a, **kw):
+        if spool.index == 2 and kw.get("write", True) and not seen["failed"]:
+            deadline = time.monotonic() + 30
+            while not list(dagbag.outputs.rglob("*.hub.json")) and time.monotonic() < deadline:
+                time.sleep(0.01)  # once the first shard is on the Hub
+            seen["failed"] = True
+            raise HubUnavailableError("connection lost (simulated)")
+        return real(spool, role, *a, **kw)
+
+    monkeypatch.setattr(pipeline, "fetch_spool", network_gone_once)
+    puts_before = sum(1 for m, _, _ in hub.state.requests if m == "PUT")
+    dag = dagbag().dags["slerp_merge"]
+    dr = dag.test(run_conf={"model_1": "org/a", "model_2": "org/b", "t": 0.5, "target_repo": "org/streamed",
+                            "stream": True, "max_shard_size": "60KB"})
+    assert str(dr.state) == "success", states(dr)
+    assert seen["failed"] and tries(dr)["stream_to_hub"] == 2
+    assert hub.state.commit_count("org/streamed") == 2
+    total = len([n for n in hub.state.repos["org/streamed"].commits[
+        hub.state.repos["org/streamed"].branches["main"]].files if n.endswith(".safetensors")])
+    puts = sum(1 for m, _, _ in hub.state.requests if m == "PUT") - puts_before
+    assert total > 3 and puts == total  # every shard sent once: the retry sent only what was missing
 
 
 def test_interrupted_merge_is_retried_and_resumes(dagbag, demo_bf16, monkeypatch):
