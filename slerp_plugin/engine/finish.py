@@ -97,9 +97,9 @@ def _finish(plan: MergePlan, input_hashes: dict[Path, str] | None, started_at: f
 
 def write_metadata(plan: MergePlan, folder: Path, outcomes: list[ShardOutcome],
                    inputs: dict[str, InputRecord], started_at: float | None,
-                   finalize_started: float) -> Manifest:
+                   finalize_started: float, *, extra_timings: dict[str, float] | None = None) -> Manifest:
     """Write the index, configs, tokenizer files, manifest and model card of a merge whose shards
-    are ``outcomes`` into ``folder``; returns the manifest.
+    are ``outcomes`` into ``folder``; returns the manifest (``extra_timings`` added to its timings).
 
     Raises:
         OSError: writing failed.
@@ -111,6 +111,7 @@ def write_metadata(plan: MergePlan, folder: Path, outcomes: list[ShardOutcome],
         if src.is_file():
             shutil.copyfile(src, folder / name)
     manifest = _build_manifest(plan, outcomes, inputs, started_at, finalize_started)
+    manifest.timings.update(extra_timings or {})
     manifest.write(folder)
     (folder / "README.md").write_text(render_model_card(manifest))
     return manifest

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine import VOCAB_TENSOR_NAMES, MergePlan, MergeResult, ShardPlan, compute_threads
@@ -68,7 +68,12 @@ class StreamStats:
     reused: int = 0
     uploaded_only: int = 0
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
+
+    def as_timings(self) -> dict[str, float]:
+        """The figures the manifest's ``timings`` records for a streaming merge."""
+        return {"stream_fetched_bytes": float(self.bytes_fetched),
+                "stream_uploaded_bytes": float(self.bytes_uploaded),
+                "stream_peak_disk_bytes": float(self.peak_disk), "stream_reused_shards": float(self.reused)}
 
 
 def check_stream_spec(spec: MergeSpec) -> None:
@@ -350,13 +355,14 @@ class StreamingMerge:
         meta = plan.partial / "publish"
         shutil.rmtree(meta, ignore_errors=True)  # inside our marked working folder: an earlier attempt's
         meta.mkdir()
-        manifest = write_metadata(plan, meta, outcomes, self._input_records(), started, time.perf_counter())
+        self.stats.peak_disk = self.budget.peak
+        manifest = write_metadata(plan, meta, outcomes, self._input_records(), started, time.perf_counter(),
+                                  extra_timings=self.stats.as_timings())
         operations = [uploaded_file(o.record.file, o.record.sha256, o.record.size) for o in outcomes]
         operations += [CommitOperationAdd(path_in_repo=f.name, path_or_fileobj=str(f))
                        for f in sorted(meta.iterdir()) if f.is_file() and f.name != OUTPUT_MARKER]
         upload = publish(self.repo_id, operations, commit_message_for(meta), token=self.token)
         shutil.rmtree(plan.partial)
-        self.stats.peak_disk = self.budget.peak
         self.stats.seconds = time.perf_counter() - started
         log.info("streamed %s to %s in %.1f s: %s fetched, %s uploaded, at most %s of disk held",
                  format_bytes(plan.total_bytes), self.repo_id, self.stats.seconds,

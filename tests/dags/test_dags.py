@@ -92,6 +92,12 @@ def test_merge_dag_streams_hub_to_hub_when_asked(dagbag, demo_bf16, hub):
     names = {f.name for f in list_files("org/streamed", resolve_revision("org/streamed"))}
     assert {"model.safetensors.index.json", "merge_manifest.json", "config.json"} <= names
     assert not list(dagbag.outputs.glob("slerp_merge/*/merged*"))  # nothing of the models kept locally
+    assert not list(dagbag.outputs.rglob("*.safetensors"))
+    from slerp_plugin.integrations.airflow.dashboard import collect_merges
+
+    (entry,) = collect_merges([dagbag.outputs])  # on the dashboard with its Hub commit
+    assert entry.readable and entry.t == 0.3 and entry.hub_repo == "org/streamed"
+    assert entry.hub_commit == resolve_revision("org/streamed") and entry.parents[0].ref == "org/a"
 
 
 def test_an_interrupted_stream_is_retried_by_airflow_and_resumes(dagbag, demo_bf16, hub, monkeypatch):

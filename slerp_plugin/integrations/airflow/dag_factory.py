@@ -40,6 +40,10 @@ TIMEOUTS = {
 }
 
 
+#: where a streamed run keeps the manifest and upload record it published (no model files)
+STREAM_RECORDS = "streamed"
+
+
 def output_root() -> Path:
     return Path(os.environ.get("SLERP_OUTPUT_ROOT", Path.home() / "slerp-merges")).expanduser()
 
@@ -221,8 +225,12 @@ def stream_to_hub(inputs: dict, nightly: bool = False) -> dict:
     from airflow.sdk import get_current_context
 
     ctx = get_current_context()
+    run = records.run_dir(output_root(), ctx["dag"].dag_id, ctx["run_id"])
+    records.write_run(run, ctx["dag"].dag_id, ctx["run_id"])
     output = tasks.output_path(output_root(), ctx["dag"].dag_id, ctx["run_id"])
-    return tasks.stream_to_hub(_params(), str(output))
+    result = tasks.stream_to_hub(_params(), str(output), record_dir=str(run / STREAM_RECORDS))
+    records.clear_failure(run)
+    return result
 
 
 @task.short_circuit(execution_timeout=TIMEOUTS["resolve"])

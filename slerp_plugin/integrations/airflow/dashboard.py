@@ -2,7 +2,8 @@
 
 It reads ``<root>/<dag_id>/<run folder>/`` under each root in ``$SLERP_DASHBOARD_ROOTS``
 (``:``-separated; default ``$SLERP_OUTPUT_ROOT``): each merge's ``merge_manifest.json``,
-``validation.json`` and ``hub_upload.json``, and the run's records (:mod:`.records`). Everything
+``validation.json`` and ``hub_upload.json`` (a streamed run keeps the first and the last in
+``streamed/``), and the run's records (:mod:`.records`). Everything
 read is untrusted: it is validated, and a merge whose files do not validate is listed as unreadable.
 
 Every route answers only users Airflow has authenticated (the UI's session cookie or an API token)
@@ -205,7 +206,7 @@ def collect(search: Iterable[Path]) -> tuple[list[MergeEntry], list[FailedRun], 
         for run in sorted(p for p in root.glob("*/*") if p.is_dir()):
             dag_id, run_id = run.parent.name, _run_id(run)
             runs[(dag_id, run_id)] = run
-            for folder in sorted(run.glob("merged*")):
+            for folder in sorted([*run.glob("merged*"), run / "streamed"]):  # streamed: records only
                 if folder.is_dir() and not folder.name.endswith(".partial"):
                     entries.append(load_entry(folder, dag_id, run_id))
             failure = read_record(run, FAILURE_RECORD, FailureRecord)

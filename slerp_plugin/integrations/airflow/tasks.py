@@ -140,9 +140,10 @@ def download_input(entry: dict, *, weights: bool = True) -> dict:
     return {**entry, "path": str(d.path)}
 
 
-def stream_to_hub(params: dict[str, Any], output: str) -> dict:
+def stream_to_hub(params: dict[str, Any], output: str, record_dir: str | None = None) -> dict:
     """A streaming merge (``stream``) of the Hub parents straight into ``target_repo``: nothing of
-    the models stays on local disk, and a retry resumes from what the Hub already holds.
+    the models stays on local disk, and a retry resumes from what the Hub already holds. The
+    published manifest and the upload record are kept in ``record_dir`` (for the dashboard).
 
     Each shard is spot-checked before it is uploaded; the perplexity gate needs the merged weights
     on local disk, so it does not run here, and the log says so. Returns what :func:`summary`
@@ -159,6 +160,14 @@ def stream_to_hub(params: dict[str, Any], output: str) -> dict:
     man = result.manifest
     upload = {"published": True, "repo": up.repo_id, "commit": up.commit, "url": up.url,
               "new_commit": up.new_commit, "output": None}
+    if record_dir is not None:
+        from ...hub.client import UPLOAD_RECORD
+        from ...io.atomic import write_json_atomic
+
+        folder = Path(record_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        man.write(folder)
+        write_json_atomic(folder / UPLOAD_RECORD, upload)
     log.info("validation: every shard passed its spot re-computation; the perplexity gate did not run (a "
              "streamed merge is never whole on local disk)")
     return summary({"output": f"{up.repo_id}@{up.commit[:12]}", "t": man.spec["t"],
@@ -423,6 +432,6 @@ def parents_changed(resolved: dict[str, dict], last_manifest: dict | None, t: An
 __all__ = [
     "ConfigError", "ValidationGateError", "is_transient", "spec_from_params", "resolve_inputs",
     "download_input", "output_path", "plan_groups", "merge_group", "finalize_merge", "merge_all",
-    "validate_output", "publish", "summary", "best_of_sweep", "last_published_manifest",
+    "stream_to_hub", "validate_output", "publish", "summary", "best_of_sweep", "last_published_manifest",
     "parents_changed",
 ]
