@@ -92,8 +92,8 @@ def lfs_present(repo_id: str, objects: Iterable[tuple[str, int]], *, token: str 
     api = _api(token, endpoint)
 
     def call() -> set[str]:
-        actions, errors, _ = post_lfs_batch_info(infos, token=token, repo_type="model", repo_id=repo_id,
-                                                 endpoint=api.endpoint, headers=api._build_hf_headers(token))
+        actions, _, _ = post_lfs_batch_info(infos, token=token, repo_type="model", repo_id=repo_id,
+                                            endpoint=api.endpoint)
         return {a["oid"] for a in actions if not a.get("actions")}
 
     return _with_retries(call, f"{repo_id} LFS objects", token, retries, _backoff())

@@ -39,12 +39,12 @@ from ..engine.finish import write_metadata
 from ..engine.output import output_lock
 from ..engine.plan import format_bytes, plan_checkpoints
 from ..engine.resume import ShardOutcome, forget, load_outcome, prepare_partial, state_dir
-from ..errors import ConfigError, HubIntegrityError, OutputWriteError, ValidationGateError
+from ..errors import CheckpointError, ConfigError, HubIntegrityError, OutputWriteError, ValidationGateError
 from ..formats.manifest import InputFile, InputRecord
 from ..hub.client import commit_message_for, is_hub_id
 from ..hub.lfs import ensure_repo, lfs_present, preupload, publish, uploaded_file
 from ..io.atomic import write_json_atomic
-from ..io.model_files import OUTPUT_MARKER
+from ..io.model_files import OUTPUT_MARKER, TOKENIZER_FILES
 from ..io.reader import TensorReader
 from ..io.safetensors import Checkpoint, read_header
 from ..spec import MergeSpec
@@ -134,7 +134,17 @@ def _tokenizer(spec: MergeSpec, parents: dict[str, RemoteParent], folder: Path, 
 
 
 def _plan(spec: MergeSpec, parents: dict[str, RemoteParent], tokenizer: Path) -> MergePlan:
-    """The merge plan of the parents' remote checkpoints (their files named as in their repos)."""
+    """The merge plan of the parents' remote checkpoints (their files named as in their repos).
+
+    Raises:
+        CheckpointError: model_1 has no config.json, or the tokenizer source no tokenizer files.
+    """
+    first = parents["model_1"]
+    if not (first.folder / "config.json").is_file():
+        raise CheckpointError(f"{spec.model_names[0]}: {first.repo_id}@{first.commit[:12]} has no "
+                              "config.json (not a transformers model)", repo_id=first.repo_id)
+    if not any((tokenizer / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"tokenizer: no tokenizer files in {spec.tokenizer_ref}")
     identity = [[role, p.repo_id, p.commit, name, p.files[name].size, p.files[name].sha256]
                 for role, p in parents.items() for name in sorted(p.files)]
     paths = {role: p.folder for role, p in parents.items()}

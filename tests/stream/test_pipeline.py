@@ -113,6 +113,16 @@ def test_budget_below_one_shard_is_refused_before_anything_is_fetched(hub, paren
     assert "org/merged" not in hub.state.repos
 
 
+def test_a_tokenizer_folder_without_tokenizer_files_is_refused(hub, parents, tmp_path):
+    from slerp_plugin.errors import CheckpointError
+
+    empty = tmp_path / "no-tokenizer"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="^tokenizer: no tokenizer files in"):
+        run_merge(stream_spec(tmp_path, tokenizer=str(empty)))
+    assert "org/merged" not in hub.state.repos
+
+
 def test_needs_hub_parents_and_a_target(demo_bf16, tmp_path):
     with pytest.raises(ConfigError, match="push_to_hub"):
         stream_merge(stream_spec(tmp_path, push_to_hub=None))
