@@ -135,6 +135,7 @@ def _translate(exc: BaseException, what: str, token: str | None) -> HubError:
             return HubUnavailableError(f"{what}: the Hub is unavailable ({detail}); retry later")
         return HubError(f"{what}: {detail}")
     if isinstance(exc, (httpx2.ConnectError, httpx2.TimeoutException, httpx2.NetworkError,
+                        httpx2.RemoteProtocolError,  # the connection dropped mid-response
                         hf.OfflineModeIsEnabled, hf.LocalEntryNotFoundError, ConnectionError, TimeoutError)):
         return HubUnavailableError(f"{what}: cannot reach the Hub ({type(exc).__name__}); check the network")
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:

@@ -66,7 +66,7 @@ class RangeReader:
             try:
                 self._get(name, stop, sink, reached)
             except Exception as e:  # translated: only transient errors are retried
-                err = _transient(e) or _translate(e, what, self.token)
+                err = _translate(e, what, self.token)
                 if not err.transient:
                     raise err from None
                 failures = 0 if reached[0] > before else failures + 1
@@ -108,12 +108,3 @@ class RangeReader:
                 self.bytes_read += len(chunk)
                 if pos >= stop:
                     break
-
-
-def _transient(e: BaseException) -> HubError | None:
-    """A dropped or broken connection (which the Hub client's own errors do not cover) as transient."""
-    import httpx2
-
-    if isinstance(e, httpx2.TransportError):
-        return HubUnavailableError(f"connection lost ({type(e).__name__})")
-    return None

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import random
 import shutil
 import sys
 import tempfile
@@ -33,14 +32,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine import VOCAB_TENSOR_NAMES, MergePlan, MergeResult, ShardPlan, compute_threads
+from ..engine import MergePlan, MergeResult, ShardPlan, compute_threads
 from ..engine.execute import ShardMerge
 from ..engine.finish import write_metadata
 from ..engine.output import output_lock
 from ..engine.plan import format_bytes, plan_checkpoints
 from ..engine.resume import ShardOutcome, forget, load_outcome, prepare_partial, state_dir
 from ..errors import CheckpointError, ConfigError, HubIntegrityError, OutputWriteError, ValidationGateError
-from ..formats.manifest import InputFile, InputRecord
+from ..formats.manifest import InputFile, InputRecord, ShardRecord
 from ..hub.client import commit_message_for, is_hub_id
 from ..hub.lfs import ensure_repo, lfs_present, preupload, publish, uploaded_file
 from ..io.atomic import write_json_atomic
@@ -177,7 +176,7 @@ class StreamingMerge:
         self._uploads: queue.Queue = queue.Queue()
         self._progress = progress
         self.uploaded: set[int] = set()
-        self.merged: set[int] = set()
+        self.merged: dict[int, ShardRecord] = {}
 
     # ---------------------------------------------------------------- the whole merge
 
@@ -192,17 +191,18 @@ class StreamingMerge:
                  "%d merged and waiting to upload", len(plan.shards), format_bytes(plan.total_bytes),
                  self.repo_id, format_bytes(self.budget.limit), len(uploaded), len(merged))
         self.spool_dir.mkdir(exist_ok=True)
-        fetcher = threading.Thread(target=self._guard, args=(self._fetch_all, uploaded | merged),
+        done = uploaded | merged.keys()
+        fetcher = threading.Thread(target=self._guard, args=(self._fetch_all, done),
                                    name="stream-fetch", daemon=True)
         uploader = threading.Thread(target=self._guard, args=(self._upload_all,), name="stream-upload",
                                     daemon=True)
-        for index in sorted(merged):  # on disk already: held before anything else may take the budget
-            self.budget.hold(self.spools[index][1].output_bytes)
-            self._uploads.put(index)
+        for index, record in sorted(merged.items()):  # on disk already: held before anything else may
+            self.budget.hold(self.spools[index][1].output_bytes)  # take the budget
+            self._uploads.put((index, record))
         fetcher.start()
         uploader.start()
         try:
-            self._merge_all(skip=uploaded | merged)
+            self._merge_all(skip=done)
         except BaseException as e:
             self._fail(e)
         finally:
@@ -238,8 +238,9 @@ class StreamingMerge:
 
     # ---------------------------------------------------------------- resume
 
-    def _resume_state(self) -> tuple[set[int], set[int]]:
-        """Shards an earlier run uploaded (and the Hub still holds), and shards merged but not uploaded."""
+    def _resume_state(self) -> tuple[set[int], dict[int, ShardRecord]]:
+        """Shards an earlier run uploaded (and the Hub still holds), and the records of shards it
+        merged but did not upload (their files verified)."""
         records = {}
         for shard in self.plan.shards:
             doc = _read_json(self._upload_marker(shard))
@@ -247,10 +248,11 @@ class StreamingMerge:
                 records[shard.index] = (doc["sha256"], int(doc["size"]))
         present = lfs_present(self.repo_id, set(records.values()), token=self.token) if records else set()
         uploaded = {i for i, (sha, _) in records.items() if sha in present}
-        merged = set()
+        merged = {}
         for shard in self.plan.shards:
-            if shard.index not in uploaded and load_outcome(self.plan, shard, verify=True) is not None:
-                merged.add(shard.index)
+            outcome = None if shard.index in uploaded else load_outcome(self.plan, shard, verify=True)
+            if outcome is not None:
+                merged[shard.index] = outcome.record
         return uploaded, merged
 
     def _upload_marker(self, shard: ShardPlan) -> Path:
@@ -300,7 +302,7 @@ class StreamingMerge:
             self._spot_check(shard, spool, outcome)
             spool.remove()
             self.budget.give(spool.input_bytes)
-            self._uploads.put(shard.index)
+            self._uploads.put((shard.index, outcome.record))
 
     def _spot_check(self, shard: ShardPlan, spool: ShardSpool, outcome: ShardOutcome) -> None:
         """Recompute some of the shard's tensors from the spooled parent bytes, FusionBench's way
@@ -327,26 +329,24 @@ class StreamingMerge:
                  len(self.spools), shard.file, len(names))
 
     def _upload_all(self) -> None:
-        while (index := self._uploads.get()) is not _DONE:
+        while (item := self._uploads.get()) is not _DONE:
             if self._error is not None:
                 continue
+            index, record = item
             shard, spool = self.spools[index]
-            outcome = load_outcome(self.plan, shard, verify=False)
             path = self.plan.partial / shard.file
-            if outcome is None:
-                raise OutputWriteError(f"{path}: merged shard missing before upload", path=path)
             t0 = time.perf_counter()
-            preupload(self.repo_id, path, shard.file, outcome.record.sha256, token=self.token)
+            preupload(self.repo_id, path, shard.file, record.sha256, token=self.token)
             write_json_atomic(self._upload_marker(shard), {
                 "fingerprint": self.plan.fingerprint, "repo_id": self.repo_id,
-                "sha256": outcome.record.sha256, "size": outcome.record.size})
+                "sha256": record.sha256, "size": record.size})
             path.unlink()
             self.budget.give(spool.output_bytes)
-            self.stats.bytes_uploaded += outcome.record.size
+            self.stats.bytes_uploaded += record.size
             seconds = time.perf_counter() - t0
             log.info("shard %d/%d %s: uploaded %s in %.1f s (%s/s) and deleted locally", index + 1,
-                     len(self.spools), shard.file, format_bytes(outcome.record.size), seconds,
-                     format_bytes(outcome.record.size / max(seconds, 1e-9)))
+                     len(self.spools), shard.file, format_bytes(record.size), seconds,
+                     format_bytes(record.size / max(seconds, 1e-9)))
 
     # ---------------------------------------------------------------- publishing
 
@@ -360,7 +360,7 @@ class StreamingMerge:
             if outcome is None:
                 raise OutputWriteError(f"{plan.partial}: shard {shard.file} has no journal entry",
                                        path=plan.partial)
-            outcome.reused = shard.index in self.uploaded | self.merged
+            outcome.reused = shard.index in self.uploaded or shard.index in self.merged
             outcomes.append(outcome)
         meta = plan.partial / "publish"
         shutil.rmtree(meta, ignore_errors=True)  # inside our marked working folder: an earlier attempt's
@@ -399,10 +399,9 @@ class StreamingMerge:
 def spot_names(shard: ShardPlan, *, seed: int, sample: int = 1) -> list[str]:
     """The tensors of ``shard`` a streaming merge recomputes: its vocabulary tensors and ``sample``
     more chosen with ``seed`` (a few percent of a merge's work; see docs/performance.md)."""
-    names = [j.name for j in shard.jobs]
-    vocab = [n for n in names if any(v in n for v in VOCAB_TENSOR_NAMES)]
-    rest = [n for n in names if n not in vocab]
-    return vocab + random.Random(seed).sample(rest, min(sample, len(rest)))
+    from ..validate.spot import pick_tensors
+
+    return pick_tensors([j.name for j in shard.jobs], sample, seed)
 
 
 def _read_json(path: Path) -> dict | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -184,11 +184,16 @@ def _choose(manifest: Manifest, check_all_below_bytes: int, sample: int, seed: i
     names = list(shapes)
     if manifest.output.total_size <= check_all_below_bytes:
         return names
-    largest = max(names, key=shapes.get)
+    return pick_tensors(names, sample, seed, first=[max(names, key=shapes.get)])
+
+
+def pick_tensors(names: list[str], sample: int, seed: int, first: Sequence[str] = ()) -> list[str]:
+    """``first``, then the vocabulary tensors among ``names``, then ``sample`` of the others chosen
+    with ``seed``: the tensors a spot check recomputes."""
     vocab = [n for n in names if any(v in n for v in VOCAB_TENSOR_NAMES)]
-    rest = [n for n in names if n != largest and n not in vocab]
+    rest = [n for n in names if n not in first and n not in vocab]
     sampled = random.Random(seed).sample(rest, min(sample, len(rest)))
-    return list(dict.fromkeys([largest, *vocab, *sampled]))
+    return list(dict.fromkeys([*first, *vocab, *sampled]))
 
 
 def _check_one(tensors: _Tensors, rec: TensorRecord, spec: dict[str, Any], reference_max_elements: int,

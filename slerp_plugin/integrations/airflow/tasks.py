@@ -158,16 +158,12 @@ def stream_to_hub(params: dict[str, Any], output: str, record_dir: str | None = 
     result = stream_merge(spec_from_params(params, output))
     up = result.upload
     man = result.manifest
-    upload = {"published": True, "repo": up.repo_id, "commit": up.commit, "url": up.url,
-              "new_commit": up.new_commit, "output": None}
+    upload = _upload_record(up, None)
     if record_dir is not None:
-        from ...hub.client import UPLOAD_RECORD
-        from ...io.atomic import write_json_atomic
-
         folder = Path(record_dir)
         folder.mkdir(parents=True, exist_ok=True)
         man.write(folder)
-        write_json_atomic(folder / UPLOAD_RECORD, upload)
+        _write_upload_record(folder, upload)
     log.info("validation: every shard passed its spot re-computation; the perplexity gate did not run (a "
              "streamed merge is never whole on local disk)")
     return summary({"output": f"{up.repo_id}@{up.commit[:12]}", "t": man.spec["t"],
@@ -290,15 +286,24 @@ def publish(output: str, target_repo: str | None, private: bool = False) -> dict
     if not target_repo:
         log.info("no target repo: the merge stays at %s", output)
         return {"published": False, "output": output}
-    from ...hub.client import UPLOAD_RECORD, upload_folder
+    from ...hub.client import upload_folder
 
-    up = upload_folder(output, target_repo, private=private)
-    record = {"published": True, "repo": up.repo_id, "commit": up.commit, "url": up.url,
-              "new_commit": up.new_commit, "output": output}
+    record = _upload_record(upload_folder(output, target_repo, private=private), output)
+    _write_upload_record(Path(output), record)
+    return record
+
+
+def _upload_record(up, output: str | None) -> dict:
+    """What a publish returns and the dashboard reads: repo, commit, URL, whether it is new."""
+    return {"published": True, "repo": up.repo_id, "commit": up.commit, "url": up.url,
+            "new_commit": up.new_commit, "output": output}
+
+
+def _write_upload_record(folder: Path, record: dict) -> None:
+    from ...hub.client import UPLOAD_RECORD
     from ...io.atomic import write_json_atomic
 
-    write_json_atomic(Path(output) / UPLOAD_RECORD, record)  # for the dashboard; not uploaded
-    return record
+    write_json_atomic(folder / UPLOAD_RECORD, record)  # for the dashboard; not uploaded
 
 
 def summary(merge: dict, validation: dict | None, upload: dict | None) -> dict:
