@@ -1,14 +1,19 @@
 """Benchmark of ``slerp-merge validate``: peak memory across model sizes, time on a real model.
 
     python bench/validate.py [--layers 4 16 32] [--no-smollm2] [--device cpu] [--out DIR]
+                             [--repeats N] [--baseline DIR]
 
 For each ``--layers`` count (4/16/32 = the 0.25×/1×/2× pairs of bench/run.py; 16 = 953M
 parameters) the pair is built under bench/work/ if missing, merged once at t = 0.5, and
 validated with ``--no-cache`` (all three models evaluated); then SmolLM2-135M-Instruct and its
 fine-tune (bench/finetune.py) are merged and validated twice with a fresh evaluation cache: cold
-(parents evaluated) and warm (parents from the cache). Each run's wall time and peak RSS come
-from the kernel (bench/run.py's ``timed``), with the seconds of each check from its report.
-Writes DIR/validate.json and prints a markdown table (default DIR: bench/results).
+(parents evaluated) and warm (parents from the cache), ``--repeats`` times (default 1). With
+``--baseline DIR`` (a checkout of another version of this project, e.g. made with
+``git worktree add DIR <commit>``) each repeat first runs that version's ``validate`` on the same
+model (imported from DIR), so the two are compared on the same host within the same minutes; the
+table then gives each version's median and the ratio to the baseline's. Each run's wall time and
+peak RSS come from the kernel (bench/run.py's ``timed``), with the seconds of each check from its
+report. Writes DIR/validate.json and prints a markdown table (default DIR: bench/results).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -39,10 +45,10 @@ def merged(a: Path, b: Path, out: Path) -> Path:
 
 
 def validate(model: Path, parents: tuple[Path, Path], device: str, extra: list[str],
-             env: dict | None = None) -> dict:
-    """One timed ``slerp-merge validate``; its figures and the report's timings."""
+             env: dict | None = None, cli: list[str] = CLI) -> dict:
+    """One timed ``slerp-merge validate`` (run as ``cli``); its figures and the report's timings."""
     with tempfile.TemporaryDirectory() as report:
-        m = timed([*CLI, "validate", str(model), "--parents", *map(str, parents), "--report", report,
+        m = timed([*cli, "validate", str(model), "--parents", *map(str, parents), "--report", report,
                    "--device", device, *extra], env=env)
         rep = json.loads((Path(report) / "validation.json").read_text())
     f = rep["functional"]
@@ -57,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-smollm2", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=BENCH / "results")
+    ap.add_argument("--repeats", type=int, default=1, help="SmolLM2 runs of each kind")
+    ap.add_argument("--baseline", type=Path, help="a checkout of the version to compare with")
     args = ap.parse_args(argv)
     rows = []
     for layers in args.layers:
@@ -73,21 +81,44 @@ def main(argv: list[str] | None = None) -> None:
         base = smollm2_folder()
         tuned = finetune(base, base.with_name(base.name + "-ft20"))
         out = merged(base, tuned, WORK / "validate" / "merged-smollm2")
-        with tempfile.TemporaryDirectory() as cache:
-            env = {**os.environ, "SLERP_PLUGIN_CACHE": cache}
-            for label in ("cold", "warm"):
-                rows.append({"model": "SmolLM2-135M + fine-tune", "cache": label,
-                             **validate(out, (base, tuned), args.device, [], env)})
+        for _ in range(args.repeats):
+            if args.baseline:
+                # -P: the package comes from PYTHONPATH, not from the current folder
+                env = {**os.environ, "PYTHONPATH": str(args.baseline.resolve())}
+                rows.append({"model": "SmolLM2-135M + fine-tune", "cache": "baseline",
+                             **validate(out, (base, tuned), args.device, [], env,
+                                        [sys.executable, "-P", "-m", "slerp_plugin"])})
                 print(rows[-1], flush=True)
+            with tempfile.TemporaryDirectory() as cache:
+                env = {**os.environ, "SLERP_PLUGIN_CACHE": cache}
+                for label in ("cold", "warm"):
+                    rows.append({"model": "SmolLM2-135M + fine-tune", "cache": label,
+                                 **validate(out, (base, tuned), args.device, [], env)})
+                    print(rows[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "validate.json").write_text(json.dumps(rows, indent=2))
-    print("| model | parents | wall s | peak RSS MB | structural s | spot s | functional s | evaluated |")
-    print("|---|---|---:|---:|---:|---:|---:|---|")
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    """One markdown row per model and cache state: medians over its repeats, and the ratio of
+    the median wall time to the baseline's (when there is one)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        t = r["timings"]
-        print(f"| {r['model']} | {r['cache']} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | "
-              f"{t.get('structural_s', 0):.1f} | {t.get('spot_s', 0):.1f} | {t.get('functional_s', 0):.1f} | "
-              f"{', '.join(r['modes'])} |")
+        groups.setdefault((r["model"], r["cache"]), []).append(r)
+    base = {m: statistics.median(r["wall_s"] for r in rs) for (m, c), rs in groups.items() if c == "baseline"}
+    print("| model | parents | runs | wall s (median) | × baseline | peak RSS MB | structural s | spot s "
+          "| functional s | evaluated |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for (model, cache), rs in groups.items():
+        def med(key: str, rs: list[dict] = rs) -> float:
+            return statistics.median(r["timings"].get(key, 0) for r in rs)
+        wall = statistics.median(r["wall_s"] for r in rs)
+        ratio = f"{wall / base[model]:.2f}" if model in base else "–"
+        modes = sorted({m for r in rs for m in r["modes"]})
+        print(f"| {model} | {cache} | {len(rs)} | {wall:.1f} | {ratio} | "
+              f"{max(r['peak_rss_mb'] for r in rs):.0f} | {med('structural_s'):.1f} | {med('spot_s'):.1f} | "
+              f"{med('functional_s'):.1f} | {', '.join(modes) or '–'} |")
 
 
 if __name__ == "__main__":

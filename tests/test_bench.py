@@ -109,3 +109,20 @@ def test_dag_parse_report_lists_every_dag_file_and_fails_over_the_limit(capsys):
     assert {"slerp_merge.py", "slerp_nightly.py", "slerp_sweep.py", "slerp_nightly_bench"} <= table
     assert dag_parse.main(["--limit", "0"]) == 1
     assert "slower than 0.0 s" in capsys.readouterr().err
+
+
+def test_validate_table_gives_medians_and_the_ratio_to_the_baseline(capsys):
+    spec = importlib.util.spec_from_file_location(
+        "slerp_bench_validate", Path(__file__).resolve().parents[1] / "bench" / "validate.py")
+    validate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(validate)
+
+    def row(cache: str, wall: float) -> dict:
+        return {"model": "m", "cache": cache, "wall_s": wall, "peak_rss_mb": wall * 10, "modes": ["resident"],
+                "timings": {"structural_s": 1.0, "spot_s": 2.0, "functional_s": wall - 3}}
+
+    validate.print_table([row("baseline", 30), row("warm", 11), row("baseline", 40), row("warm", 9),
+                          row("baseline", 35), row("warm", 10)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("| m | baseline | 3 | 35.0 | 1.00 | 400 |")
+    assert lines[3].startswith("| m | warm | 3 | 10.0 | 0.29 | 110 | 1.0 | 2.0 | 7.0 | resident |")

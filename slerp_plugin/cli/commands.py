@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from ..errors import ConfigError
+from .process import cyclic_gc_paused
 
 PROG = "slerp-merge"
 
@@ -153,19 +154,20 @@ def validate(argv: list[str]) -> int:
     parser.add_argument("--report", type=Path, help="folder for validation.json (default: the model folder)")
     args = parser.parse_args(argv)
 
-    from ..validate import EvalSettings, EvaluationCache, validate_merge, write_report
-
     setup_logging()
     if args.eval_text is not None and not args.eval_text.is_file():
         raise ConfigError(f"--eval-text: no such file: {args.eval_text}", path=args.eval_text)
     if args.report is not None and not args.report.is_dir():
         raise ConfigError(f"--report: no such folder: {args.report}", path=args.report)
-    settings = _settings(args, EvalSettings)
-    report = validate_merge(
-        args.model, tuple(args.parents), settings=settings, skip_functional=args.skip_functional,
-        margin=args.margin, spot_sample=args.spot, t=args.t,
-        cache=None if args.no_cache else EvaluationCache(),
-    )
+    with cyclic_gc_paused():  # importing torch and transformers would run it a thousand times (~1 s)
+        from ..validate import EvalSettings, EvaluationCache, validate_merge, write_report
+
+        settings = _settings(args, EvalSettings)
+        report = validate_merge(
+            args.model, tuple(args.parents), settings=settings, skip_functional=args.skip_functional,
+            margin=args.margin, spot_sample=args.spot, t=args.t,
+            cache=None if args.no_cache else EvaluationCache(),
+        )
     path = write_report(report, args.report)
     print(report.summary)
     print(f"report: {path}")

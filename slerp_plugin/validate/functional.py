@@ -67,19 +67,22 @@ class EvalSettings(BaseModel):
         return DEFAULT_EVAL_TEXT_NAME if self.eval_text is None else "the text given"
 
 
-def eval_tokens(tokenizer_source: Path, settings: EvalSettings) -> tuple[object, torch.Tensor]:
-    """The tokenizer of ``tokenizer_source`` and the first ``max_tokens`` ids of the text.
+def eval_tokens(tokenizer_source: Path, settings: EvalSettings,
+                tokenizer: object | None = None) -> tuple[object, torch.Tensor]:
+    """The tokenizer of ``tokenizer_source`` (or ``tokenizer``, already loaded from it) and the
+    first ``max_tokens`` ids of the text.
 
     Raises:
         ValidationInputError: the tokenizer does not load, or the text has fewer than 2 tokens.
     """
-    from transformers import AutoTokenizer
+    if tokenizer is None:
+        from transformers import AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    except Exception as e:  # transformers raises many types
-        raise ValidationInputError(f"{tokenizer_source}: the tokenizer does not load: {first_line(e)}",
-                                   path=tokenizer_source) from e
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        except Exception as e:  # transformers raises many types
+            raise ValidationInputError(f"{tokenizer_source}: the tokenizer does not load: {first_line(e)}",
+                                       path=tokenizer_source) from e
     ids = tokenizer(settings.text, return_tensors="pt").input_ids[0][:settings.max_tokens]
     if ids.numel() < 2:
         raise ValidationInputError("the evaluation text has fewer than 2 tokens")
@@ -167,13 +170,15 @@ def _parent(role: str, path: Path, ids, tokenizer, settings: EvalSettings,
 
 
 def functional_check(folder: Path, parents: tuple[Path, Path], *, settings: EvalSettings, margin: float,
-                     cache: EvaluationCache | None = None) -> FunctionalResult:
+                     cache: EvaluationCache | None = None,
+                     tokenizer: object | None = None) -> FunctionalResult:
     """The perplexity gate against the parents, with completions (see the module docstring).
+    ``tokenizer`` is ``folder``'s, when it is already loaded.
 
     Raises:
         ValidationInputError: a parent cannot be evaluated (nothing is judged then).
     """
-    tokenizer, ids = eval_tokens(folder, settings)
+    tokenizer, ids = eval_tokens(folder, settings, tokenizer)
     evals = {role: _parent(role, Path(p), ids, tokenizer, settings, cache)
              for role, p in zip(ROLES, parents, strict=True)}
     common = {"tokens": int(ids.numel()), "margin": margin, "eval_text": settings.text_name}

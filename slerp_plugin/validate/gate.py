@@ -16,7 +16,7 @@ from .cache import EvaluationCache
 from .functional import EvalSettings, functional_check
 from .report import FunctionalResult, SpotResult, ValidationReport, summarise
 from .spot import spot_check
-from .structural import check_structure, expected_tensors
+from .structural import check_tensors, expected_tensors, load_config_and_tokenizer
 
 
 def validate_merge(
@@ -51,7 +51,11 @@ def validate_merge(
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    structural, _ = check_structure(folder, expected_tensors(folder, manifest, p1))
+    structural = check_tensors(folder, expected_tensors(folder, manifest, p1))
+    tokenizer, problem = load_config_and_tokenizer(folder)
+    if problem:
+        structural = structural.model_copy(
+            update={"passed": False, "problems": [*structural.problems, problem]})
     timings["structural_s"] = round(time.perf_counter() - t0, 3)
 
     spot = None
@@ -70,7 +74,7 @@ def validate_merge(
     else:
         t0 = time.perf_counter()
         functional = functional_check(folder, (p1, p2), settings=settings or EvalSettings(), margin=margin,
-                                      cache=cache)
+                                      cache=cache, tokenizer=tokenizer)
         timings["functional_s"] = round(time.perf_counter() - t0, 3)
 
     passed = structural.passed and spot is not None and spot.passed and functional.status != "failed"
