@@ -1,19 +1,20 @@
 """Benchmark of ``slerp-merge validate``: peak memory across model sizes, time on a real model.
 
     python bench/validate.py [--layers 4 16 32] [--no-smollm2] [--device cpu] [--out DIR]
-                             [--repeats N] [--baseline DIR]
+                             [--repeats N] [--baseline CHECKOUT]
 
 For each ``--layers`` count (4/16/32 = the 0.25×/1×/2× pairs of bench/run.py; 16 = 953M
 parameters) the pair is built under bench/work/ if missing, merged once at t = 0.5, and
 validated with ``--no-cache`` (all three models evaluated); then SmolLM2-135M-Instruct and its
 fine-tune (bench/finetune.py) are merged and validated twice with a fresh evaluation cache: cold
 (parents evaluated) and warm (parents from the cache), ``--repeats`` times (default 1). With
-``--baseline DIR`` (a checkout of another version of this project, e.g. made with
-``git worktree add DIR <commit>``) each repeat first runs that version's ``validate`` on the same
-model (imported from DIR), so the two are compared on the same host within the same minutes; the
-table then gives each version's median and the ratio to the baseline's. Each run's wall time and
-peak RSS come from the kernel (bench/run.py's ``timed``), with the seconds of each check from its
-report. Writes DIR/validate.json and prints a markdown table (default DIR: bench/results).
+``--baseline CHECKOUT`` (a checkout of another version of this project, e.g. made with
+``git worktree add CHECKOUT <commit>``) each repeat first runs that version's ``validate`` on the same
+model (imported from CHECKOUT), so the two are compared on the same host within the same
+minutes; the table then gives each version's median and the ratio to the baseline's. Each run's
+wall time and peak RSS come from the kernel (bench/run.py's ``timed``), with the seconds of each
+check from its report. Writes DIR/validate.json and prints a markdown table (default DIR:
+bench/results).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=BENCH / "results")
     ap.add_argument("--repeats", type=int, default=1, help="SmolLM2 runs of each kind")
-    ap.add_argument("--baseline", type=Path, help="a checkout of the version to compare with")
+    ap.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                    help="a checkout of the version to compare with")
     args = ap.parse_args(argv)
     rows = []
     for layers in args.layers:
