@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Mapping
 
 from .engine import InputHashes, MergePlan, MergeResult, finalize, merge_shards
 from .engine import plan_merge as plan_local
 from .engine.output import output_lock
+from .engine.progress import progress_bar
 from .hub.sources import resolve_inputs
 from .io.model_files import ResolvedModel
 from .io.prefetch import Prefetch
@@ -56,7 +56,7 @@ def run_merge(spec: MergeSpec, *, prefetch: Prefetch | None = None) -> MergeResu
     plan = plan_merge(spec)
     with output_lock(plan.output, exclusive=True, wait=False, what="slerp-merge") as lock:
         hashes = InputHashes.start(plan, prefetch)
-        bar = _progress_bar(plan)
+        bar = progress_bar(plan, "merging")
         try:
             outcomes = merge_shards(plan, progress=bar.update if bar else None, hashes=hashes,
                                     prefetch=prefetch, lock=lock)
@@ -75,11 +75,3 @@ def run_merge(spec: MergeSpec, *, prefetch: Prefetch | None = None) -> MergeResu
         log.info("published to %s: %s", spec.push_to_hub, result.upload.url)
     return result
 
-
-def _progress_bar(plan: MergePlan):
-    if not (plan.spec.show_pbar or sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1000,
-                desc="merging", dynamic_ncols=True)

@@ -31,6 +31,8 @@ UPLOAD_BPS = 50e6  #: default upload bandwidth, bytes/s
 MERGE_BPS = 400e6  #: output bytes/s of a local merge (a disk-bound rate; see docs/performance.md)
 BASE_MEMORY = 512 << 20  #: resident memory of a merge besides its buffers, bytes
 DISK_MARGIN = 256 << 20  #: room kept for configs, tokenizer, manifest and filesystem slack, bytes
+#: output shards a streaming merge holds by default: one being fetched, one merged, one uploaded
+STREAM_SHARDS_IN_FLIGHT = 3
 _DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 
 
@@ -132,13 +134,14 @@ def estimate(
 
 
 def stream_disk(spec: MergeSpec, parents: list[ParentSize], output_bytes: int) -> int:
-    """The disk a streaming merge of ``spec`` holds at most: ``spec.disk_budget``, else three output
-    shards in flight, each with the parents' bytes it is merged from (bytes)."""
+    """The disk a streaming merge of ``spec`` holds at most: ``spec.disk_budget``, else
+    :data:`STREAM_SHARDS_IN_FLIGHT` output shards, each with the parents' bytes it is merged from
+    (bytes)."""
     if spec.disk_budget:
         return spec.disk_budget
     shard = min(spec.max_shard_size, output_bytes)
     inputs = sum(p.size for p in parents) / max(output_bytes, 1)
-    return int(3 * shard * (1 + inputs))
+    return int(STREAM_SHARDS_IN_FLIGHT * shard * (1 + inputs))
 
 
 def require_disk(spec: MergeSpec) -> MergeEstimate:

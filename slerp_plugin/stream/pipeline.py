@@ -23,7 +23,6 @@ import json
 import logging
 import queue
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -37,6 +36,7 @@ from ..engine.execute import ShardMerge
 from ..engine.finish import write_metadata
 from ..engine.output import output_lock
 from ..engine.plan import format_bytes, plan_checkpoints
+from ..engine.progress import progress_bar
 from ..engine.resume import ShardOutcome, forget, load_outcome, prepare_partial, state_dir
 from ..errors import CheckpointError, ConfigError, HubIntegrityError, OutputWriteError, ValidationGateError
 from ..formats.manifest import InputFile, InputRecord, ShardRecord
@@ -46,14 +46,13 @@ from ..io.atomic import write_json_atomic
 from ..io.model_files import OUTPUT_MARKER, TOKENIZER_FILES
 from ..io.reader import TensorReader
 from ..io.safetensors import Checkpoint, read_header
+from ..preflight import STREAM_SHARDS_IN_FLIGHT
 from ..spec import MergeSpec
 from .remote import RemoteParent, open_parent
 from .spool import ROLES, DiskBudget, ParentHashes, ShardSpool, fetch_spool, spool_shard
 
 log = logging.getLogger(__name__)
 
-#: shards in flight by default: one being fetched, one merged, one uploaded
-DEFAULT_SHARDS_IN_FLIGHT = 3
 _DONE = object()
 
 
@@ -115,7 +114,7 @@ def stream_merge(spec: MergeSpec, *, token: str | None = None) -> MergeResult:
         plan = _plan(spec, parents, tokenizer_folder)
         with output_lock(plan.output, exclusive=True, wait=False, what="slerp-merge (streaming)"):
             prepare_partial(plan, exclusive=True)
-            bar = progress_bar(plan)
+            bar = progress_bar(plan, "streaming")
             try:
                 merge = StreamingMerge(plan, parents, token=token, progress=bar.update if bar else None)
                 return merge.run(started)
@@ -164,7 +163,7 @@ class StreamingMerge:
         self.spools: list[tuple[ShardPlan, ShardSpool]] = [spool_shard(s, self.spool_dir)
                                                            for s in plan.shards]
         need = max((sp.disk_bytes for _, sp in self.spools), default=0)
-        self.budget = DiskBudget(plan.spec.disk_budget or DEFAULT_SHARDS_IN_FLIGHT * need)
+        self.budget = DiskBudget(plan.spec.disk_budget or STREAM_SHARDS_IN_FLIGHT * need)
         if self.budget.limit < need:
             raise ConfigError(f"method.disk_budget: {format_bytes(self.budget.limit)} is less than one "
                               f"output shard needs in flight ({format_bytes(need)}: its inputs and itself); "
@@ -420,12 +419,3 @@ def _check_free_disk(folder: Path, budget: int) -> None:
         raise OutputWriteError(f"{folder}: {format_bytes(free)} free, but the disk budget is "
                                f"{format_bytes(budget)}; free space or lower method.disk_budget", path=folder)
 
-
-def progress_bar(plan: MergePlan):
-    """A progress bar of output bytes when ``show_pbar`` is set or stderr is a terminal, else None."""
-    if not (plan.spec.show_pbar or sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="streaming",
-                dynamic_ncols=True)

@@ -220,7 +220,7 @@ def route(inputs: dict) -> str | list[str]:
 
 @task(execution_timeout=TIMEOUTS["stream"])
 @quiet
-def stream_to_hub(inputs: dict, nightly: bool = False) -> dict:
+def stream_to_hub(inputs: dict) -> dict:
     """Hub parents merged straight into the target repo, shard by shard (``stream``)."""
     from airflow.sdk import get_current_context
 
