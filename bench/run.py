@@ -1,7 +1,7 @@
 """Benchmark: slerp-merge against mergekit and a FusionBench-formula eager merge, and the I/O floor.
 
     python bench/run.py [--layers 4 8 16 32] [--repeats 3] [--target-repeats 5] [--systems ours ...]
-                        [--no-big-tensor] [--device cuda] [--out DIR]
+                        [--no-big-tensor] [--device cuda] [--baseline CHECKOUT] [--out DIR]
 
 Builds (once, under bench/work/) bf16 Llama pairs of hidden 2048, intermediate 5632, vocab 32000
 and the given layer counts (16 layers = the 953M pair; 4/8/32 ≈ 0.25×/0.5×/2×) in 500 MB input
@@ -23,7 +23,10 @@ medians, GB/s (both inputs read and the output written, over the wall time) and 
 targets checked (bench/RESULTS.md) and a plot (bench/bench.png); ``--out DIR`` puts all
 three in DIR. ``--device`` is passed to slerp-merge (``bash bench/gpu_check.sh`` runs it with
 ``cuda`` on a GPU machine). The eager FusionBench-formula merge is skipped on the 2.5 GB tensor: it
-needs about ten times it in RAM.
+needs about ten times it in RAM. ``--baseline CHECKOUT`` (a checkout of another version of this
+project, e.g. made with ``git worktree add``) adds the system ``baseline``: slerp-merge from that
+checkout (``python -P -m slerp_plugin`` with it on ``PYTHONPATH``), in the same rotation, so the
+table's "ours / system" on its row compares the two versions run alternately.
 """
 
 from __future__ import annotations
@@ -186,12 +189,12 @@ def mk_config(a: Path, b: Path, method: str) -> Path:
 
 def command(system: str, a: Path, b: Path, out: Path, device: str | None = None) -> list[str]:
     """The command line of ``system`` merging ``a`` and ``b`` into ``out``; ``device`` is passed to
-    ours only (``--device``, default the CLI's: ``auto``)."""
-    if system == "ours":
+    ours and the baseline only (``--device``, default the CLI's: ``auto``)."""
+    if system in ("ours", "baseline"):
         # the console script where this package is installed, else the module (a GPU machine
-        # runs the checkout from PYTHONPATH)
-        cli = ([str(BIN / "slerp-merge")] if (BIN / "slerp-merge").exists()
-               else [sys.executable, "-m", "slerp_plugin"])
+        # runs the checkout from PYTHONPATH); the baseline: the module from its checkout
+        cli = ([str(BIN / "slerp-merge")] if (BIN / "slerp-merge").exists() and system == "ours"
+               else [sys.executable, *(["-P"] if system == "baseline" else []), "-m", "slerp_plugin"])
         return [*cli, "mergekit", str(mk_config(a, b, "slerp")), str(out),
                 *(["--device", device] if device else [])]
     if system == "mergekit":
@@ -277,6 +280,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help="write results.json, RESULTS.md and the plot here "
                          "(default: bench/results/results.json, bench/RESULTS.md, bench/bench.png)")
+    ap.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                    help="also run slerp-merge from this checkout of another version (system 'baseline')")
     ap.add_argument("--report-only", action="store_true",
                     help="rebuild RESULTS.md and the plot from results.json")
     args = ap.parse_args()
@@ -289,6 +294,9 @@ def main() -> int:
     report.mkdir(parents=True, exist_ok=True)
     device = device_label(args.device)
     env = {**os.environ, "SLERP_PLUGIN_CACHE": str(WORK / "no-cache")}
+    envs = {"baseline": {**env, "PYTHONPATH": str(args.baseline.resolve())}} if args.baseline else {}
+    if args.baseline:
+        args.systems = [*args.systems, "baseline"]
     cases = [(f"{n} layers", n, lambda n=n: build(WORK / f"pair-{n}", n)) for n in args.layers]
     if args.big_tensor:
         cases.append((BIG, BIG, lambda: build_big(WORK / "big_tensor")))
@@ -317,7 +325,7 @@ def main() -> int:
                     warmed = True
                 evict([a, b])
                 settle()
-                m = timed(command(system, a, b, out, args.device), env)
+                m = timed(command(system, a, b, out, args.device), envs.get(system, env))
                 m["after"], after = after, system
                 row["runs"].setdefault(system, []).append(m)
                 print(f"{label:>9} {system:18s} wall {m['wall_s']:6.2f} s  cpu {m['cpu_s']:6.2f} s  "

@@ -9,16 +9,19 @@ Per tensor the whole tensor is one flattened vector. With ``A`` (model_1), ``B``
    ``θ₀ = arccos d``, ``θₜ = θ₀·t`` and ``r = sin(θ₀−θₜ)/sin θ₀ · A + sin θₜ/sin θ₀ · B``.
 5. The caller casts ``r`` to model_1's dtype.
 
-Pass 1 (:func:`accumulate`) sums ``‖A‖²``, ``‖B‖²`` and ``A·B`` chunk by chunk (float64 across
-chunks); :func:`coefficients` turns the sums into the branch and the scalars ``s0, s1`` with the
-same scalar op order as FusionBench; pass 2 (:func:`combine`) computes ``s0·A + s1·B`` chunk by
-chunk. Scratch memory is therefore bounded by the chunk size, not by the tensor.
+Pass 1 (:func:`accumulate_chunks`) sums ``‖A‖²``, ``‖B‖²`` and ``A·B`` chunk by chunk from
+float64 products, which are exact for elements of float32 precision or less, so ``d`` is the
+float64 cosine (to about 1e-15) on any CPU or GPU; :func:`coefficients` turns the sums into the
+branch and the scalars ``s0, s1`` with the same scalar op order as FusionBench; pass 2
+(:func:`combine`) computes ``s0·A + s1·B`` chunk by chunk in the compute dtype. Scratch memory is
+therefore bounded by the chunk size, not by the tensor.
 
-The float64 sums make ``d`` more exact than FusionBench's, whose float32 ``torch.linalg.norm`` and
-``torch.sum`` over a whole tensor can be off by about 1e-3 relative on large tensors; where ``|d|``
-lies that close to DOT_THRESHOLD the two can choose different branches.
+FusionBench takes ``d`` from float32 ``torch.linalg.norm`` and ``torch.sum`` over the whole
+tensor. Float32 reductions over millions of elements put ``d`` off by 1e-6 to 1e-4, by amounts
+that depend on the CPU and its BLAS code path, so where ``|d|`` lies that close to DOT_THRESHOLD
+FusionBench's own branch choice changes with the machine, and can differ from the exact one.
 :func:`fusionbench_coefficients` takes ``d`` FusionBench's way (``norm_precision="float32"``) from
-whole tensors in memory, reproducing its branch choices.
+whole tensors in memory, reproducing FusionBench run on the same machine.
 
 :func:`slerp_reference` is FusionBench's op order on whole tensors, kept for tests and for the
 validator's spot re-computation.
@@ -77,7 +80,9 @@ class SlerpCoefficients:
 
     ``s0``/``s1`` are 0-d tensors in the compute dtype, so pass 2 rounds exactly as FusionBench.
     ``d`` is the cosine of the normalised (or, below epsilon, unnormalised) pair, taken with
-    ``norm_precision``.
+    ``norm_precision``: the float64 value from exact products (``float64``), or FusionBench's
+    float32 one (``float32``). The branch compared it, rounded to the compute dtype, with
+    DOT_THRESHOLD.
     """
 
     branch: Branch
@@ -104,29 +109,33 @@ def _finite_or_str(x: float) -> float | str:
 
 
 def accumulate(a: torch.Tensor, b: torch.Tensor) -> SlerpStats:
-    """Pass 1 on one chunk: the sums of ``a²``, ``b²`` and ``a·b`` of two 1-D tensors.
+    """Pass 1 on one chunk: the sums of ``a²``, ``b²`` and ``a·b`` of two 1-D tensors, in float64.
 
-    ``a`` and ``b`` must already be in the compute dtype; the chunk's sums are taken in that dtype
-    and returned as Python floats (float64) so that sums over chunks do not lose precision.
-    The chunk sums come from BLAS ``dot``, whose last bit can depend on the buffers' alignment and
-    the CPU; the engine always reads into freshly allocated buffers, so its runs are reproducible.
+    See :func:`accumulate_chunks` for how they are taken and how exact they are.
     """
     return accumulate_chunks([(a, b)])
 
 
 def accumulate_chunks(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> SlerpStats:
-    """Pass 1 over consecutive chunks: the same float64 sums as adding :func:`accumulate` of each
-    chunk in order, with one device→host transfer for all of them instead of three per chunk.
+    """Pass 1 over consecutive chunks of a flattened tensor pair: ``Σa²``, ``Σb²`` and ``Σa·b``.
 
-    Each pair's dot products are taken before the next pair is drawn, so ``pairs`` may reuse
-    buffers.
+    Every chunk is taken in float64 (chunks in another floating dtype are widened; pass float64
+    chunks to spare the copy), so each product of two elements of at most float32 precision is
+    exact. Each chunk's three sums are float64 dot products on the chunks' device, and the chunk
+    sums are added with :func:`math.fsum` after one device→host transfer for all of them. For a
+    chunk of ``m`` elements a sum's error is at most ``m·2⁻⁵³·Σ|aᵢbᵢ|`` and in practice near
+    ``√m·2⁻⁵³`` of it, so ``d`` is the float64 cosine to about 1e-15 (measured) on any CPU or GPU,
+    whatever float32 code path the host's BLAS takes. ``pairs`` may reuse buffers: each pair is
+    reduced before the next is drawn.
     """
-    sums = [torch.stack((torch.dot(a, a), torch.dot(b, b), torch.dot(a, b))) for a, b in pairs]
-    stats = SlerpStats()
-    if sums:
-        for aa, bb, ab in torch.stack(sums).tolist():
-            stats = stats + SlerpStats(aa, bb, ab)
-    return stats
+    sums = []
+    for a, b in pairs:
+        x = a if a.dtype == torch.float64 else a.to(torch.float64)
+        y = b if b.dtype == torch.float64 else b.to(torch.float64)
+        sums.append(torch.stack((torch.dot(x, x), torch.dot(y, y), torch.dot(x, y))))
+    if not sums:
+        return SlerpStats()
+    return SlerpStats(*(math.fsum(column) for column in zip(*torch.stack(sums).tolist(), strict=True)))
 
 
 def coefficients(
@@ -187,23 +196,27 @@ def coefficients_from_d(
     DOT_THRESHOLD: float = DEFAULT_DOT_THRESHOLD,
     epsilon: float = DEFAULT_EPSILON,
 ) -> SlerpCoefficients:
-    """The branch and scalars from the cosine ``d`` (rounded to ``dtype`` first, as FusionBench's
-    ``d`` is a tensor of the compute dtype) and the two norms."""
+    """The branch and scalars from the cosine ``d`` and the two norms.
+
+    The branch and the angle use ``d`` rounded to ``dtype``, as FusionBench's ``d`` is a tensor of
+    the compute dtype (compared with DOT_THRESHOLD in that dtype too); the coefficients record
+    ``d`` as given.
+    """
     d_t = torch.tensor(d, dtype=dtype)
     branch: Branch = "slerp" if norm_a > epsilon and norm_b > epsilon else "unnormalised"
     if bool(torch.abs(d_t) > DOT_THRESHOLD):
-        return _lerp_coefficients(t, dtype, float(d_t), norm_a, norm_b)
+        return _lerp_coefficients(t, dtype, d, norm_a, norm_b)
     theta_0 = torch.arccos(d_t)
     # FusionBench takes sin θ₀ with numpy (np.sin of a 0-d tensor); numpy and torch can differ
     # by one ulp here, and it scales every element of the result.
     sin_theta_0 = np.sin(theta_0.cpu().numpy())
     if sin_theta_0 == 0.0:
-        log.warning("sin(theta_0) is 0 (d=%r, DOT_THRESHOLD=%r): using LERP", float(d_t), DOT_THRESHOLD)
-        return _lerp_coefficients(t, dtype, float(d_t), norm_a, norm_b)
+        log.warning("sin(theta_0) is 0 (d=%r, DOT_THRESHOLD=%r): using LERP", d, DOT_THRESHOLD)
+        return _lerp_coefficients(t, dtype, d, norm_a, norm_b)
     theta_t = theta_0 * t
     s0 = torch.sin(theta_0 - theta_t) / sin_theta_0
     s1 = torch.sin(theta_t) / sin_theta_0
-    return SlerpCoefficients(branch, s0.to(dtype), s1.to(dtype), float(d_t), norm_a, norm_b)
+    return SlerpCoefficients(branch, s0.to(dtype), s1.to(dtype), d, norm_a, norm_b)
 
 
 def _lerp_coefficients(
@@ -282,7 +295,8 @@ def slerp_with_coefficients(
         coeff = fusionbench_coefficients(t, v0.to(dtype, copy=True), v1.to(v0.device, dtype, copy=True),
                                          DOT_THRESHOLD=DOT_THRESHOLD, epsilon=epsilon)
     else:
-        pieces = ((a[s].to(dtype), b[s].to(dtype)) for s in _chunks(a.numel(), chunk_elements))
+        wide = torch.float64
+        pieces = ((a[s].to(wide), b[s].to(wide)) for s in _chunks(a.numel(), chunk_elements))
         stats = accumulate_chunks(pieces)
         coeff = coefficients(t, stats, dtype=dtype, DOT_THRESHOLD=DOT_THRESHOLD, epsilon=epsilon)
     out = torch.empty(a.numel(), dtype=dtype, device=v0.device)

@@ -183,8 +183,9 @@ class MergeSpec(BaseModel):
     epsilon: float = Field(DEFAULT_EPSILON, gt=0.0,
                            description="norms at or below it are not normalised (default 1e-8)")
     norm_precision: Literal["float64", "float32"] = Field(
-        "float64", description="how d is summed: float64 (default, exact), or float32 whole-tensor norms as "
-        "FusionBench does, reproducing its branch choices (tensors that fit buffer_memory)")
+        "float64", description="how d is taken: float64 (default: exact products and float64 sums, the same "
+        "on every machine), or float32 whole-tensor norms as FusionBench does, reproducing its branch "
+        "choices on this machine (tensors that fit buffer_memory)")
     dtype: Annotated[DType | None, BeforeValidator(_normalise_dtype)] = Field(
         None, description="dtype the models are loaded in (default: as stored)")
     out_dtype: Annotated[DType | None, BeforeValidator(_normalise_dtype)] = Field(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -18,6 +20,11 @@ from slerp_plugin.spec import MergeSpec
 from slerp_plugin.validate import ulp_distance
 
 HUB_TOKEN = "hf_test_token_write"
+#: how far the engine's d may lie from an independent float64 computation of it, on any host
+EXACT_D = 1e-12
+#: how far a test's DOT_THRESHOLD lies from the pair's float64 d when it pins a branch: 10⁶× EXACT_D,
+#: and above float32's half-ulp near 1 (3e-8), since the branch compares d rounded to float32
+BRANCH_MARGIN = 1e-6
 ROOT = Path(__file__).resolve().parents[1]  #: the repository
 
 
@@ -103,3 +110,35 @@ def seed_args(pair, *extra):
         f"modelpool.models.model_1={a}", f"modelpool.models.model_2={b}", f"modelpool.tokenizer={a}",
         *extra,
     ]
+
+
+def float64_cosine(a: torch.Tensor, b: torch.Tensor, epsilon: float = 1e-8) -> float:
+    """FusionBench's ``d`` of a tensor pair in float64, independently of the kernel: float64
+    products (exact for elements of float32 precision or less) summed by numpy's pairwise
+    summation, which the kernel does not use."""
+    x = a.detach().cpu().to(torch.float64).reshape(-1).numpy()
+    y = b.detach().cpu().to(torch.float64).reshape(-1).numpy()
+    na, nb = math.sqrt(float(np.add.reduce(x * x))), math.sqrt(float(np.add.reduce(y * y)))
+    scale = (na if na > epsilon else 1.0) * (nb if nb > epsilon else 1.0)
+    return float(np.add.reduce(x * y)) / scale
+
+
+def near_parallel_pair(seed: int = 0, rows: int = 2048, cols: int = 1536,
+                       noise: float = 3e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 tensors of ``rows × cols`` elements whose cosine is about ``1 − noise²/2`` (≈ 1 − 5e-6):
+    float32 reductions over them are off by 1e-6–1e-4 depending on the host, float64 ones are not."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(rows, cols, generator=g).to(torch.bfloat16)
+    b = (a.float() + noise * torch.randn(rows, cols, generator=g)).to(torch.bfloat16)
+    return a, b
+
+
+def fusionbench_d(a: torch.Tensor, b: torch.Tensor, epsilon: float = 1e-8) -> torch.Tensor:
+    """``d`` by FusionBench's own op order on whole tensors (float32 for 16-bit inputs), run here:
+    whatever this machine's float32 reductions give."""
+    if a.dtype not in (torch.float32, torch.float64):
+        a, b = a.float(), b.float()
+    norm_a, norm_b = torch.linalg.norm(a), torch.linalg.norm(b)
+    na = a / norm_a if norm_a > epsilon else a
+    nb = b / norm_b if norm_b > epsilon else b
+    return torch.sum(na * nb)

@@ -126,3 +126,12 @@ def test_validate_table_gives_medians_and_the_ratio_to_the_baseline(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].startswith("| m | baseline | 3 | 35.0 | 1.00 | 400 |")
     assert lines[3].startswith("| m | warm | 3 | 10.0 | 0.29 | 110 | 1.0 | 2.0 | 7.0 | resident |")
+
+
+def test_the_baseline_runs_the_module_from_its_own_checkout(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "WORK", tmp_path)  # where the merge config is written
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    cmd = bench.command("baseline", a, b, out, "cpu")
+    assert cmd[:4] == [sys.executable, "-P", "-m", "slerp_plugin"]  # -P: not this checkout's path
+    assert cmd[4] == "mergekit" and cmd[-3:] == [str(out), "--device", "cpu"]
+    assert "-P" not in bench.command("ours", a, b, out)

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import math
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_helpers import BRANCH_MARGIN, EXACT_D, float64_cosine, fusionbench_d, near_parallel_pair
 
 from slerp_plugin.slerp import (
+    DEFAULT_CHUNK_ELEMENTS,
     SlerpStats,
     accumulate,
     accumulate_chunks,
@@ -203,15 +211,16 @@ def test_chunked_passes_equal_one_pass_statistics():
     assert float(c1.s0) == pytest.approx(float(c2.s0), rel=1e-6)
 
 
-def test_batched_pass_one_equals_chunk_by_chunk_sums():
+def test_pass_one_over_chunks_is_the_exactly_rounded_sum_of_the_chunk_sums():
     a, b = pair((10_000,), torch.float32, 12)
     chunks = [(a[s : s + 1024], b[s : s + 1024]) for s in range(0, 10_000, 1024)]
-    one_by_one = SlerpStats()
-    for x, y in chunks:
-        sums = SlerpStats(float(torch.dot(x, x)), float(torch.dot(y, y)), float(torch.dot(x, y)))
-        one_by_one = one_by_one + sums
-    assert accumulate_chunks(chunks) == one_by_one  # same float64 sums, bit for bit
+    per_chunk = [accumulate(x, y) for x, y in chunks]
+    want = SlerpStats(*(math.fsum(getattr(c, f) for c in per_chunk) for f in ("sumsq_a", "sumsq_b", "dot")))
+    assert accumulate_chunks(chunks) == want  # bit for bit, whatever the order of the additions
     assert accumulate_chunks([]) == SlerpStats()
+    # float64 chunks are summed as they are; other dtypes are widened first (products exact)
+    wide = [(x.double(), y.double()) for x, y in chunks]
+    assert accumulate_chunks(wide) == accumulate_chunks(chunks)
 
 
 def test_shape_mismatch_is_an_error():
@@ -219,26 +228,110 @@ def test_shape_mismatch_is_an_error():
         slerp(0.5, torch.zeros(3), torch.zeros(4))
 
 
-def near_parallel_pair(seed: int = 0, rows: int = 2048, cols: int = 1536) -> tuple[torch.Tensor, ...]:
-    """bf16 tensors of 3M elements with float64 cosine ≈ 1 − 5e-6: FusionBench's float32 norms put
-    their d about 1e-4 lower, below DOT_THRESHOLD 0.99999."""
+SIZES = [3, 1000, (1 << 19) + 17, 3 * (1 << 20) + 5]  #: elements: under, at and over a chunk
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="needs a CUDA device"))]
+
+
+def cosine_pair(n: int, dtype: torch.dtype, kind: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n``-element tensors that are nearly parallel, unrelated (d ≈ 0: all cancellation) or
+    anti-parallel, with magnitudes spread over several orders (within float16's range)."""
     g = torch.Generator().manual_seed(seed)
-    a = torch.randn(rows, cols, generator=g).to(torch.bfloat16)
-    b = (a.float() + 3e-3 * torch.randn(rows, cols, generator=g)).to(torch.bfloat16)
-    return a, b
+    a = torch.randn(n, generator=g, dtype=torch.float64) * torch.exp(1.5 * torch.randn(n, generator=g,
+                                                                                   dtype=torch.float64))
+    noise = torch.randn(n, generator=g, dtype=torch.float64) * a.abs().mean()
+    b = {"near-parallel": a + 1e-3 * noise, "unrelated": noise, "anti-parallel": -a + 1e-3 * noise}[kind]
+    return a.to(dtype), b.to(dtype)
 
 
-def test_fusionbench_d_is_reproduced_where_float64_sums_choose_the_other_branch():
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("kind", ["near-parallel", "unrelated", "anti-parallel"])
+def test_d_is_the_float64_cosine(kind, n, dtype, device):
+    a, b = cosine_pair(n, dtype, kind)
+    want = float64_cosine(a, b)
+    for chunk in (DEFAULT_CHUNK_ELEMENTS, 4099):
+        _, coeff = slerp_with_coefficients(0.4, a.to(device), b.to(device), chunk_elements=chunk)
+        assert abs(coeff.d - want) <= EXACT_D, (coeff.d, want)
+        assert coeff.norm_precision == "float64"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_d_is_the_float64_cosine_for_the_largest_tensor_tested(device):
+    """16 Mi bf16 elements (32 chunks): as far as the tests can afford; a 72B model's largest is 1.2 G."""
+    a, b = near_parallel_pair(rows=4096, cols=4096 + 1)
+    _, coeff = slerp_with_coefficients(0.5, a.to(device), b.to(device))
+    assert abs(coeff.d - float64_cosine(a, b)) <= EXACT_D
+
+
+@pytest.mark.parametrize("side", ["above", "below"])
+def test_the_branch_near_the_threshold_follows_the_float64_cosine(side):
     a, b = near_parallel_pair()
-    exact, exact_coeff = slerp_with_coefficients(0.3, a, b, 0.99999)
-    fb, fb_coeff = slerp_with_coefficients(0.3, a, b, 0.99999, norm_precision="float32")
-    assert exact_coeff.branch == "lerp" and fb_coeff.branch == "slerp"
-    assert fb_coeff.norm_precision == "float32" and exact_coeff.norm_precision == "float64"
-    assert 0.99999 < exact_coeff.d < 1 and 0.9998 < fb_coeff.d < 0.99999
-    ref = slerp_reference(0.3, a, b, 0.99999)
-    assert torch.equal(fb, ref)  # FusionBench's op order, bit for bit
-    assert torch.equal(exact, slerp_reference(0.3, a, b, 0.99999, norm_precision="float64"))
-    assert not torch.equal(fb.to(torch.bfloat16), exact.to(torch.bfloat16))
+    d = float64_cosine(a, b)
+    assert 1 - 1e-4 < d < 1 - 2 * BRANCH_MARGIN  # the pair is as near-parallel as meant
+    tau, branch = (d - BRANCH_MARGIN, "lerp") if side == "above" else (d + BRANCH_MARGIN, "slerp")
+    out, coeff = slerp_with_coefficients(0.3, a, b, tau)
+    assert coeff.branch == branch and abs(coeff.d - d) <= EXACT_D
+    assert torch.equal(out, slerp_reference(0.3, a, b, tau, norm_precision="float64"))
+
+
+@pytest.mark.parametrize("offset", [-BRANCH_MARGIN, 0.0, BRANCH_MARGIN])
+def test_norm_precision_float32_is_fusionbench_run_on_this_machine(offset):
+    """Parity with FusionBench's op order here, whichever branch this host's float32 d gives."""
+    a, b = near_parallel_pair()
+    tau = float64_cosine(a, b) + offset
+    fb_d = fusionbench_d(a, b)
+    fb, coeff = slerp_with_coefficients(0.3, a, b, tau, norm_precision="float32")
+    assert coeff.norm_precision == "float32" and coeff.d == float(fb_d)
+    assert coeff.branch == ("lerp" if bool(torch.abs(fb_d) > tau) else "slerp")
+    assert torch.equal(fb, slerp_reference(0.3, a, b, tau))  # FusionBench's op order, bit for bit
+    exact, exact_coeff = slerp_with_coefficients(0.3, a, b, tau)
+    if exact_coeff.branch != coeff.branch:  # this host's float32 d is on the other side of tau
+        assert not torch.equal(fb.to(torch.bfloat16), exact.to(torch.bfloat16))
+
+
+#: the exactness and branch tests above, as run again under each float code path (no 3M-element pairs)
+NUMERIC_TESTS = "(float64_cosine and not 3145733 and not largest) or follows_the_float64 or this_machine"
+SWITCHES = "SLERP_TEST_FLOAT_PATHS"  #: set in the runs under switches: their names, comma-separated
+
+
+def float_code_paths() -> dict[str, dict[str, str]]:
+    """This host's float code paths other than its default, as the switches that select them:
+    torch's kernels (``ATEN_CPU_CAPABILITY``), MKL's (``MKL_CBWR``) and numpy's OpenBLAS
+    (``OPENBLAS_CORETYPE``), each at its most generic level and, where the CPU has AVX-512, at AVX2."""
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    paths = {"generic": {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE",
+                         **({"OPENBLAS_CORETYPE": "Prescott"} if x86 else {})}}
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        paths["avx2"] = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "OPENBLAS_CORETYPE": "Haswell"}
+    return paths
+
+
+@pytest.mark.skipif(SWITCHES in os.environ, reason="this run is itself under switches")
+def test_the_numeric_tests_pass_under_every_float_code_path_of_this_host():
+    root = Path(__file__).resolve().parents[1]
+    runs = {}
+    for label, switches in float_code_paths().items():
+        env = {**os.environ, **switches, SWITCHES: ",".join(switches)}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", str(Path(__file__)),
+               "-k", f"({NUMERIC_TESTS}) or float_code_path_is_in_effect"]
+        runs[label] = subprocess.Popen(cmd, cwd=root, env=env, text=True, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT)
+    for label, proc in runs.items():
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0 and " failed" not in out, f"{label}:\n{out[-3000:]}"
+        passed = re.search(r"(\d+) passed", out)
+        assert passed and int(passed[1]) >= 30, f"{label}: not every numeric test ran:\n{out[-3000:]}"
+        assert "PASSED tests/test_slerp.py::test_the_float_code_path_is_in_effect" in out, out[-3000:]
+
+
+@pytest.mark.skipif(SWITCHES not in os.environ, reason="only in the runs under switches")
+def test_the_float_code_path_is_in_effect():
+    names = os.environ[SWITCHES].split(",")
+    assert names and all(os.environ.get(n) for n in names)
+    if "ATEN_CPU_CAPABILITY" in names:
+        assert torch.backends.cpu.get_cpu_capability() == os.environ["ATEN_CPU_CAPABILITY"].upper()
 
 
 def test_coefficients_from_d_rounds_d_to_the_compute_dtype_as_fusionbench_does():
@@ -246,6 +339,7 @@ def test_coefficients_from_d_rounds_d_to_the_compute_dtype_as_fusionbench_does()
 
     just_above = 0.9995 + 1e-12  # the same float32 as 0.9995: not above the threshold in float32
     c = coefficients_from_d(0.5, just_above, 1.0, 1.0)
-    assert c.branch == "slerp" and c.d == float(torch.tensor(0.9995, dtype=torch.float32))
+    assert c.branch == "slerp" and c.d == just_above  # the record keeps d as it was computed
+    assert float(c.s0) == float(coefficients_from_d(0.5, 0.9995, 1.0, 1.0).s0)  # the angle: float32 d
     assert coefficients_from_d(0.5, 0.99951, 1.0, 1.0).branch == "lerp"
     assert coefficients_from_d(0.5, 0.3, 1e-9, 1.0).branch == "unnormalised"

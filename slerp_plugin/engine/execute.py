@@ -361,31 +361,40 @@ class ShardMerge:
 
     # ---------------------------------------------------------------- the kernel
 
-    def _pieces(self, a_raw: torch.Tensor, b_raw: torch.Tensor, src: torch.dtype, cdtype: torch.dtype,
+    def _pieces(self, a_raw: torch.Tensor, b_raw: torch.Tensor, src: torch.dtype, dtype: torch.dtype,
                 size: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """A block as (offset, a, b) pieces of ``size`` elements in the compute dtype."""
+        """A block as (offset, a, b) pieces of ``size`` elements in ``dtype`` (the compute dtype,
+        or float64 for pass 1). On a CPU they are copies in per-thread scratch buffers: pass 2
+        computes in place, and the block itself may still be hashed."""
         if src != a_raw.dtype:  # ``dtype`` asks for the models to be loaded in another dtype
             a_raw, b_raw = a_raw.to(src), b_raw.to(src)
-        if self.device.type == "cpu" and cdtype == torch.float32:
-            if not hasattr(self._scratch, "buffers"):
-                self._scratch.buffers = (torch.empty(self.layout.chunk), torch.empty(self.layout.chunk))
-            sa, sb = self._scratch.buffers
+        if self.device.type == "cpu":
+            buffers = getattr(self._scratch, "buffers", None)
+            if buffers is None:
+                buffers = self._scratch.buffers = {}
+            if dtype not in buffers:
+                buffers[dtype] = (torch.empty(self.layout.chunk, dtype=dtype),
+                                  torch.empty(self.layout.chunk, dtype=dtype))
+            sa, sb = buffers[dtype]
             for i in range(0, a_raw.numel(), size):
                 n = min(size, a_raw.numel() - i)
                 yield i, sa[:n].copy_(a_raw[i : i + n]), sb[:n].copy_(b_raw[i : i + n])
             return
-        a = a_raw.to(self.device, non_blocking=True).to(cdtype)
-        b = b_raw.to(self.device, non_blocking=True).to(cdtype)
+        a = a_raw.to(self.device, non_blocking=True).to(dtype)
+        b = b_raw.to(self.device, non_blocking=True).to(dtype)
         for i in range(0, a.numel(), size):
             yield i, a[i : i + size], b[i : i + size]
 
     def _block_stats(self, a_raw: torch.Tensor, b_raw: torch.Tensor, src: torch.dtype,
                      cdtype: torch.dtype) -> SlerpStats:
+        """Pass 1 of a block: float64 sums (:func:`~slerp_plugin.slerp.accumulate_chunks`)."""
         if not hasattr(self._scratch, "threads"):
-            # BLAS thread counts are per thread (MKL): the same count on every thread, the same sums
+            # BLAS thread counts are per thread (MKL): the same count on every thread
             torch.set_num_threads(self.threads)
             self._scratch.threads = self.threads
-        pieces = self._pieces(a_raw, b_raw, src, cdtype, self.layout.chunk)
+        # on a GPU the block moves once in the compute dtype; the kernel widens each chunk there
+        dtype = torch.float64 if self.device.type == "cpu" else cdtype
+        pieces = self._pieces(a_raw, b_raw, src, dtype, self.layout.chunk)
         return accumulate_chunks((a, b) for _, a, b in pieces)
 
     def _merge_block(self, a: Block, b: Block, src: torch.dtype, cdtype: torch.dtype,

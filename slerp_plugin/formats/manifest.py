@@ -70,11 +70,15 @@ class TensorRecord(BaseModel):
     shard: str
     branch: BranchName
     t: float | None = None
-    d: float | str | None = None
+    d: float | str | None = Field(
+        None, description="the cosine of the pair as computed (see norm_precision); the branch compared it, "
+        "rounded to the compute dtype, with DOT_THRESHOLD")
     s0: float | str | None = None
     s1: float | str | None = None
     norm_precision: Literal["float64", "float32"] | None = Field(
-        None, description="how d was summed: float64 over chunks, or float32 whole-tensor (FusionBench)")
+        None, description="how d was taken: float64 (exact products, float64 sums over chunks: the same "
+        "on every machine), or float32 whole-tensor norms and sum (FusionBench's, as on the machine that "
+        "merged)")
 
 
 class OutputRecord(BaseModel):

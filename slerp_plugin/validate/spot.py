@@ -26,7 +26,7 @@ from ..errors import CheckpointError, ValidationInputError
 from ..formats.manifest import Manifest, TensorRecord
 from ..io.reader import TensorReader
 from ..io.safetensors import Checkpoint
-from ..slerp import SlerpStats, coefficients, compute_dtype, slerp_reference
+from ..slerp import SlerpStats, accumulate_chunks, coefficients, compute_dtype, slerp_reference
 from .report import SpotResult, SpotTensor
 
 log = logging.getLogger(__name__)
@@ -237,9 +237,9 @@ def _spot_streamed(tensors: _Tensors, rec: TensorRecord, spec: dict[str, Any], n
     cd = compute_dtype(load or info.torch_dtype)
     stats = SlerpStats()
     for r in range(0, rows, block):
-        x = tensors.read("a", name, r, block).to(load or torch.float32).double().reshape(-1)
-        y = tensors.read("b", name, r, block).to(load or torch.float32).double().reshape(-1)
-        stats = stats + SlerpStats(float(x @ x), float(y @ y), float(x @ y))
+        x = tensors.read("a", name, r, block).to(load or cd).reshape(-1)
+        y = tensors.read("b", name, r, block).to(load or cd).reshape(-1)
+        stats = stats + accumulate_chunks([(x, y)])
     t = rec.t if rec.t is not None else spec["t"]
     coeff = coefficients(t, stats, dtype=cd, DOT_THRESHOLD=spec.get("DOT_THRESHOLD", DEFAULT_DOT_THRESHOLD),
                          epsilon=spec.get("epsilon", DEFAULT_EPSILON))
