@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -26,6 +27,9 @@ EXACT_D = 1e-12
 #: and above float32's half-ulp near 1 (3e-8), since the branch compares d rounded to float32
 BRANCH_MARGIN = 1e-6
 ROOT = Path(__file__).resolve().parents[1]  #: the repository
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+#: the devices a kernel or engine test runs on: the CPU always, CUDA where present
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 
 def load_state(folder: Path) -> dict[str, torch.Tensor]:

@@ -14,7 +14,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from model_helpers import BRANCH_MARGIN, EXACT_D, float64_cosine, fusionbench_d, near_parallel_pair
+from model_helpers import (
+    BRANCH_MARGIN,
+    DEVICES,
+    EXACT_D,
+    float64_cosine,
+    fusionbench_d,
+    near_parallel_pair,
+)
 
 from slerp_plugin.slerp import (
     DEFAULT_CHUNK_ELEMENTS,
@@ -228,9 +235,7 @@ def test_shape_mismatch_is_an_error():
         slerp(0.5, torch.zeros(3), torch.zeros(4))
 
 
-SIZES = [3, 1000, (1 << 19) + 17, 3 * (1 << 20) + 5]  #: elements: under, at and over a chunk
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                reason="needs a CUDA device"))]
+SIZES = [3, 1000, (1 << 19) + 17, 3 * (1 << 20) + 5]  #: elements: within one chunk, just over one, several
 
 
 def cosine_pair(n: int, dtype: torch.dtype, kind: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_helpers import EXACT_D, float64_cosine, load_state
+from model_helpers import CUDA, DEVICES, EXACT_D, float64_cosine, load_state
 from safetensors.torch import save_file
 
 from slerp_plugin.engine import buffers, compute_threads
@@ -22,8 +22,6 @@ from slerp_plugin.slerp import slerp
 from slerp_plugin.spec import MergeSpec
 from slerp_plugin.validate import ulp_distance
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 T = 0.3
 CHUNK = 1024
 IO_BLOCK = 4096  # bytes: 2048 bf16 elements, two kernel chunks
