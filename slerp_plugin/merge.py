@@ -12,6 +12,7 @@ from .engine import plan_merge as plan_local
 from .engine.output import output_lock
 from .engine.progress import progress_bar
 from .hub.sources import resolve_inputs
+from .io.lock import FileLock
 from .io.model_files import ResolvedModel
 from .io.prefetch import Prefetch
 from .preflight import require_disk
@@ -55,18 +56,10 @@ def run_merge(spec: MergeSpec, *, prefetch: Prefetch | None = None) -> MergeResu
     require_disk(spec)  # before anything is downloaded
     plan = plan_merge(spec)
     with output_lock(plan.output, exclusive=True, wait=False, what="slerp-merge") as lock:
-        hashes = InputHashes.start(plan, prefetch)
-        bar = progress_bar(plan, "merging")
-        try:
-            outcomes = merge_shards(plan, progress=bar.update if bar else None, hashes=hashes,
-                                    prefetch=prefetch, lock=lock)
-        finally:
-            if bar:
-                bar.close()
-        reused = sum(o.reused for o in outcomes)
-        if reused:
-            log.info("resumed: %d of %d shard(s) reused from the interrupted run", reused, len(outcomes))
-        result = finalize(plan, input_hashes=hashes.finish(), started_at=started, lock=lock)
+        if plan.finished_earlier:  # a re-run after the merge had finished: nothing to read again
+            result = finalize(plan, lock=lock)
+        else:
+            result = _merge(plan, prefetch, lock, started)
     log.info("branches: %s", ", ".join(f"{k} {v}" for k, v in sorted(result.manifest.branch_counts.items())))
     if spec.push_to_hub:
         from .hub.client import upload_folder
@@ -74,4 +67,20 @@ def run_merge(spec: MergeSpec, *, prefetch: Prefetch | None = None) -> MergeResu
         result.upload = upload_folder(result.output, spec.push_to_hub, private=spec.private)
         log.info("published to %s: %s", spec.push_to_hub, result.upload.url)
     return result
+
+
+def _merge(plan: MergePlan, prefetch: Prefetch | None, lock: FileLock, started: float) -> MergeResult:
+    """Merge every shard of ``plan`` (resuming) and finalize it, with the output locked."""
+    hashes = InputHashes.start(plan, prefetch)
+    bar = progress_bar(plan, "merging")
+    try:
+        outcomes = merge_shards(plan, progress=bar.update if bar else None, hashes=hashes,
+                                prefetch=prefetch, lock=lock)
+    finally:
+        if bar:
+            bar.close()
+    reused = sum(o.reused for o in outcomes)
+    if reused:
+        log.info("resumed: %d of %d shard(s) reused from the interrupted run", reused, len(outcomes))
+    return finalize(plan, input_hashes=hashes.finish(), started_at=started, lock=lock)
 

@@ -53,7 +53,8 @@ class ParentSize:
 @dataclass
 class MergeEstimate:
     """Sizes in bytes, times in seconds. ``disk`` maps each filesystem (a folder on it) to the bytes
-    a local merge still writes there and the bytes free; ``problems`` says what does not fit."""
+    a local merge still writes there and the bytes free; ``problems`` says what does not fit,
+    ``unwritable`` which of those folders cannot be written at all (read-only, permission)."""
 
     parents: list[ParentSize]
     output_bytes: int
@@ -63,6 +64,7 @@ class MergeEstimate:
     merge_s: float = 0.0
     upload_s: float = 0.0
     problems: list[str] = field(default_factory=list)
+    unwritable: list[str] = field(default_factory=list)
     #: a streaming merge's disk (its budget) and time (the slowest of the overlapped stages)
     stream_disk_bytes: int = 0
     stream_s: float = 0.0
@@ -87,6 +89,7 @@ class MergeEstimate:
         out.append(f"streaming Hub to Hub (method.stream=true): disk {_gb(self.stream_disk_bytes)}, memory "
                    f"{_gb(self.memory_bytes)}, about {_duration(self.stream_s)} (download, merge and upload "
                    "overlap)")
+        out += [f"cannot write: {p}" for p in self.unwritable]
         out += [f"does not fit: {p}" for p in self.problems]
         return out
 
@@ -148,10 +151,15 @@ def require_disk(spec: MergeSpec) -> MergeEstimate:
     """:func:`estimate`, raising when a local merge of ``spec`` cannot fit on disk.
 
     Raises:
-        OutputWriteError: a filesystem has less room than the merge needs (nothing was written).
+        OutputWriteError: a filesystem is read-only or not writable by this user, or has less room
+            than the merge needs (nothing was written).
         ModelNotFoundError, HubError: as :func:`estimate`.
     """
     est = estimate(spec)
+    if est.unwritable:
+        raise OutputWriteError(f"cannot write the merge: {est.unwritable[0]} (nothing was downloaded or "
+                               "written; choose an output, or set HF_HUB_CACHE, on a writable disk)",
+                               path=spec.output)
     if est.problems:
         hub = all(p.revision for p in est.parents)  # Hub parents (local folders have none)
         stream = (f", or stream Hub to Hub with method.stream=true +push_to_hub=org/name (about "
@@ -227,8 +235,21 @@ def _disk(spec: MergeSpec, est: MergeEstimate, downloads: int) -> None:
     for where, needed in needs.items():
         free = shutil.disk_usage(where).free
         est.disk[str(where)] = {"needed": needed, "free": free}
-        if needed > free:
+        reason = _unwritable(where)
+        if reason:
+            est.unwritable.append(f"{where} {reason}")
+        elif needed > free:
             est.problems.append(f"{where} needs {_gb(needed)} for a local merge, {_gb(free)} free")
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why this process cannot write into ``folder``, or None (a read-only filesystem reports no
+    free space, so this is asked before the space is)."""
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        return "is on a read-only filesystem"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "is not writable by this user (permission denied)"
+    return None
 
 
 def _existing(path: Path) -> Path:

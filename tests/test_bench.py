@@ -135,3 +135,23 @@ def test_the_baseline_runs_the_module_from_its_own_checkout(tmp_path, monkeypatc
     assert cmd[:4] == [sys.executable, "-P", "-m", "slerp_plugin"]  # -P: not this checkout's path
     assert cmd[4] == "mergekit" and cmd[-3:] == [str(out), "--device", "cpu"]
     assert "-P" not in bench.command("ours", a, b, out)
+
+
+def test_dashboard_benchmark_builds_valid_runs_and_reports_its_figures(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "bench" / "dashboard.py"
+    spec = importlib.util.spec_from_file_location("slerp_bench_dashboard", path)
+    dash = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dash)
+    dash.build(tmp_path / "tree", 12)
+    from slerp_plugin.integrations.airflow.dashboard import collect
+
+    entries, _, _ = collect([tmp_path / "tree"])
+    assert len(entries) >= 12 and all(e.readable and e.validation == "passed" for e in entries)
+    lines = dash.measure(tmp_path / "tree", repeats=2)
+    assert lines[0].startswith(f"{len(entries)} merges") and any("rescan" in x for x in lines)
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## Hub to Hub streaming\n\nkept\n")
+    dash.write_section(results, lines)
+    dash.write_section(results, lines)  # replaced, not repeated
+    text = results.read_text()
+    assert text.count("## Dashboard") == 1 and "kept" in text

@@ -8,6 +8,7 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
+from model_helpers import spec_for
 
 from slerp_plugin import preflight
 from slerp_plugin.cli.main import main
@@ -141,3 +142,31 @@ def test_plan_errors_are_one_line(demo_bf16, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: Usage(10**9, 10**9, 0))
     assert main(["plan", *base, "method.t=0.3"]) == 5
     assert "does not fit: " in capsys.readouterr().out
+
+
+def test_a_read_only_or_unwritable_output_says_so_not_no_space(demo_bf16, tmp_path, monkeypatch):
+    """A read-only filesystem reports 0 bytes free; the refusal names the real cause, and the plan
+    command lists it (exit 5) before anything is written."""
+    import os
+
+    spec = spec_for(demo_bf16, tmp_path / "out")
+    real_statvfs = os.statvfs
+
+    class ReadOnly:
+        def __init__(self, st):
+            self.st = st
+
+        def __getattr__(self, name):
+            return os.ST_RDONLY | self.st.f_flag if name == "f_flag" else getattr(self.st, name)
+
+    monkeypatch.setattr(preflight.os, "statvfs", lambda p: ReadOnly(real_statvfs(p)))
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: Usage(10**9, 10**9, 0))
+    with pytest.raises(OutputWriteError, match=rf"^cannot write the merge: {tmp_path} is on a read-only "
+                                               "filesystem .*on a writable disk\\)$"):
+        preflight.require_disk(spec)
+    assert "cannot write: " in "\n".join(preflight.estimate(spec).lines())
+    monkeypatch.setattr(preflight.os, "statvfs", real_statvfs)
+    monkeypatch.setattr(preflight.os, "access", lambda p, mode: False)
+    with pytest.raises(OutputWriteError, match="is not writable by this user \\(permission denied\\)"):
+        preflight.require_disk(spec)
+    assert list(tmp_path.iterdir()) == []

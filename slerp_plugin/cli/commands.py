@@ -57,7 +57,7 @@ def plan(argv: list[str]) -> int:
         print(json.dumps(est.as_record(), indent=1))
     else:
         print("\n".join(est.lines()))
-    return 5 if est.problems else 0
+    return 5 if est.problems or est.unwritable else 0
 
 
 def mergekit(argv: list[str]) -> int:

@@ -61,6 +61,8 @@ def prepare(plan: MergePlan, *, wait: bool = False) -> None:
         OutputLockedError: another process holds the output (without ``wait``).
         OutputExistsError, OutputWriteError: as :func:`merge_shards`.
     """
+    if plan.finished_earlier:
+        return
     with output_lock(plan.output, exclusive=True, wait=wait, what="preparing the merge"):
         prepare_partial(plan, exclusive=True)
 
@@ -94,6 +96,9 @@ def merge_shards(
         CheckpointError: an input file is unreadable or truncated.
         OutputWriteError: writing failed (e.g. disk full); finished shards stay for a resume.
     """
+    if plan.finished_earlier:
+        log.info("%s is finished; nothing to merge", plan.output)
+        return []
     with ExitStack() as stack:
         if lock is None:
             lock = stack.enter_context(output_lock(plan.output, exclusive=False, wait=wait, what="merging"))

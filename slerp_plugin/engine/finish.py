@@ -15,12 +15,13 @@ from ..errors import OutputExistsError, OutputWriteError
 from ..formats.manifest import InputRecord, Manifest, TensorRecord, describe_input
 from ..formats.modelcard import render_model_card
 from ..io.atomic import fsync_dir, write_json_atomic
+from ..io.crashpoints import step
 from ..io.index import INDEX_NAME
 from ..io.lock import FileLock
 from ..io.model_files import CONFIG_FILES, TOKENIZER_FILES
 from ..spec import MergeSpec
 from .inputs import input_files
-from .output import output_lock, publish, write_marker
+from .output import output_lock, publish, remove_replaced, write_marker
 from .plan import MergePlan
 from .resume import STATE_DIR, ShardOutcome, finished_partial, load_outcome
 
@@ -63,8 +64,13 @@ def finalize(
     with ExitStack() as stack:
         if lock is None or not lock.exclusive:
             stack.enter_context(output_lock(plan.output, exclusive=True, wait=wait, what="finishing"))
+        if plan.finished_earlier:
+            remove_replaced(plan.output)
+            log.info("merged model at %s (finished by an earlier run)", plan.output)
+            return MergeResult(plan.output, Manifest.read(plan.output))
         finished = finished_partial(plan)
         if finished is not None:
+            _drop_journal(plan)
             publish(plan)
             log.info("merged model at %s (finished by an earlier run)", plan.output)
             return MergeResult(plan.output, finished)
@@ -83,9 +89,9 @@ def _finish(plan: MergePlan, input_hashes: dict[Path, str] | None, started_at: f
     partial = plan.partial
     try:
         manifest = write_metadata(plan, partial, outcomes, input_records(plan, input_hashes), started_at, t0)
-        shutil.rmtree(partial / STATE_DIR)
         write_marker(partial, plan.output, "complete")
         fsync_dir(partial)
+        _drop_journal(plan)
         publish(plan)
     except (OutputWriteError, OutputExistsError):
         raise
@@ -93,6 +99,13 @@ def _finish(plan: MergePlan, input_hashes: dict[Path, str] | None, started_at: f
         raise OutputWriteError(f"finishing {plan.output} failed: {e.strerror or e}", path=plan.output) from e
     log.info("merged model at %s", plan.output)
     return MergeResult(plan.output, manifest)
+
+
+def _drop_journal(plan: MergePlan) -> None:
+    """Remove the journal of a ``.partial`` marked complete (a crash may have left some of it)."""
+    if (plan.partial / STATE_DIR).exists():
+        step(f"remove {plan.partial.name}/{STATE_DIR}")
+        shutil.rmtree(plan.partial / STATE_DIR)
 
 
 def write_metadata(plan: MergePlan, folder: Path, outcomes: list[ShardOutcome],
@@ -109,10 +122,12 @@ def write_metadata(plan: MergePlan, folder: Path, outcomes: list[ShardOutcome],
     for name in TOKENIZER_FILES:
         src = plan.paths["tokenizer"] / name
         if src.is_file():
+            step(f"copy {name}")
             shutil.copyfile(src, folder / name)
     manifest = _build_manifest(plan, outcomes, inputs, started_at, finalize_started)
     manifest.timings.update(extra_timings or {})
     manifest.write(folder)
+    step("write README.md")
     (folder / "README.md").write_text(render_model_card(manifest))
     return manifest
 
@@ -151,6 +166,7 @@ def _copy_configs(plan: MergePlan, folder: Path) -> None:
             cfg.setdefault("dtype", stored)
             write_json_atomic(folder / name, cfg)
         else:
+            step(f"copy {name}")
             shutil.copyfile(src, folder / name)
 
 

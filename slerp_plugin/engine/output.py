@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Literal
 
 from .. import __version__
 from ..errors import OutputExistsError, OutputLockedError, OutputWriteError
+from ..formats.manifest import Manifest
 from ..io.atomic import fsync_dir, write_json_atomic
+from ..io.crashpoints import step
 from ..io.lock import FileLock, LockBusy
 from ..io.model_files import OUTPUT_MARKER
 from ..spec import MergeSpec
@@ -67,12 +69,52 @@ def carries_marker(folder: Path, output: Path, state: State) -> bool:
     return doc is not None and doc.get("output") == str(output) and doc.get("state") == state
 
 
-def _is_empty_dir(path: Path) -> bool:
+def is_empty_dir(path: Path) -> bool:
+    """Whether ``path`` is a folder (not a link to one) with nothing in it."""
     return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
-def check_output(spec: MergeSpec, inputs: Mapping[str, Path]) -> None:
+def unmarked_beginning(folder: Path) -> bool:
+    """Whether ``folder`` holds only what this tool writes into a working folder before its marker:
+    nothing, the marker's own temporary file, an empty ``.slerp_state/shards/``. (Earlier versions
+    made the working folder first and marked it second, and a crash between left this state.)"""
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    for entry in folder.rglob("*"):
+        rel = entry.relative_to(folder).as_posix()
+        if entry.is_symlink():
+            return False
+        if entry.is_dir() and rel in (".slerp_state", ".slerp_state/shards"):
+            continue
+        marker_tmp = "/" not in rel and rel.startswith(f"{OUTPUT_MARKER}.") and rel.endswith(".tmp")
+        if entry.is_file() and marker_tmp:
+            continue
+        return False
+    return True
+
+
+def remove_ours(folder: Path) -> None:
+    """Delete ``folder``, which carries this tool's marker, the marker last: a crash midway leaves
+    a folder that is still recognisably ours (or an empty one)."""
+    step(f"remove {folder.name}")
+    for child in folder.iterdir():
+        if child.name == OUTPUT_MARKER:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    step(f"remove {folder.name}: its marker")
+    (folder / OUTPUT_MARKER).unlink(missing_ok=True)
+    folder.rmdir()
+
+
+def check_output(spec: MergeSpec, inputs: Mapping[str, Path], *, allow_finished: bool = False) -> bool:
     """Refuse an output that would touch what the merge did not make.
+
+    With ``allow_finished``, an earlier merge this tool finished at the output is not refused here
+    even without ``overwrite``: True is returned, and the caller refuses it unless it is this very
+    merge (:func:`already_merged`), which a re-run after a crash just past the final rename finds.
 
     Raises:
         OutputExistsError: the output or its ``.partial`` overlaps an input, is (or holds) the
@@ -90,8 +132,31 @@ def check_output(spec: MergeSpec, inputs: Mapping[str, Path]) -> None:
             if target == p or p.is_relative_to(target) or target.is_relative_to(p):
                 raise OutputExistsError(f"output {target} overlaps the {role} folder {p}; choose another "
                                         "path", path=target)
-    _check_replaceable(out, spec.overwrite)
+    finished = allow_finished and not spec.overwrite and carries_marker(out, out, "complete")
+    if not finished:
+        _check_replaceable(out, spec.overwrite)
     check_partial(out)
+    return finished
+
+
+def already_merged(plan: MergePlan) -> bool:
+    """Whether ``<output>`` is this tool's finished merge of this very plan (same inputs, options
+    and shards: its manifest's plan fingerprint)."""
+    if not carries_marker(plan.output, plan.output, "complete"):
+        return False
+    try:
+        return Manifest.read(plan.output).plan_fingerprint == plan.fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def refuse_existing(out: Path) -> None:
+    """Refuse an output that exists and is not to be replaced.
+
+    Raises:
+        OutputExistsError: always, with what to do.
+    """
+    _check_replaceable(out, overwrite=False)
 
 
 def check_partial(out: Path) -> None:
@@ -101,7 +166,7 @@ def check_partial(out: Path) -> None:
         OutputExistsError: with what to do.
     """
     partial = partial_path(out)
-    if partial.exists() and not _is_empty_dir(partial) and not (
+    if partial.exists() and not unmarked_beginning(partial) and not (
             carries_marker(partial, out, "partial") or carries_marker(partial, out, "complete")):
         raise OutputExistsError(f"{partial} exists but is not an unfinished merge of {out}; remove it "
                                 "yourself or choose another output", path=partial)
@@ -112,7 +177,7 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
         return
     if not out.is_dir():
         raise OutputExistsError(f"output {out} exists and is not a folder; choose another path", path=out)
-    if _is_empty_dir(out):
+    if is_empty_dir(out):
         if os.path.ismount(out):
             raise OutputExistsError(f"output {out} is a mount point; write the merge into a folder inside it",
                                     path=out)
@@ -135,23 +200,33 @@ def publish(plan: MergePlan) -> None:
             result stays in ``.partial``).
     """
     out, partial = plan.output, plan.partial
-    aside = None
     if out.exists() or out.is_symlink():
         try:
             _check_replaceable(out, plan.spec.overwrite)
         except OutputExistsError as e:
             raise OutputExistsError(f"{e.message}; the finished merge is in {partial}", path=out) from e
-        if _is_empty_dir(out):
+        if is_empty_dir(out):
+            step(f"remove the empty folder {out.name}")
             out.rmdir()
         else:
             aside = out.with_name(f"{out.name}.replaced-{os.getpid()}")
+            step(f"move the earlier {out.name} aside")
             os.replace(out, aside)
+    step(f"rename {partial.name} to {out.name}")
     os.replace(partial, out)
     fsync_dir(out.parent)
-    for old in [aside, *out.parent.glob(f"{out.name}.replaced-*")]:
-        if old is not None and old.is_dir() and carries_marker(old, out, "complete"):
-            shutil.rmtree(old, ignore_errors=True)
+    remove_replaced(out)
+
+
+def remove_replaced(out: Path) -> None:
+    """Delete the earlier merges of ``out`` that :func:`publish` moved aside (a crash may have left
+    one, or an empty folder, behind). Only with the output locked exclusively."""
+    for old in out.parent.glob(f"{out.name}.replaced-*"):
+        if old.is_dir() and not old.is_symlink() and carries_marker(old, out, "complete"):
+            remove_ours(old)
             log.info("removed the earlier merge of %s", out)
+        elif is_empty_dir(old):  # what a crash in remove_ours can leave
+            old.rmdir()
 
 
 def lock_path(output: Path) -> Path:

@@ -13,7 +13,7 @@ import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -23,7 +23,7 @@ from ..errors import CheckpointError, KeyMismatchError, ShapeMismatchError
 from ..io.model_files import TOKENIZER_FILES, ResolvedModel, local_model
 from ..io.safetensors import Checkpoint, OutputTensor, TensorInfo, dtype_name
 from ..spec import MergeSpec
-from .output import check_output, output_path, partial_path
+from .output import already_merged, check_output, output_path, partial_path, refuse_existing
 from .resources import resolve_device
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,9 @@ class MergePlan:
     warnings: list[str] = field(default_factory=list)
     commits: dict[str, str | None] = field(default_factory=dict)
     known_hashes: dict[Path, str] = field(default_factory=dict)
+    finished_earlier: bool = False
+    """``<output>`` already holds this very merge: an earlier run finished it (a re-run after a
+    crash just past the final rename, or an Airflow retry); nothing is merged again."""
 
     @property
     def output(self) -> Path:
@@ -111,7 +114,7 @@ def plan_merge(spec: MergeSpec, resolved: Mapping[str, ResolvedModel] | None = N
     """
     inputs = _resolve_locally(spec, resolved or {})
     paths = {role: r.path for role, r in inputs.items()}
-    check_output(spec, paths)
+    finished = check_output(spec, paths, allow_finished=True)
     if not (paths["model_1"] / "config.json").is_file():
         raise CheckpointError(f"{paths['model_1']}: no config.json (not a transformers model folder)",
                               path=paths["model_1"])
@@ -124,9 +127,15 @@ def plan_merge(spec: MergeSpec, resolved: Mapping[str, ResolvedModel] | None = N
         for f in ck.files:
             st = f.stat()
             identity.append([role, str(f), st.st_size, st.st_mtime_ns])
-    return plan_checkpoints(spec, paths, ckpts, identity,
+    plan = plan_checkpoints(spec, paths, ckpts, identity,
                             commits={role: r.commit for role, r in inputs.items()},
                             known_hashes={p: h for r in inputs.values() for p, h in r.hashes.items()})
+    if finished:
+        if not already_merged(plan):
+            refuse_existing(plan.output)
+        log.info("%s already holds this merge (an earlier run finished it)", plan.output)
+        plan = replace(plan, finished_earlier=True)
+    return plan
 
 
 def plan_checkpoints(

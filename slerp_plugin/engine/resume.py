@@ -9,8 +9,10 @@ reuses them, so its result is bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +20,11 @@ from typing import TYPE_CHECKING
 
 from ..errors import OutputExistsError, OutputWriteError
 from ..formats.manifest import Manifest, ShardRecord, TensorRecord
-from ..io.atomic import write_json_atomic
+from ..io.atomic import fsync_dir, write_json_atomic
+from ..io.crashpoints import step
 from ..io.hashing import sha256_file
 from ..io.lock import FileLock
-from .output import carries_marker, check_partial, write_marker
+from .output import carries_marker, check_partial, is_empty_dir, remove_ours, unmarked_beginning, write_marker
 
 if TYPE_CHECKING:
     from .plan import MergePlan, ShardPlan
@@ -61,6 +64,9 @@ def prepare_partial(plan: MergePlan, *, exclusive: bool) -> bool:
     """Create ``<output>.partial`` (or adopt ours). With ``exclusive`` (the caller holds the output
     lock alone), one left by a different plan is discarded and stale temporary files are removed.
 
+    The working folder appears whole: it is made under a hidden name, marked, given its plan, and
+    renamed into place, so a crash never leaves a ``.partial`` without its marker.
+
     Returns True when the partial is already complete (only the final rename is missing).
 
     Raises:
@@ -70,6 +76,8 @@ def prepare_partial(plan: MergePlan, *, exclusive: bool) -> bool:
     """
     partial, state = plan.partial, state_dir(plan)
     plan_file = state / "plan.json"
+    if exclusive:
+        _remove_stale_staging(plan)
     if carries_marker(partial, plan.output, "complete"):
         if finished_partial(plan) is not None:
             return True
@@ -82,16 +90,83 @@ def prepare_partial(plan: MergePlan, *, exclusive: bool) -> bool:
                 tmp.unlink(missing_ok=True)
     else:
         check_partial(plan.output)
-    try:
-        (state / "shards").mkdir(parents=True, exist_ok=True)
-        if not carries_marker(partial, plan.output, "partial"):
-            write_marker(partial, plan.output, "partial")
-        if not plan_file.is_file():
-            write_json_atomic(plan_file, {"fingerprint": plan.fingerprint,
-                                          "spec": plan.spec.model_dump(mode="json")})
-    except OSError as e:
-        raise OutputWriteError(f"cannot create {partial}: {e.strerror}", path=partial) from e
+    if not carries_marker(partial, plan.output, "partial"):
+        try:
+            _create_partial(plan, exclusive)
+        except OSError as e:
+            raise OutputWriteError(f"cannot create {partial}: {e.strerror or e}", path=partial) from e
+        if not exclusive and _fingerprint(plan_file) != plan.fingerprint:  # another worker's, made
+            _discard(plan, exclusive)  # at the same moment for a different plan: refused
     return False
+
+
+def _staging_name(plan: MergePlan) -> str:
+    return f".{plan.partial.name}.new-"
+
+
+def _create_partial(plan: MergePlan, exclusive: bool) -> None:
+    """Make the working folder under a hidden name, mark it, write its plan, rename it into place
+    (over an empty folder, or, with ``exclusive``, an unmarked beginning). Where another worker's
+    appeared meanwhile, ours is dropped and theirs is used.
+
+    Raises:
+        OutputExistsError: an unmarked beginning is in the way and the output is not locked alone,
+            or something not ours has this process's staging name.
+        OSError: the folder cannot be made.
+    """
+    partial = plan.partial
+    staging = partial.with_name(f"{_staging_name(plan)}{os.getpid()}")
+    if staging.exists() or staging.is_symlink():  # a crashed process with the same pid left it
+        _remove_staging(staging, plan)
+    if not is_empty_dir(partial) and unmarked_beginning(partial) and not exclusive:
+        raise OutputExistsError(f"{partial} holds the beginning of a merge that was never marked; prepare "
+                                "the merge with the output locked alone (a plain re-run does)", path=partial)
+    step(f"create {staging.name}")
+    staging.mkdir(parents=True)
+    write_marker(staging, plan.output, "partial")
+    (staging / STATE_DIR / "shards").mkdir(parents=True)
+    write_json_atomic(staging / STATE_DIR / "plan.json",
+                      {"fingerprint": plan.fingerprint, "spec": plan.spec.model_dump(mode="json")})
+    fsync_dir(staging)
+    if exclusive and not is_empty_dir(partial) and unmarked_beginning(partial):
+        step(f"remove the unmarked beginning {partial.name}")
+        shutil.rmtree(partial)
+    step(f"rename {staging.name} to {partial.name}")
+    try:
+        os.rename(staging, partial)  # replaces an empty folder
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        remove_ours(staging)
+        return
+    fsync_dir(partial.parent)
+
+
+def _remove_staging(staging: Path, plan: MergePlan) -> None:
+    """Remove a staging folder a crashed run left: ours only (marked for this output, or an
+    unmarked beginning).
+
+    Raises:
+        OutputExistsError: it is something else.
+    """
+    if staging.is_dir() and not staging.is_symlink() and carries_marker(staging, plan.output, "partial"):
+        remove_ours(staging)
+    elif unmarked_beginning(staging):
+        shutil.rmtree(staging)
+    else:
+        raise OutputExistsError(f"{staging} is in the way and is not this tool's; remove it yourself",
+                                path=staging)
+
+
+def _remove_stale_staging(plan: MergePlan) -> None:
+    """Remove hidden working folders that crashed runs left before renaming them into place (ours:
+    marked for this output, or an unmarked beginning; anything else stays). Only with the output
+    lock held alone."""
+    for old in plan.partial.parent.glob(f"{_staging_name(plan)}*"):
+        try:
+            _remove_staging(old, plan)
+        except OutputExistsError:
+            log.warning("%s looks like a working folder of this tool but is not; left as it is", old)
 
 
 def _fingerprint(plan_file: Path) -> str | None:
@@ -109,7 +184,7 @@ def _discard(plan: MergePlan, exclusive: bool) -> None:
                                 "or options changed since it was planned); plan the merge again",
                                 path=plan.partial)
     log.warning("discarding %s: it belongs to a different merge (inputs or options changed)", plan.partial)
-    shutil.rmtree(plan.partial)
+    remove_ours(plan.partial)
 
 
 def _shard_marker(plan: MergePlan, shard: ShardPlan) -> Path:
@@ -133,6 +208,7 @@ def journal(plan: MergePlan, shard: ShardPlan, outcome: ShardOutcome) -> None:
 
 def forget(plan: MergePlan, shard: ShardPlan) -> None:
     """Remove a shard and its journal entry (a check found it wrong: it must be merged again)."""
+    step(f"forget {shard.file}")
     _shard_marker(plan, shard).unlink(missing_ok=True)
     (plan.partial / shard.file).unlink(missing_ok=True)
 

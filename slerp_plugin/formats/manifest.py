@@ -50,6 +50,9 @@ class InputRecord(BaseModel):
     commit: str | None = Field(None, description="the Hub commit sha the revision resolved to")
     path: str
     files: list[InputFile] = Field(default_factory=list)
+    content_sha256: str | None = Field(
+        None, description="published manifests, local inputs: SHA-256 of the files' names, sizes and "
+        "SHA-256s (the folder's path is not published)")
 
 
 class ShardRecord(BaseModel):

@@ -40,6 +40,7 @@ from ..errors import (
     RevisionNotFoundError,
     redact_secrets,
 )
+from ..formats.public import public_files
 from ..io.hashing import cached_sha256
 from ..io.model_files import CONFIG_FILES, OUTPUT_MARKER, TOKENIZER_FILES
 
@@ -360,6 +361,10 @@ def commit_message_for(folder: Path) -> str:
     return f"SLERP merge of {name('model_1')} and {name('model_2')} (t={m.spec.get('t')})"
 
 
+def _ignored(rel: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(rel.rsplit("/", 1)[-1], pat) for pat in patterns)
+
+
 def upload_folder(
     folder: Path | str,
     repo_id: str,
@@ -379,7 +384,8 @@ def upload_folder(
     instead of a second one; an identical folder makes no commit at all (``new_commit`` False).
     Folders above ``large_folder_bytes`` go through the Hub client's resumable large-folder upload
     (which may split the work into several commits). Local bookkeeping (:data:`NOT_UPLOADED`)
-    stays local.
+    stays local, and a merge's records are published without local paths, host or user names
+    (:func:`slerp_plugin.formats.public.public_files`).
 
     Raises:
         HubError (subclasses): see the module docstring; also a missing folder.
@@ -391,19 +397,30 @@ def upload_folder(
     message = commit_message or commit_message_for(folder)
     _with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"),
                   f"create {repo_id}", token, retries, _backoff())
-    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    files = [p for p in sorted(folder.rglob("*"))
+             if p.is_file() and not _ignored(p.relative_to(folder).as_posix(), NOT_UPLOADED)]
+    rewritten = public_files(folder, repo_id, files)  # no local path, host or user name is published
+    size = sum(p.stat().st_size for p in files)
     if size > large_folder_bytes:
         log.info("uploading %.1f GB with the resumable large-folder upload", size / 1e9)
         _with_retries(lambda: api.upload_large_folder(repo_id, folder, repo_type="model", revision=revision,
-                                                       private=private, ignore_patterns=NOT_UPLOADED),
+                                                       private=private,
+                                                       ignore_patterns=NOT_UPLOADED + sorted(rewritten)),
                       f"upload to {repo_id}", token, retries, _backoff())
-        head = resolve_revision(repo_id, revision, token=token, endpoint=endpoint, retries=retries)
-        return Upload(repo_id, head, f"{api.endpoint}/{repo_id}/commit/{head}", True)
+        files = []  # the rest: the rewritten files, in one commit
+        if not rewritten:
+            head = resolve_revision(repo_id, revision, token=token, endpoint=endpoint, retries=retries)
+            return Upload(repo_id, head, f"{api.endpoint}/{repo_id}/commit/{head}", True)
 
     def attempt(head: str):
-        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message,
-                                 revision=revision, parent_commit=head, repo_type="model",
-                                 ignore_patterns=NOT_UPLOADED)
+        from huggingface_hub import CommitOperationAdd
+
+        operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=data)
+                      for rel, data in rewritten.items()]
+        operations += [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(p)) for p in files
+                       if (rel := p.relative_to(folder).as_posix()) not in rewritten]
+        return api.create_commit(repo_id, operations, commit_message=message, revision=revision,
+                                 parent_commit=head, repo_type="model")
 
     upload = commit_once(api, repo_id, message, attempt, revision=revision, token=token, endpoint=endpoint,
                          retries=retries)

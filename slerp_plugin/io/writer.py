@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import OutputWriteError
+from .crashpoints import step
 from .direct import (
     DirectIORefused,
     align_down,
@@ -63,6 +64,7 @@ class ShardWriter:
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="slerp-shard-sha256")  # starts on first use
 
     def __enter__(self) -> ShardWriter:
+        step(f"create {self.path.name} (temporary file)")
         try:
             self._fd, self._direct = (
                 open_direct(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if self._want_direct
@@ -160,6 +162,7 @@ class ShardWriter:
                     if self._stage is not None and self._staged:
                         self._flush_stage(final=True)
                     os.ftruncate(self._fd, self.size)  # drops the padding of the last block
+                    step(f"fsync {self.path.name} (temporary file)")
                     os.fsync(self._fd)
                 except OSError as e:
                     if isinstance(e, OutputWriteError):
@@ -172,6 +175,7 @@ class ShardWriter:
             if not ok:
                 self.tmp.unlink(missing_ok=True)
         if ok:
+            step(f"rename {self.path.name} into place")
             os.replace(self.tmp, self.path)
 
     @property

@@ -34,15 +34,17 @@ from pathlib import Path
 from ..engine import MergePlan, MergeResult, ShardPlan, compute_threads
 from ..engine.execute import ShardMerge
 from ..engine.finish import write_metadata
-from ..engine.output import output_lock
+from ..engine.output import output_lock, remove_ours
 from ..engine.plan import format_bytes, plan_checkpoints
 from ..engine.progress import progress_bar
 from ..engine.resume import ShardOutcome, forget, load_outcome, prepare_partial, state_dir
 from ..errors import CheckpointError, ConfigError, HubIntegrityError, OutputWriteError, ValidationGateError
 from ..formats.manifest import InputFile, InputRecord, ShardRecord
+from ..formats.public import public_files
 from ..hub.client import commit_message_for, is_hub_id
 from ..hub.lfs import ensure_repo, lfs_present, preupload, publish, uploaded_file
 from ..io.atomic import write_json_atomic
+from ..io.crashpoints import step
 from ..io.model_files import OUTPUT_MARKER, TOKENIZER_FILES
 from ..io.reader import TensorReader
 from ..io.safetensors import Checkpoint, read_header
@@ -184,6 +186,7 @@ class StreamingMerge:
         ensure_repo(self.repo_id, private=self.spec.private, token=self.token)
         self.uploaded, self.merged = uploaded, merged = self._resume_state()
         self.stats.reused, self.stats.uploaded_only = len(uploaded), len(merged)
+        step(f"clear {plan.partial.name}/spool")
         shutil.rmtree(self.spool_dir, ignore_errors=True)  # a killed run's spool, inside our marked folder
         _check_free_disk(plan.partial, self.budget.limit)
         log.info("streaming %d output shard(s) (%s) to %s within a disk budget of %s; %d already uploaded, "
@@ -216,7 +219,7 @@ class StreamingMerge:
         except HubIntegrityError:
             log.error("discarding %s: its shards were merged from bytes that do not match the Hub",
                       plan.partial)
-            shutil.rmtree(plan.partial, ignore_errors=True)
+            remove_ours(plan.partial)
             raise
         return self._publish(started)
 
@@ -335,10 +338,12 @@ class StreamingMerge:
             shard, spool = self.spools[index]
             path = self.plan.partial / shard.file
             t0 = time.perf_counter()
+            step(f"upload {shard.file}")
             preupload(self.repo_id, path, shard.file, record.sha256, token=self.token)
             write_json_atomic(self._upload_marker(shard), {
                 "fingerprint": self.plan.fingerprint, "repo_id": self.repo_id,
                 "sha256": record.sha256, "size": record.size})
+            step(f"delete the uploaded {shard.file}")
             path.unlink()
             self.budget.give(spool.output_bytes)
             self.stats.bytes_uploaded += record.size
@@ -362,16 +367,20 @@ class StreamingMerge:
             outcome.reused = shard.index in self.uploaded or shard.index in self.merged
             outcomes.append(outcome)
         meta = plan.partial / "publish"
+        step(f"create {plan.partial.name}/publish")
         shutil.rmtree(meta, ignore_errors=True)  # inside our marked working folder: an earlier attempt's
         meta.mkdir()
         self.stats.peak_disk = self.budget.peak
         manifest = write_metadata(plan, meta, outcomes, self._input_records(), started, time.perf_counter(),
                                   extra_timings=self.stats.as_timings())
         operations = [uploaded_file(o.record.file, o.record.sha256, o.record.size) for o in outcomes]
-        operations += [CommitOperationAdd(path_in_repo=f.name, path_or_fileobj=str(f))
-                       for f in sorted(meta.iterdir()) if f.is_file() and f.name != OUTPUT_MARKER]
+        files = [f for f in sorted(meta.iterdir()) if f.is_file() and f.name != OUTPUT_MARKER]
+        rewritten = public_files(meta, self.repo_id, files)  # no local path, host or user name
+        operations += [CommitOperationAdd(path_in_repo=f.name, path_or_fileobj=rewritten.get(f.name, str(f)))
+                       for f in files]
+        step(f"commit to {self.repo_id}")
         upload = publish(self.repo_id, operations, commit_message_for(meta), token=self.token)
-        shutil.rmtree(plan.partial)
+        remove_ours(plan.partial)
         self.stats.seconds = time.perf_counter() - started
         log.info("streamed %s to %s in %.1f s: %s fetched, %s uploaded, at most %s of disk held",
                  format_bytes(plan.total_bytes), self.repo_id, self.stats.seconds,

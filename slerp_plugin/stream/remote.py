@@ -87,7 +87,7 @@ def _fetch_small(reader: RangeReader, f: HubFile, dest: Path) -> None:
     if not _matches(data, f):
         raise HubIntegrityError(f"{reader.repo_id}@{reader.commit[:12]}: {f.name} does not match the Hub's "
                                 "size/hash")
-    write_bytes_atomic(dest, data)
+    write_bytes_atomic(dest, data, crash_points=False)  # the run's temporary folder: not the output
 
 
 def _matches(data: bytes, f: HubFile) -> bool:

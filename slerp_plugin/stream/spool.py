@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..engine import ShardPlan, TensorJob
 from ..errors import HubIntegrityError, OutputWriteError
+from ..io.crashpoints import step
 from ..io.direct import ALIGN
 from ..io.safetensors import TensorInfo
 from .remote import RemoteParent
@@ -157,6 +158,8 @@ def fetch_spool(spool: ShardSpool, role: str, parent: RemoteParent, hashes: Pare
         HubError: the bytes cannot be fetched.
         OutputWriteError: the spool file cannot be written (disk full).
     """
+    if write:
+        step(f"spool {spool.files[role].name}")
     fd = os.open(spool.files[role], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if write else None
     try:
         for f in spool.fetches[role]:

@@ -40,8 +40,11 @@ class Standalone(AirflowREST):
         super().__init__(f"http://127.0.0.1:{self.port}", home / PASSWORDS, describe=self.tail)
         venv_bin = str(Path(sys.executable).parent)
         path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
+        self.crash_points = home / "crash-points"  # one-shot crash points for the worker's tasks
+        self.crash_points.mkdir()
         env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "VIRTUAL_ENV"))},
-               "PATH": path, "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5", "SLERP_RETRY_DELAY_S": "1"}
+               "PATH": path, "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5", "SLERP_RETRY_DELAY_S": "1",
+               "SLERP_PLUGIN_CRASH_DIR": str(self.crash_points)}
         self.log = open(home / "standalone.log", "w")
         self.proc = subprocess.Popen(
             ["make", "--no-print-directory", "airflow-ui", f"AIRFLOW_HOME_DIR={home}",
@@ -121,6 +124,47 @@ def test_trigger_through_the_rest_api(standalone, demo_bf16):
     outs = list(standalone.outputs.glob("slerp_merge/*/merged"))
     assert len(outs) == 1 and json.loads((outs[0] / "merge_manifest.json").read_text())["spec"]["t"] == 0.3
     assert task_log_errors(standalone, "slerp_merge", run_id) == {}
+
+
+# one crash point per kind of step of the output protocol, in the task that reaches it
+WORKER_DEATHS = {
+    "create .merged.partial.new-": "exit",  # the working folder (plan task)
+    "rename model-00002-of-00003.safetensors into place": "kill",  # a shard (merge task)
+    "rename model-00001-of-00003.safetensors.json into place": "exit",  # its journal entry
+    "rename merge_manifest.json into place": "kill",  # finalize's files
+    "rename merged.partial to merged": "kill",  # the final rename
+}
+
+
+def test_a_worker_that_dies_at_any_kind_of_step_is_retried_and_the_run_succeeds(standalone, demo_bf16):
+    """The task's process is killed (SIGKILL, or os._exit) at a step of the output protocol;
+    Airflow retries the task and the run succeeds without anyone touching the output."""
+    from slerp_plugin.integrations.airflow.records import run_folder_name
+
+    runs = {}
+    for i, (text, mode) in enumerate(WORKER_DEATHS.items()):
+        (standalone.crash_points / f"point-{i}").write_text(f"{text}:{mode}")
+    for i in range(len(WORKER_DEATHS)):
+        conf = {"model_1": str(demo_bf16[0]), "model_2": str(demo_bf16[1]), "t": round(0.21 + 0.01 * i, 2),
+                "max_shard_size": "100KB", "validate_functional": False}
+        r = standalone.api("POST", "/api/v2/dags/slerp_merge/dagRuns",
+                           json={"logical_date": None, "conf": conf})
+        assert r.status_code == 200, r.text
+        runs[r.json()["dag_run_id"]] = conf["t"]
+    for run_id in runs:
+        assert standalone.wait_run("slerp_merge", run_id, timeout=600) == "success", standalone.tail()
+    assert list(standalone.crash_points.iterdir()) == [], "a crash point was never reached"
+    retried = {}
+    for run_id, t in runs.items():
+        # each try of a task leaves its log file (Airflow's default layout): count the second tries
+        logs = standalone.home / "logs" / "dag_id=slerp_merge" / f"run_id={run_id}"
+        retried[run_id] = sorted(str(p.parent.relative_to(logs)) for p in logs.rglob("attempt=2.log"))
+        out = standalone.outputs / "slerp_merge" / run_folder_name(run_id) / "merged"
+        assert json.loads((out / "merge_manifest.json").read_text())["spec"]["t"] == t
+        assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith("merged")) == ["merged"]
+    tasks = sorted(task for tries in retried.values() for task in tries)
+    assert len(tasks) == len(WORKER_DEATHS), retried
+    assert {"task_id=plan", "task_id=merge/map_index=0", "task_id=finalize"} <= set(tasks), retried
 
 
 def task_log_errors(standalone, dag_id: str, run_id: str) -> dict[str, list[str]]:

@@ -49,6 +49,58 @@ def test_overwrite_replaces_an_earlier_merge_of_this_output_only(demo_bf16, tmp_
     assert json.loads((tmp_path / "m" / "copy" / MANIFEST_NAME).read_text())["spec"]["t"] == 0.7
 
 
+def test_the_same_merge_again_finds_it_finished_and_another_is_refused(demo_bf16, tmp_path):
+    """A re-run of a merge that finished (e.g. after a crash just past the final rename, or an
+    Airflow retry) succeeds without merging again; a different merge into it is still refused."""
+    out = tmp_path / "m"
+    first = run_merge(spec_for(demo_bf16, out, t=0.2))
+    before = folder_bytes(out)
+    plan = plan_merge(spec_for(demo_bf16, out, t=0.2))
+    assert plan.finished_earlier
+    again = run_merge(spec_for(demo_bf16, out, t=0.2))
+    assert again.manifest == first.manifest and folder_bytes(out) == before
+    with pytest.raises(OutputExistsError, match="already exists"):
+        run_merge(spec_for(demo_bf16, out, t=0.3))
+    (out / "extra.txt").write_text("the user's")  # still ours and still this merge: kept as it is
+    assert run_merge(spec_for(demo_bf16, out, t=0.2)).output == out.resolve()
+    assert (out / "extra.txt").read_text() == "the user's"
+
+
+def test_a_partial_left_unmarked_by_an_earlier_version_is_adopted(demo_bf16, tmp_path):
+    """Earlier versions made ``.partial/.slerp_state/shards`` before the marker; a crash between
+    left exactly that (and perhaps the marker's temporary file), which is ours to take over."""
+    out = tmp_path / "m"
+    partial = tmp_path / "m.partial"
+    (partial / ".slerp_state" / "shards").mkdir(parents=True)
+    (partial / f"{OUTPUT_MARKER}.4242.tmp").write_text('{"tool": "slerp_plugin"')
+    run_merge(spec_for(demo_bf16, out))
+    assert (out / MANIFEST_NAME).is_file() and not partial.exists()
+    partial.mkdir()
+    (partial / ".slerp_state").mkdir()
+    (partial / ".slerp_state" / "notes.txt").write_text("not ours")  # anything more is not adopted
+    with pytest.raises(OutputExistsError, match="not an unfinished merge"):
+        run_merge(spec_for(demo_bf16, tmp_path / "m"))
+    assert (partial / ".slerp_state" / "notes.txt").read_text() == "not ours"
+
+
+def test_working_folders_a_crash_left_under_their_staging_name_are_removed_if_ours(demo_bf16, tmp_path):
+    from slerp_plugin.engine.output import write_marker
+
+    out = tmp_path / "m"
+    ours = tmp_path / ".m.partial.new-4242"  # marked: a crash just before the rename into place
+    ours.mkdir()
+    write_marker(ours, out.resolve(), "partial")
+    begun = tmp_path / ".m.partial.new-4343"  # a crash before the marker was renamed in
+    begun.mkdir()
+    (begun / f"{OUTPUT_MARKER}.4343.tmp").write_text("{")
+    foreign = tmp_path / ".m.partial.new-4444"  # the same name pattern, but not ours
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    run_merge(spec_for(demo_bf16, out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.partial.new-4444", "m"]
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
 def test_an_empty_folder_is_taken_over(demo_bf16, tmp_path):
     out = tmp_path / "m"
     out.mkdir()

@@ -25,17 +25,19 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, unquote, urlparse
+from urllib.parse import quote, unquote, urlencode, urlparse
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Query as FastAPIQuery
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from ...errors import first_line
-from ...formats.manifest import MANIFEST_NAME, Manifest
+from ...formats.manifest import MANIFEST_NAME
 from ...hub.client import UPLOAD_RECORD
 from ...validate.report import REPORT_NAME, ValidationReport
+from .dashboard_index import FolderIndex
 from .records import (
     FAILURE_RECORD,
     RUN_RECORD,
@@ -47,6 +49,8 @@ from .records import (
 )
 
 MAX_JSON_BYTES = 64 << 20  #: a manifest larger than this is not read (listed as unreadable)
+PER_PAGE = 50  #: merges per page, newest first
+MAX_FAILED_SHOWN = 20  #: the newest failed runs shown (the count says how many there are)
 ReadableDags = Callable[[set[str]], set[str]]
 
 
@@ -153,7 +157,7 @@ def load_entry(folder: Path, dag_id: str, run_id: str) -> MergeEntry:
     """The entry of one merge folder; files that do not validate give an unreadable entry."""
     entry = MergeEntry(dag_id=dag_id, run_id=run_id, output=str(folder))
     try:
-        man: Manifest | None = _json(folder, MANIFEST_NAME, Manifest)
+        man: ManifestView | None = _json(folder, MANIFEST_NAME, ManifestView)
         if man is None:
             raise ValueError(f"{MANIFEST_NAME} is missing")
         _fill_from_manifest(entry, man)
@@ -179,7 +183,22 @@ class _SpecView(BaseModel):
     DOT_THRESHOLD: float
 
 
-def _fill_from_manifest(entry: MergeEntry, man: Manifest) -> None:
+class _InputView(BaseModel):
+    ref: str
+    revision: str | None = None
+    commit: str | None = None
+
+
+class ManifestView(BaseModel):
+    """The manifest's fields the dashboard shows, validated (the tensors' records are not read
+    into objects: a 72B manifest has a thousand)."""
+
+    created_at: str
+    spec: dict[str, Any]
+    inputs: dict[str, _InputView]
+
+
+def _fill_from_manifest(entry: MergeEntry, man: ManifestView) -> None:
     spec = _SpecView.model_validate({key: man.spec.get(key) for key in ("t", "DOT_THRESHOLD")})
     entry.created_at = man.created_at
     entry.t = spec.t if isinstance(spec.t, float) else None
@@ -194,26 +213,47 @@ def _run_id(run: Path) -> str:
     return record.run_id if record is not None else unquote(run.name)
 
 
-Runs = dict[tuple[str, str], Path]
+def _load_run(run: Path) -> tuple[str, dict[str, Any]]:
+    return _run_id(run), {FAILURE_RECORD: read_record(run, FAILURE_RECORD, FailureRecord),
+                          SWEEP_RECORD: read_record(run, SWEEP_RECORD, SweepRecord)}
 
 
-def collect(search: Iterable[Path]) -> tuple[list[MergeEntry], list[FailedRun], Runs]:
-    """Every merge under the roots (newest first), the failed runs, and each run's folder."""
+def _merge_folders(run: Path) -> list[Path]:
+    """A run's merge folders (``streamed/`` holds a streamed merge's records only)."""
+    return sorted(f for f in [*run.glob("merged*"), run / "streamed"]
+                  if f.is_dir() and not f.name.endswith(".partial") and ".replaced-" not in f.name)
+
+
+#: the merges and run records under the roots, re-read only where a folder changed
+INDEX = FolderIndex(_load_run, _merge_folders, load_entry)
+
+Runs = dict[tuple[str, str], dict[str, Any]]  #: (dag_id, run_id) → the run's records
+
+
+RESCAN_S = 1.0  #: requests within this many seconds of a scan of the same roots share it
+_COLLECTED: dict[str, Any] = {}
+
+
+def collect(search: Iterable[Path], *,
+            max_age: float = 0.0) -> tuple[list[MergeEntry], list[FailedRun], Runs]:
+    """Every merge under the roots (newest first), the failed runs (newest first), and each run's
+    records, from :data:`INDEX` (as scanned up to ``max_age`` seconds ago)."""
+    roots_found = [r for r in search if r.is_dir()]
+    scanned = INDEX.scan(roots_found, max_age=max_age)
+    key = (tuple(map(str, roots_found)), INDEX.generation)
+    if _COLLECTED.get("key") == key:
+        return _COLLECTED["value"]
     entries, failed, runs = [], [], {}
-    for root in search:
-        if not root.is_dir():
-            continue
-        for run in sorted(p for p in root.glob("*/*") if p.is_dir()):
-            dag_id, run_id = run.parent.name, _run_id(run)
-            runs[(dag_id, run_id)] = run
-            for folder in sorted([*run.glob("merged*"), run / "streamed"]):  # streamed: records only
-                if folder.is_dir() and not folder.name.endswith(".partial"):
-                    entries.append(load_entry(folder, dag_id, run_id))
-            failure = read_record(run, FAILURE_RECORD, FailureRecord)
-            if failure is not None:
-                failed.append(FailedRun(dag_id=dag_id, run_id=run_id, folder=str(run), failure=failure))
+    for run in scanned:
+        runs[(run.dag_id, run.run_id)] = run.records
+        entries += [entry for _, entry in run.merges.values()]
+        failure = run.records.get(FAILURE_RECORD)
+        if failure is not None:
+            failed.append(FailedRun(dag_id=run.dag_id, run_id=run.run_id, folder=str(run.folder),
+                                    failure=failure))
     entries.sort(key=lambda e: (e.created_at or "", e.output), reverse=True)
     failed.sort(key=lambda f: f.failure.at, reverse=True)
+    _COLLECTED.update(key=key, value=(entries, failed, runs))
     return entries, failed, runs
 
 
@@ -235,8 +275,7 @@ def sweeps(entries: list[MergeEntry], runs: Runs) -> list[Sweep]:
         merges.sort(key=lambda e: e.t)
         parents = {role: m.perplexity[role] for m in merges for role in ("model_1", "model_2")
                    if role in m.perplexity}
-        folder = runs.get((dag_id, run_id))
-        record = read_record(folder, SWEEP_RECORD, SweepRecord) if folder is not None else None
+        record = runs.get((dag_id, run_id), {}).get(SWEEP_RECORD)
         out.append(Sweep(dag_id=dag_id, run_id=run_id, merges=merges, parents=parents,
                          chosen_t=record.chosen_t if record is not None else None))
     return out
@@ -283,18 +322,78 @@ def sweep_svg(sweep: Sweep) -> str:
     return svg[svg.index("<svg"):]  # inline: without the XML declaration and doctype
 
 
+_SVG_CACHE: dict[str, str] = {}
+_SVG_CACHE_SIZE = 256
+
+
+def cached_svg(sweep: Sweep) -> str:
+    """:func:`sweep_svg`, kept for the last few hundred distinct sweeps (a plot takes tens of ms)."""
+    key = sweep.model_dump_json()
+    svg = _SVG_CACHE.get(key)
+    if svg is None:
+        if len(_SVG_CACHE) >= _SVG_CACHE_SIZE:
+            _SVG_CACHE.pop(next(iter(_SVG_CACHE)))
+        svg = _SVG_CACHE[key] = sweep_svg(sweep)
+    return svg
+
+
+class Query(BaseModel):
+    """A page of the merges (newest first), optionally only one DAG's or one t's."""
+
+    page: int = Field(1, ge=1, le=1_000_000)
+    per_page: int = Field(PER_PAGE, ge=1, le=500)
+    dag: str | None = Field(None, max_length=250)
+    t: float | None = Field(None, ge=0, le=1)
+
+    def link(self, **change: Any) -> str:
+        """The query string of this query with ``change`` applied (defaults left out)."""
+        values = {**self.model_dump(), **change}
+        defaults = Query().model_dump()
+        return "?" + urlencode({k: v for k, v in values.items() if v is not None and v != defaults[k]})
+
+
+class Listing:
+    """One page of merges with what the page shows beside them."""
+
+    def __init__(self, entries: list[MergeEntry], total: int, failed: list[FailedRun],
+                 sweep_list: list[Sweep], dags: list[str], query: Query) -> None:
+        self.entries, self.total, self.failed, self.sweeps = entries, total, failed, sweep_list
+        self.dags, self.query = dags, query
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.query.per_page))
+
+
+def page_of(entries: list[MergeEntry], failed: list[FailedRun], runs: Runs, q: Query) -> Listing:
+    """The page ``q`` asks for of ``entries`` (newest first), with the failed runs and the sweeps of
+    the runs on that page; the DAG filter offers every DAG of ``runs``."""
+    dags = sorted({d for d, _ in runs})
+    if q.dag is not None:
+        entries = [e for e in entries if e.dag_id == q.dag]
+        failed = [f for f in failed if f.dag_id == q.dag]
+    if q.t is not None:
+        entries = [e for e in entries if e.t is not None and math.isclose(e.t, q.t, abs_tol=1e-9)]
+    page = entries[(q.page - 1) * q.per_page: q.page * q.per_page]
+    on_page = {(e.dag_id, e.run_id) for e in page}
+    run_entries = [e for e in entries if (e.dag_id, e.run_id) in on_page]
+    return Listing(page, len(entries), failed, sweeps(run_entries, runs), dags, q)
+
+
 _ENV = Environment(loader=PackageLoader("slerp_plugin.integrations.airflow", "templates"),
                    autoescape=select_autoescape(default=True, default_for_string=True))
 
 
 def render_page(entries: list[MergeEntry], failed: list[FailedRun], sweep_list: list[Sweep], *,
-                title: str = "SLERP merges", compact: bool = False) -> str:
-    """The dashboard page (server-rendered HTML, inline SVG plots; every value escaped)."""
+                title: str = "SLERP merges", compact: bool = False, listing: Listing | None = None) -> str:
+    """The dashboard page (server-rendered HTML, inline SVG plots; every value escaped); with
+    ``listing``, one page of it with links to the others and the filter form."""
     from markupsafe import Markup
 
-    plots = {(s.dag_id, s.run_id): Markup(sweep_svg(s)) for s in sweep_list}
+    plots = {(s.dag_id, s.run_id): Markup(cached_svg(s)) for s in sweep_list}
     return _ENV.get_template("merges.html").render(
         title=title, entries=entries, failed=failed, sweeps=sweep_list, plots=plots, compact=compact,
+        listing=listing,
         roots=", ".join(map(str, roots())) or "none", fmt_t=_fmt_t, fmt_ppl=_fmt_ppl,
         ppl_decimals=ppl_decimals, fmt_when=_fmt_when,
     )
@@ -350,20 +449,24 @@ def create_app(
     Readable = Annotated[ReadableDags, Depends(guard)]  # noqa: N806 (a type, local to this app)
 
     def visible(readable: ReadableDags, dag_id: str | None = None, run_id: str | None = None):
-        """What this user may see: merges, failed runs and run folders of the DAGs they may read."""
-        entries, failed, runs = collect(roots() if search is None else search)
+        """What this user may see: merges, failed runs and run records of the DAGs they may read."""
+        entries, failed, runs = collect(roots() if search is None else search, max_age=RESCAN_S)
         allowed = readable({d for d, _ in runs})
 
         def keep(d: str, r: str) -> bool:
-            return d in allowed and (dag_id is None or (d, r) == (dag_id, run_id))
+            return d in allowed and (dag_id is None or d == dag_id) and (run_id is None or r == run_id)
 
         return ([e for e in entries if keep(e.dag_id, e.run_id)],
                 [f for f in failed if keep(f.dag_id, f.run_id)], {k: v for k, v in runs.items() if keep(*k)})
 
+    def listing(readable: ReadableDags, q: Query) -> Listing:
+        return page_of(*visible(readable), q)
+
     @app.get("/", response_class=HTMLResponse)
-    def page(readable: Readable) -> HTMLResponse:
-        entries, failed, runs = visible(readable)
-        return HTMLResponse(render_page(entries, failed, sweeps(entries, runs)))
+    def page(readable: Readable, q: Annotated[Query, FastAPIQuery()]) -> HTMLResponse:
+        found = listing(readable, q)
+        return HTMLResponse(render_page(found.entries, found.failed[:MAX_FAILED_SHOWN], found.sweeps,
+                                        listing=found))
 
     @app.get("/runs/{dag_id}/{run_id}", response_class=HTMLResponse)
     def run_page(dag_id: str, run_id: str, readable: Readable) -> HTMLResponse:
@@ -372,10 +475,15 @@ def create_app(
                                         title=f"SLERP merge of {dag_id} / {run_id}"))
 
     @app.get("/api/merges", response_class=JSONResponse)
-    def api_merges(readable: Readable) -> JSONResponse:
-        entries, failed, _ = visible(readable)
-        return JSONResponse({"merges": [e.model_dump() | {"run_link": e.run_link} for e in entries],
-                             "failed_runs": [f.model_dump() | {"run_link": f.run_link} for f in failed]})
+    def api_merges(readable: Readable, q: Annotated[Query, FastAPIQuery()]) -> JSONResponse:
+        found = listing(readable, q)
+        return JSONResponse({
+            "merges": [e.model_dump() | {"run_link": e.run_link} for e in found.entries],
+            "total": found.total, "page": q.page, "per_page": q.per_page, "pages": found.pages,
+            "dags": found.dags,
+            "failed_runs": [f.model_dump() | {"run_link": f.run_link}
+                            for f in found.failed[:MAX_FAILED_SHOWN]],
+            "failed_total": len(found.failed)})
 
     @app.get("/plot/{dag_id}/{run_id}.svg", response_class=Response)
     def plot(dag_id: str, run_id: str, readable: Readable) -> Response:

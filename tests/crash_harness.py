@@ -1,0 +1,118 @@
+"""A crash-point harness: run ``slerp-merge`` stopped at the N-th step of the output protocol
+(:mod:`slerp_plugin.io.crashpoints`), for every N the run reaches, then run it again.
+
+Each run is a child of a fork server that has imported the package and torch once and composed the
+command's config (:mod:`crash_harness_warmup`), so a run costs a fraction of a second, not an
+interpreter start. The child applies the caller's environment and
+working directory, arms the crash point and calls the command's :func:`main`; ``exit``/``kill``
+stop it with no cleanup at all, ``raise`` lets every ``finally`` run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_CTX = multiprocessing.get_context("forkserver")
+_CTX.set_forkserver_preload(["torch", "slerp_plugin.cli.main", "slerp_plugin.merge",
+                             "slerp_plugin.stream.pipeline", "huggingface_hub", "crash_harness_warmup"])
+
+
+def _start_server() -> None:
+    """Start the fork server with this folder on its import path (Python 3.11's fork server does
+    not take the parent's ``sys.path``), so that it can preload the warm-up module."""
+    from multiprocessing import forkserver
+
+    old = os.environ.get("PYTHONPATH")
+    here = str(Path(__file__).resolve().parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join([here, old]) if old else here
+    try:
+        forkserver.ensure_running()
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+def _child(argv: list[str], env: dict[str, str], cwd: str, at: int | None, mode: str, log: str | None,
+           output: str) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    from slerp_plugin.cli.main import main
+    from slerp_plugin.io import crashpoints
+
+    crashpoints.arm(at, mode, log)  # type: ignore[arg-type]
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+@dataclass
+class Outcome:
+    """How one run ended: its exit status (negative: killed by that signal) and what it printed."""
+
+    code: int
+    output: str
+
+
+@dataclass
+class Harness:
+    """Runs of ``slerp-merge argv`` in ``cwd`` with ``env`` (default: this process's)."""
+
+    argv: list[str]
+    cwd: Path
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    timeout: float = 120.0
+    runs: int = 0
+
+    def run(self, at: int | None = None, mode: str = "raise", log: Path | None = None,
+            argv: list[str] | None = None) -> Outcome:
+        """One run, stopped at step ``at`` (None: not stopped) the ``mode`` way."""
+        if self.runs == 0:
+            _start_server()
+        self.runs += 1
+        out = self.cwd / f".harness-{self.runs}.log"
+        p = _CTX.Process(target=_child, args=(argv or self.argv, self.env, str(self.cwd), at, mode,
+                                              str(log) if log else None, str(out)))
+        p.start()
+        p.join(self.timeout)
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+            raise AssertionError(f"run {self.runs} (step {at}, {mode}) did not finish in {self.timeout} s")
+        text = out.read_text() if out.exists() else ""
+        out.unlink(missing_ok=True)
+        return Outcome(p.exitcode, text)
+
+    def steps(self, argv: list[str] | None = None) -> tuple[Outcome, list[str]]:
+        """An uninterrupted run and the names of the steps it passed, in order."""
+        log = self.cwd / f".harness-steps-{self.runs}.txt"
+        outcome = self.run(log=log, argv=argv)
+        names = log.read_text().splitlines() if log.exists() else []
+        log.unlink(missing_ok=True)
+        return outcome, names
+
+
+def expected_stop(mode: str) -> int:
+    """The exit status of a run stopped the ``mode`` way (``raise``: the command's internal-error
+    status, any non-zero)."""
+    from slerp_plugin.io.crashpoints import EXIT_STATUS
+
+    return {"exit": EXIT_STATUS, "kill": -9}.get(mode, 0)
+
+
+def crash_points(steps: list[str]) -> list[int]:
+    """The step numbers to stop at: every step but those named ``fsync ...``. A process stopped
+    just before an fsync and one stopped just after it leave the same files (the page cache
+    outlives the process; fsync matters only when the machine itself goes down), so each fsync
+    point repeats the one after it."""
+    return [n for n, name in enumerate(steps, 1) if not name.startswith("fsync ")]
