@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # servers and subprocesses, so more workers than cores); PYTEST_WORKERS=0 runs them in one process
 PYTEST_WORKERS ?= 3
 
-.PHONY: setup demo demo-cli airflow-ui cluster cluster-down test lint lock clean bench
+.PHONY: setup demo demo-cli airflow-ui cluster cluster-down test lint lock clean bench docs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -77,6 +77,9 @@ bench: setup ## benchmark against mergekit and FusionBench, ~30 min (bench/RESUL
 lock: setup ## re-pin constraints.txt from the current venv
 	{ sed -n '1,2p' constraints.txt; $(PY) -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/'; } > constraints.new && mv constraints.new constraints.txt
 
+docs: setup ## build the documentation site into site/ (strict: a broken link or API name fails)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 clean:
 	test ! -f $(CLUSTER_HOME)/cluster.json || $(CLUSTER) down --home $(CLUSTER_HOME)
-	rm -rf demo outputs .pytest_cache .airflow .cluster
+	rm -rf demo outputs .pytest_cache .airflow .cluster site

@@ -4,7 +4,7 @@ against FusionBench's op order, on SmolLM2-135M-Instruct and a genuine fine-tune
     python bench/branches.py [--threshold 0.99999] [--t 0.5] [--out DIR]
 
 Merges the pair (bench/finetune.py) twice with float32 outputs, once per ``norm_precision``, then
-recomputes every tensor with FusionBench's op order (:func:`slerp_plugin.slerp.slerp_reference`,
+recomputes every tensor with FusionBench's op order (:func:`slerp_plugin.kernel.slerp_reference`,
 float32 whole-tensor norms) and counts the SLERP/LERP branches each took. For each engine merge
 it reports the tensors whose branch differs from FusionBench's and the largest relative
 difference of a tensor from FusionBench's, ``‖engine − FusionBench‖ / ‖FusionBench‖``. Writes
@@ -30,8 +30,8 @@ from safetensors.torch import load_file  # noqa: E402
 from slerp_plugin.demo.smollm2 import smollm2_folder  # noqa: E402
 from slerp_plugin.engine import compute_threads  # noqa: E402
 from slerp_plugin.formats.manifest import Manifest  # noqa: E402
+from slerp_plugin.kernel import fusionbench_coefficients, slerp_reference  # noqa: E402
 from slerp_plugin.merge import run_merge  # noqa: E402
-from slerp_plugin.slerp import fusionbench_coefficients, slerp_reference  # noqa: E402
 from slerp_plugin.spec import MergeSpec  # noqa: E402
 
 

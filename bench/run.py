@@ -69,7 +69,7 @@ SYSTEMS = ("ours", "mergekit", "mergekit_500M", "mergekit_plugin", "fusionbench_
 EAGER = """
 import sys, torch, glob
 from safetensors.torch import load_file, save_file
-from slerp_plugin.slerp import slerp_reference
+from slerp_plugin.kernel import slerp_reference
 a, b, out = sys.argv[1:4]
 def load(d):
     sd = {}

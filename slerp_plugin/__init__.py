@@ -2,7 +2,7 @@
 
 Importing the package is cheap (no torch); the public API loads on first use:
 
-- :func:`slerp`, :func:`slerp_reference` — the kernel (:mod:`slerp_plugin.slerp`);
+- :func:`slerp`, :func:`slerp_reference` — the kernel (:mod:`slerp_plugin.kernel`);
 - :class:`MergeSpec` — the typed merge description (:mod:`slerp_plugin.spec`);
 - :func:`run_merge`, :func:`plan_merge` — a whole merge, Hub inputs and upload included
   (:mod:`slerp_plugin.merge`); :func:`stream_merge` — Hub to Hub with bounded disk
@@ -10,7 +10,7 @@ Importing the package is cheap (no torch); the public API loads on first use:
   steps, for merges shared by several workers (:mod:`slerp_plugin.engine`);
 - :class:`Manifest` — ``merge_manifest.json`` (:mod:`slerp_plugin.formats.manifest`).
 
-The package's layers, bottom to top: :mod:`~slerp_plugin.errors`, :mod:`~slerp_plugin.slerp` (the
+The package's layers, bottom to top: :mod:`~slerp_plugin.errors`, :mod:`~slerp_plugin.kernel` (the
 kernel) and :mod:`~slerp_plugin.spec`; :mod:`~slerp_plugin.io`; :mod:`~slerp_plugin.formats`;
 :mod:`~slerp_plugin.engine` and :mod:`~slerp_plugin.hub`; :mod:`~slerp_plugin.preflight`;
 :mod:`~slerp_plugin.validate`; :mod:`~slerp_plugin.stream`; :mod:`~slerp_plugin.merge`;
@@ -21,13 +21,21 @@ kernel) and :mod:`~slerp_plugin.spec`; :mod:`~slerp_plugin.io`; :mod:`~slerp_plu
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers see; at run time each name loads on first use
+    from .engine import finalize, merge_shards
+    from .formats.manifest import Manifest
+    from .kernel import slerp, slerp_reference
+    from .merge import plan_merge, run_merge
+    from .spec import MergeSpec, ModelRef
+    from .stream import stream_merge
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "slerp": "slerp_plugin.slerp",
-    "slerp_reference": "slerp_plugin.slerp",
+    "slerp": "slerp_plugin.kernel",
+    "slerp_reference": "slerp_plugin.kernel",
     "MergeSpec": "slerp_plugin.spec",
     "ModelRef": "slerp_plugin.spec",
     "run_merge": "slerp_plugin.merge",
@@ -38,7 +46,8 @@ _LAZY = {
     "Manifest": "slerp_plugin.formats.manifest",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["Manifest", "MergeSpec", "ModelRef", "__version__", "finalize", "merge_shards", "plan_merge",
+           "run_merge", "slerp", "slerp_reference", "stream_merge"]
 
 
 def __getattr__(name: str) -> Any:

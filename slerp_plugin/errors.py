@@ -20,7 +20,7 @@ EXIT_CODES: dict[int, str] = {
     2: "invalid configuration, option or argument; a model reference that names nothing",
     3: "an input checkpoint is missing, corrupt, truncated, or does not match the other model",
     4: "the output exists, overlaps an input, or another merge holds its lock",
-    5: "writing the output failed (disk full, permission denied)",
+    5: "writing the output failed (disk full, read-only, permission denied)",
     6: "validate: the merged model failed the validation gate",
     7: "a Hugging Face Hub error (network, unknown repo or revision, authorisation)",
     8: "validate: the merged model or a parent cannot be read",
@@ -141,7 +141,7 @@ class OutputLockedError(OutputExistsError):
 
 
 class OutputWriteError(SlerpPluginError, OSError):
-    """Writing the merged model failed (disk full, permission denied, ...)."""
+    """Writing the merged model failed (disk full, read-only, permission denied, ...)."""
 
     exit_code = 5
 

@@ -7,8 +7,7 @@ import logging
 import time
 from collections.abc import Mapping
 
-from .engine import InputHashes, MergePlan, MergeResult, finalize, merge_shards
-from .engine import plan_merge as plan_local
+from .engine import InputHashes, MergePlan, MergeResult, finalize, merge_shards, plan_resolved
 from .engine.output import output_lock
 from .engine.progress import progress_bar
 from .hub.sources import resolve_inputs
@@ -22,14 +21,23 @@ log = logging.getLogger(__name__)
 
 
 def plan_merge(spec: MergeSpec, resolved: Mapping[str, ResolvedModel] | None = None) -> MergePlan:
-    """:func:`slerp_plugin.engine.plan_merge` with every input resolved first: those in
-    ``resolved`` as given, local folders as they are, Hub ids downloaded.
+    """Resolve the inputs (those in ``resolved`` as given, local folders as they are, Hub ids
+    downloaded), read their headers, check their tensor names, and split the output into shards
+    (:func:`slerp_plugin.engine.plan_resolved`).
+
+    Args:
+        spec: the merge to plan.
+        resolved: inputs already on local disk, by role (``model_1``, ``model_2``,
+            ``tokenizer``; default: none).
+
+    Returns:
+        The plan: shards, device, and the fingerprint that decides what a re-run may reuse.
 
     Raises:
         ModelNotFoundError, HubError: an input cannot be resolved.
-        SlerpPluginError: as :func:`slerp_plugin.engine.plan_merge`.
+        SlerpPluginError: as :func:`slerp_plugin.engine.plan_resolved`.
     """
-    return plan_local(spec, resolve_inputs(spec, resolved))
+    return plan_resolved(spec, resolve_inputs(spec, resolved))
 
 
 def run_merge(spec: MergeSpec, *, prefetch: Prefetch | None = None) -> MergeResult:
@@ -37,11 +45,18 @@ def run_merge(spec: MergeSpec, *, prefetch: Prefetch | None = None) -> MergeResu
     ``spec.push_to_hub`` if set. With ``spec.stream``, Hub parents are merged straight into
     ``spec.push_to_hub`` within ``spec.disk_budget`` (:func:`slerp_plugin.stream.stream_merge`).
 
-    ``prefetch`` is a start-up read-ahead (:func:`slerp_plugin.io.prefetch.start`) of the inputs:
-    its page-cache contents and input hashes are taken over. A progress bar is shown with
-    ``spec.show_pbar`` or when stderr is a terminal.
+    A progress bar is shown with ``spec.show_pbar`` or when stderr is a terminal. The output is
+    locked for the whole merge: a second merge into it fails at once, naming this one. Run again
+    after a crash, it resumes (or, if the merge had finished, returns it as it is).
 
-    The output is locked for the whole merge: a second merge into it fails at once, naming this one.
+    Args:
+        spec: what to merge, how, and where to (:class:`~slerp_plugin.spec.MergeSpec`).
+        prefetch: a start-up read-ahead of the inputs (:func:`slerp_plugin.io.prefetch.start`),
+            whose page-cache contents and input hashes are taken over (default: none).
+
+    Returns:
+        The output folder (None for a streaming merge), its manifest, and the Hub upload if
+        ``spec.push_to_hub`` was set.
 
     Raises:
         OutputWriteError: the merge cannot fit on disk (refused before any download).

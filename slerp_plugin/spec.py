@@ -75,7 +75,15 @@ class ModelRef(BaseModel):
 
     @classmethod
     def parse(cls, value: str | ModelRef | dict[str, Any]) -> ModelRef:
-        """A reference from ``"path"``, ``"org/name@rev"`` or a mapping."""
+        """A reference from text or a mapping.
+
+        Args:
+            value: ``"path"``, ``"org/name"``, ``"org/name@rev"`` (branch, tag or commit sha), a
+                ``{"ref": ..., "revision": ...}`` mapping, or a reference (returned as it is).
+
+        Returns:
+            The reference.
+        """
         if isinstance(value, ModelRef):
             return value
         if isinstance(value, dict):
@@ -163,7 +171,8 @@ def _parse_t(v: Any) -> Any:
 
 class MergeSpec(BaseModel):
     """Everything that determines a SLERP merge of two causal LMs; each field's ``description``
-    states its unit, default and range (the README's options table lists them).
+    states its unit, default and range (the command's options table lists them:
+    docs/command.md).
 
     ``t`` is a number in [0, 1] or a mergekit-style schedule (gradient list and/or ``filter``
     conditions, see :func:`resolve_setting`) resolved per tensor by :meth:`t_for`.
@@ -251,6 +260,13 @@ class MergeSpec(BaseModel):
     @classmethod
     def build(cls, **fields: Any) -> MergeSpec:
         """Validate ``fields`` into a spec.
+
+        Args:
+            **fields: the spec's fields by name (``model_1``, ``model_2``, ``t``, ``output``, ...);
+                sizes may be text (``"2GB"``), models ``"org/name@rev"`` or a folder.
+
+        Returns:
+            The validated spec.
 
         Raises:
             ConfigError: one line per invalid field, naming the field and the rule.

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from slerp_plugin.engine import compute_threads
 from slerp_plugin.io.model_files import OUTPUT_MARKER
-from slerp_plugin.slerp import slerp, slerp_reference
+from slerp_plugin.kernel import slerp, slerp_reference
 from slerp_plugin.spec import MergeSpec
 from slerp_plugin.validate import ulp_distance
 

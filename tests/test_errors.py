@@ -62,8 +62,8 @@ def test_errors_survive_pickling_with_their_attributes(cls):
     assert (back.path, back.repo_id, back.tensor) == (err.path, "org/x", "t")
 
 
-def test_the_readme_and_the_help_show_the_same_exit_codes():
-    readme = (ROOT / "README.md").read_text()
-    table = dict(re.findall(r"^\| (\d+) \| (.+?) \|$", readme, re.M))
-    assert {int(k): v for k, v in table.items()} == EXIT_CODES
+def test_the_readme_the_guide_and_the_help_show_the_same_exit_codes():
+    for page in (ROOT / "README.md", ROOT / "docs" / "troubleshooting.md"):
+        table = dict(re.findall(r"^\| (\d+) \| (.+?) \|$", page.read_text(), re.M))
+        assert {int(k): v for k, v in table.items()} == EXIT_CODES, page
     assert all(f"{code:>3}  {meaning}" in exit_code_table() for code, meaning in EXIT_CODES.items())

@@ -17,7 +17,10 @@ PROG = "slerp-merge"
 
 
 def setup_logging() -> None:
+    from .process import quiet_http_logs
+
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    quiet_http_logs()
 
 
 def demo_models(argv: list[str]) -> int:

@@ -113,8 +113,9 @@ def _task(cfg, swept: set[str]) -> None:
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from .process import merge_process
+    from .process import merge_process, quiet_http_logs
 
+    quiet_http_logs()  # after Hydra has configured logging for the job
     hc = HydraConfig.get()
     container = OmegaConf.to_container(cfg, resolve=True)
     with merge_process(fusionbench_models(container)) as prefetch:

@@ -72,6 +72,19 @@ def merge_process(models: Iterable[str]) -> Iterator[Prefetch | None]:
                 prefetch.stop()
 
 
+#: the HTTP clients' loggers, which say one line per request (thousands in a streamed 72B merge)
+HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "urllib3")
+
+
+def quiet_http_logs() -> None:
+    """Keep the HTTP clients' per-request lines out of the command's log (warnings and errors
+    still show); ``SLERP_DEBUG=1`` keeps them."""
+    if os.environ.get("SLERP_DEBUG") == "1":
+        return
+    for name in HTTP_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def fast_exit(code: int) -> None:
     """Flush logs and standard streams, then end the process at once with ``code``."""
     logging.shutdown()

@@ -1,7 +1,7 @@
 """Executing a plan: each output shard streamed from the parents' blocks through the kernel.
 
 Nothing is gathered into a state dict: each tensor is read from the parents' safetensors files in
-blocks, merged by the two-pass kernel (:mod:`slerp_plugin.slerp`) and written to the output shard
+blocks, merged by the two-pass kernel (:mod:`slerp_plugin.kernel`) and written to the output shard
 the plan assigns. Peak memory is a few blocks, whatever the model or tensor size.
 
 Per shard (:class:`ShardMerge`): two ordered read-ahead threads read block pairs (and, on a CPU,
@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from ..io.reader import PageCache, TensorReader, aligned_capacity
 from ..io.safetensors import DTYPES, TensorInfo, torch_dtype
 from ..io.streams import ReadAhead, WriteBehind
 from ..io.writer import ShardWriter
-from ..slerp import (
+from ..kernel import (
     SlerpCoefficients,
     SlerpStats,
     accumulate_chunks,
@@ -79,16 +80,27 @@ def merge_shards(
 ) -> list[ShardOutcome]:
     """Write the shards ``indices`` (default: all) of ``plan`` into ``<output>.partial``.
 
-    Shards already finished by an earlier run are verified by SHA-256 and reused.
-    ``progress(nbytes)`` is called as output bytes are produced (or reused). ``hashes`` receives
-    the bytes read, for the inputs' SHA-256; ``prefetch`` is the start-up read-ahead whose
-    page-cache contents are used instead of reading the disk again.
+    Shards already finished by an earlier run are verified by SHA-256 and reused. Without
+    ``lock``, the output is locked shared for the call, so that several workers can merge shards
+    of one output at once; each shard is then written under a lock of its own, and a worker that
+    finds a shard locked (an orphaned attempt still writing it) waits, then reuses what that
+    attempt finished.
 
-    ``lock`` is the output lock the caller holds (:func:`slerp_plugin.merge.run_merge` holds it
-    exclusively). Without one, the output is locked shared for the call, so that several workers
-    can merge shards of one output at once; each shard is then written under a lock of its own,
-    and a worker that finds a shard locked (an orphaned attempt still writing it) waits, then
-    reuses what that attempt finished. ``wait`` waits for an exclusive holder instead of failing.
+    Args:
+        plan: the plan (:func:`slerp_plugin.merge.plan_merge`), the same on every worker.
+        indices: which shards, by index in ``plan.shards`` (default: all).
+        progress: called with a byte count as output bytes are produced or reused.
+        hashes: receives the bytes read, for the inputs' SHA-256 (:class:`InputHashes`).
+        prefetch: a start-up read-ahead whose page-cache contents are used instead of reading the
+            disk again.
+        lock: the output lock the caller holds (:func:`slerp_plugin.merge.run_merge` holds it
+            exclusively).
+        wait: wait for a process holding the output exclusively instead of failing (default
+            False).
+
+    Returns:
+        One outcome per shard merged or reused (record, tensors with their branches, seconds,
+        bytes read); empty when the output already holds this merge.
 
     Raises:
         OutputLockedError: another process holds the output exclusively (without ``wait``).
@@ -238,8 +250,10 @@ class ShardMerge:
                              tensors=len(self.shard.jobs))
         outcome = ShardOutcome(record, records, seconds, self.bytes_read)
         journal(self.plan, self.shard, outcome)
-        log.info("shard %d/%d %s: %d tensors, %s written in %.1f s (%s/s)",
+        branches = Counter(r.branch for r in records)
+        log.info("shard %d/%d %s: %d tensors (%s), %s written in %.1f s (%s/s)",
                  self.shard.index + 1, len(self.plan.shards), self.shard.file, len(self.shard.jobs),
+                 ", ".join(f"{k} {v}" for k, v in sorted(branches.items())),
                  format_bytes(record.size), seconds, format_bytes(record.size / max(seconds, 1e-9)))
         return outcome
 
@@ -392,7 +406,7 @@ class ShardMerge:
 
     def _block_stats(self, a_raw: torch.Tensor, b_raw: torch.Tensor, src: torch.dtype,
                      cdtype: torch.dtype) -> SlerpStats:
-        """Pass 1 of a block: float64 sums (:func:`~slerp_plugin.slerp.accumulate_chunks`)."""
+        """Pass 1 of a block: float64 sums (:func:`~slerp_plugin.kernel.accumulate_chunks`)."""
         if not hasattr(self._scratch, "threads"):
             # BLAS thread counts are per thread (MKL): the same count on every thread
             torch.set_num_threads(self.threads)

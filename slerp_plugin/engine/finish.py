@@ -50,11 +50,18 @@ def finalize(
     """Check every shard is journalled, write index, configs, tokenizer, manifest and model card,
     then move ``<output>.partial`` to ``<output>`` in one rename.
 
-    ``input_hashes`` are checksums already computed (:meth:`InputHashes.finish
-    <slerp_plugin.engine.inputs.InputHashes.finish>`); the others are computed (cached) here.
-    ``started_at`` (``time.perf_counter()``) adds the total time to the manifest. ``lock`` is the
-    exclusive output lock the caller holds; without it the output is locked exclusively for the
-    call (``wait``: after every worker still merging, orphaned attempts included, has let go).
+    Args:
+        plan: the plan every shard was merged by.
+        input_hashes: input checksums already computed (:meth:`InputHashes.finish
+            <slerp_plugin.engine.inputs.InputHashes.finish>`); the others are computed (cached) here.
+        started_at: when the merge began (``time.perf_counter()``), to record its total time.
+        lock: the exclusive output lock the caller holds; without it the output is locked
+            exclusively for the call.
+        wait: wait for that lock until every worker still merging (orphaned attempts included)
+            has let go, instead of failing (default False).
+
+    Returns:
+        The output folder and its manifest (an earlier run's, where it had finished the merge).
 
     Raises:
         OutputLockedError: another process holds the output (without ``wait``).

@@ -1,6 +1,6 @@
 """The plan of a merge: which tensors go into which output shard, in which order, with which t.
 
-:func:`plan_merge` reads only the parents' headers. Key rules follow FusionBench: a name missing on
+:func:`plan_resolved` reads only the parents' headers. Key rules follow FusionBench: a name missing on
 either side is an error naming the names; a shape mismatch keeps model_1's tensor (warning,
 ``shape-kept``) or, on the mergekit path, is an error. The plan's fingerprint identifies inputs,
 options and shard layout, so an interrupted merge is resumed only by the same plan.
@@ -66,7 +66,7 @@ class ShardPlan:
 
 @dataclass(frozen=True)
 class MergePlan:
-    """What :func:`plan_merge` decided; input to :func:`~slerp_plugin.engine.merge_shards` and
+    """What :func:`plan_resolved` decided; input to :func:`~slerp_plugin.engine.merge_shards` and
     :func:`~slerp_plugin.engine.finalize`. ``paths`` and ``commits`` are by role (``model_1``,
     ``model_2``, ``tokenizer``); ``known_hashes`` are input checksums the Hub vouched for."""
 
@@ -97,11 +97,12 @@ class MergePlan:
         return sum(s.nbytes for s in self.shards)
 
 
-def plan_merge(spec: MergeSpec, resolved: Mapping[str, ResolvedModel] | None = None) -> MergePlan:
-    """Read the inputs' headers, check their tensor names, and split the output into shards.
+def plan_resolved(spec: MergeSpec, resolved: Mapping[str, ResolvedModel] | None = None) -> MergePlan:
+    """Read the inputs' headers, check their tensor names, and split the output into shards: the
+    planning step of :func:`slerp_plugin.merge.plan_merge` once every input is on local disk.
 
     ``resolved`` gives inputs already fetched (e.g. downloaded from the Hub) by role; the others
-    must be local folders. Hub references are resolved by :func:`slerp_plugin.merge.plan_merge`.
+    must be local folders.
 
     Raises:
         ModelNotFoundError: an input that is not given is not a local folder.
@@ -153,7 +154,7 @@ def plan_checkpoints(
     Hub commits): it goes into the plan's fingerprint, which decides what a re-run may reuse.
 
     Raises:
-        KeyMismatchError, ShapeMismatchError, ConfigError: as :func:`plan_merge`.
+        KeyMismatchError, ShapeMismatchError, ConfigError: as :func:`plan_resolved`.
     """
     _check_keys(ckpts["model_1"], ckpts["model_2"], spec.model_names)
     device = resolve_device(spec.device)

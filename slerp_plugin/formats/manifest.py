@@ -148,12 +148,29 @@ class Manifest(BaseModel):
         )
 
     def write(self, folder: Path) -> Path:
-        """Write ``merge_manifest.json`` into ``folder`` (atomically)."""
+        """Write ``merge_manifest.json`` into ``folder`` (through a temporary file and a rename).
+
+        Args:
+            folder: the merged model's folder.
+
+        Returns:
+            The manifest's path.
+        """
         return write_json_atomic(folder / MANIFEST_NAME, self.model_dump(mode="json"))
 
     @classmethod
     def read(cls, folder: Path) -> Manifest:
-        """Read the manifest of a merged model folder."""
+        """Read the manifest of a merged model folder.
+
+        Args:
+            folder: the merged model's folder.
+
+        Returns:
+            The manifest, validated.
+
+        Raises:
+            OSError: there is no manifest; ``pydantic.ValidationError``: it is not a valid one.
+        """
         return cls.model_validate_json((Path(folder) / MANIFEST_NAME).read_text())
 
 

@@ -98,6 +98,14 @@ def stream_merge(spec: MergeSpec, *, token: str | None = None) -> MergeResult:
 
     The local working folder is ``<output>.partial`` (this tool's marker; removed once published).
 
+    Args:
+        spec: the merge; ``stream`` set, both parents Hub ids, ``push_to_hub`` the target repo.
+        token: a Hub token (default: ``HF_TOKEN`` or the one ``hf auth login`` saved).
+
+    Returns:
+        The result: ``output`` None (nothing is kept locally), the published manifest, and the
+        upload (repo, commit, URL).
+
     Raises:
         ConfigError: see :func:`check_stream_spec`; a budget below one shard's need.
         OutputLockedError: another merge holds the output.

@@ -33,11 +33,24 @@ def validate_merge(
     """Run the checks on ``folder`` (a merged model) against ``parents`` (model_1, model_2).
 
     The inputs are checked before any work: the merge's folder must exist, and both parents must
-    be readable model folders (headers complete, files as long as they say). ``settings`` says how
-    the models are evaluated (default :class:`EvalSettings`); ``skip_functional`` (a reason) skips
-    the perplexity gate. Parents' evaluations are taken from and stored in ``cache`` when one is
-    given. Without a manifest in ``folder``, ``t`` must be given (scalar; DOT_THRESHOLD and epsilon
-    take their defaults).
+    be readable model folders (headers complete, files as long as they say).
+
+    Args:
+        folder: the merged model's folder.
+        parents: model_1's and model_2's folders.
+        settings: how the models are evaluated (default :class:`EvalSettings`: 1024 tokens of the
+            bundled text).
+        skip_functional: a reason to skip the perplexity gate (default: it runs).
+        margin: the gate: the merge's perplexity may exceed the worse parent's by this fraction
+            (default 0.10).
+        spot_sample: tensors recomputed from the parents (default 16; all of a merge under 1 GiB).
+        t: the merge's t, needed only without a manifest in ``folder`` (DOT_THRESHOLD and epsilon
+            then take their defaults).
+        cache: where parents' evaluations are taken from and stored (default: not cached).
+
+    Returns:
+        The report (``passed``, each check's result, perplexities, timings); write it with
+        :func:`~slerp_plugin.validate.write_report`.
 
     Raises:
         ValidationInputError: the merge or a parent cannot be read or evaluated, or the merge's

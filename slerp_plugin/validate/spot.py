@@ -1,5 +1,5 @@
 """Spot re-computation: a sample of merged tensors recomputed from the parents with FusionBench's
-op order (:func:`~slerp_plugin.slerp.slerp_reference`), independently of the engine's chunked kernel.
+op order (:func:`~slerp_plugin.kernel.slerp_reference`), independently of the engine's chunked kernel.
 
 Always the largest tensor and the embeddings/lm_head, all of them for small models. They must
 agree: bf16/fp16 within one ulp, float32 within a relative ``1e-4`` (the documented rounding is
@@ -26,7 +26,7 @@ from ..errors import CheckpointError, ValidationInputError
 from ..formats.manifest import Manifest, TensorRecord
 from ..io.reader import TensorReader
 from ..io.safetensors import Checkpoint
-from ..slerp import SlerpStats, accumulate_chunks, coefficients, compute_dtype, slerp_reference
+from ..kernel import SlerpStats, accumulate_chunks, coefficients, compute_dtype, slerp_reference
 from .report import SpotResult, SpotTensor
 
 log = logging.getLogger(__name__)

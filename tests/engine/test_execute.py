@@ -18,13 +18,13 @@ from model_helpers import (
     spec_for,
 )
 
-from slerp_plugin.engine import buffers, compute_threads, execute, merge_shards, plan_merge
+from slerp_plugin.engine import buffers, compute_threads, execute, merge_shards
 from slerp_plugin.errors import (
     CheckpointError,
 )
 from slerp_plugin.io.safetensors import read_header
-from slerp_plugin.merge import run_merge
-from slerp_plugin.slerp import DEFAULT_CHUNK_ELEMENTS, slerp
+from slerp_plugin.kernel import DEFAULT_CHUNK_ELEMENTS, slerp
+from slerp_plugin.merge import plan_merge, run_merge
 from slerp_plugin.spec import MergeSpec
 
 
@@ -215,7 +215,7 @@ def near_parallel_models(demo_bf16, tmp_path_factory):
 
 def test_norm_precision_float32_reproduces_fusionbench_branch_choices(near_parallel_models, tmp_path):
     from slerp_plugin.formats.manifest import Manifest
-    from slerp_plugin.slerp import slerp_reference
+    from slerp_plugin.kernel import slerp_reference
 
     pair, d = near_parallel_models
     tau = d - BRANCH_MARGIN  # the exact d is above it; this host's float32 d may lie on either side

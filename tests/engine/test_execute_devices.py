@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from slerp_plugin.engine import buffers, compute_threads
 from slerp_plugin.formats.manifest import Manifest
 from slerp_plugin.io.direct import ALIGN
+from slerp_plugin.kernel import slerp
 from slerp_plugin.merge import run_merge
-from slerp_plugin.slerp import slerp
 from slerp_plugin.spec import MergeSpec
 from slerp_plugin.validate import ulp_distance
 

@@ -8,15 +8,15 @@ import pytest
 import torch
 from model_helpers import assert_matches_kernel, folder_bytes, load_state, read_json, spec_for
 
-from slerp_plugin.engine import finalize, merge_shards, plan_merge
+from slerp_plugin.engine import finalize, merge_shards
 from slerp_plugin.errors import (
     OutputWriteError,
 )
 from slerp_plugin.formats.manifest import MANIFEST_NAME, Manifest
 from slerp_plugin.formats.modelcard import parse_front_matter
 from slerp_plugin.io.hashing import sha256_file
-from slerp_plugin.merge import run_merge
-from slerp_plugin.slerp import DEFAULT_CHUNK_ELEMENTS
+from slerp_plugin.kernel import DEFAULT_CHUNK_ELEMENTS
+from slerp_plugin.merge import plan_merge, run_merge
 
 
 def test_manifest_and_model_card(demo_bf16, tmp_path):

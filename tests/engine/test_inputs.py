@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from model_helpers import spec_for
 
-from slerp_plugin.engine import InputHashes, merge_shards, plan_merge
+from slerp_plugin.engine import InputHashes, merge_shards
 from slerp_plugin.io.hashing import has_cached_sha256, sha256_file
 from slerp_plugin.io.model_files import ResolvedModel
+from slerp_plugin.merge import plan_merge
 
 
 def test_hashes_stream_from_the_merge_and_cover_every_input_file(demo_bf16, tmp_path, monkeypatch):

@@ -13,12 +13,11 @@ import textwrap
 import pytest
 from model_helpers import ROOT, folder_bytes, run_cli, seed_args, spec_for
 
-from slerp_plugin.engine import plan_merge
 from slerp_plugin.engine.output import carries_marker, lock_path
 from slerp_plugin.errors import OutputExistsError, OutputLockedError
 from slerp_plugin.formats.manifest import MANIFEST_NAME
 from slerp_plugin.io.model_files import OUTPUT_MARKER
-from slerp_plugin.merge import run_merge
+from slerp_plugin.merge import plan_merge, run_merge
 
 
 def test_an_existing_folder_is_kept_with_or_without_overwrite(demo_bf16, tmp_path):
@@ -172,8 +171,9 @@ def test_shard_temporary_files_are_named_per_process(tmp_path):
     assert ShardWriter(tmp_path / "s.safetensors", []).tmp != writer.tmp
 
 
-def test_the_readme_states_the_rules():
-    readme = (ROOT / "README.md").read_text()
+def test_the_documentation_states_the_rules():
+    guide = (ROOT / "docs" / "outputs.md").read_text()
     for rule in ("carries this tool's marker", "never an input", "never the working directory",
                  "replaces only an earlier merge", "locked"):
-        assert rule in readme, rule
+        assert rule in guide, rule
+    assert "carries this tool's marker" in (ROOT / "README.md").read_text()

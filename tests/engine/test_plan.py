@@ -6,7 +6,6 @@ import pytest
 import torch
 from model_helpers import assert_matches_kernel, load_state, spec_for, write_model
 
-from slerp_plugin.engine import plan_merge
 from slerp_plugin.errors import (
     KeyMismatchError,
 )
@@ -14,8 +13,8 @@ from slerp_plugin.formats.manifest import MANIFEST_NAME, Manifest
 from slerp_plugin.io.hashing import sha256_file
 from slerp_plugin.io.safetensors import OutputTensor
 from slerp_plugin.io.writer import ShardWriter
-from slerp_plugin.merge import run_merge
-from slerp_plugin.slerp import DEFAULT_CHUNK_ELEMENTS
+from slerp_plugin.kernel import DEFAULT_CHUNK_ELEMENTS
+from slerp_plugin.merge import plan_merge, run_merge
 
 
 def test_shape_mismatch_keeps_model_1_tensor(demo_bf16, tmp_path):

@@ -6,8 +6,8 @@ import io
 
 from model_helpers import spec_for
 
-from slerp_plugin.engine import plan_merge
 from slerp_plugin.engine.progress import progress_bar
+from slerp_plugin.merge import plan_merge
 
 
 def test_no_bar_unless_asked_or_on_a_terminal(demo_bf16, tmp_path, monkeypatch):

@@ -87,7 +87,8 @@ def test_kill_9_then_resume_is_bit_identical(demo_bf16, reference, tmp_path, whe
 
 
 def test_corrupted_journalled_shard_is_merged_again(demo_bf16, reference, tmp_path):
-    from slerp_plugin.engine import merge_shards, plan_merge
+    from slerp_plugin.engine import merge_shards
+    from slerp_plugin.merge import plan_merge
 
     out = tmp_path / "merged"
     spec = spec_for(demo_bf16, out)
@@ -103,7 +104,8 @@ def test_corrupted_journalled_shard_is_merged_again(demo_bf16, reference, tmp_pa
 
 
 def test_partial_of_a_different_merge_is_discarded(demo_bf16, reference, tmp_path):
-    from slerp_plugin.engine import merge_shards, plan_merge
+    from slerp_plugin.engine import merge_shards
+    from slerp_plugin.merge import plan_merge
 
     out = tmp_path / "merged"
     merge_shards(plan_merge(spec_for(demo_bf16, out, DOT_THRESHOLD=0.5)), [0, 1])
@@ -125,7 +127,7 @@ def test_foreign_partial_folder_is_not_deleted(demo_bf16, tmp_path):
 
 ORPHAN = textwrap.dedent("""
     import sys, time
-    from slerp_plugin.engine import plan_merge
+    from slerp_plugin.merge import plan_merge
     from slerp_plugin.engine.resume import shard_lock
     from slerp_plugin.spec import MergeSpec
     plan = plan_merge(MergeSpec.model_validate_json(sys.argv[1]))
@@ -140,7 +142,8 @@ def test_a_retry_waits_for_an_orphaned_attempt_instead_of_racing_it(demo_bf16, r
     orphan; each shard is written under its own lock, so the retry waits for the orphan's shard."""
     import time
 
-    from slerp_plugin.engine import finalize, merge_shards, plan_merge, prepare
+    from slerp_plugin.engine import finalize, merge_shards, prepare
+    from slerp_plugin.merge import plan_merge
 
     out = tmp_path / "merged"
     spec = spec_for(demo_bf16, out)

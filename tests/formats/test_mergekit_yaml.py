@@ -86,7 +86,7 @@ def test_vocabulary_mismatch_is_an_error_that_says_what_to_do(demo_bf16, tmp_pat
     b2 = write_model(tmp_path / "b2", state, b)
     cfg = write_cfg(tmp_path / "c.yml", a, b2)
     with pytest.raises(ShapeMismatchError, match="vocabularies differ.*tokenizer_source: base"):
-        from slerp_plugin.engine import plan_merge
+        from slerp_plugin.merge import plan_merge
 
         plan_merge(spec_from_mergekit(yaml.safe_load(cfg.read_text()), tmp_path / "o"))
     r = ours(cfg, tmp_path / "o")

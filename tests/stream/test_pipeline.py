@@ -230,6 +230,8 @@ def test_the_command_line_contract(hub, parents, demo_bf16, tmp_path):
     assert "published: " in r.stdout and "merged model:" not in r.stdout
     log = r.stdout + r.stderr
     assert "spot re-computation" in log and "deleted locally" in log
+    assert "HTTP Request:" not in log  # one line per range read would be thousands at 72B
+    assert re.search(r"shard 1/\d+ \S+: \d+ tensors \((lerp|slerp) \d+", log), log
     assert_same_weights(expected, published("org/cli-merged", tmp_path))
     bad = run_cli(seed_args(pair, "method.t=0.3", "method.stream=true"), cwd=tmp_path)
     assert bad.returncode == 2 and "+push_to_hub=org/name" in bad.stderr.strip().splitlines()[-1]

@@ -182,9 +182,9 @@ def plan_groups(
     """The output shards split into ``workers`` groups, for mapped merge tasks; the output is
     prepared for them (an unfinished merge of a different plan discarded, waiting for any attempt
     still holding the output)."""
-    from ...engine import plan_merge, prepare
+    from ...engine import plan_resolved, prepare
 
-    plan = plan_merge(spec_from_params(params, output), _resolved(inputs))
+    plan = plan_resolved(spec_from_params(params, output), _resolved(inputs))
     prepare(plan, wait=True)
     n = len(plan.shards)
     workers = max(1, min(workers, n))
@@ -196,12 +196,12 @@ def plan_groups(
 def merge_group(params: dict[str, Any], inputs: dict[str, dict], output: str, indices: list[int]) -> dict:
     """Merge some output shards (resuming: finished shards are verified and reused). A retry that
     finds an orphaned attempt still writing a shard waits for it instead of racing it."""
-    from ...engine import merge_shards, plan_merge
+    from ...engine import merge_shards, plan_resolved
 
     spec = spec_from_params(params, output)
     log.info("merging shards %s with t=%s (DOT_THRESHOLD=%s, epsilon=%s)", indices, spec.t,
              spec.DOT_THRESHOLD, spec.epsilon)
-    outcomes = merge_shards(plan_merge(spec, _resolved(inputs)), indices, wait=True)
+    outcomes = merge_shards(plan_resolved(spec, _resolved(inputs)), indices, wait=True)
     reused = sum(o.reused for o in outcomes)
     log.info("merged %d shard(s); %d reused from an earlier attempt", len(outcomes), reused)
     return {"shards": len(outcomes), "reused": reused}
@@ -210,9 +210,9 @@ def merge_group(params: dict[str, Any], inputs: dict[str, dict], output: str, in
 def finalize_merge(params: dict[str, Any], inputs: dict[str, dict], output: str) -> dict:
     """Write index, configs, tokenizer, manifest and card; publish the folder by one rename (once
     every merge worker, orphaned attempts included, has let go of the output)."""
-    from ...engine import finalize, plan_merge
+    from ...engine import finalize, plan_resolved
 
-    result = finalize(plan_merge(spec_from_params(params, output), _resolved(inputs)), wait=True)
+    result = finalize(plan_resolved(spec_from_params(params, output), _resolved(inputs)), wait=True)
     man = result.manifest
     return {"output": str(result.output), "t": man.spec["t"], "branch_counts": man.branch_counts}
 

@@ -19,7 +19,7 @@ from mergekit.merge_methods.base import BasePolicy, InputContract, MergeMethod, 
 from mergekit.merge_methods.easy_define import merge_method
 from pydantic import Field
 
-from ...slerp import DEFAULT_DOT_THRESHOLD, DEFAULT_EPSILON, SlerpCoefficients, slerp_with_coefficients
+from ...kernel import DEFAULT_DOT_THRESHOLD, DEFAULT_EPSILON, SlerpCoefficients, slerp_with_coefficients
 
 METHOD_NAME = "slerp_for_causal_lm"
 

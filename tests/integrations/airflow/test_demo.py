@@ -28,3 +28,8 @@ def test_demo_runs_the_dag_and_prints_the_merge(tmp_path):
     merged = next((tmp_path / "merges" / "slerp_merge").glob("*/merged"))
     assert f"merged model: {merged}" in r.stdout and "PASSED" in r.stdout
     assert (tmp_path / "models" / "model_b" / "config.json").is_file()
+    # quiet: a few lines of progress and the result; Airflow's own output is in the log it names
+    log = tmp_path / "airflow" / "demo.log"
+    assert f"Airflow's log: {log}" in r.stdout and "[DAG TEST]" not in r.stdout + r.stderr
+    assert len((r.stdout + r.stderr).splitlines()) < 40, r.stdout + r.stderr
+    assert "slerp_merge" in log.read_text()

@@ -23,7 +23,7 @@ from model_helpers import (
     near_parallel_pair,
 )
 
-from slerp_plugin.slerp import (
+from slerp_plugin.kernel import (
     DEFAULT_CHUNK_ELEMENTS,
     SlerpStats,
     accumulate,
@@ -328,7 +328,7 @@ def test_the_numeric_tests_pass_under_every_float_code_path_of_this_host():
         assert proc.returncode == 0 and " failed" not in out, f"{label}:\n{out[-3000:]}"
         passed = re.search(r"(\d+) passed", out)
         assert passed and int(passed[1]) >= 30, f"{label}: not every numeric test ran:\n{out[-3000:]}"
-        assert "PASSED tests/test_slerp.py::test_the_float_code_path_is_in_effect" in out, out[-3000:]
+        assert "PASSED tests/test_kernel.py::test_the_float_code_path_is_in_effect" in out, out[-3000:]
 
 
 @pytest.mark.skipif(SWITCHES not in os.environ, reason="only in the runs under switches")
@@ -340,7 +340,7 @@ def test_the_float_code_path_is_in_effect():
 
 
 def test_coefficients_from_d_rounds_d_to_the_compute_dtype_as_fusionbench_does():
-    from slerp_plugin.slerp import coefficients_from_d
+    from slerp_plugin.kernel import coefficients_from_d
 
     just_above = 0.9995 + 1e-12  # the same float32 as 0.9995: not above the threshold in float32
     c = coefficients_from_d(0.5, just_above, 1.0, 1.0)

@@ -263,9 +263,21 @@ def slerp(
 ) -> torch.Tensor:
     """SLERP of two same-shape tensors with the two-pass chunked kernel.
 
-    Returns the result in the compute dtype (float32, or float64 for float64 ``v0``) on ``v0``'s
-    device, as FusionBench's ``slerp`` does; cast it to model_1's dtype to store it.
-    ``norm_precision="float32"`` takes ``d`` as FusionBench does (:func:`fusionbench_coefficients`).
+    Args:
+        t: the interpolation factor, 0 ≤ t ≤ 1 (0 gives ``v0``, 1 gives ``v1``).
+        v0: model_1's tensor (any float dtype, any device).
+        v1: model_2's tensor, the same shape as ``v0``.
+        DOT_THRESHOLD: LERP is used where the cosine ``|d|`` of the two exceeds it (default 0.9995).
+        epsilon: norms at or below it are not normalised (default 1e-8).
+        chunk_elements: elements per chunk of the two passes (default 524288); the result does not
+            depend on it.
+        norm_precision: ``"float64"`` (default) takes ``d`` from exact float64 sums, the same on
+            every machine; ``"float32"`` takes it as FusionBench does on this machine
+            (:func:`fusionbench_coefficients`).
+
+    Returns:
+        The merged tensor in the compute dtype (float32, or float64 for float64 ``v0``) on ``v0``'s
+        device, as FusionBench's ``slerp`` returns it; cast it to model_1's dtype to store it.
 
     Raises:
         ValueError: the shapes differ.
@@ -316,8 +328,18 @@ def slerp_reference(
 ) -> torch.Tensor:
     """FusionBench's SLERP op order on whole tensors (memory ~10× the tensor; for checks only).
 
-    ``norm_precision="float64"`` takes ``d`` from float64 norms and dot instead (the engine's
-    default), everything else unchanged.
+    Args:
+        t: the interpolation factor, 0 ≤ t ≤ 1.
+        v0: model_1's tensor.
+        v1: model_2's tensor, the same shape.
+        DOT_THRESHOLD: LERP where ``|d|`` exceeds it (default 0.9995).
+        epsilon: norms at or below it are not normalised (default 1e-8).
+        norm_precision: ``"float32"`` (default) is FusionBench's own op order; ``"float64"`` takes
+            ``d`` from float64 norms and dot instead (the engine's default), everything else
+            unchanged.
+
+    Returns:
+        The merged tensor in float32 (float64 for float64 inputs).
     """
     if v0.dtype not in (torch.float32, torch.float64):
         v0 = v0.to(torch.float32)
