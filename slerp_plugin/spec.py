@@ -1,6 +1,6 @@
 """MergeSpec: the one typed description of a merge that every input format is converted into.
 
-The seed's FusionBench YAML (with Hydra overrides), Python calls and, later, mergekit YAML and
+FusionBench's ``llm_slerp`` YAML (with Hydra overrides), Python calls and, later, mergekit YAML and
 Airflow params all become a :class:`MergeSpec`, validated here and nowhere else.
 """
 

@@ -1,6 +1,6 @@
-"""The seed's FusionBench config run with Hydra's flags and override grammar.
+"""FusionBench's ``llm_slerp`` config run with Hydra's flags and override grammar.
 
-``--config-path``/``--config-name`` select the YAML (default: the seed's own config, bundled in
+``--config-path``/``--config-name`` select the YAML (default: FusionBench's ``llm_slerp`` config, bundled in
 ``conf/``); overrides like ``method.t=0.3`` work whether or not the key is in the YAML; ``-m``
 sweeps (one output per value); ``--cfg job`` prints the composed config and merges nothing.
 """
@@ -61,7 +61,7 @@ def split_hydra_args(argv: list[str]) -> tuple[list[str], list[str]]:
 def force_method_keys(argv: list[str]) -> list[str]:
     """``method.DOT_THRESHOLD=0.99`` → ``++method.DOT_THRESHOLD=0.99`` for the method's known options.
 
-    The seed's YAML lacks most option keys, and Hydra refuses to override an absent key without
+    FusionBench's YAML lacks most option keys, and Hydra refuses to override an absent key without
     ``+``; ``++`` adds or overrides, so both spellings work.
     """
     from ..formats.fusionbench import METHOD_KEYS

@@ -1,6 +1,6 @@
-"""``slerp-merge``: run the seed's FusionBench config (Hydra flags and overrides), or a subcommand.
+"""``slerp-merge``: run FusionBench's ``llm_slerp`` config (Hydra flags and overrides), or a subcommand.
 
-    slerp-merge                                      # the seed's own config (bundled)
+    slerp-merge                                      # FusionBench's llm_slerp config (bundled)
     slerp-merge --config-path config/_get_started --config-name llm_slerp method.t=0.3 \\
         +method.model_save_path=out/merged
     slerp-merge -m ... method.t=0.3,0.5,0.7          # one output per t

@@ -1,4 +1,4 @@
-"""The seed's FusionBench YAML (``fusion_bench.method.SlerpForCausalLM`` + ``CausalLMPool``) → MergeSpec.
+"""FusionBench's ``llm_slerp`` YAML (``fusion_bench.method.SlerpForCausalLM`` + ``CausalLMPool``) → MergeSpec.
 
 A config is data: ``_target_`` values are checked against an allow-list of FusionBench's own names
 and never instantiated; a file may not configure Hydra itself (callbacks, launchers, sweepers and
