@@ -6,8 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 # test modules run in parallel processes, each on its own ports and homes (most tests wait on
-# servers and subprocesses, so more workers than cores); PYTEST_WORKERS=0 runs them in one process.
-# The longest modules start first (tests/conftest.py: LONGEST_MODULES), in that order
+# servers and subprocesses, so more workers than cores); PYTEST_WORKERS=0 runs them in one process
 PYTEST_WORKERS ?= 3
 
 .PHONY: setup demo demo-cli airflow-ui cluster cluster-down test lint lock clean bench docs
@@ -69,7 +68,7 @@ lint: setup ## static checks: ruff (pyflakes, pycodestyle, isort, pyupgrade, bug
 	$(VENV)/bin/lint-imports --no-cache
 
 test: setup lint ## run the test suite (what CI runs)
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: setup ## benchmark against mergekit and FusionBench, ~30 min (bench/RESULTS.md, bench/bench.png)

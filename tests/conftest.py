@@ -94,23 +94,3 @@ def refuse_direct_open(monkeypatch):
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", fake_open)
-
-
-# The test modules that take minutes, longest first. The workers (pytest-xdist, one module per
-# worker at a time) start with them, so that no long module starts last while the others idle.
-LONGEST_MODULES = [
-    "cluster/test_topology.py", "dags/test_standalone.py", "validate/test_functional.py",
-    "integrations/mergekit/test_method.py", "validate/test_gate.py", "stream/test_stream_crash_points.py",
-    "engine/test_crash_points.py", "dags/test_dags.py", "validate/test_streaming.py",
-]
-
-
-def pytest_collection_modifyitems(config, items):
-    here = Path(__file__).parent
-
-    def rank(item) -> int:
-        path = Path(str(item.fspath))
-        rel = path.relative_to(here).as_posix() if path.is_relative_to(here) else ""
-        return LONGEST_MODULES.index(rel) if rel in LONGEST_MODULES else len(LONGEST_MODULES)
-
-    items.sort(key=rank)  # stable: the order within a module and among the others is kept

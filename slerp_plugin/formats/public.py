@@ -8,12 +8,14 @@ any of them goes to the Hub, :func:`public_files` rewrites it:
 - a local parent (or tokenizer) by its folder name, and the manifest gains its ``content_sha256``
   (:func:`content_sha256`), so the exact inputs remain identifiable;
 - the output by the repo it is published to (``hf://org/name``);
-- the home folder becomes ``~`` and the host name ``<host>`` wherever they still appear.
+- the home folder becomes ``~`` wherever it still appears, and the host name ``<host>`` in the
+  records this tool writes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import socket
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from .manifest import MANIFEST_NAME, InputRecord, Manifest
 
 #: the files rewritten before they are published; the weights and anything larger are sent as they are
 MAX_REWRITTEN_BYTES = 64 * 1024 * 1024
+#: the records this tool writes into a merge (the other files are the parents' configs and tokenizer)
+OUR_FILES = (MANIFEST_NAME, "validation.json", "validation.txt", "README.md")
 _TEXT_SUFFIXES = (".json", ".txt", ".md", ".yaml", ".yml", ".jinja")
 
 
@@ -53,16 +57,18 @@ def _looks_like_path(text: str) -> bool:
     return len(text) > 1 and ("/" in text or "\\" in text)
 
 
-def scrub(text: str, names: dict[str, str]) -> str:
-    """``text`` with every private string of ``names`` replaced (longest first), then the home
-    folder and the host name."""
+def scrub(text: str, names: dict[str, str], *, ours: bool = True) -> str:
+    """``text`` with every private string of ``names`` and the home folder replaced (longest
+    first, each only where it ends a path component, so ``/data/a`` is not replaced inside
+    ``/data/ab``). In the files this tool writes (``ours``), the host name too (as a whole word);
+    never in others' files (a tokenizer's vocabulary may hold any word)."""
     home = str(Path.home())
-    extra = {home: "~"} if len(home) > 1 else {}
-    for local in sorted({**names, **extra}, key=len, reverse=True):
-        text = text.replace(local, {**names, **extra}[local])
+    replacements = {**names, **({home: "~"} if len(home) > 1 else {})}
+    for local in sorted(replacements, key=len, reverse=True):
+        text = re.sub(re.escape(local) + r"(?![\w.\-])", lambda _m, new=replacements[local]: new, text)
     host = socket.gethostname()
-    if len(host) >= 4:
-        text = text.replace(host, "<host>")
+    if ours and len(host) >= 4:
+        text = re.sub(r"(?<![\w.\-])" + re.escape(host) + r"(?![\w\-])", "<host>", text)
     return text
 
 
@@ -101,7 +107,7 @@ def public_files(folder: Path, repo_id: str, files: list[Path]) -> dict[str, byt
                 text = f.read_text()
             except UnicodeDecodeError:
                 continue
-        public = scrub(text, names)
+        public = scrub(text, names, ours=rel in OUR_FILES)
         if rel == MANIFEST_NAME or public != text:
             out[rel] = public.encode()
     return out
