@@ -118,7 +118,8 @@ def _create_partial(plan: MergePlan, exclusive: bool) -> None:
     staging = partial.with_name(f"{_staging_name(plan)}{os.getpid()}")
     if staging.exists() or staging.is_symlink():  # a crashed process with the same pid left it
         _remove_staging(staging, plan)
-    if not is_empty_dir(partial) and unmarked_beginning(partial) and not exclusive:
+    leftover = not is_empty_dir(partial) and unmarked_beginning(partial)  # an earlier version's
+    if leftover and not exclusive:
         raise OutputExistsError(f"{partial} holds the beginning of a merge that was never marked; prepare "
                                 "the merge with the output locked alone (a plain re-run does)", path=partial)
     step(f"create {staging.name}")
@@ -128,7 +129,7 @@ def _create_partial(plan: MergePlan, exclusive: bool) -> None:
     write_json_atomic(staging / STATE_DIR / "plan.json",
                       {"fingerprint": plan.fingerprint, "spec": plan.spec.model_dump(mode="json")})
     fsync_dir(staging)
-    if exclusive and not is_empty_dir(partial) and unmarked_beginning(partial):
+    if leftover:
         step(f"remove the unmarked beginning {partial.name}")
         shutil.rmtree(partial)
     step(f"rename {staging.name} to {partial.name}")

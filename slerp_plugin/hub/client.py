@@ -361,10 +361,6 @@ def commit_message_for(folder: Path) -> str:
     return f"SLERP merge of {name('model_1')} and {name('model_2')} (t={m.spec.get('t')})"
 
 
-def _ignored(rel: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(rel.rsplit("/", 1)[-1], pat) for pat in patterns)
-
-
 def upload_folder(
     folder: Path | str,
     repo_id: str,
@@ -397,8 +393,12 @@ def upload_folder(
     message = commit_message or commit_message_for(folder)
     _with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"),
                   f"create {repo_id}", token, retries, _backoff())
-    files = [p for p in sorted(folder.rglob("*"))
-             if p.is_file() and not _ignored(p.relative_to(folder).as_posix(), NOT_UPLOADED)]
+    from huggingface_hub.utils import filter_repo_objects
+
+    # the files the library's own upload_folder would send (the same ignore rule)
+    files = list(filter_repo_objects(sorted(p for p in folder.rglob("*") if p.is_file()),
+                                     ignore_patterns=NOT_UPLOADED,
+                                     key=lambda p: p.relative_to(folder).as_posix()))
     rewritten = public_files(folder, repo_id, files)  # no local path, host or user name is published
     size = sum(p.stat().st_size for p in files)
     if size > large_folder_bytes:
