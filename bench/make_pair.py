@@ -63,9 +63,10 @@ def write_model(
 
 
 def _blocks(name: str, shape: tuple[int, ...], seed: int, noise_of: int | None, rows: int = 2048):
-    """The tensor's values in row blocks: norms are ones; matrices N(0, 0.02²) (+ noise for model_b)."""
+    """The tensor's values in row blocks: norms are ones, biases zeros; matrices N(0, 0.02²) (+ noise
+    for model_b)."""
     if len(shape) == 1:
-        yield torch.ones(shape)
+        yield torch.zeros(shape) if name.endswith(".bias") else torch.ones(shape)
         return
     for r in range(0, shape[0], rows):
         n = min(rows, shape[0] - r)
@@ -88,6 +89,38 @@ def build_big(out: Path, rows: int = 152064, cols: int = 8192) -> tuple[Path, Pa
            "vocab_size": rows, "tie_word_embeddings": True, "dtype": "bfloat16", "torch_dtype": "bfloat16"}
     spec = [("model.embed_tokens.weight", (rows, cols)), ("model.norm.weight", (cols,))]
     _write_pair(a, b, spec, cfg, 500)
+    return a, b
+
+
+#: Qwen2-72B's shapes (hidden 8192, 64 heads, 8 KV heads, MLP 29568, vocabulary 152064)
+SEED = {"hidden": 8192, "kv": 1024, "intermediate": 29568, "vocab": 152064}
+
+
+def seed_tensors(layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """A Qwen2-72B checkpoint's tensors with ``layers`` decoder layers (biases on q, k, v)."""
+    h, kv, mlp, vocab = SEED["hidden"], SEED["kv"], SEED["intermediate"], SEED["vocab"]
+    out = [("model.embed_tokens.weight", (vocab, h))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
+        for n, rows in (("q", h), ("k", kv), ("v", kv)):
+            out += [(p + f"self_attn.{n}_proj.weight", (rows, h)), (p + f"self_attn.{n}_proj.bias", (rows,))]
+        out += [(p + "self_attn.o_proj.weight", (h, h)), (p + "mlp.gate_proj.weight", (mlp, h)),
+                (p + "mlp.up_proj.weight", (mlp, h)), (p + "mlp.down_proj.weight", (h, mlp))]
+    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (vocab, h))]
+
+
+def build_seed_shapes(out: Path, layers: int = 2) -> tuple[Path, Path]:
+    """A pair with Qwen2-72B's tensor shapes and ``layers`` decoder layers (2: ~8.5 GB each)."""
+    a, b = out / "model_a", out / "model_b"
+    if (b / "config.json").is_file():
+        return a, b
+    cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": SEED["hidden"],
+           "intermediate_size": SEED["intermediate"], "num_hidden_layers": layers,
+           "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": SEED["vocab"],
+           "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+           "tie_word_embeddings": False, "dtype": "bfloat16", "torch_dtype": "bfloat16"}
+    _write_pair(a, b, seed_tensors(layers), cfg, 4000)
     return a, b
 
 

@@ -11,8 +11,10 @@ each in a fresh process (wall time and peak RSS from the kernel, bench/run.py's 
 - merge-only: the local merge of the two folders (also the reference output);
 - download-only: both parents downloaded with ``download_model`` into an empty Hub cache;
 - upload-only: the reference output uploaded with ``upload_folder`` to a new repo;
-- streaming: ``slerp-merge ... method.stream=true +push_to_hub=...``, with the disk its working
-  folder holds sampled every 50 ms.
+- streaming: ``slerp-merge ... method.stream=true +push_to_hub=...`` with ``method.gate=false``, with
+  the disk its working folder holds sampled every 50 ms;
+- the same with the perplexity gate (the default): first with both parents evaluated in the same
+  pass (an empty evaluation cache), then again with the parents' evaluations cached.
 
 "Sequential" is download + merge + upload. The streamed shards' SHA-256 (from the Hub) must equal
 the reference output's. Writes DIR/stream.json and prints a markdown table (default DIR:
@@ -121,16 +123,21 @@ def main(argv: list[str] | None = None) -> None:
                         f"up({str(local)!r}, 'bench/upload-only')", env)
         print("upload-only", upload, flush=True)
 
-        streamed = work / "streamed"
-        with DiskSampler(streamed.with_name("streamed.partial")) as disk:
-            stream = timed([*CLI, "modelpool.models.model_1=bench/parent-a",
-                            "modelpool.models.model_2=bench/parent-b", "modelpool.tokenizer=bench/parent-a",
-                            f"method.model_save_path={streamed}",
-                            *common, "method.stream=true", "+push_to_hub=bench/streamed"], env=env,
-                           stderr_to=work / "streaming.log")
-        stream["peak_disk_mb"] = disk.peak / 1e6
-        print("streaming", stream, flush=True)
+        def streaming(name: str, *extra: str) -> dict:
+            out = work / name
+            with DiskSampler(out.with_name(f"{name}.partial")) as disk:
+                run = timed([*CLI, "modelpool.models.model_1=bench/parent-a",
+                             "modelpool.models.model_2=bench/parent-b", "modelpool.tokenizer=bench/parent-a",
+                             f"method.model_save_path={out}", *common, "method.stream=true",
+                             f"+push_to_hub=bench/{name}", *extra], env=env, stderr_to=work / f"{name}.log")
+            run["peak_disk_mb"] = disk.peak / 1e6
+            print(name, run, flush=True)
+            return run
+
+        stream = streaming("streamed", "method.gate=false")
         identical = same_shards(local, "bench/streamed", env)
+        # the gate: first with both parents evaluated in the same pass, then with them cached
+        gated = {"parents evaluated": streaming("gated-cold"), "parents cached": streaming("gated-warm")}
     finally:
         server.stdin.close()
         server.wait(timeout=30)
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         "pair": f"pair-{args.layers}", "params_m": round(out_bytes / 2e6), "down_MBps": args.down_mbps,
         "up_MBps": args.up_mbps, "shard": args.shard, "output_gb": out_bytes / 1e9,
         "largest_shard_mb": max(s["size"] for s in shards) / 1e6, "shards": len(shards),
-        "merge": merge, "download": download, "upload": upload, "stream": stream,
+        "merge": merge, "download": download, "upload": upload, "stream": stream, "gated": gated,
         "sequential_s": download["wall_s"] + merge["wall_s"] + upload["wall_s"], "identical": identical,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -216,8 +223,10 @@ def report_lines(row: dict) -> list[str]:
         f"| merge only (local) | {m['wall_s']:.1f} | {m['cpu_s']:.1f} | {m['peak_rss_mb']:.0f} | |",
         f"| upload only | {u['wall_s']:.1f} | {u['cpu_s']:.1f} | {u['peak_rss_mb']:.0f} | |",
         f"| sequential (sum) | {row['sequential_s']:.1f} | | | |",
-        f"| streaming | {s['wall_s']:.1f} | {s['cpu_s']:.1f} | {s['peak_rss_mb']:.0f} | "
+        f"| streaming, gate off | {s['wall_s']:.1f} | {s['cpu_s']:.1f} | {s['peak_rss_mb']:.0f} | "
         f"{s['peak_disk_mb']:.0f} |",
+        *(f"| streaming, gate on, {k} | {g['wall_s']:.1f} | {g['cpu_s']:.1f} | {g['peak_rss_mb']:.0f} | "
+          f"{g['peak_disk_mb']:.0f} |" for k, g in row.get("gated", {}).items()),
         "",
     ]
 
@@ -234,6 +243,14 @@ def report_lines(row: dict) -> list[str]:
     check(s["peak_rss_mb"] <= 1.1 * m["peak_rss_mb"] + 150,
           f"peak RSS {s['peak_rss_mb']:.0f} MB streaming vs {m['peak_rss_mb']:.0f} MB local")
     check(row["identical"], "the published shards are bit-identical with the local merge (SHA-256)")
+    gated = row.get("gated", {})
+    for key, limit in (("parents cached", 1.15), ("parents evaluated", 1.5)):
+        if key in gated:
+            g = gated[key]
+            ratio = g["wall_s"] / s["wall_s"]
+            check(ratio <= limit, f"gated stream, {key}: {ratio:.2f}× the ungated stream (target ≤ {limit})")
+            check(g["peak_disk_mb"] <= budget, f"gated stream, {key}: peak disk {g['peak_disk_mb']:.0f} MB "
+                  "within the budget")
     return lines
 
 

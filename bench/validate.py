@@ -67,8 +67,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=1, help="SmolLM2 runs of each kind")
     ap.add_argument("--baseline", type=Path, metavar="CHECKOUT",
                     help="a checkout of the version to compare with")
+    ap.add_argument("--seed-shapes", action="store_true",
+                    help="only the pair with Qwen2-72B's tensor shapes and 2 layers (~8.5 GB each)")
     args = ap.parse_args(argv)
     rows = []
+    if args.seed_shapes:
+        args.layers, args.no_smollm2 = [], True
+        rows += seed_shapes(args.device, args.baseline)
     for layers in args.layers:
         a, b = make_pair.build(WORK / f"pair-{layers}", layers)
         out = merged(a, b, WORK / "validate" / f"merged-{layers}")
@@ -100,6 +105,29 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "validate.json").write_text(json.dumps(rows, indent=2))
     print_table(rows)
+
+
+def seed_shapes(device: str, baseline: Path | None) -> list[dict]:
+    """``validate --no-cache`` (all three models evaluated) of the Qwen2-72B-shaped pair's merge,
+    by this version and, with ``baseline``, by that one; the perplexities are compared."""
+    a, b = make_pair.build_seed_shapes(WORK / "seed-shapes")
+    out = merged(a, b, WORK / "validate" / "merged-seed-shapes")
+    rows = []
+    if baseline:
+        env = {**os.environ, "PYTHONPATH": str(baseline.resolve())}
+        rows.append({"model": "Qwen2-72B shapes, 2 layers", "cache": "baseline",
+                     **validate(out, (a, b), device, ["--no-cache"], env,
+                                [sys.executable, "-P", "-m", "slerp_plugin"])})
+        print(rows[-1], flush=True)
+    rows.append({"model": "Qwen2-72B shapes, 2 layers", "cache": "none",
+                 **validate(out, (a, b), device, ["--no-cache"])})
+    print(rows[-1], flush=True)
+    if baseline:
+        for role, ppl in rows[-1]["perplexity"].items():
+            want = rows[0]["perplexity"][role]
+            print(f"{role}: perplexity {ppl:.6f}, baseline {want:.6f}, relative difference "
+                  f"{abs(ppl - want) / want:.2e}")
+    return rows
 
 
 def print_table(rows: list[dict]) -> None:

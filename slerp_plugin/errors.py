@@ -21,7 +21,7 @@ EXIT_CODES: dict[int, str] = {
     3: "an input checkpoint is missing, corrupt, truncated, or does not match the other model",
     4: "the output exists, overlaps an input, or another merge holds its lock",
     5: "writing the output failed (disk full, read-only, permission denied)",
-    6: "validate: the merged model failed the validation gate",
+    6: "validate or a streaming merge: the merged model failed the validation gate (nothing published)",
     7: "a Hugging Face Hub error (network, unknown repo or revision, authorisation)",
     8: "validate: the merged model or a parent cannot be read",
     130: "interrupted (re-run the same command to resume)",

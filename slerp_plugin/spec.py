@@ -224,6 +224,11 @@ class MergeSpec(BaseModel):
     disk_budget: Annotated[int | None, BeforeValidator(_optional_size)] = Field(
         None, description="bytes of disk a streaming merge may use at once (default: three output shards in "
         "flight with their inputs)")
+    gate: bool = Field(True, description="a streaming merge is evaluated as its shards are merged and "
+                       "published only if its perplexity passes the gate of slerp-merge validate (false: "
+                       "spot checks only)")
+    gate_margin: float = Field(0.10, ge=0.0, description="the gate: the merge's perplexity may exceed the "
+                               "worse parent's by this fraction (default 0.10)")
 
     @field_validator("model_1", "model_2", "tokenizer", mode="before")
     @classmethod

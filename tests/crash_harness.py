@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,9 @@ def _child(argv: list[str], env: dict[str, str], cwd: str, at: int | None, mode:
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
+    # a killed run leaves its temporary folders: keep them inside the test's own folder
+    tempfile.tempdir = os.path.join(cwd, ".harness-tmp")
+    os.makedirs(tempfile.tempdir, exist_ok=True)
     fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)

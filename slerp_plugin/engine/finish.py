@@ -31,12 +31,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class MergeResult:
     """A finished merge: the output folder (None for a streaming merge, which keeps nothing
-    locally), its manifest, and the Hub upload if one was asked for (a
-    :class:`slerp_plugin.hub.client.Upload`)."""
+    locally), its manifest, the Hub upload if one was asked for (a
+    :class:`slerp_plugin.hub.client.Upload`), and the gate's report of a streaming merge (a
+    :class:`slerp_plugin.validate.ValidationReport`)."""
 
     output: Path | None
     manifest: Manifest
     upload: object | None = None
+    validation: object | None = None
 
 
 def finalize(

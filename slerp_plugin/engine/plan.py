@@ -147,11 +147,15 @@ def plan_checkpoints(
     *,
     commits: dict[str, str | None] | None = None,
     known_hashes: dict[Path, str] | None = None,
+    execution: bool = False,
 ) -> MergePlan:
     """The plan of merging ``ckpts`` (by role) whose configs and tokenizer are in ``paths``.
 
     ``identity`` is JSON that changes whenever an input's bytes may have (paths, sizes, mtimes;
     Hub commits): it goes into the plan's fingerprint, which decides what a re-run may reuse.
+
+    With ``execution``, output shards follow the order the model runs (:func:`execution_order`), so
+    that a streaming merge can evaluate each shard as it is merged.
 
     Raises:
         KeyMismatchError, ShapeMismatchError, ConfigError: as :func:`plan_resolved`.
@@ -159,7 +163,7 @@ def plan_checkpoints(
     _check_keys(ckpts["model_1"], ckpts["model_2"], spec.model_names)
     device = resolve_device(spec.device)
     jobs, warnings = plan_jobs(spec, ckpts["model_1"], ckpts["model_2"], num_layers(paths["model_1"]))
-    shards = _split_shards(jobs, spec.max_shard_size)
+    shards = _split_shards(jobs, spec.max_shard_size, execution=execution)
     fingerprint = _fingerprint(spec, identity, device, shards)
     plan = MergePlan(spec, paths, ckpts, shards, device, fingerprint, warnings,
                      commits=dict(commits or {}), known_hashes=dict(known_hashes or {}))
@@ -260,18 +264,53 @@ def _some(keys: Sequence[str], n: int = 5) -> str:
     return shown + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
 
 
-def _split_shards(jobs: list[TensorJob], max_bytes: int) -> list[ShardPlan]:
+#: names of the tensors a causal LM reads before its first layer (input embeddings)
+_INPUT_EMBEDDING = re.compile(r"embed_tokens|(?:^|\.)(?:wte|wpe|embed_in|word_embeddings|tok_embeddings|"
+                              r"embed_positions|position_embeddings)\.")
+#: ... and after its final norm (the head)
+_HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out|output)\.")
+
+
+def execution_order(jobs: list[TensorJob]) -> list[list[TensorJob]]:
+    """``jobs`` in the order the model runs, as units that an output shard keeps together: the
+    input embeddings (one unit per tensor), each decoder layer by its index (``layers.10`` after
+    ``layers.2``, one unit per layer), the other tensors (final norm), then the head; within a
+    unit, model_1's order."""
+    layers: dict[int, list[TensorJob]] = {}
+    before, after, head = [], [], []
+    for job in jobs:
+        m = _LAYER.search(job.name)
+        if m:
+            layers.setdefault(int(m.group(1)), []).append(job)
+        elif _INPUT_EMBEDDING.search(job.name):
+            before.append([job])
+        elif _HEAD.search(job.name):
+            head.append([job])
+        else:
+            after.append([job])
+    return [*before, *(layers[i] for i in sorted(layers)), *after, *head]
+
+
+def _split_shards(jobs: list[TensorJob], max_bytes: int, *, execution: bool = False) -> list[ShardPlan]:
     """Output shards of at most ``max_bytes`` (a bigger tensor gets one of its own), filled in
-    ``jobs`` order; each shard's tensors in :func:`_read_order`."""
+    ``jobs`` order, or with ``execution`` in :func:`execution_order` with each unit (a decoder layer)
+    kept in one shard unless it alone exceeds ``max_bytes``; each shard's tensors in
+    :func:`_read_order`."""
+    units = execution_order(jobs) if execution else [[job] for job in jobs]
     groups: list[list[TensorJob]] = [[]]
     size = 0
-    for job in jobs:
-        n = job.output.nbytes
-        if groups[-1] and size + n > max_bytes:
+    for unit in units:
+        unit_bytes = sum(job.output.nbytes for job in unit)
+        if groups[-1] and size + unit_bytes > max_bytes:
             groups.append([])
             size = 0
-        groups[-1].append(job)
-        size += n
+        for job in unit:
+            n = job.output.nbytes
+            if groups[-1] and size + n > max_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(job)
+            size += n
     groups = [_read_order(g) for g in groups]
     total = len(groups)
     if total == 1:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -10,9 +10,12 @@ if TYPE_CHECKING:
     from .manifest import Manifest
 
 
-def render_model_card(manifest: Manifest, config_yaml: str | None = None) -> str:
+def render_model_card(manifest: Manifest, config_yaml: str | None = None,
+                      evaluation: dict[str, Any] | None = None) -> str:
     """Markdown with front matter (``base_model``: both parents, tags, ``library_name``);
-    ``config_yaml`` (a mergekit config) is quoted when given. Never touches the network."""
+    ``config_yaml`` (a mergekit config) is quoted when given; ``evaluation`` (the gate's
+    ``perplexity`` by role, ``threshold``, ``margin``, ``tokens``, ``eval_text``, ``passed``) adds an
+    evaluation section. Never touches the network."""
     spec = manifest.spec
     m1, m2 = manifest.inputs["model_1"], manifest.inputs["model_2"]
     front = {
@@ -61,9 +64,26 @@ def render_model_card(manifest: Manifest, config_yaml: str | None = None) -> str
     ]
     if config_yaml:
         lines += ["## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
+    if evaluation:
+        lines += _evaluation_lines(evaluation)
     if manifest.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in manifest.warnings] + [""]
     return "\n".join(lines)
+
+
+def _evaluation_lines(ev: dict[str, Any]) -> list[str]:
+    ppl = ev.get("perplexity") or {}
+    text = f" of {ev['eval_text']}" if ev.get("eval_text") else ""
+    lines = ["## Evaluation", "",
+             f"Perplexity on {ev.get('tokens', '?')} tokens{text} (lower is better), measured before "
+             "publishing; `validation.json` holds the full report.", "",
+             "| model | perplexity |", "|---|---:|"]
+    lines += [f"| {role} | {ppl[role]:.4f} |" for role in ("merged", "model_1", "model_2") if role in ppl]
+    if ev.get("threshold") is not None:
+        verdict = "passed" if ev.get("passed") else "failed"
+        lines += ["", f"Gate: the merge's perplexity at most the worse parent's + {ev.get('margin', 0):.0%} "
+                      f"(≤ {ev['threshold']:.4f}): {verdict}."]
+    return [*lines, ""]
 
 
 def _t_text(t: object) -> str:

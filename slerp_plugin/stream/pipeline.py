@@ -10,15 +10,23 @@ Three stages overlap, each on its own thread, all within ``spec.disk_budget``:
 3. upload: the shard is pre-uploaded as an LFS object (the Hub checks its SHA-256), recorded in
    the journal, and deleted.
 
-When every shard is uploaded and every parent file matched the Hub's SHA-256, one commit (pinned
-to the branch head it saw) publishes the shards with the index, configs, tokenizer, manifest and
-model card; ``<output>.partial`` is then removed. A re-run of an interrupted merge skips the shards
+With the gate (``spec.gate``, the default), the shards are planned in the order the model runs and
+each is evaluated as it is merged (:mod:`.evaluation`): the merged model, and each parent whose
+evaluation is not cached, from the spool; a shard's files go only once the evaluators are done with
+them.
+
+When every shard is uploaded, every parent file matched the Hub's SHA-256 and the gate passed, one
+commit (pinned to the branch head it saw) publishes the shards with the index, configs, tokenizer,
+manifest, model card and ``validation.json``; ``<output>.partial`` is then removed. A failed gate
+publishes nothing: the report stays in ``<output>.partial`` and a re-run of the same merge reports
+the recorded verdict without merging again. A re-run of an interrupted merge skips the shards
 the journal says are uploaded and the Hub still holds, and uploads without merging those merged
 but not uploaded.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -29,7 +37,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from ..engine import MergePlan, MergeResult, ShardPlan, compute_threads
 from ..engine.execute import ShardMerge
@@ -38,8 +48,16 @@ from ..engine.output import output_lock, remove_ours
 from ..engine.plan import format_bytes, plan_checkpoints
 from ..engine.progress import progress_bar
 from ..engine.resume import ShardOutcome, forget, load_outcome, prepare_partial, state_dir
-from ..errors import CheckpointError, ConfigError, HubIntegrityError, OutputWriteError, ValidationGateError
-from ..formats.manifest import InputFile, InputRecord, ShardRecord
+from ..errors import (
+    CheckpointError,
+    ConfigError,
+    HubIntegrityError,
+    OutputWriteError,
+    ValidationGateError,
+    ValidationInputError,
+)
+from ..formats.manifest import InputFile, InputRecord, Manifest, ShardRecord
+from ..formats.modelcard import render_model_card
 from ..formats.public import public_files
 from ..hub.client import commit_message_for, is_hub_id
 from ..hub.lfs import ensure_repo, lfs_present, preupload, publish, uploaded_file
@@ -50,8 +68,14 @@ from ..io.reader import TensorReader
 from ..io.safetensors import Checkpoint, read_header
 from ..preflight import STREAM_SHARDS_IN_FLIGHT
 from ..spec import MergeSpec
+from ..validate.cache import EvaluationCache
+from ..validate.functional import EvalSettings
+from .evaluation import StreamGate
 from .remote import RemoteParent, open_parent
 from .spool import ROLES, DiskBudget, ParentHashes, ShardSpool, fetch_spool, spool_shard
+
+if TYPE_CHECKING:
+    from ..validate.report import FunctionalResult, ValidationReport
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +117,25 @@ def check_stream_spec(spec: MergeSpec) -> None:
                           "method.stream")
 
 
-def stream_merge(spec: MergeSpec, *, token: str | None = None) -> MergeResult:
-    """Merge Hub parents into ``spec.push_to_hub`` with at most ``spec.disk_budget`` bytes of disk.
+def stream_merge(spec: MergeSpec, *, token: str | None = None, settings: EvalSettings | None = None,
+                 cache: EvaluationCache | None | Literal["default"] = "default") -> MergeResult:
+    """Merge Hub parents into ``spec.push_to_hub`` with at most ``spec.disk_budget`` bytes of disk,
+    publishing only a merge that passes the gate (``spec.gate``, ``spec.gate_margin``).
 
-    The local working folder is ``<output>.partial`` (this tool's marker; removed once published).
+    The local working folder is ``<output>.partial`` (this tool's marker; removed once published,
+    kept with the report when the gate fails).
 
     Args:
         spec: the merge; ``stream`` set, both parents Hub ids, ``push_to_hub`` the target repo.
         token: a Hub token (default: ``HF_TOKEN`` or the one ``hf auth login`` saved).
+        settings: how the gate evaluates the models (default: those of ``slerp-merge validate``,
+            on ``spec.device``).
+        cache: where parents' evaluations come from and go (default: the evaluation cache under
+            the cache root; None: parents are always evaluated).
 
     Returns:
-        The result: ``output`` None (nothing is kept locally), the published manifest, and the
-        upload (repo, commit, URL).
+        The result: ``output`` None (nothing is kept locally), the published manifest, the upload
+        (repo, commit, URL), and the gate's report (None without the gate).
 
     Raises:
         ConfigError: see :func:`check_stream_spec`; a budget below one shard's need.
@@ -112,6 +143,9 @@ def stream_merge(spec: MergeSpec, *, token: str | None = None) -> MergeResult:
         OutputWriteError: the working folder cannot be written (disk full).
         HubIntegrityError: a parent's bytes do not match the Hub's SHA-256 (nothing published; the
             working folder is discarded, so a re-run starts over).
+        ValidationGateError: the gate failed, now or in an earlier run of the same merge (nothing
+            published; the message has the three perplexities and where the report is).
+        ValidationInputError: a model cannot be evaluated layer by layer (before anything is fetched).
         HubError (subclasses), CheckpointError, KeyMismatchError, ShapeMismatchError: as a local merge.
     """
     check_stream_spec(spec)
@@ -124,13 +158,46 @@ def stream_merge(spec: MergeSpec, *, token: str | None = None) -> MergeResult:
         plan = _plan(spec, parents, tokenizer_folder)
         with output_lock(plan.output, exclusive=True, wait=False, what="slerp-merge (streaming)"):
             prepare_partial(plan, exclusive=True)
+            _refuse_recorded_failure(plan)
             bar = progress_bar(plan, "streaming")
             try:
-                merge = StreamingMerge(plan, parents, token=token, progress=bar.update if bar else None)
+                gate = _gate(plan, parents, settings, cache) if spec.gate else None
+                merge = StreamingMerge(plan, parents, token=token, progress=bar.update if bar else None,
+                                       gate=gate)
                 return merge.run(started)
             finally:
                 if bar:
                     bar.close()
+
+
+def _gate(plan: MergePlan, parents: dict[str, RemoteParent], settings: EvalSettings | None,
+          cache: EvaluationCache | None | Literal["default"]) -> StreamGate:
+    """The gate of ``plan`` (default settings and cache: those of ``validate``).
+
+    Raises:
+        ValidationInputError: a model cannot be evaluated layer by layer (one line; ``method.gate=false``
+            publishes with spot checks only).
+    """
+    settings = settings or EvalSettings(device=plan.spec.device)
+    try:
+        return StreamGate(plan, parents, settings, plan.spec.gate_margin,
+                          EvaluationCache() if cache == "default" else cache, DiskBudget(0))
+    except ValidationInputError as e:
+        raise ValidationInputError(f"the gate cannot evaluate this merge: {e.message} (method.gate=false "
+                                   "publishes it with spot checks only)", path=e.path) from e
+
+
+def _refuse_recorded_failure(plan: MergePlan) -> None:
+    """A merge whose gate failed is not merged again: its recorded verdict is the answer.
+
+    Raises:
+        ValidationGateError: ``plan``'s gate failed in an earlier run.
+    """
+    doc = _read_json(state_dir(plan) / GATE_RECORD)
+    if doc and doc.get("fingerprint") == plan.fingerprint and doc.get("passed") is False:
+        log.info("this merge failed its gate in an earlier run (%s); nothing is merged again",
+                 doc.get("created_at", "?"))
+        raise ValidationGateError(str(doc.get("message", "the gate failed")))
 
 
 def _tokenizer(spec: MergeSpec, parents: dict[str, RemoteParent], folder: Path, token: str | None) -> Path:
@@ -158,22 +225,25 @@ def _plan(spec: MergeSpec, parents: dict[str, RemoteParent], tokenizer: Path) ->
     paths = {role: p.folder for role, p in parents.items()}
     paths["tokenizer"] = tokenizer
     return plan_checkpoints(spec, paths, {role: p.checkpoint for role, p in parents.items()}, identity,
-                            commits={role: p.commit for role, p in parents.items()})
+                            commits={role: p.commit for role, p in parents.items()}, execution=spec.gate)
 
 
 class StreamingMerge:
     """One streaming merge of ``plan`` (see the module docstring); :meth:`run` does it."""
 
     def __init__(self, plan: MergePlan, parents: dict[str, RemoteParent], *, token: str | None = None,
-                 progress: Callable[[int], None] | None = None) -> None:
-        self.plan, self.parents, self.token = plan, parents, token
+                 progress: Callable[[int], None] | None = None, gate: StreamGate | None = None) -> None:
+        self.plan, self.parents, self.token, self.gate = plan, parents, token, gate
         self.spec = plan.spec
         self.repo_id: str = plan.spec.push_to_hub  # type: ignore[assignment]
         self.spool_dir = plan.partial / "spool"
         self.spools: list[tuple[ShardPlan, ShardSpool]] = [spool_shard(s, self.spool_dir)
                                                            for s in plan.shards]
-        need = max((sp.disk_bytes for _, sp in self.spools), default=0)
+        held = gate.tied_bytes if gate else 0  # a tied head's table, kept for the evaluation's end
+        need = max((sp.disk_bytes for _, sp in self.spools), default=0) + held
         self.budget = DiskBudget(plan.spec.disk_budget or STREAM_SHARDS_IN_FLIGHT * need)
+        if gate is not None:
+            gate.budget = self.budget
         if self.budget.limit < need:
             raise ConfigError(f"method.disk_budget: {format_bytes(self.budget.limit)} is less than one "
                               f"output shard needs in flight ({format_bytes(need)}: its inputs and itself); "
@@ -186,6 +256,7 @@ class StreamingMerge:
         self._progress = progress
         self.uploaded: set[int] = set()
         self.merged: dict[int, ShardRecord] = {}
+        self.spot_tensors: list = []
 
     # ---------------------------------------------------------------- the whole merge
 
@@ -193,6 +264,11 @@ class StreamingMerge:
         plan = self.plan
         ensure_repo(self.repo_id, private=self.spec.private, token=self.token)
         self.uploaded, self.merged = uploaded, merged = self._resume_state()
+        if self.gate is not None and (uploaded or merged):
+            log.info("the gate evaluates every shard: the %d shard(s) an earlier run merged are merged again "
+                     "from the parents' bytes (fetched anyway to check their hashes); the Hub keeps those "
+                     "already uploaded", len(uploaded) + len(merged))
+            self.uploaded, self.merged = uploaded, merged = set(), {}
         self.stats.reused, self.stats.uploaded_only = len(uploaded), len(merged)
         step(f"clear {plan.partial.name}/spool")
         shutil.rmtree(self.spool_dir, ignore_errors=True)  # a killed run's spool, inside our marked folder
@@ -211,6 +287,8 @@ class StreamingMerge:
             self._uploads.put((index, record))
         fetcher.start()
         uploader.start()
+        if self.gate is not None:
+            self.gate.start()
         try:
             self._merge_all(skip=done)
         except BaseException as e:
@@ -244,6 +322,8 @@ class StreamingMerge:
         if self._error is None:
             self._error = e
         self.budget.close()
+        if self.gate is not None:
+            self.gate.close()
         self._ready.put(_DONE)
 
     # ---------------------------------------------------------------- resume
@@ -310,9 +390,17 @@ class StreamingMerge:
             with TensorReader(direct=self.spec.direct_io) as reader:
                 outcome = ShardMerge(self.plan, shard, reader, progress=self._progress).run()
             self._spot_check(shard, spool, outcome)
-            spool.remove()
-            self.budget.give(spool.input_bytes)
+            done = functools.partial(self._spool_done, spool)
+            if self.gate is None or not self.gate.evaluates_parents:
+                done()
+            if self.gate is not None:
+                self.gate.submit(shard, shard, self.plan.partial / shard.file,
+                                 done if self.gate.evaluates_parents else None)
             self._uploads.put((shard.index, outcome.record))
+
+    def _spool_done(self, spool: ShardSpool) -> None:
+        spool.remove()
+        self.budget.give(spool.input_bytes)
 
     def _spot_check(self, shard: ShardPlan, spool: ShardSpool, outcome: ShardOutcome) -> None:
         """Recompute some of the shard's tensors from the spooled parent bytes, FusionBench's way
@@ -335,6 +423,7 @@ class StreamingMerge:
             forget(self.plan, shard)
             raise ValidationGateError(f"{shard.file}: spot re-computation failed: {result.problems[0]}; "
                                       "nothing was published")
+        self.spot_tensors += result.tensors
         log.info("shard %d/%d %s: spot re-computation of %d tensor(s) passed", shard.index + 1,
                  len(self.spools), shard.file, len(names))
 
@@ -351,6 +440,8 @@ class StreamingMerge:
             write_json_atomic(self._upload_marker(shard), {
                 "fingerprint": self.plan.fingerprint, "repo_id": self.repo_id,
                 "sha256": record.sha256, "size": record.size})
+            if self.gate is not None:
+                self.gate.wait_evaluated(index)
             step(f"delete the uploaded {shard.file}")
             path.unlink()
             self.budget.give(spool.output_bytes)
@@ -361,6 +452,37 @@ class StreamingMerge:
                      format_bytes(record.size / max(seconds, 1e-9)))
 
     # ---------------------------------------------------------------- publishing
+
+    def _judge(self, meta: Path, manifest: Manifest) -> ValidationReport:
+        """The gate's verdict as a report, written into ``meta`` beside the manifest; a failed one is
+        recorded and nothing is published.
+
+        Raises:
+            ValidationGateError: the gate failed (``meta`` stays, in ``<output>.partial``).
+        """
+        from ..validate.report import REPORT_NAME, SpotResult, StructuralResult, ValidationReport
+
+        assert self.gate is not None
+        functional = self.gate.verdict()
+        plan = self.plan
+        report = ValidationReport(
+            model=f"hf://{self.repo_id}",
+            parents=[f"hf://{p.repo_id}@{p.commit}" for p in self.parents.values()],
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            passed=functional.status == "passed", summary="",
+            structural=StructuralResult(passed=True, tensors=sum(len(s.jobs) for s in plan.shards)),
+            spot=SpotResult(passed=True, tensors=self.spot_tensors), functional=functional,
+            timings={"functional_s": round(max((e.seconds for e in self.gate.evaluators), default=0.0), 3)})
+        _add_report(meta, manifest, report)
+        if report.passed:
+            log.info("gate passed: %s", _gate_line(functional))
+            return report
+        path = meta / REPORT_NAME
+        message = f"the gate failed: {_gate_line(functional)}; nothing was published (report: {path})"
+        write_json_atomic(state_dir(plan) / GATE_RECORD, {
+            "fingerprint": plan.fingerprint, "passed": False, "message": message,
+            "created_at": report.created_at})
+        raise ValidationGateError(message)
 
     def _publish(self, started: float) -> MergeResult:
         from huggingface_hub import CommitOperationAdd
@@ -381,6 +503,7 @@ class StreamingMerge:
         self.stats.peak_disk = self.budget.peak
         manifest = write_metadata(plan, meta, outcomes, self._input_records(), started, time.perf_counter(),
                                   extra_timings=self.stats.as_timings())
+        report = self._judge(meta, manifest) if self.gate is not None else None
         operations = [uploaded_file(o.record.file, o.record.sha256, o.record.size) for o in outcomes]
         files = [f for f in sorted(meta.iterdir()) if f.is_file() and f.name != OUTPUT_MARKER]
         rewritten = public_files(meta, self.repo_id, files)  # no local path, host or user name
@@ -394,7 +517,7 @@ class StreamingMerge:
                  format_bytes(plan.total_bytes), self.repo_id, self.stats.seconds,
                  format_bytes(self.stats.bytes_fetched), format_bytes(self.stats.bytes_uploaded),
                  format_bytes(self.stats.peak_disk))
-        return MergeResult(None, manifest, upload)
+        return MergeResult(None, manifest, upload, report)
 
     def _input_records(self) -> dict[str, InputRecord]:
         records = {}
@@ -410,6 +533,35 @@ class StreamingMerge:
             files=[InputFile(name=f.name, size=f.stat().st_size)
                    for f in sorted(tok.iterdir()) if f.is_file()])
         return records
+
+
+#: the record of a failed gate in the working folder's state
+GATE_RECORD = "gate.json"
+
+
+def _gate_line(f: FunctionalResult) -> str:
+    """The gate's figures in one line."""
+    ppl = f.perplexity
+    if f.problems and "merged" not in ppl:
+        return f.problems[0]
+    figures = ", ".join(f"{role} {ppl[role]:.3f}" for role in ("merged", "model_1", "model_2") if role in ppl)
+    return f"perplexity {figures} (gate ≤ {f.threshold:.3f})" + (f": {f.problems[0]}" if f.problems else "")
+
+
+def _add_report(meta: Path, manifest: Manifest, report: ValidationReport) -> None:
+    """``validation.json`` / ``.txt`` beside the model, and the card's evaluation section."""
+    from ..validate.branches import branch_result
+    from ..validate.report import summarise, write_report
+
+    report.branches = branch_result(manifest)
+    report.summary = summarise(report)
+    write_report(report, meta)
+    f = report.functional
+    if report.passed:
+        step("write README.md")
+        (meta / "README.md").write_text(render_model_card(manifest, evaluation={
+            "perplexity": f.perplexity, "threshold": f.threshold, "margin": f.margin, "tokens": f.tokens,
+            "eval_text": f.eval_text, "passed": report.passed}))
 
 
 def spot_names(shard: ShardPlan, *, seed: int, sample: int = 1) -> list[str]:

@@ -30,21 +30,30 @@ def model_content_id(folder: Path) -> str:
     the checksum cache when the files are unchanged since a merge read them)."""
     folder = Path(folder)
     files = sorted({info.file for info in Checkpoint.open(folder).tensors.values()})
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f"{f.name}\0{cached_sha256(f)}\n".encode())
     config = folder / "config.json"
-    digest.update(hashlib.sha256(config.read_bytes() if config.is_file() else b"").hexdigest().encode())
+    return content_id([(f.name, cached_sha256(f)) for f in files],
+                      config.read_bytes() if config.is_file() else b"")
+
+
+def content_id(weight_files: list[tuple[str, str]], config: bytes) -> str:
+    """The id :func:`model_content_id` gives a model whose weight files are ``(name, SHA-256)``
+    and whose config.json holds ``config`` (also for a model on the Hub, from its listed hashes)."""
+    digest = hashlib.sha256()
+    for name, sha in sorted(weight_files):
+        digest.update(f"{name}\0{sha}\n".encode())
+    digest.update(hashlib.sha256(config).hexdigest().encode())
     return digest.hexdigest()
 
 
-def evaluation_key(folder: Path, ids: torch.Tensor, max_length: int, prompts: tuple[str, ...],
-                   max_new_tokens: int, device_type: str, dtype: str, generation_memory: int) -> str:
-    """The cache key of one model's evaluation (see the module docstring)."""
+def evaluation_key(folder: Path | None, ids: torch.Tensor, max_length: int, prompts: tuple[str, ...],
+                   max_new_tokens: int, device_type: str, dtype: str, generation_memory: int, *,
+                   content: str | None = None) -> str:
+    """The cache key of one model's evaluation (see the module docstring); the model is
+    ``folder``'s, or the one whose :func:`content_id` is ``content``."""
     import transformers
 
     parts = {
-        "model": model_content_id(folder),
+        "model": content if content is not None else model_content_id(Path(folder or ".")),
         "ids": hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest(),
         "max_length": max_length, "prompts": list(prompts), "max_new_tokens": max_new_tokens,
         "device": device_type, "dtype": dtype, "generation_memory": generation_memory,

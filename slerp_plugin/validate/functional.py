@@ -187,6 +187,23 @@ def functional_check(folder: Path, parents: tuple[Path, Path], *, settings: Eval
     except Exception as e:  # the merge is what is judged: a model that does not run fails the gate
         return FunctionalResult(status="failed", evaluations=evals, **common,
                                 problems=[f"the merged model cannot be evaluated: {first_line(e)}"])
+    return judge(evals, margin=margin, settings=settings, tokens=int(ids.numel()))
+
+
+def judge(evals: dict[str, ModelEvaluation], *, margin: float, settings: EvalSettings,
+          tokens: int) -> FunctionalResult:
+    """The perplexity gate: the merge's perplexity (``evals["merged"]``) must be finite and at most
+    the worse parent's × (1 + ``margin``).
+
+    Args:
+        evals: the evaluations of ``merged``, ``model_1`` and ``model_2``.
+        margin: the fraction the merge may exceed the worse parent by (e.g. 0.10).
+        settings: how they were evaluated (the text's name and the prompts are reported).
+        tokens: how many evaluation tokens.
+
+    Returns:
+        The result, ``passed`` or ``failed`` with the reason.
+    """
     ppl = {role: ev.perplexity for role, ev in evals.items()}
     worse = max(ppl["model_1"], ppl["model_2"])
     threshold = worse * (1 + margin)
@@ -198,7 +215,7 @@ def functional_check(folder: Path, parents: tuple[Path, Path], *, settings: Eval
     return FunctionalResult(
         status="failed" if problems else "passed", perplexity=ppl, threshold=threshold, problems=problems,
         device=merged.device, dtype=merged.dtype, evaluations=evals,
-        generations=_generations(settings, evals), **common,
+        generations=_generations(settings, evals), tokens=tokens, margin=margin, eval_text=settings.text_name,
     )
 
 

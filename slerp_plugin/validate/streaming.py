@@ -1,11 +1,23 @@
-"""A causal LM evaluated with its weights left on disk.
+"""A causal LM evaluated with its weights left on disk, in bounded memory at any size.
 
 :class:`StreamedCausalLM` builds the model's own transformers class on the meta device (no
-weights), then reads each module's parameters from the safetensors files just before the module
-runs and drops them right after. Memory is therefore one module's weights (the largest is usually
-the embedding or the LM head) plus the activations, at any model size, on CPU or GPU. With
-:meth:`StreamedCausalLM.resident` all weights are read once and kept, for work that runs the model
-many times (greedy generation).
+weights) and runs the model's own forward, with each module given its weights just as it runs:
+
+- an embedding reads only the rows of the tokens it looks up;
+- a linear layer is applied in blocks of output rows, each block read, converted and multiplied
+  in turn (:data:`READ_BLOCK_ELEMENTS` elements at a time), so no weight matrix is ever whole in
+  memory in the compute dtype;
+- other modules (norms) read their small parameters whole;
+- the LM head is applied the same way in blocks of vocabulary rows, and the next-token loss is
+  reduced block by block (a running log-sum-exp), so no row of logits over the whole vocabulary
+  is ever held. ``final_logit_softcapping``, ``logit_scale`` and ``logits_scaling`` in the config
+  are applied as transformers does.
+
+Memory is therefore a block of weights plus the activations of the evaluation tokens: ~1 GB for
+a 72B Qwen-family model on 1024 tokens, on CPU or GPU. The weights come from a folder or, during a
+streaming merge, from a :class:`~slerp_plugin.validate.weights.TensorFeed` that offers each shard's
+tensors as it is merged. With :meth:`StreamedCausalLM.resident` all weights are read once and kept,
+for work that runs the model many times (greedy generation).
 
 Weights are read with ``pread`` (nothing is mapped, so the process does not grow with the files)
 and converted to the dtype transformers gives each parameter: float32 on CPU, the checkpoint's
@@ -17,11 +29,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -29,13 +43,22 @@ from torch import nn
 from ..errors import ValidationInputError, first_line
 from ..io.reader import TensorReader
 from ..io.safetensors import Checkpoint, TensorInfo
+from .weights import FolderWeights
 
 log = logging.getLogger(__name__)
 
-#: the head's logits (float32) are computed for this many bytes' worth of positions at a time
+#: the head's logits (float32) are computed for this many bytes at a time
 LOGITS_BUDGET_BYTES = 64 << 20
 #: weights are read and converted this many elements at a time
 READ_BLOCK_ELEMENTS = 1 << 22
+
+
+class WeightSource(Protocol):
+    """Where a module's tensors are, asked for just before it runs (see :mod:`.weights`)."""
+
+    def acquire(self, names: list[str]) -> list[TensorInfo]: ...
+
+    def release(self, names: list[str]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -43,28 +66,40 @@ class _Source:
     """Where one parameter of a module comes from."""
 
     name: str  #: the parameter's name in its module
-    info: TensorInfo
+    key: str  #: the tensor's name in the checkpoint
+    info: TensorInfo  #: its shape and stored dtype (where it lies is asked of the source)
     placeholder: nn.Parameter  #: the meta parameter put back after the module ran
 
 
 class StreamedCausalLM:
-    """A transformers causal LM whose modules read their weights from ``folder`` when they run.
+    """A transformers causal LM whose modules read their weights just as they run (see the module
+    docstring).
 
-    ``dtype`` (default: float32 on CPU, the checkpoint's floating dtype elsewhere) is the dtype
-    the model computes in.
+    Args:
+        folder: the model's folder: its ``config.json``, and its weights unless ``weights`` is given.
+        device: where the model computes.
+        dtype: the compute dtype (default: float32 on CPU, the checkpoint's floating dtype elsewhere).
+        weights: where the tensors are read from (default: ``folder``'s safetensors files); a
+            :class:`~slerp_plugin.validate.weights.TensorFeed` has its :meth:`expect` called here.
+        layout: the tensors' names, shapes and dtypes, needed with ``weights`` (default: those of
+            ``folder``'s checkpoint).
 
     Raises:
         ValidationInputError: the folder's config or weights cannot be read, or a parameter the
-            model class expects is not in the checkpoint.
+            model class expects is not in the checkpoint or has another shape.
     """
 
-    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype | None = None, *,
+                 weights: WeightSource | None = None, layout: Mapping[str, TensorInfo] | None = None) -> None:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.folder = Path(folder)
         self.device = device
-        self.checkpoint = Checkpoint.open(self.folder)
+        if layout is None:
+            layout = Checkpoint.open(self.folder).tensors
+        self.layout = layout
+        self.weights: WeightSource = weights if weights is not None else FolderWeights(layout)
         if dtype is None:
             dtype = torch.float32 if device.type == "cpu" else self._checkpoint_dtype()
         self.dtype = dtype
@@ -79,25 +114,36 @@ class StreamedCausalLM:
         self.config = config
         self._reader = TensorReader()
         self._resident = False
-        self._pins: set[nn.Module] = set()
         self._sources = self._map_sources()
+        self._head = self.model.get_output_embeddings()
+        self._active: dict[nn.Module, list[TensorInfo]] = {}
         self._move_buffers()
-        self._hooks = [h for m in self._sources for h in (
+        for module in self._sources:
+            if self._blocked(module):
+                module.forward = functools.partial(self._linear, module)  # type: ignore[method-assign]
+        self._hooks = [h for m in self._sources if m is not self._head for h in (
             m.register_forward_pre_hook(self._load, with_kwargs=True), m.register_forward_hook(self._drop))]
+        expect = getattr(self.weights, "expect", None)
+        if expect is not None:
+            readers: dict[str, int] = {}
+            for sources in self._sources.values():
+                for s in sources:
+                    readers[s.key] = readers.get(s.key, 0) + 1
+            expect(readers)
 
     # ------------------------------------------------------------------ set-up
 
     def _checkpoint_dtype(self) -> torch.dtype:
         counts: dict[torch.dtype, int] = {}
-        for info in self.checkpoint.tensors.values():
+        for info in self.layout.values():
             if info.torch_dtype.is_floating_point:
                 counts[info.torch_dtype] = counts.get(info.torch_dtype, 0) + info.numel
-        return max(counts, key=counts.get) if counts else torch.float32
+        return max(counts, key=counts.get) if counts else torch.float32  # type: ignore[arg-type]
 
     def _map_sources(self) -> dict[nn.Module, list[_Source]]:
-        """Each module that owns parameters → where each of them is in the checkpoint."""
+        """Each module that owns parameters → which tensor each of them is."""
         tied = dict(getattr(self.model, "all_tied_weights_keys", None) or {})
-        tensors = self.checkpoint.tensors
+        tensors = self.layout
         sources: dict[nn.Module, list[_Source]] = {}
         for prefix, module in self.model.named_modules():
             for pname, param in module.named_parameters(recurse=False):
@@ -112,7 +158,7 @@ class StreamedCausalLM:
                     raise ValidationInputError(
                         f"{self.folder}: {found} has shape {list(info.shape)}, the model expects "
                         f"{list(param.shape)}", path=self.folder)
-                sources.setdefault(module, []).append(_Source(pname, info, param))
+                sources.setdefault(module, []).append(_Source(pname, found, info, param))
         return sources
 
     def _move_buffers(self) -> None:
@@ -121,48 +167,86 @@ class StreamedCausalLM:
                 if buf.device.type != "meta":
                     module._buffers[name] = buf.to(self.device)
 
+    def _blocked(self, module: nn.Module) -> bool:
+        """Whether ``module`` is applied block by block (a plain linear layer)."""
+        return isinstance(module, nn.Linear) and {s.name for s in self._sources[module]} <= {"weight", "bias"}
+
     # ------------------------------------------------------------------ the hooks
 
-    def _load(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._resident or module in self._pins:
-            return
+    def _keys(self, module: nn.Module) -> list[str]:
+        return [s.key for s in self._sources[module]]
+
+    def _load(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self._resident:
+            return None
+        infos = self.weights.acquire(self._keys(module))
+        if self._blocked(module):
+            self._active[module] = infos
+            return None
         ids = args[0] if args else kwargs.get("input")
-        if type(module) is nn.Embedding and isinstance(ids, torch.Tensor):
-            self._fill_rows(module, ids)
-        else:
-            self._fill(module)
+        if isinstance(module, nn.Embedding) and isinstance(ids, torch.Tensor):
+            rows = self._fill_rows(module, infos[0], ids)
+            return ((rows, *args[1:]), kwargs) if args else (args, {**kwargs, "input": rows})
+        for src, info in zip(self._sources[module], infos, strict=True):
+            module._parameters[src.name] = nn.Parameter(self._read(src, info), requires_grad=False)
+        return None
 
     def _drop(self, module: nn.Module, _args: object, _output: object) -> None:
-        if not self._resident and module not in self._pins:
-            self._empty(module)
+        if self._resident:
+            return
+        self._active.pop(module, None)
+        self._empty(module)
+        self.weights.release(self._keys(module))
 
-    def _fill(self, module: nn.Module) -> None:
-        for src in self._sources[module]:
-            module._parameters[src.name] = nn.Parameter(self._read(src), requires_grad=False)
-
-    def _read(self, src: _Source) -> torch.Tensor:
+    def _read(self, src: _Source, info: TensorInfo) -> torch.Tensor:
         """The whole parameter in its dtype on the device, read in blocks of ``READ_BLOCK_ELEMENTS``
         so that the stored bytes never sit in memory beside the converted tensor."""
-        value = torch.empty(src.info.shape, dtype=src.placeholder.dtype, device=self.device)
+        value = torch.empty(info.shape, dtype=src.placeholder.dtype, device=self.device)
         flat = value.view(-1)
-        for start in range(0, src.info.numel, READ_BLOCK_ELEMENTS):
-            count = min(READ_BLOCK_ELEMENTS, src.info.numel - start)
-            flat[start:start + count].copy_(self._reader.read_tensor(src.info, start, count))
+        for start in range(0, info.numel, READ_BLOCK_ELEMENTS):
+            count = min(READ_BLOCK_ELEMENTS, info.numel - start)
+            flat[start:start + count].copy_(self._reader.read_tensor(info, start, count))
         return value
 
-    def _fill_rows(self, module: nn.Embedding, ids: torch.Tensor) -> None:
-        """An embedding table with only the rows ``ids`` reads filled: the lookup touches no other."""
+    def _rows(self, info: TensorInfo, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``[start, stop)`` of a 2-D tensor, converted to ``dtype`` on the device."""
+        width = info.shape[1]
+        block = self._reader.read_tensor(info, start * width, (stop - start) * width)
+        return block.to(device=self.device, dtype=dtype).view(stop - start, width)
+
+    def _fill_rows(self, module: nn.Embedding, info: TensorInfo, ids: torch.Tensor) -> torch.Tensor:
+        """A table of only the rows ``ids`` looks up; returns ``ids`` re-numbered into it."""
         (src,) = self._sources[module]
-        width = src.info.numel // max(src.info.shape[0], 1)
-        table = torch.empty(src.info.shape, dtype=src.placeholder.dtype, device=self.device)
-        for row in torch.unique(ids.detach().cpu()).tolist():
-            if 0 <= row < src.info.shape[0]:
-                table[row].copy_(self._reader.read_tensor(src.info, row * width, width))
+        rows, local = torch.unique(ids.detach().cpu(), return_inverse=True)
+        if rows.numel() and not 0 <= int(rows[0]) <= int(rows[-1]) < info.shape[0]:
+            bad = int(rows[-1]) if int(rows[-1]) >= info.shape[0] else int(rows[0])
+            raise ValidationInputError(f"{self.folder}: token id {bad} is outside the embedding table "
+                                       f"({info.shape[0]} rows); the tokenizer does not match the model")
+        table = torch.empty((rows.numel(), info.shape[1]), dtype=src.placeholder.dtype, device=self.device)
+        for i, row in enumerate(rows.tolist()):
+            table[i].copy_(self._rows(info, row, row + 1, table.dtype)[0])
         module._parameters[src.name] = nn.Parameter(table, requires_grad=False)
+        return local.to(ids.device)
 
     def _empty(self, module: nn.Module) -> None:
         for src in self._sources[module]:
             module._parameters[src.name] = src.placeholder
+
+    def _linear(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """``module(x)`` with its weight read in blocks of output rows (whole when resident)."""
+        if module.weight.device.type != "meta":
+            return nn.functional.linear(x, module.weight, module.bias)
+        sources = {s.name: s for s in self._sources[module]}
+        infos = dict(zip(sources, self._active[module], strict=True))
+        weight = infos["weight"]
+        out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
+        step = max(1, READ_BLOCK_ELEMENTS // max(weight.shape[1], 1))
+        for start in range(0, weight.shape[0], step):
+            stop = min(weight.shape[0], start + step)
+            out[..., start:stop] = torch.matmul(x, self._rows(weight, start, stop, x.dtype).t())
+        if "bias" in infos:
+            out += self._read(sources["bias"], infos["bias"]).to(x.dtype)
+        return out
 
     # ------------------------------------------------------------------ use
 
@@ -175,8 +259,10 @@ class StreamedCausalLM:
     @contextlib.contextmanager
     def resident(self) -> Iterator[StreamedCausalLM]:
         """All weights read once and kept until the block ends."""
-        for module in self._sources:
-            self._fill(module)
+        for module, sources in self._sources.items():
+            infos = self.weights.acquire(self._keys(module))
+            for src, info in zip(sources, infos, strict=True):
+                module._parameters[src.name] = nn.Parameter(self._read(src, info), requires_grad=False)
         self._resident = True
         try:
             yield self
@@ -187,7 +273,8 @@ class StreamedCausalLM:
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The model's logits for a batch of token ids (one pass over the weights)."""
+        """The model's logits for a batch of token ids (inside :meth:`resident` only: outside it,
+        the head is never applied whole)."""
         with torch.inference_mode():
             return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask,
                               position_ids=position_ids, use_cache=False).logits
@@ -196,55 +283,73 @@ class StreamedCausalLM:
         """Summed next-token NLL (nats) over ``input_ids`` cut into windows of ``max_length``
         tokens, and the number of predicted tokens.
 
-        Windows of equal length run as one batch through the decoder (one pass over its weights);
-        the head then runs on a few positions at a time (its logits stay under
-        :data:`LOGITS_BUDGET_BYTES`), through the model's own forward so that whatever the
-        architecture does after the head (soft-capping, scaling) is kept.
+        All windows run as one batch (one pass over the weights); a shorter last window is padded
+        at its end, which changes nothing before the padding in a causal model, and its padded
+        positions are not scored. The head and the loss run block by block (see the module
+        docstring).
         """
         windows = [input_ids[i:i + max_length] for i in range(0, input_ids.numel(), max_length)]
         windows = [w for w in windows if w.numel() >= 2]
-        nll, count = 0.0, 0
-        for length in sorted({w.numel() for w in windows}, reverse=True):
-            batch = torch.stack([w for w in windows if w.numel() == length]).to(self.device)
-            nll += self._batch_nll(batch)
-            count += batch.shape[0] * (length - 1)
-        return nll, count
-
-    def _batch_nll(self, batch: torch.Tensor) -> float:
-        prefix = self.model.base_model_prefix
-        decoder = getattr(self.model, prefix)
-        head = [m for m in self._sources if not any(m is d for d in decoder.modules())]
-        vocab = int(self.config.get_text_config().vocab_size)
-        step = max(1, LOGITS_BUDGET_BYTES // (batch.shape[0] * vocab * 4))
-        total = 0.0
+        if not windows:
+            return 0.0, 0
+        width = max(w.numel() for w in windows)
+        batch = torch.zeros((len(windows), width), dtype=torch.long)
+        scored = torch.zeros((len(windows), width), dtype=torch.bool)
+        for row, w in enumerate(windows):
+            batch[row, :w.numel()] = w
+            scored[row, 1:w.numel()] = True
+        decoder = getattr(self.model, self.model.base_model_prefix)
         with torch.inference_mode():
-            hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state
-            with self._pinned(head):
-                for start in range(0, batch.shape[1] - 1, step):
-                    stop = min(batch.shape[1] - 1, start + step)
-                    setattr(self.model, prefix, _Hidden(hidden[:, start:stop]))
-                    try:
-                        logits = self.model(input_ids=batch[:, start:stop], use_cache=False).logits
-                    finally:
-                        setattr(self.model, prefix, decoder)
-                    target = batch[:, start + 1:stop + 1]
-                    total += float(nn.functional.cross_entropy(
-                        logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
-        return total
+            hidden = decoder(input_ids=batch.to(self.device), use_cache=False).last_hidden_state
+            mask = scored[:, 1:].to(hidden.device)
+            states = hidden[:, :-1][mask]
+            del hidden
+            targets = batch[:, 1:][scored[:, 1:]].to(states.device)
+            return self._head_nll(states, targets), int(targets.numel())
 
-    @contextlib.contextmanager
-    def _pinned(self, modules: list[nn.Module]) -> Iterator[None]:
-        """``modules`` keep their weights until the block ends (read once, not once per call)."""
-        fresh = [m for m in modules if not self._resident and m not in self._pins]
-        for m in fresh:
-            self._fill(m)
-            self._pins.add(m)
-        try:
-            yield
-        finally:
-            for m in fresh:
-                self._pins.discard(m)
-                self._empty(m)
+    def _head_nll(self, states: torch.Tensor, targets: torch.Tensor) -> float:
+        """Summed cross-entropy of the head's logits at ``states`` (positions × hidden) against
+        ``targets``, over blocks of vocabulary rows with a running log-sum-exp."""
+        head = self._head
+        sources = {s.name: s for s in self._sources[head]}
+        keys = [s.key for s in sources.values()]
+        infos = dict(zip(sources, self.weights.acquire(keys), strict=True))
+        weight = infos["weight"]
+        vocab, hidden = weight.shape
+        step = max(1, min(READ_BLOCK_ELEMENTS // max(hidden, 1),
+                          LOGITS_BUDGET_BYTES // (4 * max(states.shape[0], 1))))
+        states = states.to(self.dtype)
+        bias = None
+        if "bias" in infos:
+            bias = head.bias if self._resident else self._read(sources["bias"], infos["bias"])
+        running = torch.full((states.shape[0],), -math.inf, dtype=torch.float32, device=states.device)
+        picked = torch.zeros_like(running)
+        for start in range(0, vocab, step):
+            stop = min(vocab, start + step)
+            rows = head.weight[start:stop] if self._resident else self._rows(weight, start, stop, self.dtype)
+            logits = torch.matmul(states, rows.t())
+            if bias is not None:
+                logits += bias[start:stop]
+            logits = self._after_head(logits.float())
+            running = torch.logaddexp(running, torch.logsumexp(logits, dim=-1))
+            inside = (targets >= start) & (targets < stop)
+            picked[inside] = logits[inside, targets[inside] - start]
+        self.weights.release(keys)
+        return float((running - picked).sum())
+
+    def _after_head(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the architecture does to the head's output (transformers' own rules)."""
+        config = self.config.get_text_config()
+        scale = getattr(config, "logit_scale", None)
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            logits = logits * scale
+        divisor = getattr(config, "logits_scaling", None)
+        if isinstance(divisor, (int, float)) and not isinstance(divisor, bool) and divisor:
+            logits = logits / divisor
+        cap = getattr(config, "final_logit_softcapping", None)
+        if isinstance(cap, (int, float)) and cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def perplexity(self, input_ids: torch.Tensor, max_length: int) -> float:
         """``exp`` of the mean next-token NLL (see :meth:`negative_log_likelihood`)."""
@@ -293,19 +398,6 @@ class StreamedCausalLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _Hidden(nn.Module):
-    """Stands in for the decoder while the head runs: returns its final hidden states."""
-
-    def __init__(self, hidden: torch.Tensor) -> None:
-        super().__init__()
-        self.hidden = hidden
-
-    def forward(self, *_args: object, **_kwargs: object) -> object:
-        from transformers.modeling_outputs import BaseModelOutputWithPast
-
-        return BaseModelOutputWithPast(last_hidden_state=self.hidden)
 
 
 def _trim_heap() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -12,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 _HOME = tempfile.mkdtemp(prefix="airflow-home-")
+atexit.register(shutil.rmtree, _HOME, True)
 os.environ.update({
     "AIRFLOW_HOME": _HOME,
     "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),

@@ -98,6 +98,29 @@ def test_merge_dag_streams_hub_to_hub_when_asked(dagbag, demo_bf16, hub):
     (entry,) = collect_merges([dagbag.outputs])  # on the dashboard with its Hub commit
     assert entry.readable and entry.t == 0.3 and entry.hub_repo == "org/streamed"
     assert entry.hub_commit == resolve_revision("org/streamed") and entry.parents[0].ref == "org/a"
+    assert "validation.json" in names and entry.validation == "passed"  # the gate ran in the stream
+    assert set(entry.perplexity) == {"merged", "model_1", "model_2"} and entry.eval_tokens
+
+
+def test_a_stream_failing_its_gate_publishes_nothing_and_is_not_retried(dagbag, demo_bf16, hub, monkeypatch):
+    from slerp_plugin.hub.client import upload_folder
+    from slerp_plugin.integrations.airflow.dashboard import collect_merges
+    from slerp_plugin.stream import evaluation as gate
+
+    upload_folder(demo_bf16[0], "org/a")
+    upload_folder(demo_bf16[1], "org/b")
+    real = gate.judge
+    # the real figures, judged by a gate no merge passes (a merge that breaks both parents is slow
+    # to make; tests/stream/test_gate.py makes one)
+    monkeypatch.setattr(gate, "judge", lambda evals, **kw: real(evals, **{**kw, "margin": -0.99}))
+    dag = dagbag().dags["slerp_merge"]
+    dr = dag.test(run_conf={"model_1": "org/a", "model_2": "org/b", "t": 0.3, "target_repo": "org/streamed",
+                            "stream": True, "max_shard_size": "200KB"})
+    assert str(dr.state) == "failed" and states(dr)["stream_to_hub"] == "failed"
+    assert tries(dr)["stream_to_hub"] == 1  # a failed gate is a verdict, not an outage
+    assert hub.state.commit_count("org/streamed") == 1  # the repo was created; nothing committed
+    (entry,) = collect_merges([dagbag.outputs])
+    assert entry.validation == "failed" and set(entry.perplexity) == {"merged", "model_1", "model_2"}
 
 
 def test_an_interrupted_stream_is_retried_by_airflow_and_resumes(dagbag, demo_bf16, hub, monkeypatch):

@@ -49,13 +49,29 @@ def published(repo_id: str, tmp_path: Path) -> Path:
                                   endpoint=os.environ["HF_ENDPOINT"]))
 
 
+def tensor_bytes(folder: Path) -> dict[str, tuple[str, tuple, bytes]]:
+    """Every tensor of ``folder``'s weight files: name → (dtype, shape, raw bytes)."""
+    from slerp_plugin.io.safetensors import read_header
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        data = f.read_bytes()
+        for i in read_header(f)[0]:
+            out[i.name] = (i.dtype, tuple(i.shape), data[i.offset:i.offset + i.nbytes])
+    return out
+
+
 def assert_same_weights(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.glob("*.safetensors"))
-    assert names and names == sorted(p.name for p in b.glob("*.safetensors"))
-    for n in names:
-        assert (a / n).read_bytes() == (b / n).read_bytes(), n
-    assert json.loads((a / "model.safetensors.index.json").read_text()) == \
-        json.loads((b / "model.safetensors.index.json").read_text())
+    """The same tensors, bit for bit, and an index that lists them all (a gated stream groups them
+    into shards in the order the model runs, a local merge in model_1's order)."""
+    want, got = tensor_bytes(a), tensor_bytes(b)
+    assert want and sorted(want) == sorted(got)
+    for name, value in want.items():
+        assert got[name] == value, name
+    index_a = json.loads((a / "model.safetensors.index.json").read_text())
+    index_b = json.loads((b / "model.safetensors.index.json").read_text())
+    assert index_a["metadata"] == index_b["metadata"] and sorted(index_a["weight_map"]) == sorted(got)
+    assert set(index_b["weight_map"].values()) == {p.name for p in b.glob("*.safetensors")}
 
 
 def test_streamed_merge_is_bit_identical_and_published_in_one_commit(hub, parents, demo_bf16, tmp_path):
@@ -155,11 +171,15 @@ def test_a_parent_that_does_not_match_its_sha256_fails_and_publishes_nothing(hub
     assert not (tmp_path / "streamed.partial").exists()
 
 
+@pytest.mark.parametrize("gate", [False, True])
 def test_an_interrupted_stream_resumes_without_merging_or_uploading_again(hub, parents, demo_bf16, tmp_path,
-                                                                         caplog, monkeypatch):
+                                                                         caplog, monkeypatch, gate):
+    """Without the gate nothing is merged again; with it, every shard is merged again from the bytes
+    the run fetches anyway to hash the parents (the evaluation needs each shard), and nothing the
+    Hub holds is uploaded again."""
     expected = local_result(demo_bf16, tmp_path, max_shard_size="60KB")
     total = len(list(expected.glob("*.safetensors")))
-    spec = stream_spec(tmp_path, max_shard_size="60KB")
+    spec = stream_spec(tmp_path, max_shard_size="60KB", gate=gate)
     real = spool_mod.fetch_spool
 
     shards = tmp_path / "streamed.partial" / ".slerp_state" / "shards"
@@ -184,11 +204,17 @@ def test_an_interrupted_stream_resumes_without_merging_or_uploading_again(hub, p
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="slerp_plugin"):
         run_merge(spec)
-    waiting = int(re.search(r"(\d+) merged and waiting to upload", caplog.text).group(1))
-    assert f"{uploaded} already uploaded" in caplog.text
     puts = sum(1 for m, _, _ in hub.state.requests if m == "PUT") - puts_before
+    total = len(list(published("org/merged", tmp_path).glob("*.safetensors")))  # the stream's own shards
     assert puts == total - uploaded  # the shards the Hub holds are not sent again
-    assert caplog.text.count(" written in ") == total - uploaded - waiting  # nor merged again
+    if gate:
+        assert caplog.text.count(" written in ") == total
+        assert "gate passed" in caplog.text
+        assert (published("org/merged", tmp_path) / "validation.json").is_file()
+    else:
+        waiting = int(re.search(r"(\d+) merged and waiting to upload", caplog.text).group(1))
+        assert f"{uploaded} already uploaded" in caplog.text
+        assert caplog.text.count(" written in ") == total - uploaded - waiting  # nor merged again
     assert_same_weights(expected, published("org/merged", tmp_path))
 
 

@@ -51,6 +51,78 @@ def test_streamed_perplexity_equals_the_model_in_memory(fixture, request):
     assert streamed == pytest.approx(want, rel=1e-5) and resident == pytest.approx(want, rel=1e-5)
 
 
+def tiny_model(folder, model_type: str, **extra):
+    """A random model of ``model_type`` (2 layers, hidden 64), saved with the demo tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from slerp_plugin.demo.pair import build_demo_pair
+
+    tokenizer = build_demo_pair(folder / "pair")[0]
+    config = AutoConfig.for_model(model_type, vocab_size=512, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  head_dim=16, max_position_embeddings=512, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    out = folder / model_type
+    model.save_pretrained(out)
+    for f in tokenizer.iterdir():
+        if "token" in f.name:
+            shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.mark.parametrize("model_type,extra", [
+    ("qwen2", {}),  # biases on q, k, v
+    ("gemma2", {"final_logit_softcapping": 5.0, "attn_logit_softcapping": 20.0}),  # scaled embedding
+    ("cohere", {"logit_scale": 0.5}),  # scaled logits, tied head
+])
+def test_blocks_give_the_model_s_own_perplexity_per_architecture(model_type, extra, tmp_path, monkeypatch):
+    from slerp_plugin.validate import streaming
+
+    folder = tiny_model(tmp_path, model_type, **extra)
+    ids = tokens(folder, 300) % 512
+    want = in_memory_perplexity(folder, ids, 128)
+    # blocks far smaller than any matrix: every linear layer and the head run in many blocks
+    monkeypatch.setattr(streaming, "READ_BLOCK_ELEMENTS", 64 * 7)
+    monkeypatch.setattr(streaming, "LOGITS_BUDGET_BYTES", 4 * 300 * 13)
+    with StreamedCausalLM(folder, CPU) as model:
+        got = model.perplexity(ids, 128)
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_no_matrix_is_ever_whole_in_memory(demo_bf16, monkeypatch):
+    """Linear layers and the head are read in row blocks; the embedding only in its looked-up rows."""
+    from slerp_plugin.validate import streaming
+
+    folder = demo_bf16[0]
+    largest = []
+    read = streaming.TensorReader.read_tensor
+
+    def spy(self, info, start=0, count=None):
+        out = read(self, info, start, count)
+        if len(info.shape) == 2:
+            largest.append((info.name, out.numel(), info.numel))
+        return out
+    monkeypatch.setattr(streaming.TensorReader, "read_tensor", spy)
+    monkeypatch.setattr(streaming, "READ_BLOCK_ELEMENTS", 4096)
+    with StreamedCausalLM(folder, CPU) as model:
+        model.perplexity(tokens(folder, 200), 100)
+    assert largest and all(n <= 4096 for _, n, _ in largest), max(largest, key=lambda x: x[1])
+    names = {name for name, _, _ in largest}
+    assert "lm_head.weight" in names and "model.embed_tokens.weight" in names
+
+
+def test_a_token_outside_the_embedding_is_a_clear_error(demo_bf16):
+    folder = demo_bf16[0]
+    with StreamedCausalLM(folder, CPU) as model:
+        vocab = model.config.vocab_size
+        with pytest.raises(ValidationInputError, match=f"token id {vocab} is outside the embedding"):
+            model.perplexity(torch.tensor([1, 2, vocab]), 8)
+
+
 def test_only_one_module_s_weights_are_in_memory_at_a_time(demo_bf16):
     folder = demo_bf16[0]
     seen = []

@@ -228,7 +228,8 @@ def stream_to_hub(inputs: dict) -> dict:
     run = records.run_dir(output_root(), ctx["dag"].dag_id, ctx["run_id"])
     records.write_run(run, ctx["dag"].dag_id, ctx["run_id"])
     output = tasks.output_path(output_root(), ctx["dag"].dag_id, ctx["run_id"])
-    result = tasks.stream_to_hub(_params(), str(output), record_dir=str(run / STREAM_RECORDS))
+    result = tasks.stream_to_hub(_params(), str(output), record_dir=str(run / STREAM_RECORDS),
+                                 output_root=output_root())
     records.clear_failure(run)
     return result
 

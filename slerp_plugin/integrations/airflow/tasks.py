@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,8 @@ def spec_from_params(params: dict[str, Any], output: Path | str) -> MergeSpec:
         disk_budget=params.get("disk_budget") or None,
         push_to_hub=(params.get("target_repo") or None) if params.get("stream") else None,
         private=bool(params.get("private", False)),
+        gate=bool(params.get("validate_functional", True)),
+        gate_margin=float(params.get("validation_margin", 0.10)),
     )
 
 
@@ -140,34 +143,65 @@ def download_input(entry: dict, *, weights: bool = True) -> dict:
     return {**entry, "path": str(d.path)}
 
 
-def stream_to_hub(params: dict[str, Any], output: str, record_dir: str | None = None) -> dict:
+def stream_to_hub(params: dict[str, Any], output: str, record_dir: str | None = None,
+                  output_root: str | Path | None = None) -> dict:
     """A streaming merge (``stream``) of the Hub parents straight into ``target_repo``: nothing of
-    the models stays on local disk, and a retry resumes from what the Hub already holds. The
-    published manifest and the upload record are kept in ``record_dir`` (for the dashboard).
+    the models stays on local disk, and a retry resumes from what the Hub already holds.
 
-    Each shard is spot-checked before it is uploaded; the perplexity gate needs the merged weights
-    on local disk, so it does not run here, and the log says so. Returns what :func:`summary`
-    returns.
+    The merge is evaluated as it streams and published only if it passes the perplexity gate
+    (``validate_functional``, ``validation_margin``, ``eval_max_tokens``, as the local route; the
+    parents' evaluations are shared with it through the cache under ``output_root``). The manifest,
+    ``validation.json`` and the upload record are kept in ``record_dir`` (for the dashboard), also
+    when the gate fails; a retry after a failed gate reports the recorded verdict without merging
+    again. Returns what :func:`summary` returns.
 
     Raises:
         ConfigError: no target repo, or a parent that is not a Hub id.
+        ValidationGateError: the gate failed (now or in an earlier try).
         HubError, SlerpPluginError: as :func:`slerp_plugin.stream.stream_merge`.
     """
     from ...stream import stream_merge
+    from ...validate import ValidationReport, write_report
 
-    result = stream_merge(spec_from_params(params, output))
-    up = result.upload
-    man = result.manifest
+    spec = spec_from_params(params, output)
+    cache = evaluation_cache(output_root) if output_root is not None else None
+    try:
+        result = stream_merge(spec, settings=eval_settings(params).model_copy(update={"device": spec.device}),
+                              cache=cache)
+    except ValidationGateError:
+        _keep_gate_records(spec.output, record_dir)
+        raise
+    up, man, report = result.upload, result.manifest, result.validation
     upload = _upload_record(up, None)
+    validation = None
     if record_dir is not None:
         folder = Path(record_dir)
         folder.mkdir(parents=True, exist_ok=True)
         man.write(folder)
         _write_upload_record(folder, upload)
-    log.info("validation: every shard passed its spot re-computation; the perplexity gate did not run (a "
-             "streamed merge is never whole on local disk)")
+        if isinstance(report, ValidationReport):
+            validation = {"passed": True, "perplexity": report.functional.perplexity,
+                          "functional": report.functional.status, "report": str(write_report(report, folder))}
+    if report is None:
+        log.info("validation: every shard passed its spot re-computation; the perplexity gate is off "
+                 "(validate_functional=false)")
     return summary({"output": f"{up.repo_id}@{up.commit[:12]}", "t": man.spec["t"],
-                    "branch_counts": man.branch_counts}, None, upload)
+                    "branch_counts": man.branch_counts}, validation, upload)
+
+
+def _keep_gate_records(output: Path, record_dir: str | None) -> None:
+    """A failed gate's manifest and report, copied where the dashboard reads the run's merge."""
+    if record_dir is None:
+        return
+    from ...formats.manifest import MANIFEST_NAME
+    from ...validate.report import REPORT_NAME, SUMMARY_NAME
+
+    src = Path(str(output) + ".partial") / "publish"
+    folder = Path(record_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (MANIFEST_NAME, REPORT_NAME, SUMMARY_NAME):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, folder / name)
 
 
 def output_path(output_root: str | Path, dag_id: str, run_id: str, suffix: str = "") -> Path:

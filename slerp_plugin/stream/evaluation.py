@@ -1,0 +1,312 @@
+"""The perplexity gate of a streaming merge, decided before anything is published.
+
+The output shards are planned in the order the model runs
+(:func:`~slerp_plugin.engine.plan.execution_order`).
+As each shard is merged, a driver thread offers its tensors to the evaluators, one after the
+other: the merged model (read from the shard just written) and each parent whose evaluation is not
+in the cache (read from the spool the merge just read). Each evaluator is the layer-streamed model
+of ``slerp-merge validate`` (:class:`~slerp_plugin.validate.streaming.StreamedCausalLM`) running
+its own forward on its own thread, fed by a :class:`~slerp_plugin.validate.weights.TensorFeed`:
+it runs each module as soon as the module's tensors are offered. When every evaluator has gone as
+far as the shard takes it, tensors a later module still reads (a tied head reads the embedding
+table last) are copied aside, and the shard's files may go: the merged shard once it is uploaded,
+the spool at once. Only one evaluator computes at a time, so memory is one evaluator's blocks and
+activations beside the merge's own.
+
+At the end, the three perplexities are judged by the rule of ``slerp-merge validate``
+(:func:`~slerp_plugin.validate.functional.judge`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..engine import MergePlan, ShardPlan
+from ..engine.plan import format_bytes
+from ..errors import ValidationInputError, first_line
+from ..io.safetensors import TensorInfo, read_header
+from ..validate.cache import EvaluationCache, content_id, evaluation_key
+from ..validate.functional import ROLES, EvalSettings, eval_tokens, judge
+from ..validate.report import FunctionalResult, ModelEvaluation
+from ..validate.streaming import StreamedCausalLM
+from ..validate.weights import FeedClosed, TensorFeed
+from .remote import RemoteParent
+from .spool import DiskBudget
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+STREAMED_NOTE = "no completions: evaluated while streaming"
+
+
+@dataclass
+class _Evaluator:
+    """One model evaluated while the merge streams."""
+
+    role: str  #: merged, model_1 or model_2
+    model: StreamedCausalLM
+    feed: TensorFeed
+    thread: threading.Thread | None = None
+    nll: tuple[float, int] | None = None
+    error: BaseException | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class _Shard:
+    """A merged shard handed to the gate: where its tensors are for each evaluator."""
+
+    index: int
+    tensors: dict[str, dict[str, TensorInfo]]  #: role → name → where
+    spool_done: Callable[[], None] | None  #: frees the spool once the parents are done with it
+
+
+@dataclass
+class StreamGate:
+    """Evaluates a streaming merge (and its uncached parents) shard by shard; :meth:`verdict` judges.
+
+    Args:
+        plan: the merge's plan (shards in execution order).
+        parents: the Hub parents (their config folders and listed files).
+        settings: how the models are evaluated (those of ``slerp-merge validate``).
+        margin: the gate's margin (``spec.gate_margin``).
+        cache: where parents' evaluations are taken from and stored (None: not cached).
+        budget: the merge's disk budget, charged for tensors copied aside.
+
+    Raises:
+        ValidationInputError: the tokenizer or a model's config cannot be read.
+    """
+
+    plan: MergePlan
+    parents: dict[str, RemoteParent]
+    settings: EvalSettings
+    margin: float
+    cache: EvaluationCache | None
+    budget: DiskBudget
+    evaluators: list[_Evaluator] = field(default_factory=list)
+    cached: dict[str, ModelEvaluation] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.device = self.plan.device
+        self.dtype = None if self.settings.dtype == "auto" else getattr(torch, self.settings.dtype)
+        _, self.ids = eval_tokens(self.plan.paths["tokenizer"], self.settings)
+        self._keys = {role: self._cache_key(role) for role in ROLES}
+        for role in ROLES:
+            found = self.cache.get(self._keys[role]) if self.cache else None
+            if found is not None:
+                self.cached[role] = found.model_copy(update={"cached": True})
+        jobs = [j for s in self.plan.shards for j in s.jobs]
+        layouts = {"merged": {j.name: replace(j.a, dtype=j.out_dtype) for j in jobs},
+                   "model_1": {j.name: j.a for j in jobs}, "model_2": {j.name: j.b for j in jobs}}
+        folders = {"merged": self.plan.paths["model_1"], **{r: p.folder for r, p in self.parents.items()}}
+        for role in ("merged", *(r for r in ROLES if r not in self.cached)):
+            feed = TensorFeed()
+            model = StreamedCausalLM(folders[role], self.device, self.dtype, weights=feed,
+                                     layout=layouts[role])
+            self.evaluators.append(_Evaluator(role, model, feed))
+        self.held = self.plan.partial / "eval"
+        self.held_bytes = 0
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._evaluated = {s.index: threading.Event() for s in self.plan.shards}
+        self._driver = threading.Thread(target=self._drive, name="stream-gate", daemon=True)
+        log.info("gate: evaluating %s on %d tokens of %s as the shards are merged%s",
+                 ", ".join(e.role for e in self.evaluators), self.ids.numel(), self.settings.text_name,
+                 "".join(f"; {r} from the cache (perplexity {ev.perplexity:.4f})"
+                         for r, ev in self.cached.items()))
+
+    # ------------------------------------------------------------ set-up
+
+    def _cache_key(self, role: str) -> str:
+        parent = self.parents[role]
+        weights = [(f.name, parent.files[f.name].sha256 or "") for f in parent.checkpoint.files]
+        config = parent.folder / "config.json"
+        content = content_id(weights, config.read_bytes() if config.is_file() else b"")
+        s = self.settings
+        return evaluation_key(None, self.ids, s.max_length, s.prompts, s.max_new_tokens, self.device.type,
+                              s.dtype, s.generation_memory, content=content)
+
+    @property
+    def evaluates_parents(self) -> bool:
+        """Whether a parent is evaluated from the spool (which then waits for it)."""
+        return any(e.role != "merged" for e in self.evaluators)
+
+    @property
+    def tied_bytes(self) -> int:
+        """Disk the tensors read by more than one module (a tied head) take once copied aside."""
+        total = 0
+        for ev in self.evaluators:
+            seen: dict[str, int] = {}
+            for sources in ev.model._sources.values():
+                for s in sources:
+                    seen[s.key] = seen.get(s.key, 0) + 1
+            total += sum(ev.model.layout[k].nbytes for k, n in seen.items() if n > 1)
+        return total
+
+    def start(self) -> None:
+        for ev in self.evaluators:
+            ev.thread = threading.Thread(target=self._evaluate, args=(ev,), name=f"gate-{ev.role}",
+                                         daemon=True)
+            ev.thread.start()
+        self._driver.start()
+
+    # ------------------------------------------------------------ the merge's side
+
+    def submit(self, shard: ShardPlan, spooled: ShardPlan, merged_file: Path,
+               spool_done: Callable[[], None] | None) -> None:
+        """``shard`` was merged into ``merged_file`` from the spool ``spooled`` reads; ``spool_done``
+        (when given) is called once no evaluator needs the spool."""
+        merged = {i.name: i for i in read_header(merged_file)[0]}
+        tensors = {"merged": merged, "model_1": {j.name: j.a for j in spooled.jobs},
+                   "model_2": {j.name: j.b for j in spooled.jobs}}
+        self._queue.put(_Shard(shard.index, tensors, spool_done))
+
+    def wait_evaluated(self, index: int) -> None:
+        """Wait until the evaluators are done with shard ``index`` (its file may then go).
+
+        Raises:
+            BaseException: what stopped the gate.
+        """
+        self._evaluated[index].wait()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Stop everything (the merge failed): waiting evaluators end, waiters wake."""
+        if self.error is None:
+            self.error = FeedClosed("the merge stopped")
+        for ev in self.evaluators:
+            ev.feed.close()
+        for event in self._evaluated.values():
+            event.set()
+        self._queue.put(_DONE)
+
+    # ------------------------------------------------------------ the threads
+
+    def _evaluate(self, ev: _Evaluator) -> None:
+        started = time.perf_counter()
+        try:
+            ev.nll = ev.model.negative_log_likelihood(self.ids, self.settings.max_length)
+        except BaseException as e:
+            ev.error = e
+        finally:
+            ev.seconds = time.perf_counter() - started
+            ev.feed.finish()
+
+    def _drive(self) -> None:
+        try:
+            while (item := self._queue.get()) is not _DONE:
+                for ev in self.evaluators:
+                    ev.feed.offer(item.tensors[ev.role])
+                    ev.feed.settle()
+                    self._keep_needed(ev, item.tensors[ev.role])
+                if item.spool_done is not None:
+                    item.spool_done()
+                self._evaluated[item.index].set()
+                log.debug("gate: shard %d evaluated", item.index + 1)
+        except BaseException as e:
+            self.error = self.error or e
+            self.close()
+
+    def _keep_needed(self, ev: _Evaluator, tensors: dict[str, TensorInfo]) -> None:
+        """Copy aside the tensors of a shard that a later module still reads; withdraw the others."""
+        needed = ev.feed.still_needed(list(tensors)) if not ev.feed.finished else []
+        kept = {}
+        for name in needed:
+            info = tensors[name]
+            self.held.mkdir(exist_ok=True)
+            path = self.held / f"{ev.role}-{len(os.listdir(self.held)):05d}.bin"
+            _copy_range(info.file, info.offset, info.nbytes, path)
+            self.budget.hold(info.nbytes)
+            self.held_bytes += info.nbytes
+            kept[name] = replace(info, file=path, offset=0)
+            log.info("gate: %s keeps %s (%s) for a later module", ev.role, name, format_bytes(info.nbytes))
+        ev.feed.withdraw([n for n in tensors if n not in kept])
+        if kept:
+            ev.feed.offer(kept)
+
+    # ------------------------------------------------------------ the verdict
+
+    def verdict(self) -> FunctionalResult:
+        """Wait for every evaluator and judge (after the last shard was submitted).
+
+        Raises:
+            ValidationInputError: a parent could not be evaluated (nothing is judged).
+            BaseException: what stopped the gate.
+        """
+        self._queue.put(_DONE)
+        self._driver.join()
+        for ev in self.evaluators:
+            ev.feed.close()  # an evaluator still waiting reads a tensor no shard holds
+            if ev.thread is not None:
+                ev.thread.join()
+            ev.model.close()
+        if self.error is not None and not isinstance(self.error, FeedClosed):
+            raise self.error
+        self._release_held()
+        evals = dict(self.cached)
+        problems = []
+        for ev in self.evaluators:
+            if ev.error is not None or ev.nll is None:
+                closed = isinstance(ev.error, FeedClosed) or ev.error is None
+                why = "it reads a tensor no shard holds" if closed else first_line(ev.error)
+                if ev.role != "merged":
+                    raise ValidationInputError(f"{ev.role} {self.parents[ev.role].repo_id}: cannot be "
+                                               f"evaluated while streaming: {why}") from ev.error
+                problems.append(f"the merged model cannot be evaluated: {why}")
+                continue
+            evals[ev.role] = self._evaluation(ev)
+        if problems:
+            return FunctionalResult(status="failed", evaluations=evals, problems=problems,
+                                    margin=self.margin, tokens=int(self.ids.numel()),
+                                    eval_text=self.settings.text_name)
+        self._store_parents(evals)
+        return judge(evals, margin=self.margin, settings=self.settings, tokens=int(self.ids.numel()))
+
+    def _evaluation(self, ev: _Evaluator) -> ModelEvaluation:
+        nll, count = ev.nll  # type: ignore[misc]
+        ppl = math.exp(nll / max(count, 1))
+        dtype = str(ev.model.dtype).removeprefix("torch.")
+        log.info("gate: perplexity of %s: %.4f on %d tokens (%s, %s, streamed, %.1f s)", ev.role, ppl,
+                 self.ids.numel(), self.device, dtype, ev.seconds)
+        return ModelEvaluation(perplexity=ppl, tokens=int(self.ids.numel()), device=str(self.device),
+                               dtype=dtype, mode="layer-streamed", seconds=round(ev.seconds, 3),
+                               generation_note=STREAMED_NOTE)
+
+    def _store_parents(self, evals: dict[str, ModelEvaluation]) -> None:
+        """Parents evaluated here go to the cache where ``validate`` would also give no completions."""
+        if self.cache is None:
+            return
+        for ev in self.evaluators:
+            if ev.role != "merged" and ev.model.weight_bytes > self.settings.generation_memory:
+                self.cache.put(self._keys[ev.role], evals[ev.role])
+
+    def _release_held(self) -> None:
+        if self.held_bytes:
+            for f in self.held.iterdir():
+                f.unlink()
+            self.budget.give(self.held_bytes)
+            self.held_bytes = 0
+
+
+def _copy_range(src: Path, offset: int, nbytes: int, dest: Path, block: int = 64 << 20) -> None:
+    """Bytes ``[offset, offset + nbytes)`` of ``src`` into a new file ``dest``."""
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        fin.seek(offset)
+        left = nbytes
+        while left:
+            data = fin.read(min(block, left))
+            if not data:
+                raise OSError(f"{src}: shorter than expected")
+            fout.write(data)
+            left -= len(data)

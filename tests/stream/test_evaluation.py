@@ -1,0 +1,107 @@
+"""The gate inside the stream: a streamed merge is evaluated as it is merged, published with its
+report only if it passes, and a failed gate publishes nothing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import pytest
+import torch
+from model_helpers import load_state, run_cli, seed_args, write_model
+from test_pipeline import SHARD, local_result, parents, published, stream_spec  # noqa: F401
+
+from slerp_plugin.hub import client as H
+from slerp_plugin.merge import run_merge
+from slerp_plugin.validate import EvalSettings, EvaluationCache, validate_merge
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """An evaluation cache of the test's own (other tests evaluate the same parents)."""
+    monkeypatch.setenv("SLERP_PLUGIN_CACHE", str(tmp_path / "cache"))
+
+
+def test_a_passing_stream_publishes_validate_s_figures_and_its_report(hub, parents, demo_bf16,  # noqa: F811
+                                                                      tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="slerp_plugin"):
+        run_merge(stream_spec(tmp_path))
+    got = published("org/merged", tmp_path)
+    report = json.loads((got / "validation.json").read_text())
+    assert report["passed"] and report["functional"]["status"] == "passed"
+    assert report["model"] == "hf://org/merged" and report["spot"]["tensors"]
+    assert (got / "validation.txt").read_text().startswith("PASSED")
+    card = (got / "README.md").read_text()
+    merged = report["functional"]["perplexity"]["merged"]
+    assert "## Evaluation" in card and f"| merged | {merged:.4f} |" in card
+    assert "gate passed: perplexity merged" in caplog.text
+
+    local = local_result(demo_bf16, tmp_path)  # the same merge, made locally and validated
+    want = validate_merge(local, demo_bf16, settings=EvalSettings()).functional.perplexity
+    for role, ppl in report["functional"]["perplexity"].items():
+        assert ppl == pytest.approx(want[role], rel=1e-4), role
+    assert {e["mode"] for e in report["functional"]["evaluations"].values()} == {"layer-streamed"}
+
+
+def test_parents_validate_evaluated_come_from_the_cache(hub, parents, demo_bf16, tmp_path, caplog):  # noqa: F811
+    local = local_result(demo_bf16, tmp_path)
+    validate_merge(local, demo_bf16, settings=EvalSettings(), cache=EvaluationCache())  # fills the cache
+    with caplog.at_level(logging.INFO, logger="slerp_plugin"):
+        run_merge(stream_spec(tmp_path))
+    assert "gate: evaluating merged on" in caplog.text
+    assert "model_1 from the cache" in caplog.text and "model_2 from the cache" in caplog.text
+    report = json.loads((published("org/merged", tmp_path) / "validation.json").read_text())
+    assert report["functional"]["evaluations"]["model_1"]["cached"]
+
+
+def test_without_the_gate_shards_keep_model_1_s_order_and_no_report(hub, parents, demo_bf16, tmp_path):  # noqa: F811
+    run_merge(stream_spec(tmp_path, gate=False))
+    got = published("org/merged", tmp_path)
+    local = local_result(demo_bf16, tmp_path)
+    assert not (got / "validation.json").exists()
+    for f in local.glob("*.safetensors"):
+        assert (got / f.name).read_bytes() == f.read_bytes()
+
+
+def permuted_twin(folder, out):
+    """``folder``'s model with each layer's MLP neurons in another order: the same function (and
+    perplexity), but its neurons no longer line up with the original's, so merging them breaks both."""
+    state = load_state(folder)
+    g = torch.Generator().manual_seed(0)
+    for key in [k for k in state if k.endswith("mlp.gate_proj.weight")]:
+        prefix = key.removesuffix("gate_proj.weight")
+        perm = torch.randperm(state[key].shape[0], generator=g)
+        state[prefix + "gate_proj.weight"] = state[prefix + "gate_proj.weight"][perm].clone()
+        state[prefix + "up_proj.weight"] = state[prefix + "up_proj.weight"][perm].clone()
+        state[prefix + "down_proj.weight"] = state[prefix + "down_proj.weight"][:, perm].clone()
+    return write_model(out, state, folder)
+
+
+@pytest.mark.slow
+def test_two_fine_parents_whose_merge_is_not_publish_nothing_and_exit_6(hub, tmp_path):
+    from slerp_plugin.demo.smollm2 import smollm2_folder
+
+    real = smollm2_folder()
+    H.upload_folder(real, "org/smol")
+    H.upload_folder(permuted_twin(real, tmp_path / "twin"), "org/smol-twin")
+    args = seed_args(("org/smol", "org/smol-twin"), "method.t=0.5", "method.stream=true",
+                     f"method.model_save_path={tmp_path / 'out'}", "+push_to_hub=org/smol-merged")
+    r = run_cli(args, cwd=tmp_path)
+    assert r.returncode == 6, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    figures = dict(re.findall(r"(merged|model_1|model_2) ([\d.]+)", last))
+    assert "the gate failed: perplexity" in last and "nothing was published" in last, last
+    assert float(figures["model_1"]) < 100 and float(figures["model_2"]) < 100  # each parent is fine
+    assert float(figures["model_1"]) == pytest.approx(float(figures["model_2"]), rel=1e-3)
+    assert float(figures["merged"]) > 100 * float(figures["model_1"])  # their merge is not
+    assert hub.state.commit_count("org/smol-merged") == 1  # created, then never committed to
+    report = json.loads((tmp_path / "out.partial" / "publish" / "validation.json").read_text())
+    assert (tmp_path / "out.partial" / "publish" / "merge_manifest.json").is_file()  # for the dashboard
+    assert not report["passed"] and report["functional"]["status"] == "failed"
+
+    again = run_cli(args, cwd=tmp_path)  # a retry reports the verdict without merging again
+    assert again.returncode == 6 and again.stderr.strip().splitlines()[-1] == last
+    log = again.stdout + again.stderr
+    assert "failed its gate in an earlier run" in log and " written in " not in log
+    assert hub.state.commit_count("org/smol-merged") == 1
