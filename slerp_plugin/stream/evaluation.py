@@ -19,9 +19,10 @@ At the end, the three perplexities are judged by the rule of ``slerp-merge valid
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import math
-import os
 import queue
 import threading
 import time
@@ -115,7 +116,7 @@ class StreamGate:
                                      layout=layouts[role])
             self.evaluators.append(_Evaluator(role, model, feed))
         self.held = self.plan.partial / "eval"
-        self.held_bytes = 0
+        self._held: dict[tuple[str, str], TensorInfo] = {}  # (role, name) → the copy kept aside
         self.error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue()
         self._evaluated = {s.index: threading.Event() for s in self.plan.shards}
@@ -154,6 +155,7 @@ class StreamGate:
         return total
 
     def start(self) -> None:
+        _return_large_blocks()
         for ev in self.evaluators:
             ev.thread = threading.Thread(target=self._evaluate, args=(ev,), name=f"gate-{ev.role}",
                                          daemon=True)
@@ -219,21 +221,25 @@ class StreamGate:
             self.close()
 
     def _keep_needed(self, ev: _Evaluator, tensors: dict[str, TensorInfo]) -> None:
-        """Copy aside the tensors of a shard that a later module still reads; withdraw the others."""
+        """Copy aside the tensors of a shard that a later module still reads (a tied head's table, a
+        layer split between shards); withdraw the others; delete the copies no module needs now."""
         needed = ev.feed.still_needed(list(tensors)) if not ev.feed.finished else []
         kept = {}
         for name in needed:
             info = tensors[name]
             self.held.mkdir(exist_ok=True)
-            path = self.held / f"{ev.role}-{len(os.listdir(self.held)):05d}.bin"
+            path = self.held / f"{ev.role}-{_safe(name)}.bin"
             _copy_range(info.file, info.offset, info.nbytes, path)
             self.budget.hold(info.nbytes)
-            self.held_bytes += info.nbytes
-            kept[name] = replace(info, file=path, offset=0)
+            kept[name] = self._held[(ev.role, name)] = replace(info, file=path, offset=0)
             log.info("gate: %s keeps %s (%s) for a later module", ev.role, name, format_bytes(info.nbytes))
         ev.feed.withdraw([n for n in tensors if n not in kept])
         if kept:
             ev.feed.offer(kept)
+        mine = [name for role, name in self._held if role == ev.role and name not in kept]
+        done = set(mine) - set(ev.feed.still_needed(mine)) if not ev.feed.finished else set(mine)
+        ev.feed.withdraw(sorted(done))
+        self._release_held({(ev.role, n) for n in done})
 
     # ------------------------------------------------------------ the verdict
 
@@ -253,7 +259,7 @@ class StreamGate:
             ev.model.close()
         if self.error is not None and not isinstance(self.error, FeedClosed):
             raise self.error
-        self._release_held()
+        self._release_held(set(self._held))
         evals = dict(self.cached)
         problems = []
         for ev in self.evaluators:
@@ -291,12 +297,27 @@ class StreamGate:
             if ev.role != "merged" and ev.model.weight_bytes > self.settings.generation_memory:
                 self.cache.put(self._keys[ev.role], evals[ev.role])
 
-    def _release_held(self) -> None:
-        if self.held_bytes:
-            for f in self.held.iterdir():
-                f.unlink()
-            self.budget.give(self.held_bytes)
-            self.held_bytes = 0
+    def _release_held(self, keys: set[tuple[str, str]]) -> None:
+        for key in keys:
+            info = self._held.pop(key)
+            info.file.unlink(missing_ok=True)
+            self.budget.give(info.nbytes)
+
+
+def _return_large_blocks(threshold: int = 1 << 20) -> None:
+    """Blocks of a MB or more are mapped and unmapped (glibc otherwise raises its threshold after the
+    first free and keeps up to 32 MB blocks in each thread's heap: with the evaluators' threads
+    beside the merge's, hundreds of MB no thread uses). A no-op without glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _safe(name: str) -> str:
+    """A tensor name as a file name."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
 def _copy_range(src: Path, offset: int, nbytes: int, dest: Path, block: int = 64 << 20) -> None:

@@ -47,6 +47,7 @@ from ..engine.finish import write_metadata
 from ..engine.output import output_lock, remove_ours
 from ..engine.plan import format_bytes, plan_checkpoints
 from ..engine.progress import progress_bar
+from ..engine.resources import usable_cpus
 from ..engine.resume import ShardOutcome, forget, load_outcome, prepare_partial, state_dir
 from ..errors import (
     CheckpointError,
@@ -373,7 +374,12 @@ class StreamingMerge:
                     return
 
     def _merge_all(self, skip: set[int]) -> None:
-        with compute_threads(self.plan.device, self.spec.threads) as threads:
+        threads = self.spec.threads
+        if threads is None and self.gate is not None and self.spec.norm_precision == "float64":
+            # the evaluation shares torch's threads with the merge, whose float64 d does not depend
+            # on their count (float32 norms would: their count stays the default)
+            threads = usable_cpus()
+        with compute_threads(self.plan.device, threads) as threads:
             log.info("merging on %s with %d compute thread(s)", self.plan.device, threads)
             self._merge_shards(skip)
 

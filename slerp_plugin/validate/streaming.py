@@ -113,6 +113,7 @@ class StreamedCausalLM:
         self.model = model.eval()
         self.config = config
         self._reader = TensorReader()
+        self._buffers: dict[str, torch.Tensor] = {}
         self._resident = False
         self._sources = self._map_sources()
         self._head = self.model.get_output_embeddings()
@@ -209,10 +210,24 @@ class StreamedCausalLM:
         return value
 
     def _rows(self, info: TensorInfo, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows ``[start, stop)`` of a 2-D tensor, converted to ``dtype`` on the device."""
+        """Rows ``[start, stop)`` of a 2-D tensor, converted to ``dtype`` on the device: a view of
+        this model's block buffers, valid until the next call."""
         width = info.shape[1]
-        block = self._reader.read_tensor(info, start * width, (stop - start) * width)
-        return block.to(device=self.device, dtype=dtype).view(stop - start, width)
+        count = (stop - start) * width
+        raw = self._buffer("raw", count * info.itemsize, torch.uint8, torch.device("cpu"))
+        self._reader.read(info, start * width * info.itemsize, memoryview(raw.numpy()))
+        stored = raw.view(info.torch_dtype).view(stop - start, width)
+        out = self._buffer(f"rows-{dtype}", count, dtype, self.device).view(stop - start, width)
+        return out.copy_(stored)
+
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A reusable buffer of at least ``numel`` elements (blocks are the same size all along,
+        so they are allocated once, not once per block)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            size = max(numel, READ_BLOCK_ELEMENTS)
+            buf = self._buffers[name] = torch.empty(size, dtype=dtype, device=device)
+        return buf[:numel]
 
     def _fill_rows(self, module: nn.Embedding, info: TensorInfo, ids: torch.Tensor) -> torch.Tensor:
         """A table of only the rows ``ids`` looks up; returns ``ids`` re-numbered into it."""
@@ -391,6 +406,7 @@ class StreamedCausalLM:
         for h in self._hooks:
             h.remove()
         self._reader.close()
+        self._buffers.clear()
         _trim_heap()
 
     def __enter__(self) -> StreamedCausalLM:
