@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from model_helpers import load_state, run_cli, seed_args, write_model
+from model_helpers import load_state, run_cli, seed_args, spec_for, write_model
 from test_pipeline import SHARD, local_result, parents, published, stream_spec  # noqa: F401
 
 from slerp_plugin.hub import client as H
@@ -105,3 +105,17 @@ def test_two_fine_parents_whose_merge_is_not_publish_nothing_and_exit_6(hub, tmp
     log = again.stdout + again.stderr
     assert "failed its gate in an earlier run" in log and " written in " not in log
     assert hub.state.commit_count("org/smol-merged") == 1
+
+
+def test_a_tied_model_keeps_its_embedding_table_aside_for_the_head(hub, demo_fp32_tied, tmp_path, caplog):
+    H.upload_folder(demo_fp32_tied[0], "org/tied-a")
+    H.upload_folder(demo_fp32_tied[1], "org/tied-b")
+    with caplog.at_level(logging.INFO, logger="slerp_plugin"):
+        run_merge(stream_spec(tmp_path, model_1="org/tied-a", model_2="org/tied-b", max_shard_size="100KB"))
+    assert "merged keeps model.embed_tokens.weight" in caplog.text  # read again by the tied head
+    report = json.loads((published("org/merged", tmp_path) / "validation.json").read_text())
+    local = run_merge(spec_for(demo_fp32_tied, tmp_path / "local", t=0.3)).output
+    want = validate_merge(local, demo_fp32_tied, settings=EvalSettings()).functional.perplexity
+    for role, ppl in report["functional"]["perplexity"].items():
+        assert ppl == pytest.approx(want[role], rel=1e-4), role
+    assert not (tmp_path / "streamed.partial").exists()
