@@ -4,13 +4,12 @@ The output shards are planned in the order the model runs
 (:func:`~slerp_plugin.engine.plan.execution_order`).
 As each shard is merged, a driver thread offers its tensors to the evaluators, one after the
 other: the merged model (read from the shard just written) and each parent whose evaluation is not
-in the cache (read from the spool the merge just read). Each evaluator is the layer-streamed model
-of ``slerp-merge validate`` (:class:`~slerp_plugin.validate.streaming.StreamedCausalLM`) running
-its own forward on its own thread, fed by a :class:`~slerp_plugin.validate.weights.TensorFeed`:
-it runs each module as soon as the module's tensors are offered. When every evaluator has gone as
-far as the shard takes it, tensors a later module still reads (a tied head reads the embedding
-table last) are copied aside, and the shard's files may go: the merged shard once it is uploaded,
-the spool at once. Only one evaluator computes at a time, so memory is one evaluator's blocks and
+in the cache (read from the spool the merge just read). Each evaluator
+(:class:`~slerp_plugin.validate.fed.FedEvaluator`) is the layer-streamed model of ``slerp-merge
+validate`` running its own forward on its own thread, each module as soon as its tensors are
+offered. When every evaluator has gone as far as the shard takes it (tensors a later module still
+reads copied aside), the shard's files may go: the merged shard once it is uploaded, the spool at
+once. Only one evaluator computes at a time, so memory is one evaluator's blocks and
 activations beside the merge's own.
 
 At the end, the three perplexities are judged by the rule of ``slerp-merge validate``
@@ -22,10 +21,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import math
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,14 +30,13 @@ from pathlib import Path
 import torch
 
 from ..engine import MergePlan, ShardPlan
-from ..engine.plan import format_bytes
-from ..errors import ValidationInputError, first_line
+from ..errors import ValidationInputError
 from ..io.safetensors import TensorInfo, read_header
 from ..validate.cache import EvaluationCache, content_id, evaluation_key
+from ..validate.fed import FedEvaluator
 from ..validate.functional import ROLES, EvalSettings, eval_tokens, judge
 from ..validate.report import FunctionalResult, ModelEvaluation
-from ..validate.streaming import StreamedCausalLM
-from ..validate.weights import FeedClosed, TensorFeed
+from ..validate.weights import FeedClosed
 from .remote import RemoteParent
 from .spool import DiskBudget
 
@@ -48,19 +44,6 @@ log = logging.getLogger(__name__)
 
 _DONE = object()
 STREAMED_NOTE = "no completions: evaluated while streaming"
-
-
-@dataclass
-class _Evaluator:
-    """One model evaluated while the merge streams."""
-
-    role: str  #: merged, model_1 or model_2
-    model: StreamedCausalLM
-    feed: TensorFeed
-    thread: threading.Thread | None = None
-    nll: tuple[float, int] | None = None
-    error: BaseException | None = None
-    seconds: float = 0.0
 
 
 @dataclass
@@ -94,7 +77,7 @@ class StreamGate:
     margin: float
     cache: EvaluationCache | None
     budget: DiskBudget
-    evaluators: list[_Evaluator] = field(default_factory=list)
+    evaluators: list[FedEvaluator] = field(default_factory=list)
     cached: dict[str, ModelEvaluation] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -111,12 +94,8 @@ class StreamGate:
                    "model_1": {j.name: j.a for j in jobs}, "model_2": {j.name: j.b for j in jobs}}
         folders = {"merged": self.plan.paths["model_1"], **{r: p.folder for r, p in self.parents.items()}}
         for role in ("merged", *(r for r in ROLES if r not in self.cached)):
-            feed = TensorFeed()
-            model = StreamedCausalLM(folders[role], self.device, self.dtype, weights=feed,
-                                     layout=layouts[role])
-            self.evaluators.append(_Evaluator(role, model, feed))
-        self.held = self.plan.partial / "eval"
-        self._held: dict[tuple[str, str], TensorInfo] = {}  # (role, name) → the copy kept aside
+            self.evaluators.append(FedEvaluator(role, folders[role], layouts[role], self.device, self.dtype,
+                                                self.plan.partial / "eval", self.budget))
         self.error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue()
         self._evaluated = {s.index: threading.Event() for s in self.plan.shards}
@@ -145,21 +124,18 @@ class StreamGate:
     @property
     def tied_bytes(self) -> int:
         """Disk the tensors read by more than one module (a tied head) take once copied aside."""
-        total = 0
+        return sum(ev.tied_bytes for ev in self.evaluators)
+
+    def use_budget(self, budget: DiskBudget) -> None:
+        """Count the copies kept aside in ``budget`` (the merge's)."""
+        self.budget = budget
         for ev in self.evaluators:
-            seen: dict[str, int] = {}
-            for sources in ev.model._sources.values():
-                for s in sources:
-                    seen[s.key] = seen.get(s.key, 0) + 1
-            total += sum(ev.model.layout[k].nbytes for k, n in seen.items() if n > 1)
-        return total
+            ev.account = budget
 
     def start(self) -> None:
         _return_large_blocks()
         for ev in self.evaluators:
-            ev.thread = threading.Thread(target=self._evaluate, args=(ev,), name=f"gate-{ev.role}",
-                                         daemon=True)
-            ev.thread.start()
+            ev.start(self.ids, self.settings.max_length)
         self._driver.start()
 
     # ------------------------------------------------------------ the merge's side
@@ -188,30 +164,18 @@ class StreamGate:
         if self.error is None:
             self.error = FeedClosed("the merge stopped")
         for ev in self.evaluators:
-            ev.feed.close()
+            ev.stop()
         for event in self._evaluated.values():
             event.set()
         self._queue.put(_DONE)
 
     # ------------------------------------------------------------ the threads
 
-    def _evaluate(self, ev: _Evaluator) -> None:
-        started = time.perf_counter()
-        try:
-            ev.nll = ev.model.negative_log_likelihood(self.ids, self.settings.max_length)
-        except BaseException as e:
-            ev.error = e
-        finally:
-            ev.seconds = time.perf_counter() - started
-            ev.feed.finish()
-
     def _drive(self) -> None:
         try:
             while (item := self._queue.get()) is not _DONE:
                 for ev in self.evaluators:
-                    ev.feed.offer(item.tensors[ev.role])
-                    ev.feed.settle()
-                    self._keep_needed(ev, item.tensors[ev.role])
+                    ev.take(item.tensors[ev.role])
                 if item.spool_done is not None:
                     item.spool_done()
                 self._evaluated[item.index].set()
@@ -219,27 +183,6 @@ class StreamGate:
         except BaseException as e:
             self.error = self.error or e
             self.close()
-
-    def _keep_needed(self, ev: _Evaluator, tensors: dict[str, TensorInfo]) -> None:
-        """Copy aside the tensors of a shard that a later module still reads (a tied head's table, a
-        layer split between shards); withdraw the others; delete the copies no module needs now."""
-        needed = ev.feed.still_needed(list(tensors)) if not ev.feed.finished else []
-        kept = {}
-        for name in needed:
-            info = tensors[name]
-            self.held.mkdir(exist_ok=True)
-            path = self.held / f"{ev.role}-{_safe(name)}.bin"
-            _copy_range(info.file, info.offset, info.nbytes, path)
-            self.budget.hold(info.nbytes)
-            kept[name] = self._held[(ev.role, name)] = replace(info, file=path, offset=0)
-            log.info("gate: %s keeps %s (%s) for a later module", ev.role, name, format_bytes(info.nbytes))
-        ev.feed.withdraw([n for n in tensors if n not in kept])
-        if kept:
-            ev.feed.offer(kept)
-        mine = [name for role, name in self._held if role == ev.role and name not in kept]
-        done = set(mine) - set(ev.feed.still_needed(mine)) if not ev.feed.finished else set(mine)
-        ev.feed.withdraw(sorted(done))
-        self._release_held({(ev.role, n) for n in done})
 
     # ------------------------------------------------------------ the verdict
 
@@ -253,41 +196,26 @@ class StreamGate:
         self._queue.put(_DONE)
         self._driver.join()
         for ev in self.evaluators:
-            ev.feed.close()  # an evaluator still waiting reads a tensor no shard holds
-            if ev.thread is not None:
-                ev.thread.join()
-            ev.model.close()
+            ev.close()  # an evaluator still waiting reads a tensor no shard holds
         if self.error is not None and not isinstance(self.error, FeedClosed):
             raise self.error
-        self._release_held(set(self._held))
         evals = dict(self.cached)
         problems = []
         for ev in self.evaluators:
-            if ev.error is not None or ev.nll is None:
-                closed = isinstance(ev.error, FeedClosed) or ev.error is None
-                why = "it reads a tensor no shard holds" if closed else first_line(ev.error)
+            why = ev.problem()
+            if why is not None:
                 if ev.role != "merged":
                     raise ValidationInputError(f"{ev.role} {self.parents[ev.role].repo_id}: cannot be "
                                                f"evaluated while streaming: {why}") from ev.error
                 problems.append(f"the merged model cannot be evaluated: {why}")
                 continue
-            evals[ev.role] = self._evaluation(ev)
+            evals[ev.role] = ev.evaluation(STREAMED_NOTE)
         if problems:
             return FunctionalResult(status="failed", evaluations=evals, problems=problems,
                                     margin=self.margin, tokens=int(self.ids.numel()),
                                     eval_text=self.settings.text_name)
         self._store_parents(evals)
         return judge(evals, margin=self.margin, settings=self.settings, tokens=int(self.ids.numel()))
-
-    def _evaluation(self, ev: _Evaluator) -> ModelEvaluation:
-        nll, count = ev.nll  # type: ignore[misc]
-        ppl = math.exp(nll / max(count, 1))
-        dtype = str(ev.model.dtype).removeprefix("torch.")
-        log.info("gate: perplexity of %s: %.4f on %d tokens (%s, %s, streamed, %.1f s)", ev.role, ppl,
-                 self.ids.numel(), self.device, dtype, ev.seconds)
-        return ModelEvaluation(perplexity=ppl, tokens=int(self.ids.numel()), device=str(self.device),
-                               dtype=dtype, mode="layer-streamed", seconds=round(ev.seconds, 3),
-                               generation_note=STREAMED_NOTE)
 
     def _store_parents(self, evals: dict[str, ModelEvaluation]) -> None:
         """Parents evaluated here go to the cache where ``validate`` would also give no completions."""
@@ -296,12 +224,6 @@ class StreamGate:
         for ev in self.evaluators:
             if ev.role != "merged" and ev.model.weight_bytes > self.settings.generation_memory:
                 self.cache.put(self._keys[ev.role], evals[ev.role])
-
-    def _release_held(self, keys: set[tuple[str, str]]) -> None:
-        for key in keys:
-            info = self._held.pop(key)
-            info.file.unlink(missing_ok=True)
-            self.budget.give(info.nbytes)
 
 
 def _return_large_blocks(threshold: int = 1 << 20) -> None:
@@ -313,21 +235,3 @@ def _return_large_blocks(threshold: int = 1 << 20) -> None:
         libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
-
-
-def _safe(name: str) -> str:
-    """A tensor name as a file name."""
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
-
-
-def _copy_range(src: Path, offset: int, nbytes: int, dest: Path, block: int = 64 << 20) -> None:
-    """Bytes ``[offset, offset + nbytes)`` of ``src`` into a new file ``dest``."""
-    with open(src, "rb") as fin, open(dest, "wb") as fout:
-        fin.seek(offset)
-        left = nbytes
-        while left:
-            data = fin.read(min(block, left))
-            if not data:
-                raise OSError(f"{src}: shorter than expected")
-            fout.write(data)
-            left -= len(data)

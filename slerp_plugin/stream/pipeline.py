@@ -244,7 +244,7 @@ class StreamingMerge:
         need = max((sp.disk_bytes for _, sp in self.spools), default=0) + held
         self.budget = DiskBudget(plan.spec.disk_budget or STREAM_SHARDS_IN_FLIGHT * need)
         if gate is not None:
-            gate.budget = self.budget
+            gate.use_budget(self.budget)
         if self.budget.limit < need:
             raise ConfigError(f"method.disk_budget: {format_bytes(self.budget.limit)} is less than one "
                               f"output shard needs in flight ({format_bytes(need)}: its inputs and itself); "
