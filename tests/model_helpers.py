@@ -146,3 +146,39 @@ def fusionbench_d(a: torch.Tensor, b: torch.Tensor, epsilon: float = 1e-8) -> to
     na = a / norm_a if norm_a > epsilon else a
     nb = b / norm_b if norm_b > epsilon else b
     return torch.sum(na * nb)
+
+
+def permuted_twin(folder, out):
+    """``folder``'s model with each layer's MLP neurons in another order: the same function (and
+    perplexity), but its neurons no longer line up with the original's, so merging them breaks both."""
+    state = load_state(folder)
+    g = torch.Generator().manual_seed(0)
+    for key in [k for k in state if k.endswith("mlp.gate_proj.weight")]:
+        prefix = key.removesuffix("gate_proj.weight")
+        perm = torch.randperm(state[key].shape[0], generator=g)
+        state[prefix + "gate_proj.weight"] = state[prefix + "gate_proj.weight"][perm].clone()
+        state[prefix + "up_proj.weight"] = state[prefix + "up_proj.weight"][perm].clone()
+        state[prefix + "down_proj.weight"] = state[prefix + "down_proj.weight"][:, perm].clone()
+    return write_model(out, state, folder)
+
+
+def fine_tuned(folder, out, steps: int = 3, lr: float = 5e-4):
+    """``folder``'s model after ``steps`` steps of AdamW on a few sentences (none of the evaluation
+    text): a real fine-tune of it, stored in the same dtype, with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    text = ("Merging two language models by spherical interpolation keeps the norm of their weights. "
+            "A short fine-tune moves every weight a little away from where it started.")
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    model.to(load_state(folder)["model.embed_tokens.weight"].dtype).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Path(out)

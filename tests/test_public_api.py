@@ -16,7 +16,10 @@ USES = textwrap.dedent(
     from pathlib import Path
 
     import slerp_plugin
-    from slerp_plugin import Manifest, MergeSpec, finalize, merge_shards, plan_merge, run_merge, stream_merge
+    from slerp_plugin import (
+        Manifest, MergeSpec, SweepResult, finalize, merge_shards, plan_merge, run_merge, run_sweep,
+        stream_merge,
+    )
 
     spec: MergeSpec = MergeSpec.build(model_1="a", model_2="b", t=0.3, output="out")
     plan = plan_merge(spec)
@@ -31,7 +34,9 @@ USES = textwrap.dedent(
     ref: slerp_plugin.ModelRef = spec.model_1
     version: str = slerp_plugin.__version__
     reused: list[bool] = [o.reused for o in outcomes]
-    print(streamed, folder, branches, fingerprint, ref, version, reused)
+    sweep: SweepResult = run_sweep(spec, [0.3, 0.5], report=Path("sweep"))
+    best: float | None = sweep.best_t
+    print(streamed, folder, branches, fingerprint, ref, version, reused, best)
     """
 )
 

@@ -1,4 +1,5 @@
-"""The subcommands of ``slerp-merge``: ``plan``, ``mergekit``, ``validate``, ``upload``, ``demo-models``.
+"""The subcommands of ``slerp-merge``: ``plan``, ``mergekit``, ``validate``, ``sweep``, ``upload``,
+``demo-models``.
 
 Each takes its argument list and returns the exit status; errors are raised as
 :class:`~slerp_plugin.errors.SlerpPluginError` and reported by :func:`slerp_plugin.cli.main.main`.
@@ -175,6 +176,62 @@ def validate(argv: list[str]) -> int:
     print(report.summary)
     print(f"report: {path}")
     return 0 if report.passed else 6
+
+
+def sweep(argv: list[str]) -> int:
+    """``slerp-merge sweep --t LIST [--config-path D --config-name N] [overrides]``: the merge
+    evaluated at every t in one pass; exit 0 when some t passes the gate, 6 when none does."""
+    args, rest = _sweep_parser().parse_known_args(argv)
+    if args.eval_text is not None and not args.eval_text.is_file():
+        raise ConfigError(f"--eval-text: no such file: {args.eval_text}", path=args.eval_text)
+    from ..sweep.values import parse_t_values
+    from .hydra_app import compose_spec
+
+    ts = parse_t_values(args.t)
+    spec = compose_spec(rest)
+    setup_logging()
+    with cyclic_gc_paused():
+        from ..sweep import merge_best, run_sweep
+        from ..validate import EvalSettings
+
+        args.device = spec.device
+        result = run_sweep(spec, ts, report=args.report, settings=_settings(args, EvalSettings),
+                           margin=args.margin, cache=None if args.no_cache else "default")
+    print("\n".join(result.lines()))
+    print(f"report: {result.report}")
+    if not result.passed:
+        return 6
+    if args.merge:
+        merged = merge_best(spec, result)
+        print(f"merged at t = {result.best_t:g}: {merged.output or spec.push_to_hub}")
+    return 0
+
+
+def _sweep_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} sweep",
+        description="Evaluate the merge at several t in one read of the parents (no model is written), "
+        "print and write a table and a plot, and name the best t (lowest perplexity among the t that pass "
+        "the gate; ties go to the t nearer 0.5). The merge is given as for the merge itself (FusionBench's "
+        "llm_slerp config and overrides). Exits 6 when no t passes the gate.",
+    )
+    parser.add_argument("--t", required=True, metavar="LIST",
+                        help="t values: 0.1,0.3,0.5 or START:STOP:STEP (e.g. 0.1:0.9:0.2)")
+    parser.add_argument("--report", type=Path, metavar="DIR",
+                        help="folder for the table and plot (default: <model_save_path>-sweep)")
+    parser.add_argument("--merge", action="store_true",
+                        help="then merge at the best t (locally, or to the Hub with method.stream=true)")
+    parser.add_argument("--eval-text", type=Path, help="text file for perplexity (default: bundled text)")
+    parser.add_argument("--margin", type=float, default=None,
+                        help="allowed excess over the worse parent's perplexity (default method.gate_margin)")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="evaluation tokens (default 1024)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="compute dtype (default auto: float32 on CPU, the checkpoint's dtype on GPU)")
+    parser.add_argument("--generation-memory", default="1GiB", metavar="SIZE",
+                        help="parents whose weights fit it are evaluated as by validate, with completions")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="evaluate the parents again instead of reusing cached results")
+    return parser
 
 
 def _settings(args: argparse.Namespace, settings_type: type):

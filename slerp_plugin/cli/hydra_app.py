@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError, SlerpPluginError
+from ..errors import ConfigError, SlerpPluginError, first_line
 
 if TYPE_CHECKING:
     from ..spec import MergeSpec
@@ -221,10 +221,16 @@ def compose_spec(argv: list[str]) -> MergeSpec:
             i += 1
         else:
             raise ConfigError(f"plan: unsupported option {flags[i]}")
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     config = primary_config(flags)
-    with initialize_config_dir(config_dir=str(config.parent), version_base="1.3"):
-        cfg = compose(config_name=config.stem, overrides=force_method_keys(overrides))
-    container = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        with initialize_config_dir(config_dir=str(config.parent), version_base="1.3"):
+            cfg = compose(config_name=config.stem, overrides=force_method_keys(overrides))
+        container = OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(" ".join(first_line(e).split())) from e
     return spec_from_fusionbench(container, default_output=Path("outputs") / "merged")
 
 

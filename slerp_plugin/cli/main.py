@@ -8,6 +8,7 @@
     slerp-merge plan [--config-path ...] [overrides] # sizes, disk, memory and time; downloads nothing
     slerp-merge mergekit CONFIG.yml OUT              # a mergekit YAML, streaming engine
     slerp-merge validate OUT --parents A B           # validate a merge
+    slerp-merge sweep --t 0.1:0.9:0.2 [...] [--merge] # t evaluated in one pass; the best one merged
     slerp-merge upload OUT org/name [--private]      # publish a merge on the Hub
     slerp-merge demo-models DIR                      # build the demo model pair
 
@@ -30,6 +31,7 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "demo-models": commands.demo_models,
     "mergekit": commands.mergekit,
     "validate": commands.validate,
+    "sweep": commands.sweep,
     "upload": commands.upload,
 }
 

@@ -97,12 +97,14 @@ class MergePlan:
         return sum(s.nbytes for s in self.shards)
 
 
-def plan_resolved(spec: MergeSpec, resolved: Mapping[str, ResolvedModel] | None = None) -> MergePlan:
+def plan_resolved(spec: MergeSpec, resolved: Mapping[str, ResolvedModel] | None = None, *,
+                  execution: bool = False) -> MergePlan:
     """Read the inputs' headers, check their tensor names, and split the output into shards: the
     planning step of :func:`slerp_plugin.merge.plan_merge` once every input is on local disk.
 
     ``resolved`` gives inputs already fetched (e.g. downloaded from the Hub) by role; the others
-    must be local folders.
+    must be local folders. ``execution``: shards in the order the model runs (see
+    :func:`plan_checkpoints`).
 
     Raises:
         ModelNotFoundError: an input that is not given is not a local folder.
@@ -130,7 +132,8 @@ def plan_resolved(spec: MergeSpec, resolved: Mapping[str, ResolvedModel] | None 
             identity.append([role, str(f), st.st_size, st.st_mtime_ns])
     plan = plan_checkpoints(spec, paths, ckpts, identity,
                             commits={role: r.commit for role, r in inputs.items()},
-                            known_hashes={p: h for r in inputs.values() for p, h in r.hashes.items()})
+                            known_hashes={p: h for r in inputs.values() for p, h in r.hashes.items()},
+                            execution=execution)
     if finished:
         if not already_merged(plan):
             refuse_existing(plan.output)

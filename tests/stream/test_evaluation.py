@@ -8,8 +8,7 @@ import logging
 import re
 
 import pytest
-import torch
-from model_helpers import load_state, run_cli, seed_args, spec_for, write_model
+from model_helpers import permuted_twin, run_cli, seed_args, spec_for
 from test_pipeline import SHARD, local_result, parents, published, stream_spec  # noqa: F401
 
 from slerp_plugin.hub import client as H
@@ -62,20 +61,6 @@ def test_without_the_gate_shards_keep_model_1_s_order_and_no_report(hub, parents
     assert not (got / "validation.json").exists()
     for f in local.glob("*.safetensors"):
         assert (got / f.name).read_bytes() == f.read_bytes()
-
-
-def permuted_twin(folder, out):
-    """``folder``'s model with each layer's MLP neurons in another order: the same function (and
-    perplexity), but its neurons no longer line up with the original's, so merging them breaks both."""
-    state = load_state(folder)
-    g = torch.Generator().manual_seed(0)
-    for key in [k for k in state if k.endswith("mlp.gate_proj.weight")]:
-        prefix = key.removesuffix("gate_proj.weight")
-        perm = torch.randperm(state[key].shape[0], generator=g)
-        state[prefix + "gate_proj.weight"] = state[prefix + "gate_proj.weight"][perm].clone()
-        state[prefix + "up_proj.weight"] = state[prefix + "up_proj.weight"][perm].clone()
-        state[prefix + "down_proj.weight"] = state[prefix + "down_proj.weight"][:, perm].clone()
-    return write_model(out, state, folder)
 
 
 @pytest.mark.slow

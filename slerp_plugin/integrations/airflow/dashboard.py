@@ -19,7 +19,6 @@ an autoescaping template and link only to http(s) URLs. Routes:
 # no ``from __future__ import annotations``: FastAPI reads the routes' parameter annotations, and
 # names imported inside functions (Airflow's, which load only in its API server) must resolve
 
-import io
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -293,33 +292,11 @@ def ppl_decimals(values: Iterable[float]) -> int:
 
 def sweep_svg(sweep: Sweep) -> str:
     """Perplexity of the merges against t, the parents as horizontal lines, the chosen t marked (SVG)."""
-    import matplotlib
+    from ...sweep.plot import inline_svg, plot_sweep
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=100)
-    points = [(m.t, m.perplexity["merged"], m.validation) for m in sweep.merges if "merged" in m.perplexity]
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color="#1f6feb", label="merge")
-    for role, color, t in (("model_1", "#8250df", 0), ("model_2", "#bf3989", 1)):
-        if role in sweep.parents:
-            ax.axhline(sweep.parents[role], linestyle="--", color=color, label=f"{role} (t={t})")
-    for t, ppl, validation in points:
-        if validation == "failed":
-            ax.plot([t], [ppl], marker="x", color="#cf222e", markersize=10)
-        if sweep.chosen_t is not None and t == sweep.chosen_t:
-            ax.plot([t], [ppl], marker="*", color="#1a7f37", markersize=16, label=f"chosen (t={t:g})")
-    ax.set_xlabel("t")
-    ax.set_ylabel("perplexity")
-    ax.set_xlim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg")
-    plt.close(fig)
-    svg = buf.getvalue()
-    return svg[svg.index("<svg"):]  # inline: without the XML declaration and doctype
+    points = [(m.t, m.perplexity["merged"], m.validation != "failed") for m in sweep.merges
+              if "merged" in m.perplexity]
+    return inline_svg(plot_sweep(points, sweep.parents, sweep.chosen_t, "svg"))
 
 
 _SVG_CACHE: dict[str, str] = {}

@@ -1,0 +1,165 @@
+"""Every t of a sweep evaluated in one read of the parents, without writing a model.
+
+The merge is planned once, in the order the model runs (embeddings, each decoder layer, final
+norm, head: :func:`~slerp_plugin.engine.plan.execution_order`), in small shards (about one decoder
+layer each). For each shard, and for each t in turn, the engine's own :class:`ShardMerge` merges
+the shard at t into a work file, whose tensors are handed to that t's evaluator
+(:class:`~slerp_plugin.validate.fed.FedEvaluator`: the layer-streamed model of ``slerp-merge
+validate``, advancing that t's hidden states); the work file is deleted as soon as it is evaluated.
+The parents' bytes of the shard are read from disk once: the merges at the other t and the
+parents' own evaluators (when their perplexity is not cached) find them in the page cache.
+
+Disk: one work shard at a time (at most :data:`SWEEP_SHARD_BYTES`, or one layer where a layer is
+larger). Memory: the engine's block buffers, plus one set of hidden states per t.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..engine import MergePlan, ShardPlan
+from ..engine.execute import ShardMerge
+from ..engine.plan import format_bytes
+from ..engine.resources import compute_threads
+from ..engine.resume import prepare_partial
+from ..io.reader import TensorReader
+from ..io.safetensors import read_header
+from ..validate.fed import FedEvaluator
+from ..validate.functional import EvalSettings
+from ..validate.report import ModelEvaluation
+
+log = logging.getLogger(__name__)
+
+#: the size of the sweep's work shards (a decoder layer larger than this is one shard of its own)
+SWEEP_SHARD_BYTES = 1 << 30
+SWEPT_NOTE = "no completions: evaluated in a one-pass sweep"
+
+
+@dataclass
+class TResult:
+    """What the pass found for one t."""
+
+    t: float
+    evaluation: ModelEvaluation | None  #: None: the merge could not be evaluated (see ``problem``)
+    problem: str | None
+    branch_counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class PassResult:
+    """Every t's result, and the parents evaluated in the pass (by role)."""
+
+    merges: list[TResult]
+    parents: dict[str, ModelEvaluation]
+    bytes_read: int
+    seconds: float
+
+
+def plan_for_t(base: MergePlan, t: float, work: Path) -> MergePlan:
+    """``base`` (a plan at a scalar t) at ``t``, writing into ``work/t-<t>.partial``."""
+    spec = base.spec.model_copy(update={"t": t, "output": work / f"t-{t:g}"})
+    shards = [ShardPlan(s.index, s.file, [replace(j, t=t) for j in s.jobs]) for s in base.shards]
+    return replace(base, spec=spec, shards=shards, fingerprint=f"{base.fingerprint}-t{t!r}")
+
+
+class OnePass:
+    """The pass over ``base``'s shards for every t of ``ts``.
+
+    Args:
+        base: the merge planned in execution order, at a scalar t, with buffered I/O.
+        ts: the t values.
+        work: a folder of this sweep's own for the work shards (emptied as it goes).
+        settings: how the models are evaluated (``slerp-merge validate``'s settings).
+        ids: the evaluation tokens.
+        parents: the roles (``model_1``, ``model_2``) to evaluate in the pass as well.
+    """
+
+    def __init__(self, base: MergePlan, ts: Sequence[float], work: Path, settings: EvalSettings,
+                 ids: torch.Tensor, parents: Sequence[str] = ()) -> None:
+        self.base, self.ids, self.settings, self.work = base, ids, settings, work
+        self.plans = {t: plan_for_t(base, t, work) for t in ts}
+        self.device = base.device
+        self.dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
+        jobs = [j for s in base.shards for j in s.jobs]
+        layouts = {"merged": {j.name: replace(j.a, dtype=j.out_dtype) for j in jobs},
+                   "model_1": {j.name: j.a for j in jobs}, "model_2": {j.name: j.b for j in jobs}}
+        aside = work / "aside"
+        self.merged = {t: FedEvaluator(f"t={t:g}", base.paths["model_1"], layouts["merged"], self.device,
+                                       self.dtype, aside) for t in ts}
+        self.parents = {role: FedEvaluator(role, base.paths[role], layouts[role], self.device, self.dtype,
+                                           aside) for role in parents}
+        self.branches = {t: Counter[str]() for t in ts}
+        self.bytes_read = 0
+
+    @property
+    def evaluators(self) -> list[FedEvaluator]:
+        return [*self.merged.values(), *self.parents.values()]
+
+    def run(self, progress: Callable[[int], None] | None = None) -> PassResult:
+        """Merge and evaluate every shard at every t; return what each evaluator found.
+
+        Raises:
+            CheckpointError: a parent's file is unreadable or truncated.
+            OutputWriteError: a work shard cannot be written.
+        """
+        started = time.perf_counter()
+        for plan in self.plans.values():
+            prepare_partial(plan, exclusive=True)
+        try:
+            with ExitStack() as stack:
+                reader = stack.enter_context(TensorReader(direct=False))
+                threads = stack.enter_context(compute_threads(self.device, self.base.spec.threads))
+                log.info("sweep: %d t value(s) over %d shard(s) (%s per t) on %s with %d compute thread(s)",
+                         len(self.plans), len(self.base.shards), format_bytes(self.base.total_bytes),
+                         self.device, threads)
+                for ev in self.evaluators:
+                    ev.start(self.ids, self.settings.max_length)
+                for i, shard in enumerate(self.base.shards):
+                    self._shard(i, shard, reader, progress)
+        finally:
+            for ev in self.evaluators:
+                ev.close()
+        return PassResult(
+            merges=[TResult(t, *self._outcome(ev), dict(self.branches[t])) for t, ev in self.merged.items()],
+            parents={role: self._parent(role, ev) for role, ev in self.parents.items()},
+            bytes_read=self.bytes_read, seconds=time.perf_counter() - started)
+
+    def _shard(self, i: int, shard: ShardPlan, reader: TensorReader,
+               progress: Callable[[int], None] | None) -> None:
+        started = time.perf_counter()
+        for n, (t, plan) in enumerate(self.plans.items()):
+            outcome = ShardMerge(plan, plan.shards[i], reader).run()
+            if n == 0:
+                self.bytes_read += outcome.bytes_read
+            self.branches[t].update(r.branch for r in outcome.tensors)
+            path = plan.partial / shard.file
+            self.merged[t].take({info.name: info for info in read_header(path)[0]})
+            path.unlink()
+            if progress:
+                progress(shard.nbytes)
+        for role, ev in self.parents.items():
+            ev.take({j.name: (j.a if role == "model_1" else j.b) for j in shard.jobs})
+        log.info("sweep: shard %d/%d (%d tensors, %s) merged and evaluated at %d t in %.1f s", i + 1,
+                 len(self.base.shards), len(shard.jobs), format_bytes(shard.nbytes), len(self.plans),
+                 time.perf_counter() - started)
+
+    @staticmethod
+    def _outcome(ev: FedEvaluator) -> tuple[ModelEvaluation | None, str | None]:
+        problem = ev.problem()
+        return (None, problem) if problem is not None else (ev.evaluation(SWEPT_NOTE), None)
+
+    def _parent(self, role: str, ev: FedEvaluator) -> ModelEvaluation:
+        from ..errors import ValidationInputError
+
+        problem = ev.problem()
+        if problem is not None:
+            raise ValidationInputError(f"{role} {self.base.paths[role]}: cannot be evaluated: {problem}")
+        return ev.evaluation(SWEPT_NOTE)

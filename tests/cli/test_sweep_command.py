@@ -1,0 +1,58 @@
+"""``slerp-merge sweep``: the table, the report, exit 6 when no t passes, the winner merged with
+``--merge``, and bad t lists refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from model_helpers import permuted_twin, run_cli, seed_args
+
+from slerp_plugin.formats.manifest import Manifest
+from slerp_plugin.validate import EvalSettings, validate_merge
+
+
+def test_the_best_t_merged_with_merge(demo_bf16, tmp_path):
+    out = tmp_path / "merged"
+    r = run_cli(["sweep", "--t", "0.2:0.8:0.3", "--merge", "--max-tokens", "256",
+                 *seed_args(demo_bf16, f"method.model_save_path={out}")], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = r.stdout.splitlines()
+    assert table[0].split()[:2] == ["t", "perplexity"] and [row.split()[0] for row in table[1:4]] == [
+        "0.2", "0.5", "0.8"]
+    best = json.loads((tmp_path / "merged-sweep" / "sweep.json").read_text())["best_t"]
+    assert f"best t: {best:g}" in r.stdout and f"merged at t = {best:g}: {out}" in r.stdout
+    assert Manifest.read(out).spec["t"] == best  # only the chosen merge is written
+    written = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+    assert written == ["merged", "merged-sweep"]
+
+
+@pytest.mark.parametrize("values, message", [("0.3,0.3", "0.3 is given twice"),
+                                             ("0.5,1.2", "1.2 is outside [0, 1]")])
+def test_bad_t_lists_are_refused_in_one_line(values, message, demo_bf16, tmp_path):
+    r = run_cli(["sweep", "--t", values, *seed_args(demo_bf16)], cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == f"slerp-merge: error: --t: {message}"
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_no_t_passes_exits_6_and_merges_nothing(tmp_path):
+    from slerp_plugin.demo.smollm2 import smollm2_folder
+
+    real = smollm2_folder()
+    pair = (real, permuted_twin(real, tmp_path / "twin"))
+    out = tmp_path / "merged"
+    r = run_cli(["sweep", "--t", "0.3,0.5", "--merge", "--max-tokens", "128", "--report", str(tmp_path / "r"),
+                 *seed_args(pair, f"method.model_save_path={out}")], cwd=tmp_path)
+    assert r.returncode == 6, r.stderr[-3000:]
+    assert "no t passes the gate" in r.stdout and not out.exists()
+    sweep = json.loads((tmp_path / "r" / "sweep.json").read_text())
+    assert sweep["best_t"] is None and all(p["status"] == "failed" for p in sweep["points"])
+    parents = [sweep["parents"][role]["perplexity"] for role in ("model_1", "model_2")]
+    assert max(parents) < 100 and min(p["perplexity"] for p in sweep["points"]) > 100 * max(parents)
+    assert any(p["branch_counts"].get("slerp") for p in sweep["points"])  # neurons out of line: SLERP
+    local = tmp_path / "at-0.5"
+    m = run_cli(seed_args(pair, "method.t=0.5", f"method.model_save_path={local}"), cwd=tmp_path)
+    assert m.returncode == 0, m.stderr[-2000:]
+    report = validate_merge(local, pair, settings=EvalSettings(max_tokens=128, device="cpu"))
+    assert sweep["points"][1]["perplexity"] == pytest.approx(report.functional.perplexity["merged"], rel=1e-4)

@@ -1,0 +1,86 @@
+"""``run_sweep``: a real pair swept equals ``validate`` of the merges made at each t; an interrupted
+sweep reports nothing and starts over; a report folder that is not the sweep's is never touched."""
+
+from __future__ import annotations
+
+import pytest
+from model_helpers import fine_tuned, spec_for
+
+from slerp_plugin.errors import OutputExistsError
+from slerp_plugin.formats.manifest import Manifest
+from slerp_plugin.merge import run_merge
+from slerp_plugin.sweep import SweepResult, run_sweep
+from slerp_plugin.sweep.run import default_report
+from slerp_plugin.validate import EvalSettings, EvaluationCache, validate_merge
+from slerp_plugin.validate.fed import FedEvaluator
+
+SETTINGS = EvalSettings(max_tokens=200, max_length=128, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def smol_pair(tmp_path_factory):
+    """SmolLM2-135M and a fine-tune of it of three steps."""
+    from slerp_plugin.demo.smollm2 import smollm2_folder
+
+    real = smollm2_folder()
+    return real, fine_tuned(real, tmp_path_factory.mktemp("smol-ft") / "model")
+
+
+@pytest.mark.slow
+def test_a_real_pair_swept_equals_validate_of_the_merge_made_at_each_t(smol_pair, tmp_path):
+    settings = EvalSettings(max_tokens=256, device="cpu")
+    spec = spec_for(smol_pair, tmp_path / "merged", t=0.5, max_shard_size="60MB", device="cpu")
+    cache = EvaluationCache(tmp_path / "cache")
+    result = run_sweep(spec, [0.7, 0.3, 0.5], settings=settings, cache=cache)
+    assert [p.t for p in result.points] == [0.3, 0.5, 0.7] and result.report == str(default_report(spec))
+    assert result.passed and result.best_t in (0.3, 0.5, 0.7)
+    for p in result.points:
+        merged = run_merge(spec_for(smol_pair, tmp_path / f"m-{p.t}", t=p.t, device="cpu")).output
+        report = validate_merge(merged, smol_pair, settings=settings, cache=cache)
+        want = report.functional.perplexity
+        assert p.perplexity == pytest.approx(want["merged"], rel=1e-4), p.t
+        assert p.status == report.functional.status
+        assert p.branch_counts == Manifest.read(merged).branch_counts
+    for role in ("model_1", "model_2"):
+        assert result.parents[role].perplexity == pytest.approx(want[role], rel=1e-4)
+    assert SweepResult.read(default_report(spec)) == result
+
+
+def test_an_interrupted_sweep_reports_nothing_and_a_rerun_starts_over(demo_bf16, tmp_path, monkeypatch):
+    spec = spec_for(demo_bf16, tmp_path / "merged", t=0.5, max_shard_size="40KB", device="cpu")
+    report = tmp_path / "report"
+    calls = {"n": 0}
+    take = FedEvaluator.take
+
+    def failing_take(self, tensors):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return take(self, tensors)
+
+    monkeypatch.setattr(FedEvaluator, "take", failing_take)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, [0.25, 0.75], report=report, settings=SETTINGS, cache=None)
+    assert not report.exists()  # no table that looks finished
+    assert (tmp_path / "report.partial" / "work").is_dir()
+    monkeypatch.setattr(FedEvaluator, "take", take)
+    again = run_sweep(spec, [0.25, 0.75], report=report, settings=SETTINGS, cache=None)
+    assert not (tmp_path / "report.partial").exists()
+    assert sorted(p.name for p in report.iterdir()) == [".slerp_merge.json", "sweep.csv", "sweep.json",
+                                                         "sweep.png", "sweep.svg", "sweep.txt"]
+    fresh = run_sweep(spec, [0.25, 0.75], report=tmp_path / "fresh", settings=SETTINGS, cache=None)
+    assert [p.perplexity for p in again.points] == [p.perplexity for p in fresh.points]
+
+
+def test_a_report_folder_the_sweep_did_not_write_is_refused_and_left_alone(demo_bf16, tmp_path):
+    spec = spec_for(demo_bf16, tmp_path / "merged", t=0.5, device="cpu")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="is not a sweep slerp-merge wrote there"):
+        run_sweep(spec, [0.5], report=mine, settings=SETTINGS, cache=None)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and not (tmp_path / "mine.partial").exists()
+    first = run_sweep(spec, [0.5], report=tmp_path / "r", settings=SETTINGS, cache=None)
+    second = run_sweep(spec, [0.2, 0.5], report=tmp_path / "r", settings=SETTINGS, cache=None)  # replaced
+    assert len(first.points) == 1 and SweepResult.read(tmp_path / "r") == second
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["mine", "r"]
