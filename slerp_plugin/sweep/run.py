@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +32,7 @@ from ..engine.progress import progress_bar
 from ..errors import ConfigError, OutputExistsError, OutputWriteError
 from ..hub.sources import resolve_inputs
 from ..io.atomic import fsync_dir
+from ..io.model_files import ResolvedModel
 from ..spec import MergeSpec
 from ..validate.cache import EvaluationCache, evaluation_key
 from ..validate.functional import ROLES, EvalSettings, eval_tokens, evaluate_cached, judge
@@ -57,6 +58,7 @@ def run_sweep(
     settings: EvalSettings | None = None,
     margin: float | None = None,
     cache: EvaluationCache | None | Literal["default"] = "default",
+    resolved: Mapping[str, ResolvedModel] | None = None,
 ) -> SweepResult:
     """Evaluate the merge of ``spec``'s parents at every t of ``ts`` in one read of the parents
     (nothing but one work shard at a time is written), judge each against the parents by the gate
@@ -70,6 +72,7 @@ def run_sweep(
         margin: the gate's margin (default ``spec.gate_margin``).
         cache: where the parents' evaluations are taken from and stored (``"default"``: the user's
             cache; None: evaluate them again, store nothing).
+        resolved: inputs already on local disk, by role (as :func:`slerp_plugin.merge.plan_merge`).
 
     Returns:
         The sweep; ``best_t`` is None when no t passes the gate.
@@ -94,7 +97,7 @@ def run_sweep(
         spec0 = spec.model_copy(update={"t": ts[0], "output": work / f"t-{ts[0]:g}", "direct_io": False,
                                         "max_shard_size": min(spec.max_shard_size, SWEEP_SHARD_BYTES),
                                         "overwrite": False, "push_to_hub": None, "stream": False})
-        base = plan_resolved(spec0, resolve_inputs(spec0), execution=True)
+        base = plan_resolved(spec0, resolve_inputs(spec0, resolved), execution=True)
         tokenizer, ids = eval_tokens(base.paths["tokenizer"], settings)
         parents, keys = _known_parents(base.paths, ids, tokenizer, settings, cache, base.device.type)
         one = OnePass(base, ts, work, settings, ids, [r for r in ROLES if r not in parents])
@@ -194,7 +197,7 @@ def _result(spec: MergeSpec, found: PassResult, parents: dict[str, ModelEvaluati
             continue
         verdict = judge({**parents, "merged": m.evaluation}, margin=margin, settings=settings, tokens=tokens)
         ppl = m.evaluation.perplexity
-        points.append(SweepPoint(t=m.t, perplexity=ppl if math.isfinite(ppl) else math.inf,
+        points.append(SweepPoint(t=m.t, perplexity=ppl if math.isfinite(ppl) else None,
                                  status=verdict.status, problems=verdict.problems,
                                  change=relative_change(ppl, parents), branch_counts=m.branch_counts,
                                  seconds=m.evaluation.seconds))

@@ -242,3 +242,29 @@ def test_sweep_publishes_the_best_t(dagbag, demo_bf16, hub, capfd):
     lines = (out.out + out.err).splitlines()
     errors = [line for line in lines if re.search(r"\[(error|critical)\s*\]", line)]
     assert errors == [], "a successful sweep logs no errors"
+    # small parents: a merge per t, not one pass
+    assert st["sweep_in_one_pass"] == "skipped" and st["publish_chosen"] == "skipped"
+
+
+def test_a_sweep_above_the_size_runs_in_one_pass_and_writes_only_the_chosen_merge(dagbag, demo_bf16, hub):
+    dag = dagbag().dags["slerp_sweep"]
+    dr = dag.test(run_conf={"model_1": str(demo_bf16[0]), "model_2": str(demo_bf16[1]),
+                            "t_values": [0.8, 0.2, 0.5], "target_repo": "org/sweep1", "eval_max_tokens": 64,
+                            "one_pass_above_gb": 0})
+    st = states(dr)
+    assert str(dr.state) == "success", st
+    assert st["sweep_in_one_pass"] == st["merge_chosen"] == st["publish_chosen"] == "success"
+    assert st["evaluate_parents"] == st["publish"] == "skipped"
+    assert not any(k.startswith("merge_and_validate[") for k in st)
+    (run,) = dagbag.outputs.glob("slerp_sweep/*/sweep")
+    sweep = json.loads((run / "sweep.json").read_text())
+    assert [p["t"] for p in sweep["points"]] == [0.2, 0.5, 0.8] and sweep["best_t"] is not None
+    best = sweep["best_t"]
+    assert [p.name for p in run.parent.glob("merged*")] == [f"merged-t{best}"]  # one model written
+    record = json.loads((run.parent / "sweep.json").read_text())
+    assert record["mode"] == "one-pass" and record["chosen_t"] == best and len(record["points"]) == 3
+    validated = json.loads((run.parent / f"merged-t{best}" / "validation.json").read_text())["functional"]
+    chosen = next(p for p in sweep["points"] if p["t"] == best)
+    assert validated["perplexity"]["merged"] == pytest.approx(chosen["perplexity"], rel=1e-4)
+    published = hub.state.repos["org/sweep1"]
+    assert f"t={best}" in published.commits[published.branches["main"]].title

@@ -341,8 +341,16 @@ def sweep_params(**defaults: Any) -> dict[str, Param]:
     for name in ("t", "merge_workers", "stream", "disk_budget"):  # each t is merged locally and validated
         params.pop(name)
     params["t_values"] = Param(defaults.get("t_values", [0.3, 0.5, 0.7]), type="array",
-                               items={"type": "number", "minimum": 0, "maximum": 1}, minItems=1,
+                               items={"type": "number", "minimum": 0, "maximum": 1}, minItems=1, maxItems=64,
                                title="t values", description="the t values to merge and compare, each 0 to 1")
+    params["sweep_mode"] = Param(
+        defaults.get("sweep_mode", "auto"), type="string", enum=["auto", "one-pass", "merge-each"],
+        title="Sweep mode", description="one-pass: every t evaluated in one read of the parents without "
+        "writing a model, then only the best merged; merge-each: a merge per t, each validated and kept; "
+        "auto: one-pass when the parents are larger than the size below")
+    params["one_pass_above_gb"] = Param(
+        defaults.get("one_pass_above_gb", 20), type="number", minimum=0, title="One pass above (GB)",
+        description="auto mode: parents' weights (both together, GB) above which the sweep runs in one pass")
     return params
 
 
@@ -397,11 +405,55 @@ def publish_choice(choice: dict) -> dict:
     return {**choice, "upload": tasks.publish(choice["output"], p["target_repo"], p["private"])}
 
 
+@task.branch(execution_timeout=TIMEOUTS["resolve"])
+@quiet
+def sweep_route(inputs: dict) -> str:
+    """One pass (every t evaluated without writing a model) or a merge per t (``sweep_mode``)."""
+    if tasks.sweep_mode(_params(), inputs) == "one-pass":
+        return "sweep_in_one_pass"
+    return "evaluate_parents"
+
+
+@task(execution_timeout=TIMEOUTS["validate"])
+@quiet
+def sweep_in_one_pass(inputs: dict) -> dict:
+    """Every t evaluated in one read of the parents; the table, plot and choice recorded."""
+    from airflow.sdk import get_current_context
+
+    ctx = get_current_context()
+    run = records.run_dir(output_root(), ctx["dag"].dag_id, ctx["run_id"])
+    records.write_run(run, ctx["dag"].dag_id, ctx["run_id"])
+    return tasks.sweep_in_one_pass(_params(), inputs, str(run), output_root())
+
+
+@task(execution_timeout=TIMEOUTS["merge"])
+@quiet
+def merge_chosen(inputs: dict, swept: dict) -> dict:
+    """The one-pass sweep's chosen t merged and validated (the only model the sweep writes)."""
+    from airflow.sdk import get_current_context
+
+    ctx = get_current_context()
+    t = swept["t"]
+    out = tasks.output_path(output_root(), ctx["dag"].dag_id, ctx["run_id"], f"-t{t}")
+    result = tasks.merge_and_validate({**_params(), "t": t}, inputs, str(out), output_root())
+    choice = tasks.best_of_sweep([result])
+    record = records.read_record(out.parent, records.SWEEP_RECORD, records.SweepRecord)
+    one_pass = record.model_dump(exclude={"chosen_t", "chosen_output"}) if record is not None else {}
+    records.write_sweep(out.parent, t, choice["output"], **one_pass)
+    return {**choice, "table": swept["table"]}
+
+
 def sweep_pipeline() -> None:
-    """Add the sweep's tasks to the DAG being defined: resolve → download → evaluate the parents
-    (once, GPU queue) → merge and validate (mapped over t, GPU queue) → best → publish."""
+    """Add the sweep's tasks to the DAG being defined: resolve → download → route by
+    ``sweep_mode``: either evaluate the parents (once, GPU queue) → merge and validate (mapped over
+    t, GPU queue) → best → publish; or every t in one pass (GPU queue) → merge the chosen t (GPU
+    queue) → publish."""
     inputs = download_all(resolve.override(task_id="resolve")())
+    branch = sweep_route(inputs)
     parents = evaluate_parents.override(**gpu())(inputs)
     results = merge_and_validate.override(**gpu()).partial(inputs=inputs).expand(t=t_values())
-    parents >> results
+    branch >> parents >> results
     publish_choice.override(task_id="publish")(best(results))
+    swept = sweep_in_one_pass.override(**gpu())(inputs)
+    branch >> swept
+    publish_choice.override(task_id="publish_chosen")(merge_chosen.override(**gpu())(inputs, swept))

@@ -121,6 +121,7 @@ class Sweep(BaseModel):
     merges: list[MergeEntry]
     chosen_t: float | None = None
     parents: dict[str, float] = Field(default_factory=dict)  #: model_1/model_2 → perplexity
+    mode: str = "merge-each"  #: or one-pass: each t evaluated without writing its merge
 
     @property
     def best_parent(self) -> str | None:
@@ -261,23 +262,39 @@ def collect_merges(search: list[Path] | None = None) -> list[MergeEntry]:
     return collect(roots() if search is None else search)[0]
 
 
-def sweeps(entries: list[MergeEntry], runs: Runs) -> list[Sweep]:
-    """Runs with more than one merge at a scalar t, with the parents' perplexities and the choice."""
+def sweeps(entries: list[MergeEntry], runs: Runs, *, every_run: bool = False) -> list[Sweep]:
+    """Runs with more than one merge at a scalar t, with the parents' perplexities and the choice;
+    and the one-pass sweeps of the runs of ``entries`` (``every_run``: of every run in ``runs``,
+    those whose sweep merged nothing too), from their records."""
     by_run: dict[tuple[str, str], list[MergeEntry]] = {}
     for e in entries:
         if e.readable and e.t is not None:
             by_run.setdefault((e.dag_id, e.run_id), []).append(e)
     out = []
     for (dag_id, run_id), merges in by_run.items():
-        if len(merges) < 2:
+        record = runs.get((dag_id, run_id), {}).get(SWEEP_RECORD)
+        if len(merges) < 2 or (record is not None and record.mode == "one-pass"):
             continue
         merges.sort(key=lambda e: e.t)
         parents = {role: m.perplexity[role] for m in merges for role in ("model_1", "model_2")
                    if role in m.perplexity}
-        record = runs.get((dag_id, run_id), {}).get(SWEEP_RECORD)
         out.append(Sweep(dag_id=dag_id, run_id=run_id, merges=merges, parents=parents,
                          chosen_t=record.chosen_t if record is not None else None))
+    for key in (runs if every_run else {k: None for k in by_run}):
+        record = runs.get(key, {}).get(SWEEP_RECORD)
+        if record is not None and record.mode == "one-pass" and record.points:
+            out.append(_one_pass_sweep(*key, record))
     return out
+
+
+def _one_pass_sweep(dag_id: str, run_id: str, record: SweepRecord) -> Sweep:
+    """A one-pass sweep as the dashboard shows a sweep: one row per t (no merge folder but the chosen one)."""
+    rows = [MergeEntry(dag_id=dag_id, run_id=run_id, output=record.report or "", t=p.t,
+                       perplexity={} if p.perplexity is None else {"merged": p.perplexity},
+                       validation="passed" if p.passed else "failed", eval_tokens=record.eval_tokens,
+                       eval_text=record.eval_text) for p in sorted(record.points, key=lambda p: p.t)]
+    return Sweep(dag_id=dag_id, run_id=run_id, merges=rows, parents=dict(record.parents),
+                 chosen_t=record.chosen_t, mode="one-pass")
 
 
 def ppl_decimals(values: Iterable[float]) -> int:
@@ -448,7 +465,7 @@ def create_app(
     @app.get("/runs/{dag_id}/{run_id}", response_class=HTMLResponse)
     def run_page(dag_id: str, run_id: str, readable: Readable) -> HTMLResponse:
         entries, failed, runs = visible(readable, dag_id, run_id)
-        return HTMLResponse(render_page(entries, failed, sweeps(entries, runs), compact=True,
+        return HTMLResponse(render_page(entries, failed, sweeps(entries, runs, every_run=True), compact=True,
                                         title=f"SLERP merge of {dag_id} / {run_id}"))
 
     @app.get("/api/merges", response_class=JSONResponse)
@@ -465,7 +482,7 @@ def create_app(
     @app.get("/plot/{dag_id}/{run_id}.svg", response_class=Response)
     def plot(dag_id: str, run_id: str, readable: Readable) -> Response:
         entries, _, runs = visible(readable, dag_id, run_id)
-        found = sweeps(entries, runs)
+        found = sweeps(entries, runs, every_run=True)
         if not found:
             raise HTTPException(404, "no sweep for this run")
         return Response(sweep_svg(found[0]), media_type="image/svg+xml")

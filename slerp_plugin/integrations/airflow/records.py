@@ -6,7 +6,8 @@ it for the "SLERP merges" dashboard.
 - ``run.json``: the DAG id and the run id (the folder name is a readable form of the run id);
 - ``failure.json``: the task that failed last, its try and its one-line error (removed when the
   run succeeds after all);
-- ``sweep.json``: a sweep's chosen t and output.
+- ``sweep.json``: a sweep's chosen t and output; for a one-pass sweep also each t's perplexity and
+  verdict, the parents' perplexities and where its report is (``sweep/``).
 
 Records are written atomically and read as untrusted input: a record that does not validate is
 ignored.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -45,11 +47,25 @@ class FailureRecord(BaseModel):
     at: str = Field(max_length=64)
 
 
+class SweepPointRecord(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    t: float = Field(ge=0, le=1)
+    perplexity: float | None = None
+    passed: bool
+
+
 class SweepRecord(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    chosen_t: float
-    chosen_output: str
+    chosen_t: float | None = None  #: None: no t passed the gate
+    chosen_output: str | None = Field(None, max_length=4096)
+    mode: Literal["merge-each", "one-pass"] = "merge-each"
+    points: list[SweepPointRecord] = Field(default_factory=list, max_length=64)  #: one-pass: each t
+    parents: dict[Literal["model_1", "model_2"], float] = Field(default_factory=dict)
+    eval_tokens: int | None = None
+    eval_text: str | None = Field(None, max_length=250)
+    report: str | None = Field(None, max_length=4096)
 
 
 def run_folder_name(run_id: str) -> str:
@@ -82,10 +98,11 @@ def clear_failure(folder: Path) -> None:
     (folder / FAILURE_RECORD).unlink(missing_ok=True)
 
 
-def write_sweep(folder: Path, chosen_t: float, chosen_output: str) -> None:
+def write_sweep(folder: Path, chosen_t: float | None, chosen_output: str | None, **one_pass: Any) -> None:
+    """Record a sweep's choice (``one_pass``: the other fields of :class:`SweepRecord`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / SWEEP_RECORD, SweepRecord(chosen_t=chosen_t, chosen_output=chosen_output)
-                      .model_dump())
+    record = SweepRecord(chosen_t=chosen_t, chosen_output=chosen_output, **one_pass)
+    write_json_atomic(folder / SWEEP_RECORD, record.model_dump())
 
 
 def read_record(folder: Path, name: str, model: type[BaseModel]) -> BaseModel | None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from ...errors import TRANSIENT_ERRORS, ConfigError, SlerpPluginError, ValidationGateError
 from ...spec import MergeSpec, ModelRef
+from . import records
 from .records import run_dir
 
 log = logging.getLogger(__name__)
@@ -405,6 +406,53 @@ def _report_ppl(output: str) -> dict:
         return ValidationReport.read(output).functional.perplexity
     except (OSError, ValueError):
         return {}
+
+
+def sweep_mode(params: dict[str, Any], inputs: dict[str, dict]) -> str:
+    """``one-pass`` or ``merge-each``: the ``sweep_mode`` parameter, or with ``auto`` (the
+    default) one-pass when the parents' weights together exceed ``one_pass_above_gb`` (default 20)."""
+    mode = params.get("sweep_mode") or "auto"
+    if mode in ("one-pass", "merge-each"):
+        return mode
+    if mode != "auto":
+        raise ConfigError(f"sweep_mode: {mode!r} is not auto, one-pass or merge-each")
+    from ...io.safetensors import Checkpoint
+
+    size = sum(f.stat().st_size for role in ("model_1", "model_2")
+               for f in Checkpoint.open(Path(inputs[role]["path"])).files)
+    limit = float(params.get("one_pass_above_gb", 20)) * 1e9
+    chosen = "one-pass" if size > limit else "merge-each"
+    log.info("sweep: the parents hold %.1f GB of weights: %s (one pass above %.1f GB)", size / 1e9, chosen,
+             limit / 1e9)
+    return chosen
+
+
+def sweep_in_one_pass(params: dict[str, Any], inputs: dict[str, dict], run_folder: str,
+                      output_root: str | Path) -> dict:
+    """Every t of ``t_values`` evaluated in one pass (:func:`slerp_plugin.sweep.run_sweep`); the
+    report goes to ``<run folder>/sweep`` and the choice to the run's sweep record.
+
+    Raises:
+        ValidationGateError: no t passed the gate (the record and report are written first).
+    """
+    from ...sweep import run_sweep
+    from ...sweep.values import check_t_values
+
+    ts = check_t_values(float(t) for t in params["t_values"])
+    spec = spec_from_params({**params, "t": ts[0], "stream": False}, Path(run_folder) / "merged")
+    result = run_sweep(spec, ts, report=Path(run_folder) / "sweep", settings=eval_settings(params),
+                       margin=float(params.get("validation_margin", 0.10)),
+                       cache=evaluation_cache(output_root), resolved=_resolved(inputs))
+    points = [{"t": p.t, "perplexity": p.perplexity, "passed": p.status == "passed"} for p in result.points]
+    records.write_sweep(
+        Path(run_folder), result.best_t, None, mode="one-pass", report=result.report, points=points,
+        parents={r: e.perplexity for r, e in result.parents.items()}, eval_tokens=result.tokens,
+        eval_text=result.eval_text)
+    table = "\n".join(result.lines())
+    log.info("sweep in one pass:\n%s", table)
+    if not result.passed:
+        raise ValidationGateError(f"no t value of the sweep passed the gate (report: {result.report})")
+    return {"t": result.best_t, "report": result.report, "table": table}
 
 
 # --------------------------------------------------------------------------- nightly

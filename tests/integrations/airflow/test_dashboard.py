@@ -183,3 +183,25 @@ def test_a_parent_is_named_only_when_it_beats_every_merge():
     assert sweep({"model_1": 10.4, "model_2": 11.0}).best_parent == "model_1"
     assert sweep({"model_1": 10.6, "model_2": 11.0}).best_parent is None
     assert sweep({}).best_parent is None
+
+
+def test_a_one_pass_sweep_is_shown_from_its_record_even_when_nothing_passed(tmp_path):
+    run = run_folder(tmp_path, "slerp_sweep", SWEEP)
+    points = [{"t": 0.7, "perplexity": 31.5, "passed": False},
+              {"t": 0.3, "perplexity": 20.25, "passed": True},
+              {"t": 0.5, "perplexity": None, "passed": False}]
+    records.write_sweep(run, 0.3, None, mode="one-pass", points=points,
+                        parents={"model_1": 20.0, "model_2": 30.0}, eval_tokens=256, eval_text="<b>text</b>",
+                        report=str(run / "sweep"))
+    failed = run_folder(tmp_path, "slerp_sweep", HIDDEN)
+    records.write_sweep(failed, None, None, mode="one-pass", points=points[:1], parents={"model_1": 20.0})
+    page = client(tmp_path).get(f"/runs/slerp_sweep/{SWEEP}").text  # no merge folder in the run
+    rows = page[page.index("Sweeps"):]
+    assert "one pass: every t evaluated without writing its merge" in rows
+    assert rows.index(">0.3<") < rows.index(">0.5<") < rows.index(">0.7<") and "← chosen" in rows
+    assert "20.25" in rows and "31.50" in rows
+    assert "&lt;b&gt;text&lt;/b&gt;" in rows and "<b>text</b>" not in rows
+    plot = client(tmp_path).get(f"/plot/slerp_sweep/{SWEEP}.svg")
+    assert plot.status_code == 200 and "chosen (t=0.3)" in plot.text
+    rows = client(tmp_path).get(f"/runs/slerp_sweep/{HIDDEN}").text
+    assert "31.50" in rows and "← chosen" not in rows
