@@ -189,6 +189,16 @@ def _params() -> dict:
     return get_current_context()["params"]
 
 
+def _this_run() -> Path:
+    """The current run's folder (:func:`records.run_dir`), with its run record written."""
+    from airflow.sdk import get_current_context
+
+    ctx = get_current_context()
+    run = records.run_dir(output_root(), ctx["dag"].dag_id, ctx["run_id"])
+    records.write_run(run, ctx["dag"].dag_id, ctx["run_id"])
+    return run
+
+
 def _run_dir() -> Path:
     from airflow.sdk import get_current_context
 
@@ -222,12 +232,8 @@ def route(inputs: dict) -> str | list[str]:
 @quiet
 def stream_to_hub(inputs: dict) -> dict:
     """Hub parents merged straight into the target repo, shard by shard (``stream``)."""
-    from airflow.sdk import get_current_context
-
-    ctx = get_current_context()
-    run = records.run_dir(output_root(), ctx["dag"].dag_id, ctx["run_id"])
-    records.write_run(run, ctx["dag"].dag_id, ctx["run_id"])
-    output = tasks.output_path(output_root(), ctx["dag"].dag_id, ctx["run_id"])
+    run = _this_run()
+    output = run / "merged"
     result = tasks.stream_to_hub(_params(), str(output), record_dir=str(run / STREAM_RECORDS),
                                  output_root=output_root())
     records.clear_failure(run)
@@ -418,12 +424,7 @@ def sweep_route(inputs: dict) -> str:
 @quiet
 def sweep_in_one_pass(inputs: dict) -> dict:
     """Every t evaluated in one read of the parents; the table, plot and choice recorded."""
-    from airflow.sdk import get_current_context
-
-    ctx = get_current_context()
-    run = records.run_dir(output_root(), ctx["dag"].dag_id, ctx["run_id"])
-    records.write_run(run, ctx["dag"].dag_id, ctx["run_id"])
-    return tasks.sweep_in_one_pass(_params(), inputs, str(run), output_root())
+    return tasks.sweep_in_one_pass(_params(), inputs, str(_this_run()), output_root())
 
 
 @task(execution_timeout=TIMEOUTS["merge"])
