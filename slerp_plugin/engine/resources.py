@@ -72,3 +72,13 @@ def page_cache_budget() -> int:
     """Bytes of page cache a merge may fill with one tensor read twice: half the memory the
     kernel reports available (``MemAvailable``), 0 where it cannot be told."""
     return (mem_available() or 0) // 2
+
+
+def threads_beside_evaluation(threads: int | None, norm_precision: str) -> int | None:
+    """torch threads for a merge whose perplexity is evaluated in the same process (a gated stream,
+    a sweep): ``threads`` when given; else every usable CPU where ``d`` does not depend on the count
+    (``float64`` norms), so that the evaluation runs at full speed between merges; else None (the
+    merge's default, which float32 norms depend on)."""
+    if threads is None and norm_precision == "float64":
+        return usable_cpus()
+    return threads

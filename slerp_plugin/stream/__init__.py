@@ -6,6 +6,6 @@ shard as its inputs arrive, uploads it at once and deletes it, and publishes eve
 - :mod:`.pipeline`: the three overlapping stages (fetch, merge, upload), resume, and the final commit.
 """
 
-from .pipeline import StreamingMerge, check_stream_spec, stream_merge
+from .pipeline import StreamingMerge, check_stream_spec, open_remote, stream_merge
 
-__all__ = ["StreamingMerge", "check_stream_spec", "stream_merge"]
+__all__ = ["StreamingMerge", "check_stream_spec", "open_remote", "stream_merge"]

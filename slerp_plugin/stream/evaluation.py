@@ -18,8 +18,6 @@ At the end, the three perplexities are judged by the rule of ``slerp-merge valid
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import queue
 import threading
@@ -32,7 +30,7 @@ import torch
 from ..engine import MergePlan, ShardPlan
 from ..errors import ValidationInputError
 from ..io.safetensors import TensorInfo, read_header
-from ..validate.cache import EvaluationCache, content_id, evaluation_key
+from ..validate.cache import EvaluationCache, evaluation_key
 from ..validate.fed import FedEvaluator
 from ..validate.functional import ROLES, EvalSettings, eval_tokens, judge
 from ..validate.report import FunctionalResult, ModelEvaluation
@@ -108,10 +106,7 @@ class StreamGate:
     # ------------------------------------------------------------ set-up
 
     def _cache_key(self, role: str) -> str:
-        parent = self.parents[role]
-        weights = [(f.name, parent.files[f.name].sha256 or "") for f in parent.checkpoint.files]
-        config = parent.folder / "config.json"
-        content = content_id(weights, config.read_bytes() if config.is_file() else b"")
+        content = self.parents[role].content_id
         s = self.settings
         return evaluation_key(None, self.ids, s.max_length, s.prompts, s.max_new_tokens, self.device.type,
                               s.dtype, s.generation_memory, content=content)
@@ -133,7 +128,6 @@ class StreamGate:
             ev.account = budget
 
     def start(self) -> None:
-        _return_large_blocks()
         for ev in self.evaluators:
             ev.start(self.ids, self.settings.max_length)
         self._driver.start()
@@ -224,14 +218,3 @@ class StreamGate:
         for ev in self.evaluators:
             if ev.role != "merged" and ev.model.weight_bytes > self.settings.generation_memory:
                 self.cache.put(self._keys[ev.role], evals[ev.role])
-
-
-def _return_large_blocks(threshold: int = 1 << 20) -> None:
-    """Blocks of a MB or more are mapped and unmapped (glibc otherwise raises its threshold after the
-    first free and keeps up to 32 MB blocks in each thread's heap: with the evaluators' threads
-    beside the merge's, hundreds of MB no thread uses). A no-op without glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass

@@ -47,7 +47,7 @@ from ..engine.finish import write_metadata
 from ..engine.output import output_lock, remove_ours
 from ..engine.plan import format_bytes, plan_checkpoints
 from ..engine.progress import progress_bar
-from ..engine.resources import usable_cpus
+from ..engine.resources import threads_beside_evaluation
 from ..engine.resume import ShardOutcome, forget, load_outcome, prepare_partial, state_dir
 from ..errors import (
     CheckpointError,
@@ -152,11 +152,7 @@ def stream_merge(spec: MergeSpec, *, token: str | None = None, settings: EvalSet
     check_stream_spec(spec)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="slerp-stream-") as tmp:
-        parents = {role: open_parent(ref, name, Path(tmp) / role, token=token)
-                   for role, ref, name in (("model_1", spec.model_1, spec.model_names[0]),
-                                           ("model_2", spec.model_2, spec.model_names[1]))}
-        tokenizer_folder = _tokenizer(spec, parents, Path(tmp) / "tokenizer", token)
-        plan = _plan(spec, parents, tokenizer_folder)
+        plan, parents = open_remote(spec, Path(tmp), token=token, execution=spec.gate)
         with output_lock(plan.output, exclusive=True, wait=False, what="slerp-merge (streaming)"):
             prepare_partial(plan, exclusive=True)
             _refuse_recorded_failure(plan)
@@ -201,6 +197,31 @@ def _refuse_recorded_failure(plan: MergePlan) -> None:
         raise ValidationGateError(str(doc.get("message", "the gate failed")))
 
 
+def open_remote(spec: MergeSpec, folder: Path, *, token: str | None = None,
+                execution: bool = True) -> tuple[MergePlan, dict[str, RemoteParent]]:
+    """The plan of merging ``spec``'s Hub parents, read by range: their small files (config,
+    tokenizer) go to ``folder``, their weights stay on the Hub.
+
+    Args:
+        spec: the merge (both parents Hub ids).
+        folder: where the parents' small files go (``model_1/``, ``model_2/``, ``tokenizer/``).
+        token: the Hub token (default: the user's).
+        execution: shards in the order the model runs (:func:`~slerp_plugin.engine.plan.execution_order`).
+
+    Returns:
+        The plan (its checkpoints name the parents' files as in their repos) and the parents by role.
+
+    Raises:
+        ConfigError: a parent is not a Hub id.
+        HubError (subclasses), CheckpointError, KeyMismatchError, ShapeMismatchError: as a merge.
+    """
+    parents = {role: open_parent(ref, name, folder / role, token=token)
+               for role, ref, name in (("model_1", spec.model_1, spec.model_names[0]),
+                                       ("model_2", spec.model_2, spec.model_names[1]))}
+    tokenizer_folder = _tokenizer(spec, parents, folder / "tokenizer", token)
+    return _plan(spec, parents, tokenizer_folder, execution), parents
+
+
 def _tokenizer(spec: MergeSpec, parents: dict[str, RemoteParent], folder: Path, token: str | None) -> Path:
     if spec.tokenizer_ref == spec.model_1:
         return parents["model_1"].folder
@@ -209,7 +230,7 @@ def _tokenizer(spec: MergeSpec, parents: dict[str, RemoteParent], folder: Path, 
     return Path(spec.tokenizer_ref.ref).expanduser().resolve()
 
 
-def _plan(spec: MergeSpec, parents: dict[str, RemoteParent], tokenizer: Path) -> MergePlan:
+def _plan(spec: MergeSpec, parents: dict[str, RemoteParent], tokenizer: Path, execution: bool) -> MergePlan:
     """The merge plan of the parents' remote checkpoints (their files named as in their repos).
 
     Raises:
@@ -226,7 +247,7 @@ def _plan(spec: MergeSpec, parents: dict[str, RemoteParent], tokenizer: Path) ->
     paths = {role: p.folder for role, p in parents.items()}
     paths["tokenizer"] = tokenizer
     return plan_checkpoints(spec, paths, {role: p.checkpoint for role, p in parents.items()}, identity,
-                            commits={role: p.commit for role, p in parents.items()}, execution=spec.gate)
+                            commits={role: p.commit for role, p in parents.items()}, execution=execution)
 
 
 class StreamingMerge:
@@ -375,10 +396,8 @@ class StreamingMerge:
 
     def _merge_all(self, skip: set[int]) -> None:
         threads = self.spec.threads
-        if threads is None and self.gate is not None and self.spec.norm_precision == "float64":
-            # the evaluation shares torch's threads with the merge, whose float64 d does not depend
-            # on their count (float32 norms would: their count stays the default)
-            threads = usable_cpus()
+        if self.gate is not None:
+            threads = threads_beside_evaluation(threads, self.spec.norm_precision)
         with compute_threads(self.plan.device, threads) as threads:
             log.info("merging on %s with %d compute thread(s)", self.plan.device, threads)
             self._merge_shards(skip)

@@ -45,6 +45,17 @@ class RemoteParent:
     def weight_bytes(self) -> int:
         return sum(self.files[p.name].size for p in self.checkpoint.files)
 
+    @property
+    def content_id(self) -> str:
+        """The model's identity for the evaluation cache
+        (:func:`~slerp_plugin.validate.cache.content_id`, from the Hub's SHA-256 of each weight
+        file): the same as the model's once downloaded."""
+        from ..validate.cache import content_id
+
+        weights = [(f.name, self.files[f.name].sha256 or "") for f in self.checkpoint.files]
+        config = self.folder / "config.json"
+        return content_id(weights, config.read_bytes() if config.is_file() else b"")
+
 
 def open_parent(ref: ModelRef, role: str, folder: Path, *, weights: bool = True, tokenizer: bool = True,
                 token: str | None = None) -> RemoteParent:

@@ -7,10 +7,14 @@ the shard at t into a work file, whose tensors are handed to that t's evaluator
 (:class:`~slerp_plugin.validate.fed.FedEvaluator`: the layer-streamed model of ``slerp-merge
 validate``, advancing that t's hidden states); the work file is deleted as soon as it is evaluated.
 The parents' bytes of the shard are read from disk once: the merges at the other t and the
-parents' own evaluators (when their perplexity is not cached) find them in the page cache.
+parents' own evaluators (when their perplexity is not cached) find them in the page cache. Hub
+parents are read by range as a streaming merge reads them: each shard's input bytes are fetched
+into a spool file per parent, used by every t, and deleted; at the end every parent file's SHA-256
+is checked against the Hub's.
 
 Disk: one work shard at a time (at most :data:`SWEEP_SHARD_BYTES`, or one layer where a layer is
-larger). Memory: the engine's block buffers, plus one set of hidden states per t.
+larger), and for Hub parents that shard's inputs. Memory: the engine's block buffers, plus one set
+of hidden states per t.
 """
 
 from __future__ import annotations
@@ -18,8 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,10 +31,12 @@ import torch
 from ..engine import MergePlan, ShardPlan
 from ..engine.execute import ShardMerge
 from ..engine.plan import format_bytes
-from ..engine.resources import compute_threads
+from ..engine.resources import compute_threads, threads_beside_evaluation
 from ..engine.resume import prepare_partial
 from ..io.reader import TensorReader
 from ..io.safetensors import read_header
+from ..stream.remote import RemoteParent
+from ..stream.spool import ParentHashes, ShardSpool, fetch_spool, spool_shard
 from ..validate.fed import FedEvaluator
 from ..validate.functional import EvalSettings
 from ..validate.report import ModelEvaluation
@@ -80,11 +85,16 @@ class OnePass:
         settings: how the models are evaluated (``slerp-merge validate``'s settings).
         ids: the evaluation tokens.
         parents: the roles (``model_1``, ``model_2``) to evaluate in the pass as well.
+        remote: the Hub parents ``base`` was planned from (:func:`~slerp_plugin.stream.open_remote`),
+            read by range; None: ``base``'s parents are local files.
     """
 
     def __init__(self, base: MergePlan, ts: Sequence[float], work: Path, settings: EvalSettings,
-                 ids: torch.Tensor, parents: Sequence[str] = ()) -> None:
+                 ids: torch.Tensor, parents: Sequence[str] = (),
+                 remote: Mapping[str, RemoteParent] | None = None) -> None:
         self.base, self.ids, self.settings, self.work = base, ids, settings, work
+        self.remote = dict(remote) if remote else None
+        self.hashes = ParentHashes(self.remote) if self.remote else None
         self.plans = {t: plan_for_t(base, t, work) for t in ts}
         self.device = base.device
         self.dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
@@ -96,6 +106,8 @@ class OnePass:
                                        self.dtype, aside) for t in ts}
         self.parents = {role: FedEvaluator(role, base.paths[role], layouts[role], self.device, self.dtype,
                                            aside) for role in parents}
+        #: the parents' weights in the compute dtype (as ``validate`` counts them), by role
+        self.parent_bytes = {role: ev.model.weight_bytes for role, ev in self.parents.items()}
         self.branches = {t: Counter[str]() for t in ts}
         self.bytes_read = 0
 
@@ -109,21 +121,25 @@ class OnePass:
         Raises:
             CheckpointError: a parent's file is unreadable or truncated.
             OutputWriteError: a work shard cannot be written.
+            HubError, HubIntegrityError: a Hub parent's bytes cannot be fetched, or do not match
+                the Hub's SHA-256.
         """
         started = time.perf_counter()
         for plan in self.plans.values():
             prepare_partial(plan, exclusive=True)
         try:
-            with ExitStack() as stack:
-                reader = stack.enter_context(TensorReader(direct=False))
-                threads = stack.enter_context(compute_threads(self.device, self.base.spec.threads))
-                log.info("sweep: %d t value(s) over %d shard(s) (%s per t) on %s with %d compute thread(s)",
+            spec = self.base.spec
+            wanted = threads_beside_evaluation(spec.threads, spec.norm_precision)
+            with compute_threads(self.device, wanted) as threads:
+                log.info("sweep: %d t value(s) over %d shard(s) (%s per t) on %s with %d compute thread(s)%s",
                          len(self.plans), len(self.base.shards), format_bytes(self.base.total_bytes),
-                         self.device, threads)
+                         self.device, threads, "; parents read by range from the Hub" if self.remote else "")
                 for ev in self.evaluators:
                     ev.start(self.ids, self.settings.max_length)
                 for i, shard in enumerate(self.base.shards):
-                    self._shard(i, shard, reader, progress)
+                    self._shard(i, shard, progress)
+            if self.hashes is not None:
+                self.hashes.verify()
         finally:
             for ev in self.evaluators:
                 ev.close()
@@ -132,24 +148,45 @@ class OnePass:
             parents={role: self._parent(role, ev) for role, ev in self.parents.items()},
             bytes_read=self.bytes_read, seconds=time.perf_counter() - started)
 
-    def _shard(self, i: int, shard: ShardPlan, reader: TensorReader,
-               progress: Callable[[int], None] | None) -> None:
+    def _shard(self, i: int, shard: ShardPlan, progress: Callable[[int], None] | None) -> None:
         started = time.perf_counter()
-        for n, (t, plan) in enumerate(self.plans.items()):
-            outcome = ShardMerge(plan, plan.shards[i], reader).run()
-            if n == 0:
-                self.bytes_read += outcome.bytes_read
-            self.branches[t].update(r.branch for r in outcome.tensors)
-            path = plan.partial / shard.file
-            self.merged[t].take({info.name: info for info in read_header(path)[0]})
-            path.unlink()
-            if progress:
-                progress(shard.nbytes)
-        for role, ev in self.parents.items():
-            ev.take({j.name: (j.a if role == "model_1" else j.b) for j in shard.jobs})
+        shard, spool = self._inputs(shard)
+        try:
+            with TensorReader(direct=False) as reader:
+                for n, (t, plan) in enumerate(self.plans.items()):
+                    at_t = ShardPlan(shard.index, shard.file, [replace(j, t=t) for j in shard.jobs])
+                    outcome = ShardMerge(plan, at_t, reader).run()
+                    if n == 0:
+                        self.bytes_read += outcome.bytes_read
+                    self.branches[t].update(r.branch for r in outcome.tensors)
+                    path = plan.partial / shard.file
+                    self.merged[t].take({info.name: info for info in read_header(path)[0]})
+                    path.unlink()
+                    if progress:
+                        progress(shard.nbytes)
+            for role, ev in self.parents.items():
+                ev.take({j.name: (j.a if role == "model_1" else j.b) for j in shard.jobs})
+        finally:
+            if spool is not None:
+                spool.remove()
         log.info("sweep: shard %d/%d (%d tensors, %s) merged and evaluated at %d t in %.1f s", i + 1,
                  len(self.base.shards), len(shard.jobs), format_bytes(shard.nbytes), len(self.plans),
                  time.perf_counter() - started)
+
+    def _inputs(self, shard: ShardPlan) -> tuple[ShardPlan, ShardSpool | None]:
+        """``shard`` as it is (local parents), or read from spool files its Hub bytes are fetched into."""
+        if self.remote is None:
+            return shard, None
+        folder = self.work / "spool"
+        folder.mkdir(exist_ok=True)
+        spooled, spool = spool_shard(shard, folder)
+        try:
+            for role, parent in self.remote.items():
+                fetch_spool(spool, role, parent, self.hashes)  # type: ignore[arg-type]
+        except BaseException:
+            spool.remove()
+            raise
+        return spooled, spool
 
     @staticmethod
     def _outcome(ev: FedEvaluator) -> tuple[ModelEvaluation | None, str | None]:

@@ -30,10 +30,12 @@ from ..engine.output import (
 )
 from ..engine.progress import progress_bar
 from ..errors import ConfigError, OutputExistsError, OutputWriteError
+from ..hub.client import is_hub_id
 from ..hub.sources import resolve_inputs
 from ..io.atomic import fsync_dir
 from ..io.model_files import ResolvedModel
 from ..spec import MergeSpec
+from ..stream import open_remote
 from ..validate.cache import EvaluationCache, evaluation_key
 from ..validate.functional import ROLES, EvalSettings, eval_tokens, evaluate_cached, judge
 from ..validate.report import ModelEvaluation
@@ -77,12 +79,17 @@ def run_sweep(
     Returns:
         The sweep; ``best_t`` is None when no t passes the gate.
 
+    Both parents given as Hub ids are read by range (nothing downloaded whole); otherwise they are
+    resolved as for a merge (Hub ids downloaded, local folders as they are).
+
     Raises:
-        ConfigError: a bad t list, or a spec the sweep cannot take (a streaming spec without
-            ``model_save_path`` for the parents is fine; a t schedule is replaced).
-        OutputExistsError: ``report`` holds something this tool did not write for it.
+        ConfigError: a bad t list (:func:`~.values.check_t_values`).
+        OutputExistsError: ``report`` holds something this tool did not write for it, or overlaps
+            an input.
         OutputLockedError: another sweep writes the same report.
         ModelNotFoundError, CheckpointError, KeyMismatchError, ShapeMismatchError: as a merge.
+        HubError, HubIntegrityError: a Hub parent cannot be read, or its bytes do not match the Hub's
+            SHA-256.
         ValidationInputError: the tokenizer or a parent cannot be evaluated.
     """
     ts = check_t_values(ts)
@@ -97,10 +104,15 @@ def run_sweep(
         spec0 = spec.model_copy(update={"t": ts[0], "output": work / f"t-{ts[0]:g}", "direct_io": False,
                                         "max_shard_size": min(spec.max_shard_size, SWEEP_SHARD_BYTES),
                                         "overwrite": False, "push_to_hub": None, "stream": False})
-        base = plan_resolved(spec0, resolve_inputs(spec0, resolved), execution=True)
+        remote = None
+        if resolved is None and all(_on_hub(ref) for ref in (spec.model_1, spec.model_2)):
+            base, remote = open_remote(spec0, work / "parents", execution=True)
+        else:
+            base = plan_resolved(spec0, resolve_inputs(spec0, resolved), execution=True)
         tokenizer, ids = eval_tokens(base.paths["tokenizer"], settings)
-        parents, keys = _known_parents(base.paths, ids, tokenizer, settings, cache, base.device.type)
-        one = OnePass(base, ts, work, settings, ids, [r for r in ROLES if r not in parents])
+        content = {r: p.content_id for r, p in remote.items()} if remote else None
+        parents, keys = _known_parents(base.paths, ids, tokenizer, settings, cache, base.device.type, content)
+        one = OnePass(base, ts, work, settings, ids, [r for r in ROLES if r not in parents], remote)
         bar = progress_bar(base, "sweeping")
         if bar is not None:
             bar.reset(total=base.total_bytes * len(ts))
@@ -109,7 +121,7 @@ def run_sweep(
         finally:
             if bar is not None:
                 bar.close()
-        _store(found, keys, cache)
+        _store(found, keys, cache, settings, one)
         result = _result(spec, found, {**parents, **found.parents}, settings, margin, ids.numel(), base,
                          time.perf_counter() - started)
         _finish(partial, out, result)
@@ -147,20 +159,26 @@ def _remove_beginning(folder: Path) -> None:
     folder.rmdir()
 
 
+def _on_hub(ref) -> bool:
+    return is_hub_id(ref.ref) and not Path(ref.ref).expanduser().is_dir()
+
+
 def _known_parents(paths: dict[str, Path], ids, tokenizer, settings: EvalSettings,
-                   cache: EvaluationCache | None, device_type: str
+                   cache: EvaluationCache | None, device_type: str, content: dict[str, str] | None
                    ) -> tuple[dict[str, ModelEvaluation], dict[str, str]]:
-    """The parents' evaluations that need no pass: cached ones, and small models evaluated as
-    ``validate`` does (with completions); the cache keys of the others."""
+    """The parents' evaluations that need no pass: cached ones, and small local models evaluated
+    as ``validate`` does (with completions); the cache keys of the others. ``content``: the Hub
+    parents' content ids (they are evaluated in the pass unless cached)."""
     known, keys = {}, {}
     for role in ROLES:
         key = evaluation_key(paths[role], ids, settings.max_length, settings.prompts, settings.max_new_tokens,
-                             device_type, settings.dtype, settings.generation_memory)
+                             device_type, settings.dtype, settings.generation_memory,
+                             content=content[role] if content else None)
         found = cache.get(key) if cache is not None else None
         if found is not None:
             log.info("perplexity of %s: %.4f (from the cache)", role, found.perplexity)
             known[role] = found.model_copy(update={"cached": True})
-        elif _weight_bytes(paths[role], settings) <= settings.generation_memory:
+        elif content is None and _weight_bytes(paths[role], settings) <= settings.generation_memory:
             known[role] = evaluate_cached(paths[role], ids, tokenizer, settings, cache)
         else:
             keys[role] = key
@@ -179,12 +197,14 @@ def _weight_bytes(folder: Path, settings: EvalSettings) -> int:
         return model.weight_bytes
 
 
-def _store(found: PassResult, keys: dict[str, str], cache: EvaluationCache | None) -> None:
-    """Parents evaluated in the pass go to the cache (they are models ``validate`` gives no completions)."""
+def _store(found: PassResult, keys: dict[str, str], cache: EvaluationCache | None,
+           settings: EvalSettings, one: OnePass) -> None:
+    """Parents evaluated in the pass go to the cache where ``validate`` would also give no completions."""
     if cache is None:
         return
     for role, evaluation in found.parents.items():
-        cache.put(keys[role], evaluation)
+        if one.parent_bytes[role] > settings.generation_memory:
+            cache.put(keys[role], evaluation)
 
 
 def _result(spec: MergeSpec, found: PassResult, parents: dict[str, ModelEvaluation], settings: EvalSettings,

@@ -84,3 +84,31 @@ def test_a_report_folder_the_sweep_did_not_write_is_refused_and_left_alone(demo_
     second = run_sweep(spec, [0.2, 0.5], report=tmp_path / "r", settings=SETTINGS, cache=None)  # replaced
     assert len(first.points) == 1 and SweepResult.read(tmp_path / "r") == second
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["mine", "r"]
+
+
+def test_hub_parents_are_read_by_range_and_give_the_local_figures(hub, demo_bf16, tmp_path, monkeypatch):
+    from slerp_plugin.hub import client as H
+    from slerp_plugin.spec import MergeSpec
+
+    H.upload_folder(demo_bf16[0], "org/sweep-a")
+    H.upload_folder(demo_bf16[1], "org/sweep-b")
+    ts = [0.25, 0.75]
+    settings = SETTINGS.model_copy(update={"generation_memory": 0})  # parents cached as validate would
+    local_spec = spec_for(demo_bf16, tmp_path / "merged", t=0.5, max_shard_size="40KB", device="cpu")
+    local = run_sweep(local_spec, ts, report=tmp_path / "local", settings=settings, cache=None)
+    sent = hub.state.bytes_sent
+    spec = MergeSpec.build(model_1="org/sweep-a", model_2="org/sweep-b", t=0.5, output=tmp_path / "merged",
+                           max_shard_size="40KB", device="cpu")
+    cache = EvaluationCache(tmp_path / "cache")
+    remote = run_sweep(spec, ts, report=tmp_path / "remote", settings=settings, cache=cache)
+    assert [p.perplexity for p in remote.points] == [p.perplexity for p in local.points]
+    assert [p.branch_counts for p in remote.points] == [p.branch_counts for p in local.points]
+    for role in ("model_1", "model_2"):
+        assert remote.parents[role].perplexity == pytest.approx(local.parents[role].perplexity, rel=1e-5)
+    repos = sum(f.stat().st_size for folder in demo_bf16 for f in folder.iterdir())
+    # each byte fetched about once: the SHA-256 check at the end fetches again only what was merged
+    # before the bytes ahead of it in its file (here the head, stored first, is needed last)
+    assert hub.state.bytes_sent - sent <= 1.25 * repos
+    assert not list((tmp_path / "hf-cache").rglob("*.safetensors"))  # nothing downloaded whole
+    again = run_sweep(spec, ts, report=tmp_path / "remote", settings=settings, cache=cache)
+    assert all(again.parents[r].cached for r in ("model_1", "model_2"))  # by the Hub's SHA-256

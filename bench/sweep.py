@@ -1,0 +1,100 @@
+"""Benchmark of choosing t: ``slerp-merge sweep`` (every t in one pass) against the sweep it replaces
+(a merge per t, each validated and kept).
+
+    python bench/sweep.py [--t 0.1,0.3,0.5,0.7,0.9] [--layers 16] [--max-tokens 1024] [--out DIR]
+
+On the pair of bench/run.py with ``--layers`` layers (16 = the 953M pair, built under bench/work/
+if missing), each with an evaluation cache of its own (so both evaluate the parents once):
+
+- merge each: ``slerp-merge -m``-style, one ``slerp-merge`` merge per t and one ``slerp-merge
+  validate`` of it, every model kept (what ``slerp_sweep`` in merge-each mode does);
+- one pass: ``slerp-merge sweep --t ...`` (what ``slerp_sweep`` does in one-pass mode).
+
+Reported: wall time (sum of the commands), the largest peak RSS of any one command, the peak disk
+each writes (sampled every 50 ms: merge each, the models kept; one pass, its work folder), and the
+largest relative difference between the two sets of perplexities. Writes DIR/sweep.json and prints
+a markdown table (default DIR: bench/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import make_pair  # noqa: E402
+from run import WORK, timed  # noqa: E402
+from stream import DiskSampler  # noqa: E402
+
+CLI = [sys.executable, "-m", "slerp_plugin"]
+
+
+def seed_args(a: Path, b: Path, *extra: str) -> list[str]:
+    return [f"modelpool.models.model_1={a}", f"modelpool.models.model_2={b}", f"modelpool.tokenizer={a}",
+            *extra]
+
+
+def merge_each(a: Path, b: Path, ts: list[float], tokens: int, work: Path) -> dict:
+    """A merge per t, each validated (parents from a cache of its own after the first)."""
+    env = {**os.environ, "SLERP_PLUGIN_CACHE": str(work / "cache-each")}
+    runs, ppl = [], {}
+    (work / "each").mkdir()
+    with DiskSampler(work / "each") as disk:
+        for t in ts:
+            out = work / "each" / f"t{t}"
+            merge = seed_args(a, b, f"method.t={t}", f"method.model_save_path={out}")
+            runs.append(timed([*CLI, *merge], env=env))
+            runs.append(timed([*CLI, "validate", str(out), "--parents", str(a), str(b), "--max-tokens",
+                               str(tokens), "--device", "cpu"], env=env))
+            ppl[t] = json.loads((out / "validation.json").read_text())["functional"]["perplexity"]["merged"]
+    shutil.rmtree(work / "each")
+    return {"wall_s": sum(r["wall_s"] for r in runs), "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "peak_disk_bytes": disk.peak, "perplexity": ppl}
+
+
+def one_pass(a: Path, b: Path, ts: list[float], tokens: int, work: Path) -> dict:
+    """``slerp-merge sweep`` over the same t."""
+    env = {**os.environ, "SLERP_PLUGIN_CACHE": str(work / "cache-one")}
+    report = work / "one" / "report"
+    with DiskSampler(report.parent) as disk:
+        run = timed([*CLI, "sweep", "--t", ",".join(map(str, ts)), "--report", str(report), "--max-tokens",
+                     str(tokens), *seed_args(a, b, "method.t=0.5", "method.device=cpu",
+                                             f"method.model_save_path={work / 'one' / 'merged'}")], env=env)
+    sweep = json.loads((report / "sweep.json").read_text())
+    return {**run, "peak_disk_bytes": disk.peak, "best_t": sweep["best_t"],
+            "perplexity": {p["t"]: p["perplexity"] for p in sweep["points"]}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--t", default="0.1,0.3,0.5,0.7,0.9")
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=1024)
+    ap.add_argument("--out", type=Path, default=BENCH / "results")
+    args = ap.parse_args()
+    ts = [float(t) for t in args.t.split(",")]
+    a, b = make_pair.build(WORK / f"pair-{args.layers}", args.layers)
+    with tempfile.TemporaryDirectory(dir=WORK) as tmp:
+        each = merge_each(a, b, ts, args.max_tokens, Path(tmp))
+        one = one_pass(a, b, ts, args.max_tokens, Path(tmp))
+    diff = max(abs(one["perplexity"][t] / each["perplexity"][t] - 1) for t in ts)
+    result = {"t": ts, "layers": args.layers, "tokens": args.max_tokens, "merge_each": each, "one_pass": one,
+              "ratio": one["wall_s"] / each["wall_s"], "max_relative_difference": diff}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sweep.json").write_text(json.dumps(result, indent=1))
+    print("| | wall (s) | peak RSS (MB) | peak disk (GB) |\n|---|---|---|---|")
+    for name, r in (("merge each + validate", each), ("one pass (`slerp-merge sweep`)", one)):
+        print(f"| {name} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_disk_bytes'] / 1e9:.2f} |")
+    print(f"\none pass / merge each: {result['ratio']:.2f}×; perplexities equal within {diff:.1e} relative; "
+          f"best t {one['best_t']}")
+
+
+if __name__ == "__main__":
+    main()
