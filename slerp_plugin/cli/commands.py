@@ -195,14 +195,15 @@ def sweep(argv: list[str]) -> int:
         from ..validate import EvalSettings
 
         args.device = spec.device
-        result = run_sweep(spec, ts, report=args.report, settings=_settings(args, EvalSettings),
-                           margin=args.margin, cache=None if args.no_cache else "default")
+        settings = _settings(args, EvalSettings)
+        cache = None if args.no_cache else "default"
+        result = run_sweep(spec, ts, report=args.report, settings=settings, margin=args.margin, cache=cache)
     print("\n".join(result.lines()))
     print(f"report: {result.report}")
     if not result.passed:
         return 6
     if args.merge:
-        merged = merge_best(spec, result)
+        merged = merge_best(spec, result, settings=settings, cache=cache)
         print(f"merged at t = {result.best_t:g}: {merged.output or spec.push_to_hub}")
     return 0
 

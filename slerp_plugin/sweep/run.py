@@ -256,13 +256,17 @@ def _finish(partial: Path, out: Path, result: SweepResult) -> None:
     fsync_dir(out.parent)
 
 
-def merge_best(spec: MergeSpec, result: SweepResult) -> MergeResult:
-    """Merge ``spec`` at the sweep's best t: locally, or streamed to the Hub with the gate when
-    ``spec.stream`` (:func:`slerp_plugin.merge.run_merge`).
+def merge_best(spec: MergeSpec, result: SweepResult, *, settings: EvalSettings | None = None,
+               cache: EvaluationCache | None | Literal["default"] = "default") -> MergeResult:
+    """Merge ``spec`` at the sweep's best t: locally (:func:`slerp_plugin.merge.run_merge`), or
+    streamed to the Hub with the gate when ``spec.stream`` (:func:`slerp_plugin.stream.stream_merge`,
+    its gate evaluating as the sweep did, so the parents come from the cache the sweep filled).
 
     Args:
         spec: the merge the sweep was run for (its ``t`` is replaced by the best t).
         result: the sweep.
+        settings: how the sweep evaluated the models (default: those of ``slerp-merge validate``).
+        cache: the evaluation cache the sweep used (``"default"``: the user's).
 
     Returns:
         The merge (its folder, or None for a streaming merge; its manifest and upload).
@@ -273,7 +277,12 @@ def merge_best(spec: MergeSpec, result: SweepResult) -> MergeResult:
     """
     if result.best_t is None:
         raise ConfigError("no t passed the gate: nothing to merge")
+    chosen = spec.model_copy(update={"t": result.best_t, "gate_margin": result.margin})
+    log.info("merging at the chosen t = %g", result.best_t)
+    if spec.stream:
+        from ..stream import stream_merge
+
+        return stream_merge(chosen, settings=settings, cache=cache)
     from ..merge import run_merge
 
-    log.info("merging at the chosen t = %g", result.best_t)
-    return run_merge(spec.model_copy(update={"t": result.best_t}))
+    return run_merge(chosen)

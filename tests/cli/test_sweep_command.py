@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 from model_helpers import permuted_twin, run_cli, seed_args
@@ -56,3 +58,27 @@ def test_no_t_passes_exits_6_and_merges_nothing(tmp_path):
     assert m.returncode == 0, m.stderr[-2000:]
     report = validate_merge(local, pair, settings=EvalSettings(max_tokens=128, device="cpu"))
     assert sweep["points"][1]["perplexity"] == pytest.approx(report.functional.perplexity["merged"], rel=1e-4)
+
+
+def test_the_best_t_streamed_to_the_hub_with_merge(hub, demo_bf16, tmp_path):
+    from slerp_plugin.hub import client as H
+
+    H.upload_folder(demo_bf16[0], "org/sw-a")
+    H.upload_folder(demo_bf16[1], "org/sw-b")
+    r = run_cli(["sweep", "--t", "0.3,0.6", "--merge", "--max-tokens", "128", "--generation-memory", "0",
+                 *seed_args(("org/sw-a", "org/sw-b"), f"method.model_save_path={tmp_path / 'merged'}",
+                            "method.stream=true", "method.max_shard_size=100KB",
+                            "+push_to_hub=org/sw-merged")],
+                cwd=tmp_path, env={**os.environ, "SLERP_PLUGIN_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    best = json.loads((tmp_path / "merged-sweep" / "sweep.json").read_text())["best_t"]
+    assert f"merged at t = {best:g}: org/sw-merged" in r.stdout
+    repo = hub.state.repos["org/sw-merged"]
+    head = repo.commits[repo.branches["main"]]
+    assert f"t={best:g}" in head.title and "validation.json" in head.files  # published with the gate's report
+    sweep = json.loads((tmp_path / "merged-sweep" / "sweep.json").read_text())
+    chosen = next(p["perplexity"] for p in sweep["points"] if p["t"] == best)
+    gate = re.search(r"gate passed: perplexity merged ([\d.]+)", r.stderr)
+    assert gate and float(gate.group(1)) == pytest.approx(chosen, abs=1e-3)  # the same figure, the same text
+    assert "model_1 from the cache" in r.stderr and "model_2 from the cache" in r.stderr  # the sweep's
+    assert not (tmp_path / "merged").exists()  # nothing written locally
