@@ -64,3 +64,11 @@ def test_no_import_cycles_between_modules():
                 if not (other.startswith(module + ".") or module.startswith(other + ".")):
                     cycles.append(f"{module} <-> {other}")
     assert not cycles, cycles
+
+
+def test_test_files_have_unique_names():
+    """The test folders are not packages: pytest imports each test file by its name alone."""
+    names: dict[str, list[str]] = {}
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        names.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert not {n: p for n, p in names.items() if len(p) > 1}

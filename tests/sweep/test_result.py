@@ -6,7 +6,7 @@ import csv
 import io
 import math
 
-from slerp_plugin.sweep.report import SweepPoint, SweepResult, best_t, relative_change
+from slerp_plugin.sweep.result import SweepPoint, SweepResult, best_t, relative_change
 from slerp_plugin.validate.report import ModelEvaluation
 
 

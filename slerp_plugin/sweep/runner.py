@@ -40,7 +40,7 @@ from ..validate.cache import EvaluationCache, evaluation_key
 from ..validate.functional import ROLES, EvalSettings, eval_tokens, evaluate_cached, judge
 from ..validate.report import ModelEvaluation
 from .one_pass import SWEEP_SHARD_BYTES, OnePass, PassResult
-from .report import SweepPoint, SweepResult, best_t, relative_change
+from .result import SweepPoint, SweepResult, best_t, relative_change
 from .values import check_t_values
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def run_sweep(
 ) -> SweepResult:
     """Evaluate the merge of ``spec``'s parents at every t of ``ts`` in one read of the parents
     (nothing but one work shard at a time is written), judge each against the parents by the gate
-    of ``slerp-merge validate``, and choose the best t (:data:`~.report.BEST_RULE`).
+    of ``slerp-merge validate``, and choose the best t (:data:`~.result.BEST_RULE`).
 
     Args:
         spec: the merge (its ``t`` is replaced by each of ``ts``; everything else applies).
