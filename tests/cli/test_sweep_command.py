@@ -11,7 +11,9 @@ import pytest
 from model_helpers import permuted_twin, run_cli, seed_args
 
 from slerp_plugin.formats.manifest import Manifest
-from slerp_plugin.validate import EvalSettings
+from slerp_plugin.merge import run_merge
+from slerp_plugin.spec import MergeSpec
+from slerp_plugin.validate import EvalSettings, EvaluationCache
 from slerp_plugin.validate.functional import functional_check
 
 
@@ -54,11 +56,11 @@ def test_no_t_passes_exits_6_and_merges_nothing(tmp_path):
     parents = [sweep["parents"][role]["perplexity"] for role in ("model_1", "model_2")]
     assert max(parents) < 100 and min(p["perplexity"] for p in sweep["points"]) > 100 * max(parents)
     assert any(p["branch_counts"].get("slerp") for p in sweep["points"])  # neurons out of line: SLERP
-    local = tmp_path / "at-0.5"
-    m = run_cli(seed_args(pair, "method.t=0.5", f"method.model_save_path={local}"), cwd=tmp_path)
-    assert m.returncode == 0, m.stderr[-2000:]
+    local = run_merge(MergeSpec(model_1=pair[0], model_2=pair[1], t=0.5, output=tmp_path / "at-0.5"))
     settings = EvalSettings(max_tokens=128, device="cpu")
-    functional = functional_check(local, pair, settings=settings, margin=0.1)  # validate's perplexity gate
+    # validate's perplexity gate, with the parents from the cache the sweep filled
+    functional = functional_check(local.output, pair, settings=settings, margin=0.1, cache=EvaluationCache())
+    assert functional.evaluations["model_1"].cached and functional.evaluations["model_2"].cached
     assert sweep["points"][1]["perplexity"] == pytest.approx(functional.perplexity["merged"], rel=1e-4)
 
 

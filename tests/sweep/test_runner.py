@@ -29,7 +29,7 @@ def smol_pair(tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_real_pair_swept_equals_validate_of_the_merge_made_at_each_t(smol_pair, tmp_path):
-    settings = EvalSettings(max_tokens=256, device="cpu")
+    settings = EvalSettings(max_tokens=128, device="cpu")
     spec = spec_for(smol_pair, tmp_path / "merged", t=0.5, max_shard_size="60MB", device="cpu")
     cache = EvaluationCache(tmp_path / "cache")
     result = run_sweep(spec, [0.7, 0.3, 0.5], settings=settings, cache=cache)
