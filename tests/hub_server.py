@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import hashlib
 import json
 import re
@@ -108,6 +109,7 @@ class HubState:
         self.resets: list[Reset] = []
         self.bandwidth: dict[str, float | None] = {"down": None, "up": None}
         self.bytes_sent = 0
+        self.sent_by_path: collections.Counter[str] = collections.Counter()  # download bytes per URL path
         self._link_free = {"down": 0.0, "up": 0.0}  # when each direction's link is next idle
         self.requests: list[tuple[str, str, str]] = []  # (method, path, authorization)
         self.lock = threading.RLock()
@@ -499,11 +501,12 @@ def create_app(state: HubState) -> FastAPI:
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{e.size}"
         headers["Content-Length"] = str(end - start + 1)
-        stream = body(state.blob_path(e.sha256), start, end + 1, state._take_reset(request.url.path))
+        stream = body(state.blob_path(e.sha256), start, end + 1, state._take_reset(request.url.path),
+                      request.url.path)
         return StreamingResponse(stream, status_code=status, headers=headers,
                                  media_type="application/octet-stream")
 
-    async def body(blob: Path, start: int, stop: int, reset_after: int | None):
+    async def body(blob: Path, start: int, stop: int, reset_after: int | None, path: str):
         """The bytes [start, stop) of ``blob`` in chunks, at the download bandwidth; a reset ends the
         stream early (the server then drops the connection: fewer bytes than Content-Length)."""
         sent = 0
@@ -524,6 +527,7 @@ def create_app(state: HubState) -> FastAPI:
                 if delay > 0:
                     await asyncio.sleep(delay)
                 state.bytes_sent += n
+                state.sent_by_path[path] += n
                 yield chunk
 
     return app

@@ -62,7 +62,7 @@ from ..formats.modelcard import render_model_card
 from ..formats.public import public_files
 from ..hub.client import commit_message_for, is_hub_id
 from ..hub.lfs import ensure_repo, lfs_present, preupload, publish, uploaded_file
-from ..io.atomic import write_json_atomic
+from ..io.atomic import write_bytes_atomic, write_json_atomic
 from ..io.crashpoints import step
 from ..io.model_files import OUTPUT_MARKER, TOKENIZER_FILES
 from ..io.reader import TensorReader
@@ -279,6 +279,7 @@ class StreamingMerge:
         self.uploaded: set[int] = set()
         self.merged: dict[int, ShardRecord] = {}
         self.spot_tensors: list = []
+        self._hashes_lock = threading.Lock()
 
     # ---------------------------------------------------------------- the whole merge
 
@@ -291,6 +292,8 @@ class StreamingMerge:
                      "from the parents' bytes (fetched anyway to check their hashes); the Hub keeps those "
                      "already uploaded", len(uploaded) + len(merged))
             self.uploaded, self.merged = uploaded, merged = set(), {}
+        if uploaded or merged:
+            self._take_up_hashes()
         self.stats.reused, self.stats.uploaded_only = len(uploaded), len(merged)
         step(f"clear {plan.partial.name}/spool")
         shutil.rmtree(self.spool_dir, ignore_errors=True)  # a killed run's spool, inside our marked folder
@@ -321,6 +324,7 @@ class StreamingMerge:
                 fetcher.join()
                 uploader.join()
         if self._error is not None:
+            self._save_hashes()
             raise self._error
         try:
             self.hashes.verify()
@@ -370,6 +374,31 @@ class StreamingMerge:
     def _upload_marker(self, shard: ShardPlan) -> Path:
         return state_dir(self.plan) / "shards" / f"{shard.file}.hub.json"
 
+    def _save_hashes(self) -> None:
+        """The parents' hashing progress, kept with the journal so that a resumed run fetches only
+        the bytes of the shards it still merges (:meth:`_take_up_hashes`)."""
+        commits = {role: p.commit for role, p in self.parents.items()}
+        doc = {"fingerprint": self.plan.fingerprint, "commits": commits, "files": self.hashes.snapshot()}
+        with self._hashes_lock:
+            try:
+                write_bytes_atomic(state_dir(self.plan) / HASHES_RECORD, json.dumps(doc).encode(),
+                                   crash_points=False)
+            except OSError as e:  # costs a resumed run the bytes, nothing else
+                log.warning("could not save the parents' hashing progress: %s", e)
+
+    def _take_up_hashes(self) -> None:
+        doc = _read_json(state_dir(self.plan) / HASHES_RECORD)
+        commits = {r: p.commit for r, p in self.parents.items()}
+        if not doc or doc.get("fingerprint") != self.plan.fingerprint or doc.get("commits") != commits:
+            return
+        taken = self.hashes.restore(doc.get("files"))
+        total = sum(p.weight_bytes for p in self.parents.values())
+        log.info("the parents' hashes go on from where the last run left them: %s of %s hashed already, "
+                 "not fetched again", format_bytes(taken), format_bytes(total))
+
+    def _fetched(self) -> int:
+        return sum(p.reader.bytes_read for p in self.parents.values())
+
     # ---------------------------------------------------------------- the three stages
 
     def _fetch_all(self, skip: set[int]) -> None:
@@ -381,10 +410,11 @@ class StreamingMerge:
                 if write and not self.budget.take(spool.disk_bytes):
                     return
                 t0 = time.perf_counter()
+                before = self._fetched()
                 for f in [pool.submit(fetch_spool, spool, role, self.parents[role], self.hashes, write=write,
                                       stop=self._stopped) for role in ROLES]:
                     f.result()
-                self.stats.bytes_fetched += spool.input_bytes
+                self.stats.bytes_fetched += self._fetched() - before
                 if write:
                     seconds = time.perf_counter() - t0
                     log.info("shard %d/%d: fetched %s of parent bytes in %.1f s (%s/s)", spool.index + 1,
@@ -415,6 +445,7 @@ class StreamingMerge:
             with TensorReader(direct=self.spec.direct_io) as reader:
                 outcome = ShardMerge(self.plan, shard, reader, progress=self._progress).run()
             self._spot_check(shard, spool, outcome)
+            self._save_hashes()
             done = functools.partial(self._spool_done, spool)
             if self.gate is None or not self.gate.evaluates_parents:
                 done()
@@ -465,6 +496,7 @@ class StreamingMerge:
             write_json_atomic(self._upload_marker(shard), {
                 "fingerprint": self.plan.fingerprint, "repo_id": self.repo_id,
                 "sha256": record.sha256, "size": record.size})
+            self._save_hashes()
             if self.gate is not None:
                 self.gate.wait_evaluated(index)
             step(f"delete the uploaded {shard.file}")
@@ -562,6 +594,8 @@ class StreamingMerge:
 
 #: the record of a failed gate in the working folder's state
 GATE_RECORD = "gate.json"
+#: the parents' hashing progress (:meth:`StreamingMerge._save_hashes`), in the state folder
+HASHES_RECORD = "parent-hashes.json"
 
 
 def _gate_line(f: FunctionalResult) -> str:

@@ -10,7 +10,6 @@ arrive, and :class:`DiskBudget` holds fetches back until the disk they need is f
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -19,9 +18,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..engine import ShardPlan, TensorJob
+from ..engine.plan import format_bytes
 from ..errors import HubIntegrityError, OutputWriteError
 from ..io.crashpoints import step
 from ..io.direct import ALIGN
+from ..io.hashing import ResumableSha256
 from ..io.safetensors import TensorInfo
 from .remote import RemoteParent
 
@@ -97,30 +98,59 @@ def spool_shard(shard: ShardPlan, folder: Path) -> tuple[ShardPlan, ShardSpool]:
 class ParentHashes:
     """SHA-256 of every parent weight file, fed in file order with the bytes fetched.
 
-    Bytes that arrive out of order (a re-run that skips shards, parents sharded differently) are
-    not hashed then; :meth:`verify` fetches whatever was not hashed and compares every file with the
-    SHA-256 the Hub gives.
+    Bytes that arrive out of order (parents sharded differently from the output) are not hashed
+    then; :meth:`verify` fetches whatever was not hashed and compares every file with the SHA-256
+    the Hub gives. The hashes' progress is saved with a streaming merge's journal
+    (:meth:`snapshot`) and restored by a resumed run (:meth:`restore`), which then fetches only the
+    bytes of the shards still to merge.
     """
 
     def __init__(self, parents: dict[str, RemoteParent]) -> None:
         self.parents = parents
-        self._state: dict[tuple[str, str], list] = {}  # (role, name) → [hasher, position]
-        self._lock = threading.Lock()
+        self._state: dict[tuple[str, str], _FileHash] = {}
         for role, parent in parents.items():
             for name, head in parent.heads.items():
-                self._state[(role, name)] = [hashlib.sha256(head), len(head)]
+                self._state[(role, name)] = _FileHash(ResumableSha256(head), len(head))
 
     def feed(self, role: str, name: str, pos: int, data: memoryview) -> None:
-        self._feed(self._state[(role, name)], pos, data)
+        self._state[(role, name)].feed(pos, data)
 
-    @staticmethod
-    def _feed(state: list, pos: int, data: memoryview) -> None:
-        if pos == state[1]:
-            state[0].update(data)
-            state[1] += len(data)
+    def position(self, role: str, name: str) -> int:
+        """How many leading bytes of the file are hashed."""
+        return self._state[(role, name)].pos
+
+    def snapshot(self) -> dict[str, dict[str, int | str]]:
+        """Each file's progress (``"role/name": {"pos", "state"}``), for :meth:`restore`."""
+        out: dict[str, dict[str, int | str]] = {}
+        for (role, name), h in self._state.items():
+            with h.lock:
+                out[f"{role}/{name}"] = {"pos": h.pos, "state": h.sha.state().hex()}
+        return out
+
+    def restore(self, saved: object) -> int:
+        """Take up the progress :meth:`snapshot` saved, for each file where it is ahead; entries
+        that are malformed or name no file are ignored (those files are hashed from where they are).
+
+        Returns the bytes whose hashing was taken up.
+        """
+        taken = 0
+        for (role, name), h in self._state.items():
+            entry = saved.get(f"{role}/{name}") if isinstance(saved, dict) else None
+            try:
+                pos, sha = int(entry["pos"]), ResumableSha256.from_state(bytes.fromhex(entry["state"]))
+            except (TypeError, KeyError, ValueError, OverflowError):
+                continue
+            if h.pos < pos <= self.parents[role].files[name].size:
+                with h.lock:
+                    taken += pos - h.pos
+                    h.sha, h.pos, h.restored = sha, pos, True
+        return taken
 
     def verify(self) -> dict[str, dict[str, str]]:
         """Finish each file's hash (fetching what was not hashed) and check it against the Hub.
+
+        A file whose hash was taken up from a saved state and does not match is hashed once more
+        from its first byte before it counts as a mismatch (a damaged state costs bytes, not the run).
 
         Returns the SHA-256 of each file by role and name.
 
@@ -129,16 +159,16 @@ class ParentHashes:
             HubError: the missing bytes cannot be fetched.
         """
         out: dict[str, dict[str, str]] = {}
-        for (role, name), state in self._state.items():
+        for (role, name), h in self._state.items():
             parent = self.parents[role]
-            size = parent.files[name].size
-            if state[1] < size:
-                log.info("%s/%s: hashing the %d bytes this run did not fetch in order", parent.repo_id, name,
-                         size - state[1])
-                parent.reader.stream(name, state[1], size,
-                                     lambda pos, data, s=state: self._feed(s, pos, data))
-            digest = state[0].hexdigest()
             expected = parent.files[name].sha256
+            digest = self._finish(parent, name, h)
+            if expected and digest != expected and h.restored:
+                log.warning("%s/%s: the hash taken up from the last run does not match; hashing the file "
+                            "again from its start", parent.repo_id, name)
+                head = parent.heads[name]
+                h.sha, h.pos, h.restored = ResumableSha256(head), len(head), False
+                digest = self._finish(parent, name, h)
             if expected and digest != expected:
                 raise HubIntegrityError(f"{parent.repo_id}@{parent.commit[:12]}: {name}: the bytes received "
                                         f"do not match the Hub's SHA-256 ({digest[:12]} ≠ {expected[:12]}); "
@@ -147,11 +177,36 @@ class ParentHashes:
             out.setdefault(role, {})[name] = digest
         return out
 
+    @staticmethod
+    def _finish(parent: RemoteParent, name: str, h: _FileHash) -> str:
+        size = parent.files[name].size
+        if h.pos < size:
+            log.info("%s/%s: hashing the %s this run did not fetch in order", parent.repo_id, name,
+                     format_bytes(size - h.pos))
+            parent.reader.stream(name, h.pos, size, h.feed)
+        return h.sha.hexdigest()
+
+
+class _FileHash:
+    """One parent file's SHA-256 and how many of its leading bytes it covers."""
+
+    def __init__(self, sha: ResumableSha256, pos: int) -> None:
+        self.sha, self.pos, self.restored = sha, pos, False
+        self.lock = threading.Lock()
+
+    def feed(self, pos: int, data: memoryview) -> None:
+        with self.lock:
+            end = pos + len(data)
+            if pos <= self.pos < end:
+                self.sha.update(data[self.pos - pos:] if pos < self.pos else data)
+                self.pos = end
+
 
 def fetch_spool(spool: ShardSpool, role: str, parent: RemoteParent, hashes: ParentHashes, *,
                 write: bool = True, stop: Callable[[], bool] = lambda: False) -> None:
-    """Fill ``role``'s spool file of one shard (or, without ``write``, only hash its bytes);
-    ``stop()`` true ends it early (the merge failed elsewhere).
+    """Fill ``role``'s spool file of one shard (or, without ``write``, only hash its bytes: then only
+    the bytes that continue a file's hash are fetched); ``stop()`` true ends it early (the merge
+    failed elsewhere).
 
     Raises:
         FetchStopped: ``stop()`` became true.
@@ -163,13 +218,18 @@ def fetch_spool(spool: ShardSpool, role: str, parent: RemoteParent, hashes: Pare
     fd = os.open(spool.files[role], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if write else None
     try:
         for f in spool.fetches[role]:
+            start = f.start
+            if fd is None:  # hashing only: just the bytes that continue the file's hash
+                start = hashes.position(role, f.name)
+                if not f.start <= start < f.stop:
+                    continue
             def sink(pos: int, data: memoryview, f: Fetch = f) -> None:
                 if stop():
                     raise FetchStopped
                 hashes.feed(role, f.name, pos, data)
                 if fd is not None:
                     _pwrite_all(fd, data, f.local + pos - f.start)
-            parent.reader.stream(f.name, f.start, f.stop, sink)
+            parent.reader.stream(f.name, start, f.stop, sink)
     except OSError as e:
         raise OutputWriteError(f"{spool.files[role]}: cannot write the spool: {e.strerror or e}",
                                path=spool.files[role]) from e

@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 
+import pytest
+
 from slerp_plugin.io.hashing import (
+    ResumableSha256,
     StreamHasher,
     cache_dir,
     cached_sha256,
@@ -48,3 +51,17 @@ def test_unwritable_cache_only_costs_time(tmp_path, monkeypatch):
     path = tmp_path / "f"
     path.write_bytes(b"data")
     assert cached_sha256(path) == hashlib.sha256(b"data").hexdigest()
+
+
+def test_resumable_sha256_goes_on_from_a_saved_state():
+    data = os.urandom(300_001)
+    h = ResumableSha256(data[:7])
+    h.update(memoryview(data)[7:100_000])  # a slice of a larger buffer
+    saved = h.state()
+    assert len(saved) < 200 and h.hexdigest() == hashlib.sha256(data[:100_000]).hexdigest()
+    h.update(memoryview(data[100_000:]))  # a whole buffer
+    resumed = ResumableSha256.from_state(saved)
+    resumed.update(data[100_000:])
+    assert resumed.hexdigest() == h.hexdigest() == hashlib.sha256(data).hexdigest()
+    with pytest.raises(ValueError):
+        ResumableSha256.from_state(b"not a state")

@@ -218,6 +218,38 @@ def test_an_interrupted_stream_resumes_without_merging_or_uploading_again(hub, p
     assert_same_weights(expected, published("org/merged", tmp_path))
 
 
+def test_a_resumed_stream_fetches_only_what_it_still_merges(hub, parents, demo_bf16, tmp_path, caplog,
+                                                           monkeypatch):
+    """Interrupted at half the shards, the resumed run takes up the parents' hashes where the first
+    run left them: both runs together fetch the parents about once."""
+    expected = local_result(demo_bf16, tmp_path, max_shard_size="60KB")
+    spec = stream_spec(tmp_path, max_shard_size="60KB", gate=False)
+    real = spool_mod.fetch_spool
+    shards = tmp_path / "streamed.partial" / ".slerp_state" / "shards"
+    total = len(list(expected.glob("*.safetensors")))
+
+    def network_gone_at_half(spool, role, *a, **kw):
+        if spool.index >= total // 2:
+            deadline = time.monotonic() + 30
+            while len(list(shards.glob("*.hub.json"))) < spool.index and time.monotonic() < deadline:
+                time.sleep(0.01)  # the shards before it merged and uploaded
+            raise HubUnavailableError("network gone")
+        return real(spool, role, *a, **kw)
+
+    monkeypatch.setattr("slerp_plugin.stream.pipeline.fetch_spool", network_gone_at_half)
+    with pytest.raises(HubUnavailableError, match="network gone"):
+        run_merge(spec)
+    assert len(list(shards.glob("*.hub.json"))) == total // 2
+    monkeypatch.setattr("slerp_plugin.stream.pipeline.fetch_spool", real)
+    with caplog.at_level(logging.INFO, logger="slerp_plugin"):
+        run_merge(spec)
+    fetched = sum(n for path, n in hub.state.sent_by_path.items() if path.endswith(".safetensors"))
+    assert "hashed already, not fetched again" in caplog.text
+    assert_same_weights(expected, published("org/merged", tmp_path))
+    weights = sum(f.stat().st_size for d in demo_bf16 for f in Path(d).glob("*.safetensors"))
+    assert fetched <= 1.05 * weights, (fetched, weights)  # both runs, headers read twice included
+
+
 def test_a_shard_that_fails_its_spot_check_is_not_published(hub, parents, tmp_path, monkeypatch):
     from slerp_plugin.engine.execute import ShardMerge
     from slerp_plugin.errors import ValidationGateError

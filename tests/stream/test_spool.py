@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from slerp_plugin.engine import ShardPlan, TensorJob
+from slerp_plugin.errors import HubIntegrityError
 from slerp_plugin.io.direct import ALIGN
 from slerp_plugin.io.safetensors import TensorInfo
-from slerp_plugin.stream.spool import DiskBudget, Fetch, spool_shard
+from slerp_plugin.stream.spool import DiskBudget, Fetch, ParentHashes, spool_shard
 
 
 def info(name: str, file: str, offset: int, nbytes: int) -> TensorInfo:
@@ -74,3 +80,64 @@ def test_one_shard_bigger_than_the_budget_still_runs_alone():
     budget = DiskBudget(10)
     assert budget.take(50) and budget.used == 50  # nothing else held: it goes
 
+
+
+class FakeReader:
+    """A parent file's bytes, served as RangeReader.stream serves them; counts what it sends."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.sent = data, 0
+
+    def stream(self, name, start, stop, sink):
+        for pos in range(start, stop, 1000):
+            chunk = memoryview(self.data[pos:min(pos + 1000, stop)])
+            self.sent += len(chunk)
+            sink(pos, chunk)
+
+
+def hashed_parent(data: bytes, sha256: str | None = None):
+    sha256 = sha256 or hashlib.sha256(data).hexdigest()
+    files = {"w.safetensors": SimpleNamespace(size=len(data), sha256=sha256)}
+    return SimpleNamespace(repo_id="org/a", commit="c" * 40, files=files, heads={"w.safetensors": data[:16]},
+                           reader=FakeReader(data))
+
+
+def test_parent_hashes_go_on_from_a_snapshot_and_fetch_only_the_rest():
+    data = os.urandom(50_000)
+    first = ParentHashes({"model_1": hashed_parent(data)})
+    first.feed("model_1", "w.safetensors", 16, memoryview(data)[16:30_000])
+    first.feed("model_1", "w.safetensors", 40_000, memoryview(data)[40_000:])  # out of order: not hashed
+    saved = first.snapshot()
+
+    parent = hashed_parent(data)
+    resumed = ParentHashes({"model_1": parent})
+    assert resumed.restore(saved) == 30_000 - 16
+    assert resumed.position("model_1", "w.safetensors") == 30_000
+    resumed.feed("model_1", "w.safetensors", 20_000, memoryview(data)[20_000:35_000])  # overlaps the state
+    assert resumed.verify() == {"model_1": {"w.safetensors": hashlib.sha256(data).hexdigest()}}
+    assert parent.reader.sent == len(data) - 35_000
+
+
+@pytest.mark.parametrize("saved", [None, [], {"model_1/w.safetensors": {"pos": 99}},
+                                   {"model_1/w.safetensors": {"pos": 10**9, "state": "00"}},
+                                   {"model_1/w.safetensors": {"pos": 100, "state": "zz"}}])
+def test_a_malformed_snapshot_is_ignored(saved):
+    data = os.urandom(5_000)
+    hashes = ParentHashes({"model_1": hashed_parent(data)})
+    assert hashes.restore(saved) == 0 and hashes.position("model_1", "w.safetensors") == 16
+    assert hashes.verify()["model_1"]["w.safetensors"] == hashlib.sha256(data).hexdigest()
+
+
+def test_a_wrong_snapshot_costs_bytes_not_the_run_and_a_wrong_file_still_fails():
+    data = os.urandom(20_000)
+    other = ParentHashes({"model_1": hashed_parent(os.urandom(20_000))})
+    other.feed("model_1", "w.safetensors", 16, memoryview(os.urandom(9_984)))
+    parent = hashed_parent(data)
+    hashes = ParentHashes({"model_1": parent})
+    assert hashes.restore(other.snapshot()) == 10_000 - 16  # a state that is not this file's
+    assert hashes.verify()["model_1"]["w.safetensors"] == hashlib.sha256(data).hexdigest()
+    assert parent.reader.sent == (len(data) - 10_000) + (len(data) - 16)  # then hashed from the start
+
+    tampered = ParentHashes({"model_1": hashed_parent(data, sha256="0" * 64)})
+    with pytest.raises(HubIntegrityError, match="do not match the Hub's SHA-256"):
+        tampered.verify()
