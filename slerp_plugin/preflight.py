@@ -33,6 +33,8 @@ BASE_MEMORY = 512 << 20  #: resident memory of a merge besides its buffers, byte
 DISK_MARGIN = 256 << 20  #: room kept for configs, tokenizer, manifest and filesystem slack, bytes
 #: output shards a streaming merge holds by default: one being fetched, one merged, one uploaded
 STREAM_SHARDS_IN_FLIGHT = 3
+#: files huggingface_hub's snapshot download fetches at once (its ``max_workers``), one connection each
+DOWNLOAD_FILES_AT_ONCE = 8
 _DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 
 
@@ -68,6 +70,10 @@ class MergeEstimate:
     #: a streaming merge's disk (its budget) and time (the slowest of the overlapped stages)
     stream_disk_bytes: int = 0
     stream_s: float = 0.0
+    #: connections the stream reads each parent over (``method.connections``), and each one's limit
+    #: in bytes/s (None: only the link limits)
+    connections: int = 1
+    connection_bps: float | None = None
 
     @property
     def sequential_s(self) -> float:
@@ -88,7 +94,11 @@ class MergeEstimate:
                    f"upload {_duration(self.upload_s)}; {_duration(self.sequential_s)} in all")
         out.append(f"streaming Hub to Hub (method.stream=true): disk {_gb(self.stream_disk_bytes)}, memory "
                    f"{_gb(self.memory_bytes)}, about {_duration(self.stream_s)} (download, merge and upload "
-                   "overlap)")
+                   f"overlap; each parent read over {self.connections} connection(s), method.connections)")
+        if self.connection_bps:
+            out.append(f"each connection at most {self.connection_bps / 1e6:g} MB/s: downloads of "
+                       f"{DOWNLOAD_FILES_AT_ONCE} files at once, the stream's {2 * self.connections} "
+                       "ranged GETs")
         out += [f"cannot write: {p}" for p in self.unwritable]
         out += [f"does not fit: {p}" for p in self.problems]
         return out
@@ -108,9 +118,18 @@ def estimate(
     download_bps: float = DOWNLOAD_BPS,
     upload_bps: float = UPLOAD_BPS,
     merge_bps: float = MERGE_BPS,
+    connection_bps: float | None = None,
 ) -> MergeEstimate:
-    """What ``spec`` needs as a local merge. Reads only listings and sizes (Hub API calls for Hub
-    parents, no download).
+    """What ``spec`` needs as a local merge, and as a streaming one. Reads only listings and sizes
+    (Hub API calls for Hub parents, no download).
+
+    Args:
+        spec: the merge.
+        download_bps, upload_bps: the link's rates, bytes/s.
+        merge_bps: a local merge's output rate, bytes/s.
+        connection_bps: what one connection may carry, bytes/s (CDNs limit each); None: only the
+            link limits. A download takes :data:`DOWNLOAD_FILES_AT_ONCE` connections, a stream
+            ``spec.connections`` per parent.
 
     Raises:
         ModelNotFoundError: a parent is neither a local folder nor a Hub id.
@@ -119,21 +138,28 @@ def estimate(
     """
     from .errors import ConfigError
 
-    if min(download_bps, upload_bps, merge_bps) <= 0:
+    if min(download_bps, upload_bps, merge_bps, connection_bps or 1) <= 0:
         raise ConfigError("bandwidths must be more than 0 bytes/s")
     refs = (spec.model_1, spec.model_2)
     parents = [_parent_size(name, ref) for name, ref in zip(spec.model_names, refs, strict=True)]
     output_bytes = _output_bytes(spec, parents[0])
-    est = MergeEstimate(parents, output_bytes, BASE_MEMORY + spec.buffer_memory)
+    est = MergeEstimate(parents, output_bytes, BASE_MEMORY + spec.buffer_memory, connections=spec.connections,
+                        connection_bps=connection_bps)
     downloads = sum(p.to_download for p in parents)
-    est.download_s = downloads / download_bps
+    files = sum(p.files for p in parents if p.to_download)
+    est.download_s = downloads / _rate(download_bps, connection_bps, min(files, DOWNLOAD_FILES_AT_ONCE))
     est.merge_s = output_bytes / merge_bps
     est.upload_s = output_bytes / upload_bps if spec.push_to_hub else 0.0
     est.stream_disk_bytes = stream_disk(spec, parents, output_bytes)
-    full_download = sum(p.size for p in parents) / download_bps
+    full_download = sum(p.size for p in parents) / _rate(download_bps, connection_bps, 2 * spec.connections)
     est.stream_s = max(full_download, est.merge_s, output_bytes / upload_bps)
     _disk(spec, est, downloads)
     return est
+
+
+def _rate(link_bps: float, connection_bps: float | None, connections: int) -> float:
+    """Bytes/s of ``connections`` connections at once on a link of ``link_bps``."""
+    return min(link_bps, connection_bps * max(connections, 1)) if connection_bps else link_bps
 
 
 def stream_disk(spec: MergeSpec, parents: list[ParentSize], output_bytes: int) -> int:

@@ -224,6 +224,8 @@ class MergeSpec(BaseModel):
     disk_budget: Annotated[int | None, BeforeValidator(_optional_size)] = Field(
         None, description="bytes of disk a streaming merge may use at once (default: three output shards in "
         "flight with their inputs)")
+    connections: int = Field(8, ge=1, le=64, description="ranged GETs in flight per Hub parent in a "
+                             "streaming merge or a sweep (CDNs limit each connection's rate)")
     gate: bool = Field(True, description="a streaming merge is evaluated as its shards are merged and "
                        "published only if its perplexity passes the gate of slerp-merge validate (false: "
                        "spot checks only)")

@@ -9,6 +9,12 @@ endpoint with an HTTP status N times (optionally after a delay); :meth:`HubState
 connection of a file download after some bytes; ``bandwidth`` limits downloads (``down``) and LFS
 uploads (``up``) in bytes per second, all connections of a direction together, as one network
 link does. Private and gated repos need a token from ``tokens``.
+
+Like the real Hub behind its CDN, the server can also limit each download connection on its own
+(``per_connection``, bytes per second), wait a round trip before answering each request
+(``latency``, seconds), and answer ``resolve`` of an LFS file with a 302 to a signed URL that
+expires after ``redirect_ttl`` seconds (403 afterwards). ``in_flight_most`` is the most downloads
+it served at once.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ import asyncio
 import base64
 import collections
 import hashlib
+import hmac
 import json
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -108,6 +116,13 @@ class HubState:
         self.faults: list[Fault] = []
         self.resets: list[Reset] = []
         self.bandwidth: dict[str, float | None] = {"down": None, "up": None}
+        self.per_connection: float | None = None  # download bytes/s of one connection
+        self.latency = 0.0  # seconds before each answer
+        self.redirect_ttl: float | None = None  # resolve of LFS files: 302 to a URL valid this long
+        self.cdn_url = ""  # the origin redirects go to (set by HubServer)
+        self.stale_redirects = 0  # redirects still to send that have expired already
+        self.in_flight = self.in_flight_most = 0
+        self.secret = hashlib.sha256(str(time.time_ns()).encode()).digest()
         self.bytes_sent = 0
         self.sent_by_path: collections.Counter[str] = collections.Counter()  # download bytes per URL path
         self._link_free = {"down": 0.0, "up": 0.0}  # when each direction's link is next idle
@@ -126,6 +141,18 @@ class HubState:
         """Drop the connection of the next ``times`` downloads (``resolve`` GETs) whose path matches
         ``path_regex`` once ``after_bytes`` of the body are sent, as a network reset does."""
         self.resets.append(Reset(re.compile(path_regex), after_bytes, times))
+
+    def expire_redirects(self, times: int) -> None:
+        """Send the next ``times`` redirects with a URL that has expired already (as when a client
+        follows one late)."""
+        self.stale_redirects += times
+
+    def cdn_like(self, per_connection: float = 2e6, latency: float = 0.02,
+                 redirect_ttl: float = 60.0) -> None:
+        """Behave like the real Hub behind its CDN: each download connection limited to
+        ``per_connection`` bytes/s, ``latency`` seconds before each answer, LFS files answered with
+        a 302 to a signed URL that expires after ``redirect_ttl`` seconds."""
+        self.per_connection, self.latency, self.redirect_ttl = per_connection, latency, redirect_ttl
 
     def link_delay(self, direction: str, nbytes: int) -> float:
         """Seconds to wait before ``nbytes`` more may pass in ``direction`` at its bandwidth: the
@@ -190,6 +217,8 @@ def create_app(state: HubState) -> FastAPI:
     async def faults_and_log(request: Request, call_next):
         path = request.url.path
         state.requests.append((request.method, path, request.headers.get("authorization", "")))
+        if state.latency:
+            await asyncio.sleep(state.latency)
         for f in state.faults:
             if f.times > 0 and f.method == request.method and f.pattern.search(path):
                 f.times -= 1
@@ -466,7 +495,14 @@ def create_app(state: HubState) -> FastAPI:
         for direction in ("down", "up"):
             if direction in body:
                 state.bandwidth[direction] = float(body[direction]) if body[direction] else None
-        return state.bandwidth
+        if "per_connection" in body:
+            state.per_connection = float(body["per_connection"]) if body["per_connection"] else None
+        if "latency" in body:
+            state.latency = float(body["latency"] or 0.0)
+        if "redirect_ttl" in body:
+            state.redirect_ttl = float(body["redirect_ttl"]) if body["redirect_ttl"] else None
+        return {**state.bandwidth, "per_connection": state.per_connection, "latency": state.latency,
+                "redirect_ttl": state.redirect_ttl}
 
     @app.post("/api/validate-yaml")
     async def validate_yaml(request: Request):
@@ -484,24 +520,57 @@ def create_app(state: HubState) -> FastAPI:
         if e.lfs:
             headers["X-Linked-Etag"] = f'"{e.sha256}"'
             headers["X-Linked-Size"] = str(e.size)
+        if e.lfs and state.redirect_ttl:
+            expires = int(time.time() + state.redirect_ttl)
+            with state.lock:
+                if state.stale_redirects > 0:
+                    state.stale_redirects -= 1
+                    expires = int(time.time()) - 1
+            headers["Location"] = f"{state.cdn_url}/_cdn/{e.sha256}/{path}?expires={expires}&sig=" + \
+                sign(e.sha256, expires)
+            return Response(status_code=302, headers=headers)
         if request.method == "HEAD":
             headers["Content-Length"] = str(e.size)
             return Response(status_code=200, headers=headers)
-        start, end = 0, e.size - 1
+        return serve(request, e.sha256, e.size, headers)
+
+    def sign(sha256: str, expires: int) -> str:
+        return hmac.new(state.secret, f"{sha256}:{expires}".encode(), "sha256").hexdigest()
+
+    @app.api_route("/_cdn/{sha256}/{path:path}", methods=["GET", "HEAD"])
+    async def cdn(request: Request, sha256: str, path: str):
+        """A signed URL of the storage behind the CDN, valid until ``expires``."""
+        try:
+            expires = int(request.query_params.get("expires", ""))
+        except ValueError:
+            expires = 0
+        if not hmac.compare_digest(request.query_params.get("sig", ""), sign(sha256, expires)):
+            return _err(403, None, "Invalid signature")
+        if time.time() > expires:
+            return _err(403, None, "Request has expired")
+        blob = state.blob_path(sha256)
+        size = blob.stat().st_size
+        if request.method == "HEAD":
+            return Response(status_code=200, headers={"Content-Length": str(size), "Accept-Ranges": "bytes"})
+        return serve(request, sha256, size, {"Accept-Ranges": "bytes", "ETag": f'"{sha256}"'})
+
+    def serve(request: Request, sha256: str, size: int, headers: dict[str, str]) -> Response:
+        """The bytes of a blob that the request's ``Range`` asks for (all of it without one)."""
+        start, end = 0, size - 1
         status = 200
         m = re.fullmatch(r"bytes=(\d*)-(\d*)", request.headers.get("range", "").strip())
         if m and (m.group(1) or m.group(2)):
             if m.group(1):
                 start = int(m.group(1))
-                end = min(int(m.group(2)), e.size - 1) if m.group(2) else e.size - 1
+                end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
             else:  # the last N bytes
-                start = max(e.size - int(m.group(2)), 0)
-            if start >= e.size or start > end:
-                return Response(status_code=416, headers={"Content-Range": f"bytes */{e.size}"})
+                start = max(size - int(m.group(2)), 0)
+            if start >= size or start > end:
+                return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
             status = 206
-            headers["Content-Range"] = f"bytes {start}-{end}/{e.size}"
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         headers["Content-Length"] = str(end - start + 1)
-        stream = body(state.blob_path(e.sha256), start, end + 1, state._take_reset(request.url.path),
+        stream = body(state.blob_path(sha256), start, end + 1, state._take_reset(request.url.path),
                       request.url.path)
         return StreamingResponse(stream, status_code=status, headers=headers,
                                  media_type="application/octet-stream")
@@ -510,41 +579,60 @@ def create_app(state: HubState) -> FastAPI:
         """The bytes [start, stop) of ``blob`` in chunks, at the download bandwidth; a reset ends the
         stream early (the server then drops the connection: fewer bytes than Content-Length)."""
         sent = 0
-        with open(blob, "rb") as f:
-            f.seek(start)
-            pos = start
-            while pos < stop:
-                n = min(CHUNK, stop - pos)
-                if reset_after is not None and sent + n > reset_after:
-                    n = reset_after - sent
-                    if n > 0:
-                        yield f.read(n)
-                    raise ConnectionResetError("injected reset")
-                chunk = f.read(n)
-                pos += n
-                sent += n
-                delay = state.link_delay("down", n)  # a chunk leaves no earlier than the link allows
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                state.bytes_sent += n
-                state.sent_by_path[path] += n
-                yield chunk
+        own_free = time.monotonic()  # when this connection may send again at its own rate
+        with state.lock:
+            state.in_flight += 1
+            state.in_flight_most = max(state.in_flight_most, state.in_flight)
+        try:
+            with open(blob, "rb") as f:
+                f.seek(start)
+                pos = start
+                while pos < stop:
+                    n = min(CHUNK, stop - pos)
+                    if reset_after is not None and sent + n > reset_after:
+                        n = reset_after - sent
+                        if n > 0:
+                            yield f.read(n)
+                        raise ConnectionResetError("injected reset")
+                    chunk = f.read(n)
+                    pos += n
+                    sent += n
+                    delay = state.link_delay("down", n)  # a chunk leaves no earlier than the link allows
+                    if state.per_connection:  # ... nor than this connection's own rate allows
+                        now = time.monotonic()
+                        own_free = max(now, own_free) + n / state.per_connection
+                        delay = max(delay, own_free - now)
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    state.bytes_sent += n
+                    state.sent_by_path[path] += n
+                    yield chunk
+        finally:
+            with state.lock:
+                state.in_flight -= 1
 
     return app
 
 
 class HubServer:
-    """Runs :func:`create_app` with uvicorn on 127.0.0.1 (a free port) in a thread."""
+    """Runs :func:`create_app` with uvicorn on 127.0.0.1 in a thread: the Hub on one free port, its
+    "CDN" (where ``resolve`` redirects to, another origin as on the real Hub) on a second."""
 
     def __init__(self, blob_dir: Path) -> None:
         import uvicorn
 
         blob_dir.mkdir(parents=True, exist_ok=True)
         self.state = HubState(blob_dir)
-        config = uvicorn.Config(create_app(self.state), host="127.0.0.1", port=0, log_level="warning",
-                                lifespan="off")
+        self.sockets = []
+        for _ in range(2):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", 0))
+            self.sockets.append(sock)
+        self.url, self.state.cdn_url = (f"http://127.0.0.1:{s.getsockname()[1]}" for s in self.sockets)
+        config = uvicorn.Config(create_app(self.state), log_level="warning", lifespan="off")
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": self.sockets}, daemon=True)
 
     def __enter__(self) -> HubServer:
         self.thread.start()
@@ -553,13 +641,13 @@ class HubServer:
             if time.time() > deadline:
                 raise RuntimeError("test Hub server did not start")
             time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
         return self
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        for sock in self.sockets:
+            sock.close()
 
 
 def main() -> None:

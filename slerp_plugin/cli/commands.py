@@ -44,6 +44,9 @@ def plan(argv: list[str]) -> int:
                         help="bytes per second from the Hub (default 100MB)")
     parser.add_argument("--upload-bandwidth", default="50MB", metavar="SIZE",
                         help="bytes per second to the Hub (default 50MB)")
+    parser.add_argument("--connection-bandwidth", default=None, metavar="SIZE",
+                        help="bytes per second one connection may carry (CDNs limit each; default: only "
+                        "the link limits)")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     args, rest = parser.parse_known_args(argv)
     from ..preflight import estimate
@@ -52,9 +55,10 @@ def plan(argv: list[str]) -> int:
 
     try:
         down, up = parse_size(args.download_bandwidth), parse_size(args.upload_bandwidth)
+        per = parse_size(args.connection_bandwidth) if args.connection_bandwidth else None
     except ValueError as e:
         raise ConfigError(f"bandwidth: {e}") from e
-    est = estimate(compose_spec(rest), download_bps=down, upload_bps=up)
+    est = estimate(compose_spec(rest), download_bps=down, upload_bps=up, connection_bps=per)
     if args.json:
         import json
 

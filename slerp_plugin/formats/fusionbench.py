@@ -55,6 +55,7 @@ METHOD_KEYS = {
     "overwrite": "overwrite", "chunk_elements": "chunk_elements", "threads": "threads",
     "direct_io": "direct_io", "buffer_memory": "buffer_memory", "allow_bin": "allow_bin",
     "norm_precision": "norm_precision", "stream": "stream", "disk_budget": "disk_budget",
+    "connections": "connections",
     "gate": "gate", "gate_margin": "gate_margin",
 }
 POOL_IGNORED = frozenset({"_recursive_", "_usage_", "_version_", "tokenizer_kwargs", "enable_lazy_loading"})

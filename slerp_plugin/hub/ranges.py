@@ -94,6 +94,9 @@ class RangeReader:
         pos = start
         with get_session().stream("GET", self.url(name), headers=headers, follow_redirects=True,
                                   timeout=TIMEOUT_S) as response:
+            if response.status_code == 403 and response.history:  # a CDN's signed URL that expired
+                raise HubUnavailableError(f"{self.repo_id}/{name}: the download URL the Hub redirected to "
+                                          "was refused (HTTP 403, expired); asking the Hub for a new one")
             hf_raise_for_status(response)
             if response.status_code != 206 and start > 0:
                 raise HubError(f"{self.repo_id}/{name}: the server does not answer range requests "

@@ -412,7 +412,8 @@ class StreamingMerge:
                 t0 = time.perf_counter()
                 before = self._fetched()
                 for f in [pool.submit(fetch_spool, spool, role, self.parents[role], self.hashes, write=write,
-                                      stop=self._stopped) for role in ROLES]:
+                                      stop=self._stopped, connections=self.spec.connections)
+                          for role in ROLES]:
                     f.result()
                 self.stats.bytes_fetched += self._fetched() - before
                 if write:

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -202,10 +203,20 @@ class _FileHash:
                 self.pos = end
 
 
+#: bytes of one ranged GET when a spool file is filled over several connections
+PIECE_BYTES = 16 << 20
+#: ranged GETs in flight per parent (``method.connections``): CDNs limit each connection's rate
+DEFAULT_CONNECTIONS = 8
+HASH_BLOCK = 2 << 20
+
+
 def fetch_spool(spool: ShardSpool, role: str, parent: RemoteParent, hashes: ParentHashes, *,
-                write: bool = True, stop: Callable[[], bool] = lambda: False) -> None:
-    """Fill ``role``'s spool file of one shard (or, without ``write``, only hash its bytes: then only
-    the bytes that continue a file's hash are fetched); ``stop()`` true ends it early (the merge
+                write: bool = True, stop: Callable[[], bool] = lambda: False,
+                connections: int = DEFAULT_CONNECTIONS) -> None:
+    """Fill ``role``'s spool file of one shard over up to ``connections`` ranged GETs at once, in
+    pieces of :data:`PIECE_BYTES` taken in file order; or, without ``write``, only hash its bytes
+    (one GET at a time, just the bytes that continue a file's hash). Pieces are hashed in file
+    order as they complete, read back from the spool. ``stop()`` true ends it early (the merge
     failed elsewhere).
 
     Raises:
@@ -213,29 +224,90 @@ def fetch_spool(spool: ShardSpool, role: str, parent: RemoteParent, hashes: Pare
         HubError: the bytes cannot be fetched.
         OutputWriteError: the spool file cannot be written (disk full).
     """
-    if write:
-        step(f"spool {spool.files[role].name}")
-    fd = os.open(spool.files[role], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if write else None
+    if not write:
+        _hash_only(spool, role, parent, hashes, stop)
+        return
+    step(f"spool {spool.files[role].name}")
+    path = spool.files[role]
+    pieces = [Fetch(f.name, a, min(a + PIECE_BYTES, f.stop), f.local + a - f.start)
+              for f in spool.fetches[role] for a in range(f.start, f.stop, PIECE_BYTES)]
     try:
-        for f in spool.fetches[role]:
-            start = f.start
-            if fd is None:  # hashing only: just the bytes that continue the file's hash
-                start = hashes.position(role, f.name)
-                if not f.start <= start < f.stop:
-                    continue
-            def sink(pos: int, data: memoryview, f: Fetch = f) -> None:
-                if stop():
-                    raise FetchStopped
-                hashes.feed(role, f.name, pos, data)
-                if fd is not None:
-                    _pwrite_all(fd, data, f.local + pos - f.start)
-            parent.reader.stream(f.name, start, f.stop, sink)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     except OSError as e:
-        raise OutputWriteError(f"{spool.files[role]}: cannot write the spool: {e.strerror or e}",
-                               path=spool.files[role]) from e
+        raise OutputWriteError(f"{path}: cannot write the spool: {e.strerror or e}", path=path) from e
+    failed = threading.Event()
+    in_order = _InOrder(fd, role, hashes)
+
+    def fetch(piece: Fetch) -> None:
+        if failed.is_set() or stop():
+            raise FetchStopped
+
+        def sink(pos: int, data: memoryview) -> None:
+            if failed.is_set() or stop():
+                raise FetchStopped
+            _pwrite_all(fd, data, piece.local + pos - piece.start)
+        try:
+            parent.reader.stream(piece.name, piece.start, piece.stop, sink)
+            in_order.done(piece)
+        except BaseException:
+            failed.set()
+            raise
+
+    try:
+        with ThreadPoolExecutor(max(1, min(connections, len(pieces))),
+                                thread_name_prefix=f"fetch-{role}") as pool:
+            futures = [pool.submit(fetch, piece) for piece in pieces]
+            errors = [f.exception() for f in futures]
+        first = next((e for e in errors if e is not None and not isinstance(e, FetchStopped)), None)
+        first = first or next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+    except OSError as e:
+        raise OutputWriteError(f"{path}: cannot write the spool: {e.strerror or e}", path=path) from e
     finally:
-        if fd is not None:
-            os.close(fd)
+        os.close(fd)
+
+
+def _hash_only(spool: ShardSpool, role: str, parent: RemoteParent, hashes: ParentHashes,
+               stop: Callable[[], bool]) -> None:
+    for f in spool.fetches[role]:
+        start = hashes.position(role, f.name)
+        if not f.start <= start < f.stop:
+            continue
+
+        def sink(pos: int, data: memoryview, f: Fetch = f) -> None:
+            if stop():
+                raise FetchStopped
+            hashes.feed(role, f.name, pos, data)
+        parent.reader.stream(f.name, start, f.stop, sink)
+
+
+class _InOrder:
+    """Feeds the pieces of a spool file to the parents' hashes in file order as they complete,
+    reading each back from the spool (from the page cache): pieces fetched at once finish in any
+    order, a hash takes its bytes in one."""
+
+    def __init__(self, fd: int, role: str, hashes: ParentHashes) -> None:
+        self.fd, self.role, self.hashes = fd, role, hashes
+        self._done: dict[str, list[Fetch]] = {}
+        self._lock = threading.Lock()
+
+    def done(self, piece: Fetch) -> None:
+        with self._lock:
+            waiting = self._done.setdefault(piece.name, [])
+            waiting.append(piece)
+            while True:
+                pos = self.hashes.position(self.role, piece.name)
+                nxt = next((p for p in waiting if p.start <= pos < p.stop), None)
+                if nxt is None:
+                    return
+                waiting.remove(nxt)
+                for a in range(pos, nxt.stop, HASH_BLOCK):  # small blocks: the hash holds the GIL
+                    n = min(HASH_BLOCK, nxt.stop - a)
+                    data = os.pread(self.fd, n, nxt.local + a - nxt.start)
+                    if len(data) != n:
+                        raise OutputWriteError(f"spool of {piece.name}: {len(data)} of {n} bytes read back")
+                    self.hashes.feed(self.role, nxt.name, a, memoryview(data))
 
 
 def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:

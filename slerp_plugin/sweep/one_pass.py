@@ -182,7 +182,8 @@ class OnePass:
         spooled, spool = spool_shard(shard, folder)
         try:
             for role, parent in self.remote.items():
-                fetch_spool(spool, role, parent, self.hashes)  # type: ignore[arg-type]
+                fetch_spool(spool, role, parent, self.hashes,  # type: ignore[arg-type]
+                            connections=self.base.spec.connections)
         except BaseException:
             spool.remove()
             raise

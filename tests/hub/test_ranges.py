@@ -53,3 +53,16 @@ def test_errors_that_do_not_go_away_are_one_line(hub, repo):
     with pytest.raises(HubError, match="HTTP 404") as e:
         reader.read("no-such-file.safetensors", 0, 10)
     assert not e.value.transient and "\n" not in str(e.value)
+
+
+def test_redirects_to_a_cdn_are_followed_and_an_expired_url_is_asked_for_again(hub, repo):
+    reader, data, name = repo
+    hub.state.cdn_like(per_connection=5e6, latency=0.01, redirect_ttl=60)
+    hub.state.expire_redirects(2)
+    assert reader.read(name, 100, 5000) == data[100:5100]
+    cdn = [path for method, path, _ in hub.state.requests if path.startswith("/_cdn/")]
+    resolves = [path for method, path, _ in hub.state.requests if "/resolve/" in path]
+    assert len(cdn) == 3 and len(resolves) == 3  # two expired URLs refused, then a fresh one
+    hub.state.expire_redirects(100)
+    with pytest.raises(HubUnavailableError, match="redirected to was refused"):
+        reader.read(name, 0, 10)

@@ -12,10 +12,11 @@ from types import SimpleNamespace
 import pytest
 
 from slerp_plugin.engine import ShardPlan, TensorJob
-from slerp_plugin.errors import HubIntegrityError
+from slerp_plugin.errors import HubIntegrityError, HubUnavailableError
 from slerp_plugin.io.direct import ALIGN
 from slerp_plugin.io.safetensors import TensorInfo
-from slerp_plugin.stream.spool import DiskBudget, Fetch, ParentHashes, spool_shard
+from slerp_plugin.stream import spool as spool_mod
+from slerp_plugin.stream.spool import DiskBudget, Fetch, ParentHashes, ShardSpool, fetch_spool, spool_shard
 
 
 def info(name: str, file: str, offset: int, nbytes: int) -> TensorInfo:
@@ -141,3 +142,57 @@ def test_a_wrong_snapshot_costs_bytes_not_the_run_and_a_wrong_file_still_fails()
     tampered = ParentHashes({"model_1": hashed_parent(data, sha256="0" * 64)})
     with pytest.raises(HubIntegrityError, match="do not match the Hub's SHA-256"):
         tampered.verify()
+
+
+class SlowFirstReader(FakeReader):
+    """Serves later ranges first (the first ones wait), and counts the GETs in flight at once."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.in_flight = self.most = 0
+        self.lock = threading.Lock()
+
+    def stream(self, name, start, stop, sink):
+        with self.lock:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+        time.sleep(0.2 if start < len(self.data) // 2 else 0.0)
+        try:
+            super().stream(name, start, stop, sink)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+def test_a_spool_file_is_filled_over_several_connections_and_hashed_in_file_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(spool_mod, "PIECE_BYTES", 10_000)
+    data = os.urandom(100_016)
+    parent = hashed_parent(data)
+    parent.reader = SlowFirstReader(data)
+    runs = [Fetch("w.safetensors", 16, 60_016, 16), Fetch("w.safetensors", 60_016, 100_016, 70_000)]
+    spool = ShardSpool(0, {"model_1": tmp_path / "m1.bin"}, {"model_1": runs}, 0)
+    hashes = ParentHashes({"model_1": parent})
+    fetch_spool(spool, "model_1", parent, hashes, connections=4)
+    written = (tmp_path / "m1.bin").read_bytes()
+    assert written[16:60_016] == data[16:60_016] and written[70_000:110_000] == data[60_016:]
+    assert parent.reader.most == 4 and hashes.position("model_1", "w.safetensors") == len(data)
+    assert hashes.verify()["model_1"]["w.safetensors"] == hashlib.sha256(data).hexdigest()
+    assert parent.reader.sent == len(data) - 16  # nothing fetched twice to hash it
+
+
+def test_a_failed_piece_stops_the_others_and_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(spool_mod, "PIECE_BYTES", 1_000)
+    data = os.urandom(50_016)
+    parent = hashed_parent(data)
+
+    def stream(name, start, stop, sink):
+        if start >= 20_016:
+            raise HubUnavailableError("network gone")
+        time.sleep(0.01)
+        FakeReader.stream(parent.reader, name, start, stop, sink)
+    parent.reader.stream = stream
+    spool = ShardSpool(0, {"model_1": tmp_path / "m1.bin"},
+                       {"model_1": [Fetch("w.safetensors", 16, 50_016, 16)]}, 0)
+    with pytest.raises(HubUnavailableError, match="network gone"):
+        fetch_spool(spool, "model_1", parent, ParentHashes({"model_1": parent}), connections=3)
+    assert parent.reader.sent < 25_000
