@@ -70,7 +70,7 @@ lint: setup ## static checks: ruff (pyflakes, pycodestyle, isort, pyupgrade, bug
 # several workers share the cores: OpenMP threads that wait sleep instead of spinning (spinning
 # threads of one worker's torch starve another's, several times slower on two cores)
 test: setup lint ## run the test suite (what CI runs)
-	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: setup ## benchmark against mergekit and FusionBench, ~30 min (bench/RESULTS.md, bench/bench.png)

@@ -27,6 +27,9 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 SECTION = "## Dashboard"
 sys.path.insert(0, str(BENCH.parent))
+sys.path.insert(0, str(BENCH))
+
+from results_md import replace_section  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -160,10 +163,7 @@ def measure(root: Path, repeats: int) -> list[str]:
 
 
 def write_section(results_md: Path, lines: list[str]) -> None:
-    text = results_md.read_text() if results_md.is_file() else ""
-    head, _, rest = text.partition(SECTION)
-    tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
-    results_md.write_text(head.rstrip("\n") + "\n\n" + "\n".join([SECTION, "", *lines]) + "\n" + tail)
+    replace_section(results_md, SECTION, lines)
 
 
 def main() -> None:

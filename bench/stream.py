@@ -24,6 +24,7 @@ bench/results); bench/run.py's report adds it to RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -38,6 +40,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 import make_pair  # noqa: E402
+from results_md import replace_section  # noqa: E402
 from run import WORK, timed  # noqa: E402
 
 CLI = [sys.executable, "-m", "slerp_plugin"]
@@ -78,6 +81,37 @@ class DiskSampler:
         self._thread.join()
 
 
+def pair_and_scratch(layers: int, name: str) -> tuple[Path, Path, Path]:
+    """The benchmark pair of ``layers`` layers (built under bench/work/ if missing) and an empty
+    scratch folder ``bench/work/<name>`` (this benchmark's own: emptied first)."""
+    a, b = make_pair.build(WORK / f"pair-{layers}", layers)
+    work = WORK / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return a, b, work
+
+
+@contextlib.contextmanager
+def test_hub(work: Path, parents: tuple[Path, Path]) -> Iterator[tuple[str, dict]]:
+    """The Hub test server in a process of its own, holding ``parents`` as bench/parent-a and -b:
+    its URL and the environment that points a command at it (caches under ``work``)."""
+    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "hub_server.py"),
+                               str(work / "hub-blobs")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, cwd=ROOT / "tests")
+    try:
+        url = server.stdout.readline().strip()
+        env = {**os.environ, "HF_ENDPOINT": url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1",
+               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_CACHE": str(work / "hf-cache"),
+               "SLERP_PLUGIN_CACHE": str(work / "cache")}
+        a, b = parents
+        python(f"from slerp_plugin.hub.client import upload_folder as up; up({str(a)!r}, 'bench/parent-a'); "
+               f"up({str(b)!r}, 'bench/parent-b')", env)
+        yield url, env
+    finally:
+        server.stdin.close()
+        server.wait(timeout=30)
+
+
 def set_bandwidth(url: str, down: float | None, up: float | None) -> None:
     req = urllib.request.Request(f"{url}/_test/bandwidth", data=json.dumps({"down": down, "up": up}).encode(),
                                  headers={"Content-Type": "application/json"}, method="POST")
@@ -92,10 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shard", default="100MB", help="method.max_shard_size of both merges")
     ap.add_argument("--out", type=Path, default=BENCH / "results")
     args = ap.parse_args(argv)
-    a, b = make_pair.build(WORK / f"pair-{args.layers}", args.layers)
-    work = WORK / "stream"
-    shutil.rmtree(work, ignore_errors=True)  # this benchmark's own scratch folder
-    work.mkdir(parents=True)
+    a, b, work = pair_and_scratch(args.layers, "stream")
     common = [f"method.max_shard_size={args.shard}", "method.t=0.5"]
 
     local = work / "local"
@@ -103,16 +134,7 @@ def main(argv: list[str] | None = None) -> None:
                    f"modelpool.tokenizer={a}", f"method.model_save_path={local}", *common])
     print("merge-only", merge, flush=True)
 
-    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "hub_server.py"),
-                               str(work / "hub-blobs")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, cwd=ROOT / "tests")
-    try:
-        url = server.stdout.readline().strip()
-        env = {**os.environ, "HF_ENDPOINT": url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1",
-               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_CACHE": str(work / "hf-cache"),
-               "SLERP_PLUGIN_CACHE": str(work / "cache")}
-        python(f"from slerp_plugin.hub.client import upload_folder as up; up({str(a)!r}, 'bench/parent-a'); "
-               f"up({str(b)!r}, 'bench/parent-b')", env)
+    with test_hub(work, (a, b)) as (url, env):
         set_bandwidth(url, args.down_mbps * 1e6, args.up_mbps * 1e6)
 
         download = python("from slerp_plugin.hub.client import download_model as d; d('bench/parent-a'); "
@@ -138,9 +160,6 @@ def main(argv: list[str] | None = None) -> None:
         identical = same_shards(local, "bench/streamed", env)
         # the gate: first with both parents evaluated in the same pass, then with them cached
         gated = {"parents evaluated": streaming("gated-cold"), "parents cached": streaming("gated-warm")}
-    finally:
-        server.stdin.close()
-        server.wait(timeout=30)
 
     manifest = json.loads((local / "merge_manifest.json").read_text())["output"]
     out_bytes = manifest["total_size"]
@@ -166,12 +185,8 @@ SECTION = "## Hub to Hub streaming"
 
 def write_section(results_md: Path, lines: list[str]) -> None:
     """Put ``lines`` under :data:`SECTION` in RESULTS.md, replacing an earlier one."""
-    text = results_md.read_text() if results_md.is_file() else ""
-    head, _, rest = text.partition(SECTION)
-    tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
     image = "![streaming against the phases one after the other](stream.png)"
-    body = "\n".join([SECTION, "", *lines, "", image])
-    results_md.write_text(head.rstrip("\n") + "\n\n" + body + "\n" + tail)
+    replace_section(results_md, SECTION, [*lines, "", image])
 
 
 def plot(row: dict, dest: Path) -> None:

@@ -20,6 +20,31 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.pop("HF_TOKEN", None)
 
 
+#: the test files that take longest (``--durations``), longest first: parallel workers take whole
+#: files in collection order (``--dist loadfile --no-loadscope-reorder``), so these start first and
+#: the short files fill in around them instead of one long file starting last
+LONGEST_FIRST = (
+    "cluster/test_topology.py",
+    "dags/test_standalone.py",
+    "engine/test_crash_points.py",
+    "sweep/test_runner.py",
+    "stream/test_stream_crash_points.py",
+    "integrations/mergekit/test_method.py",
+    "validate/test_functional.py",
+    "validate/test_gate.py",
+    "stream/test_evaluation.py",
+    "cli/test_sweep_command.py",
+    "formats/test_mergekit_yaml.py",
+    "dags/test_dags.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).parent
+    rank = {here / name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(item.fspath), len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SLERP_PLUGIN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

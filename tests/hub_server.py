@@ -10,11 +10,11 @@ connection of a file download after some bytes; ``bandwidth`` limits downloads (
 uploads (``up``) in bytes per second, all connections of a direction together, as one network
 link does. Private and gated repos need a token from ``tokens``.
 
-Like the real Hub behind its CDN, the server can also limit each download connection on its own
-(``per_connection``, bytes per second), wait a round trip before answering each request
-(``latency``, seconds), and answer ``resolve`` of an LFS file with a 302 to a signed URL that
-expires after ``redirect_ttl`` seconds (403 afterwards). ``in_flight_most`` is the most downloads
-it served at once.
+Like the real Hub behind its CDN, the server can also limit each connection on its own
+(``per_connection``, bytes per second, downloads and LFS uploads), wait a round trip before
+answering each request (``latency``, seconds), and answer ``resolve`` of an LFS file with a 302 to
+a signed URL on a second origin that expires after ``redirect_ttl`` seconds (403 afterwards).
+``in_flight_most`` and ``uploads_most`` are the most downloads and LFS uploads it served at once.
 """
 
 from __future__ import annotations
@@ -116,12 +116,13 @@ class HubState:
         self.faults: list[Fault] = []
         self.resets: list[Reset] = []
         self.bandwidth: dict[str, float | None] = {"down": None, "up": None}
-        self.per_connection: float | None = None  # download bytes/s of one connection
+        self.per_connection: float | None = None  # bytes/s of one connection (download or upload)
         self.latency = 0.0  # seconds before each answer
         self.redirect_ttl: float | None = None  # resolve of LFS files: 302 to a URL valid this long
         self.cdn_url = ""  # the origin redirects go to (set by HubServer)
         self.stale_redirects = 0  # redirects still to send that have expired already
         self.in_flight = self.in_flight_most = 0
+        self.uploads = self.uploads_most = 0  # LFS uploads in progress, and the most at once
         self.secret = hashlib.sha256(str(time.time_ns()).encode()).digest()
         self.bytes_sent = 0
         self.sent_by_path: collections.Counter[str] = collections.Counter()  # download bytes per URL path
@@ -433,10 +434,24 @@ def create_app(state: HubState) -> FastAPI:
 
     @app.put("/lfs-upload/{oid}")
     async def lfs_put(request: Request, oid: str):
+        with state.lock:
+            state.uploads += 1
+            state.uploads_most = max(state.uploads_most, state.uploads)
+        try:
+            return await _lfs_put(request, oid)
+        finally:
+            with state.lock:
+                state.uploads -= 1
+
+    async def _lfs_put(request: Request, oid: str):
         started = time.monotonic()
         data = await request.body()
-        # the body arrived at once over loopback: the response waits as long as the link would have
-        await asyncio.sleep(max(0.0, state.link_delay("up", len(data)) - (time.monotonic() - started)))
+        # the body arrived at once over loopback: the response waits as long as the link (and this
+        # connection's own limit) would have taken
+        delay = state.link_delay("up", len(data))
+        if state.per_connection:
+            delay = max(delay, len(data) / state.per_connection)
+        await asyncio.sleep(max(0.0, delay - (time.monotonic() - started)))
         if hashlib.sha256(data).hexdigest() != oid:
             return _err(400, None, "sha256 mismatch")
         state.store(data)
@@ -503,6 +518,13 @@ def create_app(state: HubState) -> FastAPI:
             state.redirect_ttl = float(body["redirect_ttl"]) if body["redirect_ttl"] else None
         return {**state.bandwidth, "per_connection": state.per_connection, "latency": state.latency,
                 "redirect_ttl": state.redirect_ttl}
+
+    @app.get("/_test/stats")
+    async def stats(request: Request):
+        """Test control from another process: download bytes sent so far, all and of weight files."""
+        weights = sum(n for path, n in state.sent_by_path.items() if path.endswith(".safetensors"))
+        return {"bytes_sent": state.bytes_sent, "weight_bytes_sent": weights,
+                "in_flight_most": state.in_flight_most}
 
     @app.post("/api/validate-yaml")
     async def validate_yaml(request: Request):

@@ -155,3 +155,32 @@ def test_dashboard_benchmark_builds_valid_runs_and_reports_its_figures(tmp_path)
     dash.write_section(results, lines)  # replaced, not repeated
     text = results.read_text()
     assert text.count("## Dashboard") == 1 and "kept" in text
+
+
+def test_the_cdn_benchmark_reports_rates_and_targets(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("slerp_bench_cdn", sys.path[0] + "/stream_cdn.py")
+        cdn = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cdn)
+    finally:
+        sys.path.pop(0)
+
+    def run(wall):
+        return {"wall_s": wall, "cpu_s": 1.0, "peak_rss_mb": 100.0}
+    row = {"pair": "pair-16", "weights_gb": 3.8, "shards": 20, "down_mbps": 400.0, "up_mbps": 200.0,
+           "connection_mbps": 50.0, "rtt_ms": 20.0, "url_ttl": 60.0, "connections": 8, "shard": "100MB",
+           "fetch": run(10.0), "snapshot_download": run(40.0), "upload": run(10.5), "stream": run(13.0),
+           "resume": run(7.0), "resume_fetched_ratio": 1.02, "identical": True, "resumed_identical": True}
+    lines = cdn.report_lines(row)
+    assert "| our fetcher (parents' weights) | 10.0 | 0.38 | 1.0 | 100 |" in lines
+    assert "- met: our fetcher at 0.95× the link (target ≥ 0.85)" in lines
+    assert "- NOT met: streaming / max(download, upload) = 1.24 (target ≤ 1.2)" in lines
+    assert "- met: killed at half and resumed: 1.020× the parents' weights fetched over both runs " \
+           "(target ≤ 1.05)" in lines
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\n## Other\n\nkept\n")
+    cdn.write_section(md, lines)
+    cdn.write_section(md, lines)
+    text = md.read_text()
+    assert text.count(cdn.SECTION) == 1 and "kept" in text

@@ -8,7 +8,7 @@ Three stages overlap, each on its own thread, all within ``spec.disk_budget``:
 2. merge: the engine's :class:`~slerp_plugin.engine.execute.ShardMerge`, reading the spool, writing
    the shard into ``<output>.partial`` and journalling it; the spool is then deleted;
 3. upload: the shard is pre-uploaded as an LFS object (the Hub checks its SHA-256), recorded in
-   the journal, and deleted.
+   the journal, and deleted; :data:`UPLOADS_IN_FLIGHT` shards at once.
 
 With the gate (``spec.gate``, the default), the shards are planned in the order the model runs and
 each is evaluated as it is merged (:mod:`.evaluation`): the merged model, and each parent whose
@@ -81,6 +81,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _DONE = object()
+#: output shards uploaded at once (a CDN limits each connection, as it does downloads)
+UPLOADS_IN_FLIGHT = 2
 
 
 @dataclass
@@ -305,13 +307,14 @@ class StreamingMerge:
         done = uploaded | merged.keys()
         fetcher = threading.Thread(target=self._guard, args=(self._fetch_all, done),
                                    name="stream-fetch", daemon=True)
-        uploader = threading.Thread(target=self._guard, args=(self._upload_all,), name="stream-upload",
-                                    daemon=True)
+        uploaders = [threading.Thread(target=self._guard, args=(self._upload_all,), name=f"stream-upload-{i}",
+                                      daemon=True) for i in range(UPLOADS_IN_FLIGHT)]
         for index, record in sorted(merged.items()):  # on disk already: held before anything else may
             self.budget.hold(self.spools[index][1].output_bytes)  # take the budget
             self._uploads.put((index, record))
         fetcher.start()
-        uploader.start()
+        for uploader in uploaders:
+            uploader.start()
         if self.gate is not None:
             self.gate.start()
         try:
@@ -319,10 +322,12 @@ class StreamingMerge:
         except BaseException as e:
             self._fail(e)
         finally:
-            self._uploads.put(_DONE)
+            for _ in range(UPLOADS_IN_FLIGHT):
+                self._uploads.put(_DONE)
             if not isinstance(self._error, KeyboardInterrupt):  # Ctrl-C: exit now; the journal is safe
                 fetcher.join()
-                uploader.join()
+                for uploader in uploaders:
+                    uploader.join()
         if self._error is not None:
             self._save_hashes()
             raise self._error
@@ -485,6 +490,7 @@ class StreamingMerge:
                  len(self.spools), shard.file, len(names))
 
     def _upload_all(self) -> None:
+        """Upload merged shards until the queue ends; :data:`UPLOADS_IN_FLIGHT` of these run at once."""
         while (item := self._uploads.get()) is not _DONE:
             if self._error is not None:
                 continue

@@ -79,8 +79,9 @@ def run_sweep(
     Returns:
         The sweep; ``best_t`` is None when no t passes the gate.
 
-    Both parents given as Hub ids are read by range (nothing downloaded whole); otherwise they are
-    resolved as for a merge (Hub ids downloaded, local folders as they are).
+    Both parents given as Hub ids (and not in ``resolved``) are read by range (nothing downloaded
+    whole); otherwise they are resolved as for a merge (Hub ids downloaded, local folders as they
+    are).
 
     Raises:
         ConfigError: a bad t list (:func:`~.values.check_t_values`).
@@ -105,7 +106,8 @@ def run_sweep(
                                         "max_shard_size": min(spec.max_shard_size, SWEEP_SHARD_BYTES),
                                         "overwrite": False, "push_to_hub": None, "stream": False})
         remote = None
-        if resolved is None and all(_on_hub(ref) for ref in (spec.model_1, spec.model_2)):
+        refs = dict(zip(ROLES, (spec.model_1, spec.model_2), strict=True))
+        if all(_on_hub(ref) and role not in (resolved or {}) for role, ref in refs.items()):
             base, remote = open_remote(spec0, work / "parents", execution=True)
         else:
             base = plan_resolved(spec0, resolve_inputs(spec0, resolved), execution=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -268,3 +269,32 @@ def test_a_sweep_above_the_size_runs_in_one_pass_and_writes_only_the_chosen_merg
     assert validated["perplexity"]["merged"] == pytest.approx(chosen["perplexity"], rel=1e-4)
     published = hub.state.repos["org/sweep1"]
     assert f"t={best}" in published.commits[published.branches["main"]].title
+
+
+def test_a_one_pass_sweep_of_hub_parents_downloads_nothing_and_streams_the_chosen_t(dagbag, demo_bf16, hub):
+    from slerp_plugin.hub.client import list_files, resolve_revision, upload_folder
+
+    upload_folder(demo_bf16[0], "org/a")
+    upload_folder(demo_bf16[1], "org/b")
+    dag = dagbag().dags["slerp_sweep"]
+    dr = dag.test(run_conf={"model_1": "org/a", "model_2": "org/b", "t_values": [0.2, 0.7],
+                            "target_repo": "org/swept", "stream": True, "max_shard_size": "200KB",
+                            "eval_max_tokens": 64, "one_pass_above_gb": 0})
+    st = states(dr)
+    assert str(dr.state) == "success", st
+    assert st["sweep_in_one_pass"] == st["merge_chosen"] == st["publish_chosen"] == "success"
+    assert st["download_all"] == st["evaluate_parents"] == "skipped"
+    assert not list(dagbag.outputs.rglob("*.safetensors"))  # parents read by range, the winner streamed
+    assert not (Path(os.environ["HF_HUB_CACHE"]) / "models--org--a").exists()
+    (run,) = dagbag.outputs.glob("slerp_sweep/*/sweep")
+    sweep = json.loads((run / "sweep.json").read_text())
+    best = sweep["best_t"]
+    record = json.loads((run.parent / "sweep.json").read_text())
+    assert record["chosen_t"] == best and record["chosen_output"].startswith("org/swept@")
+    assert hub.state.commit_count("org/swept") == 2  # created, then the one publishing commit
+    names = {f.name for f in list_files("org/swept", resolve_revision("org/swept"))}
+    assert {"validation.json", "merge_manifest.json", "model.safetensors.index.json"} <= names
+    gate = json.loads((run.parent / "streamed" / "validation.json").read_text())["functional"]
+    chosen = next(p for p in sweep["points"] if p["t"] == best)
+    assert gate["perplexity"]["merged"] == pytest.approx(chosen["perplexity"], rel=1e-4)
+    assert gate["perplexity"]["model_1"] == pytest.approx(record["parents"]["model_1"], rel=1e-6)

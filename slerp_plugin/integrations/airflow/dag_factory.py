@@ -159,8 +159,8 @@ def merge_params(**defaults: Any) -> dict[str, Param]:
                                 description="bytes per output shard, e.g. 5GB"),
         "stream": Param(d.get("stream", False), type="boolean", title="Stream Hub to Hub",
                         description="merge Hub parents straight into the target repo within the disk budget: "
-                                    "parents read by range, each shard spot-checked and uploaded once merged "
-                                    "(no local copy; no perplexity gate)"),
+                                    "parents read by range, each shard spot-checked and uploaded once "
+                                    "merged, published only if the perplexity gate passes (no local copy)"),
         "disk_budget": _optional(d.get("disk_budget"), "Disk budget",
                                  "streaming only: disk the merge may hold at once, e.g. 60GB (empty: three "
                                  "output shards with their inputs)"),
@@ -344,8 +344,11 @@ def merge_pipeline(nightly: bool = False) -> None:
 def sweep_params(**defaults: Any) -> dict[str, Param]:
     """The trigger form of a sweep: a merge's form with a list of t values instead of one t."""
     params = merge_params(**defaults)
-    for name in ("t", "merge_workers", "stream", "disk_budget"):  # each t is merged locally and validated
+    for name in ("t", "merge_workers"):
         params.pop(name)
+    params["stream"].description = ("one-pass mode: stream the chosen t from the Hub parents to the "
+                                    "target repo behind the gate, nothing downloaded (a merge per t is "
+                                    "always local)")
     params["t_values"] = Param(defaults.get("t_values", [0.3, 0.5, 0.7]), type="array",
                                items={"type": "number", "minimum": 0, "maximum": 1}, minItems=1, maxItems=64,
                                title="t values", description="the t values to merge and compare, each 0 to 1")
@@ -382,7 +385,7 @@ def merge_and_validate(inputs: dict, t: float) -> dict:
     ctx = get_current_context()
     out = tasks.output_path(output_root(), ctx["dag"].dag_id, ctx["run_id"], f"-t{t}")
     records.write_run(out.parent, ctx["dag"].dag_id, ctx["run_id"])
-    return tasks.merge_and_validate({**_params(), "t": t}, inputs, str(out), output_root())
+    return tasks.merge_and_validate({**_params(), "t": t, "stream": False}, inputs, str(out), output_root())
 
 
 @task(execution_timeout=TIMEOUTS["validate"])
@@ -407,6 +410,8 @@ def best(results: list[dict]) -> dict:
 def publish_choice(choice: dict) -> dict:
     """The chosen merge uploaded to the target repo, if one is set."""
     p = _params()
+    if (choice.get("upload") or {}).get("published"):  # streamed to the target repo already
+        return choice
     records.clear_failure(Path(choice["output"]).parent)
     return {**choice, "upload": tasks.publish(choice["output"], p["target_repo"], p["private"])}
 
@@ -417,44 +422,48 @@ def sweep_route(inputs: dict) -> str:
     """One pass (every t evaluated without writing a model) or a merge per t (``sweep_mode``)."""
     if tasks.sweep_mode(_params(), inputs) == "one-pass":
         return "sweep_in_one_pass"
-    return "evaluate_parents"
+    return "download_all"
 
 
-@task(execution_timeout=TIMEOUTS["validate"])
+@task(execution_timeout=TIMEOUTS["stream"])
 @quiet
 def sweep_in_one_pass(inputs: dict) -> dict:
-    """Every t evaluated in one read of the parents; the table, plot and choice recorded."""
+    """Every t evaluated in one read of the parents (Hub parents by range); the table, plot and
+    choice recorded."""
     return tasks.sweep_in_one_pass(_params(), inputs, str(_this_run()), output_root())
 
 
-@task(execution_timeout=TIMEOUTS["merge"])
+@task(execution_timeout=TIMEOUTS["stream"])
 @quiet
 def merge_chosen(inputs: dict, swept: dict) -> dict:
-    """The one-pass sweep's chosen t merged and validated (the only model the sweep writes)."""
+    """The one-pass sweep's chosen t merged and validated, or streamed to the target repo behind the
+    gate (``stream``): the only model the sweep makes."""
     from airflow.sdk import get_current_context
 
     ctx = get_current_context()
     t = swept["t"]
     out = tasks.output_path(output_root(), ctx["dag"].dag_id, ctx["run_id"], f"-t{t}")
-    result = tasks.merge_and_validate({**_params(), "t": t}, inputs, str(out), output_root())
-    choice = tasks.best_of_sweep([result])
+    choice = tasks.merge_chosen(_params(), inputs, t, str(out), output_root(),
+                                record_dir=str(out.parent / STREAM_RECORDS))
     record = records.read_record(out.parent, records.SWEEP_RECORD, records.SweepRecord)
     one_pass = record.model_dump(exclude={"chosen_t", "chosen_output"}) if record is not None else {}
     records.write_sweep(out.parent, t, choice["output"], **one_pass)
+    records.clear_failure(out.parent)
     return {**choice, "table": swept["table"]}
 
 
 def sweep_pipeline() -> None:
-    """Add the sweep's tasks to the DAG being defined: resolve → download → route by
-    ``sweep_mode``: either evaluate the parents (once, GPU queue) → merge and validate (mapped over
-    t, GPU queue) → best → publish; or every t in one pass (GPU queue) → merge the chosen t (GPU
-    queue) → publish."""
-    inputs = download_all(resolve.override(task_id="resolve")())
-    branch = sweep_route(inputs)
+    """Add the sweep's tasks to the DAG being defined: resolve → route by ``sweep_mode``: either
+    download → evaluate the parents (once, GPU queue) → merge and validate (mapped over t, GPU
+    queue) → best → publish; or every t in one pass, Hub parents read by range (GPU queue) → merge
+    or stream the chosen t (GPU queue) → publish."""
+    resolved = resolve.override(task_id="resolve")()
+    branch = sweep_route(resolved)
+    inputs = download_all(resolved)
     parents = evaluate_parents.override(**gpu())(inputs)
     results = merge_and_validate.override(**gpu()).partial(inputs=inputs).expand(t=t_values())
-    branch >> parents >> results
+    branch >> inputs >> parents >> results
     publish_choice.override(task_id="publish")(best(results))
-    swept = sweep_in_one_pass.override(**gpu())(inputs)
+    swept = sweep_in_one_pass.override(**gpu())(resolved)
     branch >> swept
-    publish_choice.override(task_id="publish_chosen")(merge_chosen.override(**gpu())(inputs, swept))
+    publish_choice.override(task_id="publish_chosen")(merge_chosen.override(**gpu())(resolved, swept))

@@ -82,6 +82,17 @@ def _resolved(inputs: dict[str, dict]):
     return out
 
 
+def pinned(params: dict[str, Any], inputs: dict[str, dict]) -> dict[str, Any]:
+    """``params`` with each Hub input's revision set to the commit :func:`resolve_inputs` pinned, so
+    that every task of a run reads the same bytes."""
+    out = dict(params)
+    for role in ("model_1", "model_2", "tokenizer"):
+        entry = inputs.get(role) or {}
+        if entry.get("commit") and not entry.get("same_as"):
+            out[f"{role}_revision"] = entry["commit"]
+    return out
+
+
 def resolve_inputs(params: dict[str, Any], output: Path | str | None = None) -> dict[str, dict]:
     """Each input's reference and, for Hub ids, the commit sha its revision points to now. With
     ``output``, the preflight too: the parents' sizes, disk and time are logged, and a merge that
@@ -416,10 +427,7 @@ def sweep_mode(params: dict[str, Any], inputs: dict[str, dict]) -> str:
         return mode
     if mode != "auto":
         raise ConfigError(f"sweep_mode: {mode!r} is not auto, one-pass or merge-each")
-    from ...io.safetensors import Checkpoint
-
-    size = sum(f.stat().st_size for role in ("model_1", "model_2")
-               for f in Checkpoint.open(Path(inputs[role]["path"])).files)
+    size = sum(_weight_bytes(inputs[role]) for role in ("model_1", "model_2"))
     limit = float(params.get("one_pass_above_gb", 20)) * 1e9
     chosen = "one-pass" if size > limit else "merge-each"
     log.info("sweep: the parents hold %.1f GB of weights: %s (one pass above %.1f GB)", size / 1e9, chosen,
@@ -427,10 +435,23 @@ def sweep_mode(params: dict[str, Any], inputs: dict[str, dict]) -> str:
     return chosen
 
 
+def _weight_bytes(entry: dict) -> int:
+    """Bytes of a resolved input's weight files: on disk, or as the Hub lists them (nothing downloaded)."""
+    if entry.get("path"):
+        from ...io.safetensors import Checkpoint
+
+        return sum(f.stat().st_size for f in Checkpoint.open(Path(entry["path"])).files)
+    from ...hub.client import list_files, select_files
+
+    listing = select_files(list_files(entry["ref"], entry["commit"]), weights=True, tokenizer=False)
+    return sum(f.size for f in listing if f.name.endswith((".safetensors", ".bin")))
+
+
 def sweep_in_one_pass(params: dict[str, Any], inputs: dict[str, dict], run_folder: str,
                       output_root: str | Path) -> dict:
-    """Every t of ``t_values`` evaluated in one pass (:func:`slerp_plugin.sweep.run_sweep`); the
-    report goes to ``<run folder>/sweep`` and the choice to the run's sweep record.
+    """Every t of ``t_values`` evaluated in one pass (:func:`slerp_plugin.sweep.run_sweep`), Hub
+    parents read by range at the commits ``inputs`` pinned (nothing downloaded); the report goes to
+    ``<run folder>/sweep`` and the choice to the run's sweep record.
 
     Raises:
         ValidationGateError: no t passed the gate (the record and report are written first).
@@ -439,7 +460,8 @@ def sweep_in_one_pass(params: dict[str, Any], inputs: dict[str, dict], run_folde
     from ...sweep.values import check_t_values
 
     ts = check_t_values(float(t) for t in params["t_values"])
-    spec = spec_from_params({**params, "t": ts[0], "stream": False}, Path(run_folder) / "merged")
+    spec = spec_from_params({**pinned(params, inputs), "t": ts[0], "stream": False},
+                            Path(run_folder) / "merged")
     result = run_sweep(spec, ts, report=Path(run_folder) / "sweep", settings=eval_settings(params),
                        margin=float(params.get("validation_margin", 0.10)),
                        cache=evaluation_cache(output_root), resolved=_resolved(inputs))
@@ -453,6 +475,25 @@ def sweep_in_one_pass(params: dict[str, Any], inputs: dict[str, dict], run_folde
     if not result.passed:
         raise ValidationGateError(f"no t value of the sweep passed the gate (report: {result.report})")
     return {"t": result.best_t, "report": result.report, "table": table}
+
+
+def merge_chosen(params: dict[str, Any], inputs: dict[str, dict], t: float, output: str,
+                 output_root: str | Path, record_dir: str) -> dict:
+    """The one-pass sweep's chosen ``t``, the only model the sweep makes, from the parents the sweep
+    read (the commits ``inputs`` pinned). With ``stream`` it is streamed from the Hub parents to
+    ``target_repo`` behind the gate (whose parents' figures come from the sweep's cache) and the
+    result carries its ``upload``; otherwise the parents are downloaded, merged and validated here
+    and :func:`publish` uploads it. ``record_dir``: where a streamed merge's records go.
+
+    Raises:
+        ValidationGateError: the merge failed its gate (a streamed one publishes nothing).
+        ConfigError, HubError, SlerpPluginError: as the merge.
+    """
+    params = {**pinned(params, inputs), "t": t}
+    if params.get("stream"):
+        return stream_to_hub(params, output, record_dir=record_dir, output_root=output_root)
+    local = {role: download_input(entry, weights=role != "tokenizer") for role, entry in inputs.items()}
+    return best_of_sweep([merge_and_validate(params, local, output, output_root)])
 
 
 # --------------------------------------------------------------------------- nightly

@@ -1,0 +1,200 @@
+"""Benchmark of Hub transfers against a test Hub that behaves like the real one behind its CDN.
+
+    python bench/stream_cdn.py [--layers 16] [--down-mbps 400] [--up-mbps 200]
+                               [--connection-mbps 50] [--rtt-ms 20] [--url-ttl 60] [--shard 100MB]
+
+The Hub test server (tests/hub_server.py, a process of its own on 127.0.0.1) limits the link to
+``--down-mbps`` / ``--up-mbps`` MB/s, each download connection to ``--connection-mbps``, waits
+``--rtt-ms`` before each answer, and answers each weight file's ``resolve`` with a 302 to a signed
+URL on a second origin that expires after ``--url-ttl`` seconds. Measured, each in a fresh process:
+
+- fetch: every parent byte fetched by the streaming merge's own fetcher (``fetch_spool``, with
+  ``method.connections``), spool files deleted as they fill: "our fetcher";
+- snapshot_download: both parents downloaded by huggingface_hub (``download_model``), side by side;
+- upload only: the local merge's output uploaded (``upload_folder``);
+- streaming: ``method.stream=true method.gate=false`` end to end;
+- resume: the same stream killed (SIGKILL) once half of its shards are on the Hub, then run again;
+  the weight bytes the server sent over both runs, against the parents' weights.
+
+Writes DIR/stream_cdn.json and prints a markdown table (default DIR: bench/results); the default run
+puts it in RESULTS.md under its own heading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+from results_md import replace_section  # noqa: E402
+from run import timed  # noqa: E402
+from stream import CLI, pair_and_scratch, python, same_shards, test_hub  # noqa: E402
+
+RESULT = "stream_cdn.json"
+SECTION = "## Hub to Hub through a CDN-like Hub"
+
+FETCH = """
+import sys, tempfile, threading
+from pathlib import Path
+from slerp_plugin.spec import MergeSpec
+from slerp_plugin.stream import open_remote
+from slerp_plugin.stream.spool import ROLES, ParentHashes, fetch_spool, spool_shard
+spec = MergeSpec.build(model_1="bench/parent-a", model_2="bench/parent-b", t=0.5, output=sys.argv[1],
+                       max_shard_size=sys.argv[2], connections=int(sys.argv[3]))
+with tempfile.TemporaryDirectory() as tmp:
+    plan, parents = open_remote(spec, Path(tmp))
+    hashes = ParentHashes(parents)
+    for shard in plan.shards:
+        _, spool = spool_shard(shard, Path(tmp))
+        threads = [threading.Thread(target=fetch_spool, args=(spool, role, parents[role], hashes),
+                                    kwargs={"connections": spec.connections}) for role in ROLES]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        spool.remove()
+    hashes.verify()
+"""
+
+
+def control(url: str, path: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"{url}{path}", data=data, headers={"Content-Type": "application/json"},
+                                 method="POST" if body is not None else "GET")
+    return json.loads(urllib.request.urlopen(req, timeout=10).read())
+
+
+def stream_cmd(out: Path, name: str, common: list[str]) -> list[str]:
+    return [*CLI, "modelpool.models.model_1=bench/parent-a", "modelpool.models.model_2=bench/parent-b",
+            "modelpool.tokenizer=bench/parent-a", f"method.model_save_path={out}", *common,
+            "method.stream=true", "method.gate=false", f"+push_to_hub=bench/{name}"]
+
+
+def killed_at_half(cmd: list[str], out: Path, shards: int, env: dict, log: Path) -> float:
+    """Run ``cmd`` until half of its shards are uploaded, then SIGKILL it; seconds it ran."""
+    marks = out.with_name(out.name + ".partial") / ".slerp_state" / "shards"
+    started = time.perf_counter()
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        while proc.poll() is None and len(list(marks.glob("*.hub.json"))) < shards // 2:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--down-mbps", type=float, default=400.0)
+    ap.add_argument("--up-mbps", type=float, default=200.0)
+    ap.add_argument("--connection-mbps", type=float, default=50.0)
+    ap.add_argument("--rtt-ms", type=float, default=20.0)
+    ap.add_argument("--url-ttl", type=float, default=60.0)
+    ap.add_argument("--connections", type=int, default=8, help="method.connections")
+    ap.add_argument("--shard", default="100MB", help="method.max_shard_size")
+    ap.add_argument("--out", type=Path, default=BENCH / "results")
+    args = ap.parse_args(argv)
+    a, b, work = pair_and_scratch(args.layers, "stream-cdn")
+    common = [f"method.max_shard_size={args.shard}", "method.t=0.5", f"method.connections={args.connections}"]
+    local = work / "local"
+    timed([*CLI, f"modelpool.models.model_1={a}", f"modelpool.models.model_2={b}", f"modelpool.tokenizer={a}",
+           f"method.model_save_path={local}", *common[:2]])
+    weights = sum(f.stat().st_size for d in (a, b) for f in d.glob("*.safetensors"))
+    shards = len(json.loads((local / "merge_manifest.json").read_text())["output"]["shards"])
+
+    with test_hub(work, (a, b)) as (url, env):
+        control(url, "/_test/bandwidth", {"down": args.down_mbps * 1e6, "up": args.up_mbps * 1e6,
+                                          "per_connection": args.connection_mbps * 1e6,
+                                          "latency": args.rtt_ms / 1e3, "redirect_ttl": args.url_ttl})
+        row: dict = {"pair": f"pair-{args.layers}", "weights_gb": weights / 1e9, "shards": shards,
+                     **{k: getattr(args, k) for k in ("down_mbps", "up_mbps", "connection_mbps", "rtt_ms",
+                                                      "url_ttl", "connections", "shard")}}
+        row["fetch"] = timed([sys.executable, "-c", FETCH, str(work / "fetch"), args.shard,
+                              str(args.connections)], env=env)
+        print("fetch", row["fetch"], flush=True)
+        row["snapshot_download"] = python(
+            "from slerp_plugin.hub.client import download_model as d; d('bench/parent-a'); "
+            "d('bench/parent-b')",
+            {**env, "HF_HUB_CACHE": str(work / "download-only")})
+        shutil.rmtree(work / "download-only")
+        print("snapshot_download", row["snapshot_download"], flush=True)
+        row["upload"] = python(f"from slerp_plugin.hub.client import upload_folder as up; "
+                               f"up({str(local)!r}, 'bench/upload-only')", env)
+        print("upload", row["upload"], flush=True)
+        row["stream"] = timed(stream_cmd(work / "streamed", "streamed", common), env=env,
+                              stderr_to=work / "streamed.log")
+        row["identical"] = same_shards(local, "bench/streamed", env)
+        print("stream", row["stream"], flush=True)
+        before = control(url, "/_test/stats")["weight_bytes_sent"]
+        cmd = stream_cmd(work / "resumed", "resumed", common)
+        row["killed_after_s"] = killed_at_half(cmd, work / "resumed", shards, env, work / "resumed-1.log")
+        row["resume"] = timed(cmd, env=env, stderr_to=work / "resumed-2.log")
+        row["resume_fetched_ratio"] = (control(url, "/_test/stats")["weight_bytes_sent"] - before) / weights
+        row["resumed_identical"] = same_shards(local, "bench/resumed", env)
+        print("resume", row["resume"], row["resume_fetched_ratio"], flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / RESULT).write_text(json.dumps(row, indent=2))
+    lines = report_lines(row)
+    print("\n".join(lines))
+    if args.out == BENCH / "results":
+        write_section(BENCH / "RESULTS.md", lines)
+
+
+def report_lines(row: dict) -> list[str]:
+    """The markdown table and targets of one run."""
+    f, d, u, s = row["fetch"], row["snapshot_download"], row["upload"], row["stream"]
+    gb = row["weights_gb"]
+    link = row["down_mbps"] / 1e3
+    lines = [
+        f"{row['pair']} ({gb:.2f} GB of parents, {row['shards']} shards of ≤ {row['shard']}); test Hub at "
+        f"{row['down_mbps']:.0f} MB/s down, {row['up_mbps']:.0f} MB/s up, each connection ≤ "
+        f"{row['connection_mbps']:.0f} MB/s, {row['rtt_ms']:.0f} ms per request, 302 to URLs valid "
+        f"{row['url_ttl']:.0f} s; method.connections={row['connections']} (`python bench/stream_cdn.py`):",
+        "",
+        "| run | wall (s) | GB/s | CPU (s) | peak RSS (MB) |",
+        "|---|---:|---:|---:|---:|",
+        f"| our fetcher (parents' weights) | {f['wall_s']:.1f} | {gb / f['wall_s']:.2f} | {f['cpu_s']:.1f} | "
+        f"{f['peak_rss_mb']:.0f} |",
+        f"| huggingface_hub snapshot_download | {d['wall_s']:.1f} | {gb / d['wall_s']:.2f} | "
+        f"{d['cpu_s']:.1f} | {d['peak_rss_mb']:.0f} |",
+        f"| upload only | {u['wall_s']:.1f} | | {u['cpu_s']:.1f} | {u['peak_rss_mb']:.0f} |",
+        f"| streaming, gate off | {s['wall_s']:.1f} | | {s['cpu_s']:.1f} | {s['peak_rss_mb']:.0f} |",
+        f"| resumed after a kill at half the shards | {row['resume']['wall_s']:.1f} | | "
+        f"{row['resume']['cpu_s']:.1f} | {row['resume']['peak_rss_mb']:.0f} |",
+        "",
+    ]
+
+    def check(ok: bool, text: str) -> None:
+        lines.append(f"- {'met' if ok else 'NOT met'}: {text}")
+
+    check(gb / f["wall_s"] >= 0.85 * link,
+          f"our fetcher at {gb / f['wall_s'] / link:.2f}× the link (target ≥ 0.85)")
+    check(f["wall_s"] <= d["wall_s"],
+          f"our fetcher {f['wall_s']:.1f} s vs snapshot_download {d['wall_s']:.1f} s (side by side)")
+    bound = max(f["wall_s"], u["wall_s"])
+    check(s["wall_s"] <= 1.2 * bound, f"streaming / max(download, upload) = {s['wall_s'] / bound:.2f} "
+          "(target ≤ 1.2)")
+    check(row["resume_fetched_ratio"] <= 1.05, f"killed at half and resumed: "
+          f"{row['resume_fetched_ratio']:.3f}× the parents' weights fetched over both runs (target ≤ 1.05)")
+    check(row["identical"] and row["resumed_identical"],
+          "the published shards are bit-identical with the local merge (SHA-256), both runs")
+    return lines
+
+
+def write_section(results_md: Path, lines: list[str]) -> None:
+    """Put ``lines`` under :data:`SECTION` in RESULTS.md, replacing an earlier one."""
+    replace_section(results_md, SECTION, lines)
+
+
+if __name__ == "__main__":
+    main()
