@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = report_lines(row)
     print("\n".join(lines))
     if args.out == BENCH / "results":
-        write_section(BENCH / "RESULTS.md", lines)
+        write_section(BENCH / "RESULTS.md", lines, row)
 
 
 def report_lines(row: dict) -> list[str]:
@@ -191,9 +191,11 @@ def report_lines(row: dict) -> list[str]:
     return lines
 
 
-def write_section(results_md: Path, lines: list[str]) -> None:
-    """Put ``lines`` under :data:`SECTION` in RESULTS.md, replacing an earlier one."""
-    replace_section(results_md, SECTION, lines)
+def write_section(results_md: Path, lines: list[str], row: dict) -> None:
+    """Put ``lines`` in RESULTS.md under :data:`SECTION` and the run's link rates (one section per
+    setting), replacing an earlier one."""
+    heading = f"{SECTION}, {row['down_mbps']:g} MB/s down, {row['connection_mbps']:g} MB/s per connection"
+    replace_section(results_md, heading, lines)
 
 
 if __name__ == "__main__":

@@ -180,7 +180,9 @@ def test_the_cdn_benchmark_reports_rates_and_targets(tmp_path):
            "(target ≤ 1.05)" in lines
     md = tmp_path / "RESULTS.md"
     md.write_text("# Results\n\n## Other\n\nkept\n")
-    cdn.write_section(md, lines)
-    cdn.write_section(md, lines)
+    cdn.write_section(md, lines, row)
+    cdn.write_section(md, lines, row)
+    cdn.write_section(md, lines, {**row, "down_mbps": 100.0, "connection_mbps": 12.5})
     text = md.read_text()
-    assert text.count(cdn.SECTION) == 1 and "kept" in text
+    assert text.count(f"{cdn.SECTION}, 400 MB/s down, 50 MB/s per connection\n") == 1 and "kept" in text
+    assert text.count(f"{cdn.SECTION}, 100 MB/s down, 12.5 MB/s per connection\n") == 1

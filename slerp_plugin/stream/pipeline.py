@@ -73,7 +73,17 @@ from ..validate.cache import EvaluationCache
 from ..validate.functional import EvalSettings
 from .evaluation import StreamGate
 from .remote import RemoteParent, open_parent
-from .spool import ROLES, DiskBudget, ParentHashes, ShardSpool, fetch_spool, spool_shard
+from .spool import (
+    ROLES,
+    DiskBudget,
+    ParentHashes,
+    ShardSpool,
+    fetch_spool,
+    hash_spooled,
+    is_complete,
+    mark_complete,
+    spool_shard,
+)
 
 if TYPE_CHECKING:
     from ..validate.report import FunctionalResult, ValidationReport
@@ -282,6 +292,8 @@ class StreamingMerge:
         self.merged: dict[int, ShardRecord] = {}
         self.spot_tensors: list = []
         self._hashes_lock = threading.Lock()
+        #: the hashes' progress when each shard's bytes were all fetched, until the shard is merged
+        self._hashed_after: dict[int, dict] = {}
 
     # ---------------------------------------------------------------- the whole merge
 
@@ -298,12 +310,14 @@ class StreamingMerge:
             self._take_up_hashes()
         self.stats.reused, self.stats.uploaded_only = len(uploaded), len(merged)
         step(f"clear {plan.partial.name}/spool")
-        shutil.rmtree(self.spool_dir, ignore_errors=True)  # a killed run's spool, inside our marked folder
+        kept = self._clear_spool(uploaded | merged.keys())
         _check_free_disk(plan.partial, self.budget.limit)
         log.info("streaming %d output shard(s) (%s) to %s within a disk budget of %s; %d already uploaded, "
                  "%d merged and waiting to upload", len(plan.shards), format_bytes(plan.total_bytes),
                  self.repo_id, format_bytes(self.budget.limit), len(uploaded), len(merged))
         self.spool_dir.mkdir(exist_ok=True)
+        if kept:
+            log.info("%d shard(s)' parent bytes are on disk from the last run: not fetched again", len(kept))
         done = uploaded | merged.keys()
         fetcher = threading.Thread(target=self._guard, args=(self._fetch_all, done),
                                    name="stream-fetch", daemon=True)
@@ -329,7 +343,6 @@ class StreamingMerge:
                 for uploader in uploaders:
                     uploader.join()
         if self._error is not None:
-            self._save_hashes()
             raise self._error
         try:
             self.hashes.verify()
@@ -379,11 +392,27 @@ class StreamingMerge:
     def _upload_marker(self, shard: ShardPlan) -> Path:
         return state_dir(self.plan) / "shards" / f"{shard.file}.hub.json"
 
-    def _save_hashes(self) -> None:
-        """The parents' hashing progress, kept with the journal so that a resumed run fetches only
-        the bytes of the shards it still merges (:meth:`_take_up_hashes`)."""
+    def _clear_spool(self, done: set[int]) -> set[int]:
+        """Delete what a stopped run left in the spool but the complete spools of shards still to
+        merge (:func:`~.spool.mark_complete`); returns the indices of those kept."""
+        kept = {sp.index for _, sp in self.spools
+                if sp.index not in done and is_complete(sp, self.plan.fingerprint)}
+        keep = {p for _, sp in self.spools if sp.index in kept for p in (*sp.files.values(), sp.marker)}
+        if self.spool_dir.is_dir():  # inside our marked working folder
+            for path in self.spool_dir.iterdir():
+                if path not in keep:
+                    path.unlink()
+        return kept
+
+    def _save_hashes(self, index: int) -> None:
+        """The parents' hashing progress as it stood when shard ``index``'s bytes were all fetched
+        (no byte of a later shard in it), kept with the journal once that shard is merged, so that a
+        resumed run fetches only the bytes of the shards it still merges (:meth:`_take_up_hashes`)."""
+        snapshot = self._hashed_after.pop(index, None)
+        if snapshot is None:
+            return
         commits = {role: p.commit for role, p in self.parents.items()}
-        doc = {"fingerprint": self.plan.fingerprint, "commits": commits, "files": self.hashes.snapshot()}
+        doc = {"fingerprint": self.plan.fingerprint, "commits": commits, "files": snapshot}
         with self._hashes_lock:
             try:
                 write_bytes_atomic(state_dir(self.plan) / HASHES_RECORD, json.dumps(doc).encode(),
@@ -414,21 +443,30 @@ class StreamingMerge:
                 write = spool.index not in skip
                 if write and not self.budget.take(spool.disk_bytes):
                     return
-                t0 = time.perf_counter()
-                before = self._fetched()
-                for f in [pool.submit(fetch_spool, spool, role, self.parents[role], self.hashes, write=write,
-                                      stop=self._stopped, connections=self.spec.connections)
-                          for role in ROLES]:
-                    f.result()
-                self.stats.bytes_fetched += self._fetched() - before
+                if write and is_complete(spool, self.plan.fingerprint):  # kept from a stopped run
+                    for role in ROLES:
+                        hash_spooled(spool, role, self.hashes)
+                else:
+                    self._fetch_one(pool, spool, write)
+                self._hashed_after[spool.index] = self.hashes.snapshot()
                 if write:
-                    seconds = time.perf_counter() - t0
-                    log.info("shard %d/%d: fetched %s of parent bytes in %.1f s (%s/s)", spool.index + 1,
-                             len(self.spools), format_bytes(spool.input_bytes), seconds,
-                             format_bytes(spool.input_bytes / max(seconds, 1e-9)))
                     self._ready.put(spool.index)
                 if self._error is not None:
                     return
+
+    def _fetch_one(self, pool: ThreadPoolExecutor, spool: ShardSpool, write: bool) -> None:
+        t0 = time.perf_counter()
+        before = self._fetched()
+        for f in [pool.submit(fetch_spool, spool, role, self.parents[role], self.hashes, write=write,
+                              stop=self._stopped, connections=self.spec.connections) for role in ROLES]:
+            f.result()
+        self.stats.bytes_fetched += self._fetched() - before
+        if write:
+            mark_complete(spool, self.plan.fingerprint)
+            seconds = time.perf_counter() - t0
+            log.info("shard %d/%d: fetched %s of parent bytes in %.1f s (%s/s)", spool.index + 1,
+                     len(self.spools), format_bytes(spool.input_bytes), seconds,
+                     format_bytes(spool.input_bytes / max(seconds, 1e-9)))
 
     def _merge_all(self, skip: set[int]) -> None:
         threads = self.spec.threads
@@ -451,7 +489,7 @@ class StreamingMerge:
             with TensorReader(direct=self.spec.direct_io) as reader:
                 outcome = ShardMerge(self.plan, shard, reader, progress=self._progress).run()
             self._spot_check(shard, spool, outcome)
-            self._save_hashes()
+            self._save_hashes(shard.index)
             done = functools.partial(self._spool_done, spool)
             if self.gate is None or not self.gate.evaluates_parents:
                 done()
@@ -503,7 +541,6 @@ class StreamingMerge:
             write_json_atomic(self._upload_marker(shard), {
                 "fingerprint": self.plan.fingerprint, "repo_id": self.repo_id,
                 "sha256": record.sha256, "size": record.size})
-            self._save_hashes()
             if self.gate is not None:
                 self.gate.wait_evaluated(index)
             step(f"delete the uploaded {shard.file}")

@@ -10,6 +10,7 @@ arrive, and :class:`DiskBudget` holds fetches back until the disk they need is f
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -21,6 +22,7 @@ from pathlib import Path
 from ..engine import ShardPlan, TensorJob
 from ..engine.plan import format_bytes
 from ..errors import HubIntegrityError, OutputWriteError
+from ..io.atomic import write_bytes_atomic
 from ..io.crashpoints import step
 from ..io.direct import ALIGN
 from ..io.hashing import ResumableSha256
@@ -60,7 +62,13 @@ class ShardSpool:
         """The disk this shard takes at most while it is in flight: its inputs and its output."""
         return self.input_bytes + self.output_bytes
 
+    @property
+    def marker(self) -> Path:
+        """Where :func:`mark_complete` records that the files hold all their bytes."""
+        return next(iter(self.files.values())).with_name(f"shard-{self.index + 1:05d}.complete")
+
     def remove(self) -> None:
+        self.marker.unlink(missing_ok=True)
         for f in self.files.values():
             f.unlink(missing_ok=True)
 
@@ -144,14 +152,13 @@ class ParentHashes:
             if h.pos < pos <= self.parents[role].files[name].size:
                 with h.lock:
                     taken += pos - h.pos
-                    h.sha, h.pos, h.restored = sha, pos, True
+                    h.sha, h.pos = sha, pos
         return taken
 
     def verify(self) -> dict[str, dict[str, str]]:
-        """Finish each file's hash (fetching what was not hashed) and check it against the Hub.
-
-        A file whose hash was taken up from a saved state and does not match is hashed once more
-        from its first byte before it counts as a mismatch (a damaged state costs bytes, not the run).
+        """Finish each file's hash (fetching what was not hashed) and check it against the Hub. A
+        hash taken up from an earlier run covers the bytes that run merged from, so a mismatch then
+        is a mismatch of those bytes.
 
         Returns the SHA-256 of each file by role and name.
 
@@ -164,12 +171,6 @@ class ParentHashes:
             parent = self.parents[role]
             expected = parent.files[name].sha256
             digest = self._finish(parent, name, h)
-            if expected and digest != expected and h.restored:
-                log.warning("%s/%s: the hash taken up from the last run does not match; hashing the file "
-                            "again from its start", parent.repo_id, name)
-                head = parent.heads[name]
-                h.sha, h.pos, h.restored = ResumableSha256(head), len(head), False
-                digest = self._finish(parent, name, h)
             if expected and digest != expected:
                 raise HubIntegrityError(f"{parent.repo_id}@{parent.commit[:12]}: {name}: the bytes received "
                                         f"do not match the Hub's SHA-256 ({digest[:12]} ≠ {expected[:12]}); "
@@ -192,7 +193,7 @@ class _FileHash:
     """One parent file's SHA-256 and how many of its leading bytes it covers."""
 
     def __init__(self, sha: ResumableSha256, pos: int) -> None:
-        self.sha, self.pos, self.restored = sha, pos, False
+        self.sha, self.pos = sha, pos
         self.lock = threading.Lock()
 
     def feed(self, pos: int, data: memoryview) -> None:
@@ -302,12 +303,60 @@ class _InOrder:
                 if nxt is None:
                     return
                 waiting.remove(nxt)
-                for a in range(pos, nxt.stop, HASH_BLOCK):  # small blocks: the hash holds the GIL
-                    n = min(HASH_BLOCK, nxt.stop - a)
-                    data = os.pread(self.fd, n, nxt.local + a - nxt.start)
-                    if len(data) != n:
-                        raise OutputWriteError(f"spool of {piece.name}: {len(data)} of {n} bytes read back")
-                    self.hashes.feed(self.role, nxt.name, a, memoryview(data))
+                _hash_back(self.fd, self.role, nxt, pos, self.hashes)
+
+
+def _hash_back(fd: int, role: str, f: Fetch, pos: int, hashes: ParentHashes) -> None:
+    """Feed ``hashes`` the bytes ``[pos, f.stop)`` of parent file ``f.name``, read back from the
+    spool file ``fd`` holds."""
+    for a in range(pos, f.stop, HASH_BLOCK):  # small blocks: the hash holds the GIL
+        n = min(HASH_BLOCK, f.stop - a)
+        data = os.pread(fd, n, f.local + a - f.start)
+        if len(data) != n:
+            raise OutputWriteError(f"spool of {f.name}: {len(data)} of {n} bytes read back")
+        hashes.feed(role, f.name, a, memoryview(data))
+
+
+def mark_complete(spool: ShardSpool, key: str) -> None:
+    """Record that ``spool``'s files hold all their bytes (synced first), so that a run of the same
+    plan (``key``) stopped before merging the shard takes them instead of fetching them again."""
+    for path in spool.files.values():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    write_bytes_atomic(spool.marker, json.dumps(_record(spool, key)).encode(), crash_points=False)
+
+
+def is_complete(spool: ShardSpool, key: str) -> bool:
+    """Whether an earlier run of the plan ``key`` filled ``spool``'s files (:func:`mark_complete`)."""
+    try:
+        doc = json.loads(spool.marker.read_text())
+    except (OSError, ValueError):
+        return False
+    ends = {role: max((f.local + f.stop - f.start for f in fs), default=0)
+            for role, fs in spool.fetches.items()}
+    return doc == _record(spool, key) and all(
+        p.is_file() and p.stat().st_size >= ends[role] for role, p in spool.files.items())
+
+
+def hash_spooled(spool: ShardSpool, role: str, hashes: ParentHashes) -> None:
+    """Feed ``hashes`` the bytes of ``role``'s complete spool file that continue a file's hash, read
+    back from the file (so the hash covers exactly the bytes the shard is merged from)."""
+    fd = os.open(spool.files[role], os.O_RDONLY)
+    try:
+        for f in spool.fetches[role]:
+            pos = hashes.position(role, f.name)
+            if f.start <= pos < f.stop:
+                _hash_back(fd, role, f, pos, hashes)
+    finally:
+        os.close(fd)
+
+
+def _record(spool: ShardSpool, key: str) -> dict:
+    return {"key": key, "fetches": {role: [[f.name, f.start, f.stop, f.local] for f in fs]
+                                    for role, fs in sorted(spool.fetches.items())}}
 
 
 def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:

@@ -250,6 +250,38 @@ def test_a_resumed_stream_fetches_only_what_it_still_merges(hub, parents, demo_b
     assert fetched <= 1.05 * weights, (fetched, weights)  # both runs, headers read twice included
 
 
+def test_bytes_fetched_but_not_merged_before_a_stop_are_not_fetched_again(hub, parents, demo_bf16, tmp_path,
+                                                                          caplog, monkeypatch):
+    from slerp_plugin.engine.execute import ShardMerge
+
+    expected = local_result(demo_bf16, tmp_path, max_shard_size="60KB")
+    spec = stream_spec(tmp_path, max_shard_size="60KB", gate=False)
+    real = ShardMerge.run
+    spool = tmp_path / "streamed.partial" / "spool"
+
+    def merge_stops_at_the_second(self):
+        if self.shard.index >= 1:
+            deadline = time.monotonic() + 30
+            while len(list(spool.glob("*.complete"))) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)  # the fetcher has filled the spools the budget allows
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(ShardMerge, "run", merge_stops_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_merge(spec)
+    kept = len(list(spool.glob("*.complete")))
+    assert kept >= 2
+    monkeypatch.setattr(ShardMerge, "run", real)
+    with caplog.at_level(logging.INFO, logger="slerp_plugin"):
+        run_merge(spec)
+    assert f"{kept} shard(s)' parent bytes are on disk from the last run" in caplog.text
+    fetched = sum(n for path, n in hub.state.sent_by_path.items() if path.endswith(".safetensors"))
+    assert_same_weights(expected, published("org/merged", tmp_path))
+    weights = sum(f.stat().st_size for d in demo_bf16 for f in Path(d).glob("*.safetensors"))
+    assert fetched <= 1.05 * weights, (fetched, weights)
+
+
 def test_a_cdn_like_hub_is_read_over_several_connections_per_parent(hub, parents, demo_bf16, tmp_path,
                                                                     monkeypatch):
     """Each connection limited, a round trip per request, 302s to signed URLs, some of them expired
