@@ -53,7 +53,7 @@ from slerp_plugin.stream.spool import ROLES, ParentHashes, fetch_spool, spool_sh
 spec = MergeSpec.build(model_1="bench/parent-a", model_2="bench/parent-b", t=0.5, output=sys.argv[1],
                        max_shard_size=sys.argv[2], connections=int(sys.argv[3]))
 with tempfile.TemporaryDirectory() as tmp:
-    plan, parents = open_remote(spec, Path(tmp))
+    plan, parents = open_remote(spec, Path(tmp), execution=False)  # file order, as an ungated stream
     hashes = ParentHashes(parents)
     for shard in plan.shards:
         _, spool = spool_shard(shard, Path(tmp))
