@@ -231,6 +231,8 @@ class MergeSpec(BaseModel):
                        "spot checks only)")
     gate_margin: float = Field(0.10, ge=0.0, description="the gate: the merge's perplexity may exceed the "
                                "worse parent's by this fraction (default 0.10)")
+    gate_max_tokens: int = Field(1024, ge=2, description="the gate's evaluation tokens, the first of the "
+                                 "bundled text (default 1024, as slerp-merge validate --max-tokens)")
 
     @field_validator("model_1", "model_2", "tokenizer", mode="before")
     @classmethod

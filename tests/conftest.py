@@ -26,16 +26,16 @@ os.environ.pop("HF_TOKEN", None)
 LONGEST_FIRST = (
     "cluster/test_topology.py",
     "dags/test_standalone.py",
-    "engine/test_crash_points.py",
-    "sweep/test_runner.py",
     "stream/test_stream_crash_points.py",
+    "sweep/test_runner.py",
+    "engine/test_crash_points.py",
     "integrations/mergekit/test_method.py",
-    "validate/test_functional.py",
-    "validate/test_gate.py",
-    "stream/test_evaluation.py",
-    "cli/test_sweep_command.py",
-    "formats/test_mergekit_yaml.py",
     "dags/test_dags.py",
+    "cli/test_sweep_command.py",
+    "validate/test_functional.py",
+    "stream/test_evaluation.py",
+    "formats/test_mergekit_yaml.py",
+    "validate/test_gate.py",
 )
 
 

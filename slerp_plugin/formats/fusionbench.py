@@ -56,7 +56,7 @@ METHOD_KEYS = {
     "direct_io": "direct_io", "buffer_memory": "buffer_memory", "allow_bin": "allow_bin",
     "norm_precision": "norm_precision", "stream": "stream", "disk_budget": "disk_budget",
     "connections": "connections",
-    "gate": "gate", "gate_margin": "gate_margin",
+    "gate": "gate", "gate_margin": "gate_margin", "gate_max_tokens": "gate_max_tokens",
 }
 POOL_IGNORED = frozenset({"_recursive_", "_usage_", "_version_", "tokenizer_kwargs", "enable_lazy_loading"})
 

@@ -181,13 +181,14 @@ def stream_merge(spec: MergeSpec, *, token: str | None = None, settings: EvalSet
 
 def _gate(plan: MergePlan, parents: dict[str, RemoteParent], settings: EvalSettings | None,
           cache: EvaluationCache | None | Literal["default"]) -> StreamGate:
-    """The gate of ``plan`` (default settings and cache: those of ``validate``).
+    """The gate of ``plan`` (default settings: those of ``validate`` on ``spec.gate_max_tokens``
+    tokens; default cache: ``validate``'s).
 
     Raises:
         ValidationInputError: a model cannot be evaluated layer by layer (one line; ``method.gate=false``
             publishes with spot checks only).
     """
-    settings = settings or EvalSettings(device=plan.spec.device)
+    settings = settings or EvalSettings(device=plan.spec.device, max_tokens=plan.spec.gate_max_tokens)
     try:
         return StreamGate(plan, parents, settings, plan.spec.gate_margin,
                           EvaluationCache() if cache == "default" else cache, DiskBudget(0))

@@ -25,10 +25,11 @@ def own_cache(tmp_path, monkeypatch):
 def test_a_passing_stream_publishes_validate_s_figures_and_its_report(hub, parents, demo_bf16,  # noqa: F811
                                                                       tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="slerp_plugin"):
-        run_merge(stream_spec(tmp_path))
+        run_merge(stream_spec(tmp_path, gate_max_tokens=256))
     got = published("org/merged", tmp_path)
     report = json.loads((got / "validation.json").read_text())
     assert report["passed"] and report["functional"]["status"] == "passed"
+    assert report["functional"]["tokens"] == 256
     assert report["model"] == "hf://org/merged" and report["spot"]["tensors"]
     assert (got / "validation.txt").read_text().startswith("PASSED")
     card = (got / "README.md").read_text()
@@ -37,7 +38,7 @@ def test_a_passing_stream_publishes_validate_s_figures_and_its_report(hub, paren
     assert "gate passed: perplexity merged" in caplog.text
 
     local = local_result(demo_bf16, tmp_path)  # the same merge, made locally and validated
-    want = validate_merge(local, demo_bf16, settings=EvalSettings()).functional.perplexity
+    want = validate_merge(local, demo_bf16, settings=EvalSettings(max_tokens=256)).functional.perplexity
     for role, ppl in report["functional"]["perplexity"].items():
         assert ppl == pytest.approx(want[role], rel=1e-4), role
     assert {e["mode"] for e in report["functional"]["evaluations"].values()} == {"layer-streamed"}
