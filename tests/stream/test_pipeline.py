@@ -288,11 +288,12 @@ def test_a_cdn_like_hub_is_read_over_several_connections_per_parent(hub, parents
     by the time they are followed: the stream keeps several ranged GETs in flight per parent and
     several uploads, and publishes the same bytes."""
     monkeypatch.setattr(spool_mod, "PIECE_BYTES", 8_000)
-    hub.state.cdn_like(per_connection=1e6, latency=0.005, redirect_ttl=60)
+    # each connection so slow that a shard's upload outlasts the next shard's merge, even on a busy host
+    hub.state.cdn_like(per_connection=2e5, latency=0.005, redirect_ttl=60)
     hub.state.expire_redirects(3)
     hub.state.uploads_most = hub.state.in_flight_most = 0  # the parents' own upload
-    expected = local_result(demo_bf16, tmp_path)
-    run_merge(stream_spec(tmp_path, gate=False, connections=3))
+    expected = local_result(demo_bf16, tmp_path, max_shard_size="60KB")
+    run_merge(stream_spec(tmp_path, gate=False, connections=3, max_shard_size="60KB"))
     assert 4 <= hub.state.in_flight_most <= 6  # both parents, three each
     assert hub.state.uploads_most == 2  # two shards uploaded at once
     assert sum(1 for _, path, _ in hub.state.requests if path.startswith("/_cdn/")) > 10
