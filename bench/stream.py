@@ -92,15 +92,17 @@ def pair_and_scratch(layers: int, name: str) -> tuple[Path, Path, Path]:
 
 
 @contextlib.contextmanager
-def test_hub(work: Path, parents: tuple[Path, Path]) -> Iterator[tuple[str, dict]]:
+def test_hub(work: Path, parents: tuple[Path, Path], xet: bool = False) -> Iterator[tuple[str, dict]]:
     """The Hub test server in a process of its own, holding ``parents`` as bench/parent-a and -b:
-    its URL and the environment that points a command at it (caches under ``work``)."""
+    its URL and the environment that points a command at it (caches under ``work``). With ``xet``
+    large files go up and down through its Xet storage (hf_xet), else by the LFS protocol."""
     server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "hub_server.py"),
-                               str(work / "hub-blobs")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, cwd=ROOT / "tests")
+                               str(work / "hub-blobs"), *(["--xet"] if xet else [])], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT / "tests")
     try:
         url = server.stdout.readline().strip()
-        env = {**os.environ, "HF_ENDPOINT": url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1",
+        env = {**os.environ, "HF_ENDPOINT": url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "0" if xet else "1",
+               "HF_XET_CACHE": str(work / "xet-cache"),
                "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_CACHE": str(work / "hf-cache"),
                "SLERP_PLUGIN_CACHE": str(work / "cache")}
         a, b = parents

@@ -2,11 +2,15 @@
 
     python bench/stream_cdn.py [--layers 16] [--down-mbps 400] [--up-mbps 200]
                                [--connection-mbps 50] [--rtt-ms 20] [--url-ttl 60] [--shard 100MB]
+                               [--storage lfs|xet]
 
 The Hub test server (tests/hub_server.py, a process of its own on 127.0.0.1) limits the link to
 ``--down-mbps`` / ``--up-mbps`` MB/s, each download connection to ``--connection-mbps``, waits
 ``--rtt-ms`` before each answer, and answers each weight file's ``resolve`` with a 302 to a signed
-URL on a second origin that expires after ``--url-ttl`` seconds. Measured, each in a fresh process:
+URL on a second origin that expires after ``--url-ttl`` seconds. With ``--storage xet`` the server
+also runs its Xet storage and huggingface_hub uploads and downloads through hf_xet (its xorb transfers
+under the same limits); our fetcher still reads ``resolve`` ranges, as the Hub serves Xet files too.
+Measured, each in a fresh process:
 
 - fetch: every parent byte fetched by the streaming merge's own fetcher (``fetch_spool``, with
   ``method.connections``), spool files deleted as they fill: "our fetcher";
@@ -102,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--url-ttl", type=float, default=60.0)
     ap.add_argument("--connections", type=int, default=8, help="method.connections")
     ap.add_argument("--shard", default="100MB", help="method.max_shard_size")
+    ap.add_argument("--storage", choices=("lfs", "xet"), default="lfs",
+                    help="how the test Hub stores large files")
     ap.add_argument("--out", type=Path, default=BENCH / "results")
     args = ap.parse_args(argv)
     a, b, work = pair_and_scratch(args.layers, "stream-cdn")
@@ -112,13 +118,13 @@ def main(argv: list[str] | None = None) -> None:
     weights = sum(f.stat().st_size for d in (a, b) for f in d.glob("*.safetensors"))
     shards = len(json.loads((local / "merge_manifest.json").read_text())["output"]["shards"])
 
-    with test_hub(work, (a, b)) as (url, env):
+    with test_hub(work, (a, b), xet=args.storage == "xet") as (url, env):
         control(url, "/_test/bandwidth", {"down": args.down_mbps * 1e6, "up": args.up_mbps * 1e6,
                                           "per_connection": args.connection_mbps * 1e6,
                                           "latency": args.rtt_ms / 1e3, "redirect_ttl": args.url_ttl})
         row: dict = {"pair": f"pair-{args.layers}", "weights_gb": weights / 1e9, "shards": shards,
                      **{k: getattr(args, k) for k in ("down_mbps", "up_mbps", "connection_mbps", "rtt_ms",
-                                                      "url_ttl", "connections", "shard")}}
+                                                      "url_ttl", "connections", "shard", "storage")}}
         row["fetch"] = timed([sys.executable, "-c", FETCH, str(work / "fetch"), args.shard,
                               str(args.connections)], env=env)
         print("fetch", row["fetch"], flush=True)
@@ -143,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         row["resumed_identical"] = same_shards(local, "bench/resumed", env)
         print("resume", row["resume"], row["resume_fetched_ratio"], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / RESULT).write_text(json.dumps(row, indent=2))
+    (args.out / (RESULT if args.storage == "lfs" else f"stream_cdn_{args.storage}.json")).write_text(
+        json.dumps(row, indent=2))
     lines = report_lines(row)
     print("\n".join(lines))
     if args.out == BENCH / "results":
@@ -159,7 +166,8 @@ def report_lines(row: dict) -> list[str]:
         f"{row['pair']} ({gb:.2f} GB of parents, {row['shards']} shards of ≤ {row['shard']}); test Hub at "
         f"{row['down_mbps']:.0f} MB/s down, {row['up_mbps']:.0f} MB/s up, each connection ≤ "
         f"{row['connection_mbps']:.0f} MB/s, {row['rtt_ms']:.0f} ms per request, 302 to URLs valid "
-        f"{row['url_ttl']:.0f} s; method.connections={row['connections']} (`python bench/stream_cdn.py`):",
+        f"{row['url_ttl']:.0f} s; {row.get('storage', 'lfs').upper()} storage; method.connections="
+        f"{row['connections']} (`python bench/stream_cdn.py --storage {row.get('storage', 'lfs')}`):",
         "",
         "| run | wall (s) | GB/s | CPU (s) | peak RSS (MB) |",
         "|---|---:|---:|---:|---:|",
@@ -195,6 +203,8 @@ def write_section(results_md: Path, lines: list[str], row: dict) -> None:
     """Put ``lines`` in RESULTS.md under :data:`SECTION` and the run's link rates (one section per
     setting), replacing an earlier one."""
     heading = f"{SECTION}, {row['down_mbps']:g} MB/s down, {row['connection_mbps']:g} MB/s per connection"
+    if row.get("storage", "lfs") != "lfs":
+        heading += f", {row['storage'].upper()}"
     replace_section(results_md, heading, lines)
 
 

@@ -11,7 +11,7 @@ import pytest
 from model_helpers import HUB_TOKEN
 
 # Nothing in the tests may reach a real Hub: the default endpoint is a closed local port; the
-# `hub` fixture points it at the test server. Xet is off (the test server speaks LFS).
+# `hub` fixture points it at the test server. Xet is off unless a test's Hub stores with Xet.
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
@@ -67,15 +67,40 @@ def demo_fp32_tied(tmp_path_factory) -> tuple[Path, Path]:
     return build_demo_pair(tmp_path_factory.mktemp("fp32"), dtype="float32", tie_word_embeddings=True)
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """The Hub-compatible test server on 127.0.0.1, with HF_ENDPOINT/HF_TOKEN/HF_HUB_CACHE set."""
-    from hub_server import HubServer
+#: the tests that run once per storage of the test Hub (LFS and Xet): those of these folders that use it
+BOTH_STORAGES = ("hub", "stream")
 
+
+def pytest_generate_tests(metafunc):
+    folder = Path(metafunc.definition.fspath).parent
+    ours = folder.name in BOTH_STORAGES and folder.parent == Path(__file__).parent
+    chosen = any("hub_storage" in m.args[0] for m in metafunc.definition.iter_markers("parametrize"))
+    if "hub" in metafunc.fixturenames and ours and not chosen:
+        metafunc.parametrize("hub_storage", ["lfs", "xet"])
+
+
+@pytest.fixture
+def hub_storage() -> str:
+    """How the test Hub stores large files: ``lfs``, or ``xet`` (hf_xet through the Hub's CAS)."""
+    return "lfs"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch, hub_storage):
+    """The Hub-compatible test server on 127.0.0.1, with HF_ENDPOINT/HF_TOKEN/HF_HUB_CACHE set, storing
+    large files the ``hub_storage`` way; huggingface_hub (here and in the processes the test starts)
+    uploads and downloads through Xet when that is ``xet``."""
+    from hub_server import HubServer
+    from huggingface_hub import constants
+
+    xet = hub_storage == "xet"
     monkeypatch.setenv("SLERP_PLUGIN_HUB_BACKOFF", "0.01")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_XET_CACHE", str(tmp_path / "xet-cache"))
     monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
-    with HubServer(tmp_path / "hub-blobs") as server:
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "0" if xet else "1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", not xet)
+    with HubServer(tmp_path / "hub-blobs", xet=xet) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         yield server
 

@@ -43,6 +43,9 @@ def _child(argv: list[str], env: dict[str, str], cwd: str, at: int | None, mode:
            output: str) -> None:
     os.environ.clear()
     os.environ.update(env)
+    from huggingface_hub import constants  # imported by the server before the test's Hub was chosen
+
+    constants.HF_HUB_DISABLE_XET = env.get("HF_HUB_DISABLE_XET", "").upper() in ("1", "ON", "YES", "TRUE")
     os.chdir(cwd)
     # a killed run leaves its temporary folders: keep them inside the test's own folder
     tempfile.tempdir = os.path.join(cwd, ".harness-tmp")

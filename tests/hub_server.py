@@ -15,6 +15,14 @@ Like the real Hub behind its CDN, the server can also limit each connection on i
 answering each request (``latency``, seconds), and answer ``resolve`` of an LFS file with a 302 to
 a signed URL on a second origin that expires after ``redirect_ttl`` seconds (403 afterwards).
 ``in_flight_most`` and ``uploads_most`` are the most downloads and LFS uploads it served at once.
+
+With ``xet=True`` it also stores large files as the Hub does for new repos: the Xet token routes
+(``xet-read-token`` / ``xet-write-token``, JSON and headers), a CAS under ``/xet-cas`` that
+hf_xet uploads xorbs and shards to and reads file reconstructions from (:mod:`xet_cas`), xorb
+bytes behind signed URLs on the second origin (limits, latency and resets apply), and
+``X-Xet-Hash`` with a ``xet-auth`` link on ``resolve``. A shard's files are reconstructed on
+upload and refused (400) unless their bytes have the SHA-256 the shard claims; ``resolve`` and
+the LFS batch then know them by that SHA-256, as for LFS uploads.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from xet_cas import ShardError, XetStore, parse_shard
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5")
 LFS_MIN_SIZE = 10 * 1024 * 1024
@@ -50,6 +59,7 @@ class Entry:
     sha256: str
     oid: str  # git sha1 of the content (regular) or of the LFS pointer
     lfs: bool
+    xet_hash: str | None = None  # stored with Xet (uploaded through the CAS)
 
 
 @dataclass
@@ -109,9 +119,12 @@ CHUNK = 1 << 20  # bytes per write of a download: large, so the server takes lit
 class HubState:
     """Everything the server holds; tests reach it as ``hub.state``."""
 
-    def __init__(self, blob_dir: Path) -> None:
+    def __init__(self, blob_dir: Path, xet: bool = False) -> None:
         self.repos: dict[str, Repo] = {}
         self.blob_dir = blob_dir
+        # Xet storage: the token routes and a CAS that hf_xet uploads to and downloads from
+        self.xet = XetStore(blob_dir / "xet-cas") if xet else None
+        self.xet_token_ttl = 3600.0  # seconds a Xet access token is valid
         self.tokens: set[str] = {"hf_test_token_write"}
         self.faults: list[Fault] = []
         self.resets: list[Reset] = []
@@ -167,6 +180,24 @@ class HubState:
             self._link_free[direction] = done
         return done - now
 
+    async def upload_body(self, request: Request) -> bytes:
+        """The body of a large-file upload, counted in :attr:`uploads`, answered no sooner than the
+        link (and the connection's own limit) would have carried it: over loopback it arrived at once."""
+        with self.lock:
+            self.uploads += 1
+            self.uploads_most = max(self.uploads_most, self.uploads)
+        try:
+            started = time.monotonic()
+            data = await request.body()
+            delay = self.link_delay("up", len(data))
+            if self.per_connection:
+                delay = max(delay, len(data) / self.per_connection)
+            await asyncio.sleep(max(0.0, delay - (time.monotonic() - started)))
+            return data
+        finally:
+            with self.lock:
+                self.uploads -= 1
+
     def _take_reset(self, path: str) -> int | None:
         with self.lock:
             for r in self.resets:
@@ -174,6 +205,22 @@ class HubState:
                     r.times -= 1
                     return r.after_bytes
         return None
+
+    @property
+    def upload_route(self) -> tuple[str, str]:
+        """(method, path regex) of the requests that carry large files' bytes up: LFS PUTs, or xorb
+        POSTs to the CAS."""
+        return ("POST", r"/xet-cas/v1/xorbs/") if self.xet else ("PUT", r"/lfs-upload/")
+
+    def large_file_gets(self, repo_id: str) -> str:
+        """A path regex of the GETs that carry the bytes of ``repo_id``'s large files to
+        huggingface_hub: its ``resolve`` URLs, or, with Xet, the xorbs on the transfer origin."""
+        return r"^/_xorb/" if self.xet else rf"/{re.escape(repo_id)}/resolve/.*safetensors$"
+
+    def upload_requests(self) -> int:
+        """How many requests of :attr:`upload_route` the server has had."""
+        method, pattern = self.upload_route
+        return sum(1 for m, p, _ in self.requests if m == method and re.search(pattern, p))
 
     def commit_count(self, repo_id: str, branch: str = "main") -> int:
         repo = self.repos[repo_id]
@@ -423,7 +470,7 @@ def create_app(state: HubState) -> FastAPI:
         objects = []
         for o in body["objects"]:
             entry = {"oid": o["oid"], "size": o["size"], "authenticated": True}
-            if not state.blob_path(o["oid"]).exists():
+            if not state.blob_path(o["oid"]).exists() and not (state.xet and o["oid"] in state.xet.by_sha256):
                 entry["actions"] = {
                     "upload": {"href": f"{base(request)}/lfs-upload/{o['oid']}", "header": {}},
                     "verify": {"href": f"{base(request)}/{ns}/{name}.git/info/lfs/objects/verify"},
@@ -434,24 +481,7 @@ def create_app(state: HubState) -> FastAPI:
 
     @app.put("/lfs-upload/{oid}")
     async def lfs_put(request: Request, oid: str):
-        with state.lock:
-            state.uploads += 1
-            state.uploads_most = max(state.uploads_most, state.uploads)
-        try:
-            return await _lfs_put(request, oid)
-        finally:
-            with state.lock:
-                state.uploads -= 1
-
-    async def _lfs_put(request: Request, oid: str):
-        started = time.monotonic()
-        data = await request.body()
-        # the body arrived at once over loopback: the response waits as long as the link (and this
-        # connection's own limit) would have taken
-        delay = state.link_delay("up", len(data))
-        if state.per_connection:
-            delay = max(delay, len(data) / state.per_connection)
-        await asyncio.sleep(max(0.0, delay - (time.monotonic() - started)))
+        data = await state.upload_body(request)
         if hashlib.sha256(data).hexdigest() != oid:
             return _err(400, None, "sha256 mismatch")
         state.store(data)
@@ -492,7 +522,8 @@ def create_app(state: HubState) -> FastAPI:
                     size = p.stat().st_size
                     pointer = (f"version https://git-lfs.github.com/spec/v1\noid sha256:{v['oid']}\n"
                                f"size {size}\n")
-                    files[v["path"]] = Entry(size, v["oid"], git_blob_sha1(pointer.encode()), True)
+                    xet_hash = state.xet.by_sha256.get(v["oid"]) if state.xet else None
+                    files[v["path"]] = Entry(size, v["oid"], git_blob_sha1(pointer.encode()), True, xet_hash)
                 elif key == "deletedFile":
                     files.pop(v["path"], None)
                 elif key == "deletedFolder":
@@ -542,6 +573,9 @@ def create_app(state: HubState) -> FastAPI:
         if e.lfs:
             headers["X-Linked-Etag"] = f'"{e.sha256}"'
             headers["X-Linked-Size"] = str(e.size)
+        if e.xet_hash:
+            headers["X-Xet-Hash"] = e.xet_hash
+            headers["Link"] = f'<{base(request)}/api/models/{repo.id}/xet-read-token/{c.oid}>; rel="xet-auth"'
         if e.lfs and state.redirect_ttl:
             expires = int(time.time() + state.redirect_ttl)
             with state.lock:
@@ -576,8 +610,10 @@ def create_app(state: HubState) -> FastAPI:
             return Response(status_code=200, headers={"Content-Length": str(size), "Accept-Ranges": "bytes"})
         return serve(request, sha256, size, {"Accept-Ranges": "bytes", "ETag": f'"{sha256}"'})
 
-    def serve(request: Request, sha256: str, size: int, headers: dict[str, str]) -> Response:
-        """The bytes of a blob that the request's ``Range`` asks for (all of it without one)."""
+    def serve(request: Request, sha256: str, size: int, headers: dict[str, str],
+              blob: Path | None = None) -> Response:
+        """The bytes of a blob (or of file ``blob``) that the request's ``Range`` asks for (all of it
+        without one)."""
         start, end = 0, size - 1
         status = 200
         m = re.fullmatch(r"bytes=(\d*)-(\d*)", request.headers.get("range", "").strip())
@@ -592,7 +628,7 @@ def create_app(state: HubState) -> FastAPI:
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         headers["Content-Length"] = str(end - start + 1)
-        stream = body(state.blob_path(sha256), start, end + 1, state._take_reset(request.url.path),
+        stream = body(blob or state.blob_path(sha256), start, end + 1, state._take_reset(request.url.path),
                       request.url.path)
         return StreamingResponse(stream, status_code=status, headers=headers,
                                  media_type="application/octet-stream")
@@ -633,18 +669,132 @@ def create_app(state: HubState) -> FastAPI:
             with state.lock:
                 state.in_flight -= 1
 
+    app.state.serve = serve
+    add_xet_routes(app, state, lookup, base)
     return app
+
+
+def xet_token(state: HubState, kind: str, expires: int) -> str:
+    sig = hmac.new(state.secret, f"xet:{kind}:{expires}".encode(), "sha256").hexdigest()[:32]
+    return f"xet_{kind}_{expires}_{sig}"
+
+
+def add_xet_routes(app: FastAPI, state: HubState, lookup, base) -> None:
+    """The Hub's Xet token routes and the CAS (under ``/xet-cas``), as hf_xet calls them."""
+
+    def materialise(xet_hash: str, sha256: str) -> bool:
+        """Write a Xet file's bytes as the blob of ``sha256``; False if they do not hash to it."""
+        blob = state.blob_path(sha256)
+        if blob.exists() and state.xet.by_sha256.get(sha256) == xet_hash:
+            return True
+        tmp = blob.with_name(f"{blob.name}.{threading.get_ident()}.tmp")
+        try:
+            if not state.xet.check_sha256(xet_hash, tmp):
+                return False
+            tmp.replace(blob)
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def token_ok(request: Request, write: bool) -> JSONResponse | None:
+        auth = request.headers.get("authorization", "")
+        parts = auth[7:].split("_") if auth.startswith("Bearer ") else []
+        if len(parts) != 4 or parts[0] != "xet" or not parts[2].isdigit():
+            return _err(401, None, "Xet token missing or malformed")
+        kind, expires = parts[1], int(parts[2])
+        if not hmac.compare_digest(auth[7:], xet_token(state, kind, expires)) or time.time() > expires:
+            return _err(401, None, "Xet token invalid or expired")
+        if write and kind != "write":
+            return _err(403, None, "Xet token has read scope")
+        return None
+
+    @app.get("/api/models/{ns}/{name}/xet-{kind}-token/{rev:path}")
+    async def xet_token_route(request: Request, ns: str, name: str, kind: str, rev: str):
+        if state.xet is None or kind not in ("read", "write"):
+            return _err(404, None, "Xet is not enabled for this repo")
+        repo, c, err = lookup(request, ns, name, rev if rev != "None" else "main", write=kind == "write")
+        if err:
+            return err
+        expires = int(time.time() + state.xet_token_ttl)
+        token, cas = xet_token(state, kind, expires), f"{base(request)}/xet-cas"
+        return JSONResponse({"accessToken": token, "exp": expires, "casUrl": cas},
+                            headers={"X-Xet-Cas-Url": cas, "X-Xet-Access-Token": token,
+                                     "X-Xet-Token-Expiration": str(expires)})
+
+    @app.post("/xet-cas/v1/xorbs/{prefix}/{xorb}")
+    async def upload_xorb(request: Request, prefix: str, xorb: str):
+        if err := token_ok(request, write=True):
+            return err
+        data = await state.upload_body(request)
+        return {"was_inserted": state.xet.put_xorb(xorb, data)}
+
+    @app.post("/xet-cas/v1/shards")
+    async def upload_shard(request: Request):
+        if err := token_ok(request, write=True):
+            return err
+        data = await request.body()
+        try:
+            state.xet.put_shard(data)
+            files, _ = parse_shard(data)
+        except ShardError as e:
+            return _err(400, None, str(e))
+        for f in files:  # the bytes as the Hub will serve them, checked against the SHA-256 claimed
+            if f.sha256 is None or not await asyncio.to_thread(materialise, f.hash, f.sha256):
+                return _err(400, None, f"file {f.hash}: its bytes do not have the SHA-256 {f.sha256}")
+        return {"result": 1}
+
+    @app.get("/xet-cas/v1/chunks/{prefix}/{chunk}")
+    async def dedup_query(request: Request, prefix: str, chunk: str):
+        if err := token_ok(request, write=False):
+            return err
+        return _err(404, None, "chunk not tracked by global deduplication")
+
+    @app.get("/xet-cas/v1/reconstructions/{file_id}")
+    async def reconstruction(request: Request, file_id: str):
+        if err := token_ok(request, write=False):
+            return err
+        first, last = 0, None
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", request.headers.get("range", "").strip())
+        if m:
+            first, last = int(m.group(1)), int(m.group(2)) if m.group(2) else None
+        f = state.xet.files.get(file_id)
+        if f is None:
+            return _err(404, None, f"file {file_id} not found")
+        if first >= f.size and f.size:
+            return _err(416, None, "range start beyond the end of the file")
+        expires = int(time.time() + (state.redirect_ttl or 3600))
+
+        def url(xorb: str) -> str:
+            sig = hmac.new(state.secret, f"xorb:{xorb}:{expires}".encode(), "sha256").hexdigest()
+            return f"{state.cdn_url}/_xorb/{xorb}?expires={expires}&sig={sig}"
+
+        return await asyncio.to_thread(state.xet.reconstruction, file_id, first, last, url)
+
+    @app.get("/_xorb/{xorb}")
+    async def xorb_bytes(request: Request, xorb: str):
+        """A presigned URL of a xorb's bytes on the transfer service (on the CDN origin)."""
+        try:
+            expires = int(request.query_params.get("expires", ""))
+        except ValueError:
+            expires = 0
+        want = hmac.new(state.secret, f"xorb:{xorb}:{expires}".encode(), "sha256").hexdigest()
+        if not hmac.compare_digest(request.query_params.get("sig", ""), want) or time.time() > expires:
+            return _err(403, None, "Request has expired or is not signed")
+        path = state.xet.xorb_path(xorb)
+        if not path.exists():
+            return _err(404, None, "xorb not found")
+        return app.state.serve(request, xorb, path.stat().st_size, {"Accept-Ranges": "bytes"}, path)
 
 
 class HubServer:
     """Runs :func:`create_app` with uvicorn on 127.0.0.1 in a thread: the Hub on one free port, its
     "CDN" (where ``resolve`` redirects to, another origin as on the real Hub) on a second."""
 
-    def __init__(self, blob_dir: Path) -> None:
+    def __init__(self, blob_dir: Path, xet: bool = False) -> None:
         import uvicorn
 
         blob_dir.mkdir(parents=True, exist_ok=True)
-        self.state = HubState(blob_dir)
+        self.state = HubState(blob_dir, xet=xet)
         self.sockets = []
         for _ in range(2):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -673,10 +823,10 @@ class HubServer:
 
 
 def main() -> None:
-    """Serve until stdin closes: ``python tests/hub_server.py BLOB_DIR`` prints the URL first."""
+    """Serve until stdin closes: ``python tests/hub_server.py BLOB_DIR [--xet]`` prints the URL first."""
     import sys
 
-    with HubServer(Path(sys.argv[1])) as server:
+    with HubServer(Path(sys.argv[1]), xet="--xet" in sys.argv[2:]) as server:
         print(server.url, flush=True)
         sys.stdin.read()
 

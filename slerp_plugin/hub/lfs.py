@@ -55,8 +55,10 @@ def uploaded_file(path_in_repo: str, sha256: str, size: int):
 
 def preupload(repo_id: str, path: Path, path_in_repo: str, sha256: str, *, revision: str = "main",
               token: str | None = None, endpoint: str | None = None, retries: int = DEFAULT_RETRIES) -> None:
-    """Upload file ``path`` (whose SHA-256 is ``sha256``) as an LFS object of ``repo_id``, without a
-    commit; the Hub checks the SHA-256. Nothing is sent when the Hub holds the object already.
+    """Upload file ``path`` (whose SHA-256 is ``sha256``) as a large file of ``repo_id``, without a
+    commit: through Xet storage when huggingface_hub can (hf_xet installed, ``HF_HUB_DISABLE_XET``
+    unset), else as an LFS object. The Hub checks the SHA-256. Nothing is sent when the Hub holds
+    the object already.
 
     Raises:
         HubError (subclasses): still failing after ``retries`` retries (5xx, 429, network), or a
@@ -70,7 +72,7 @@ def preupload(repo_id: str, path: Path, path_in_repo: str, sha256: str, *, revis
         with open(path, "rb") as f:
             sample = f.read(512)
         op.upload_info = UploadInfo(size=path.stat().st_size, sample=sample, sha256=bytes.fromhex(sha256))
-        op._upload_mode = "lfs"  # weights always go by LFS; the Hub decides nothing here
+        op._upload_mode = "lfs"  # weights are always large files (LFS or Xet); the Hub decides nothing here
         _api(token, endpoint).preupload_lfs_files(repo_id, [op], repo_type="model", revision=revision,
                                                   num_threads=1)
 

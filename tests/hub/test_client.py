@@ -134,7 +134,7 @@ def test_transient_503s_on_download_are_retried(hub, demo_bf16):
 def test_a_connection_reset_mid_file_is_resumed_and_verified(hub, demo_bf16):
     publish(hub, demo_bf16[0], "org/reset")
     shards = sorted(demo_bf16[0].glob("*.safetensors"))
-    hub.state.reset(r"/org/reset/resolve/.*safetensors$", after_bytes=1000, times=3)
+    hub.state.reset(hub.state.large_file_gets("org/reset"), after_bytes=1000, times=3)
     d = H.download_model("org/reset")
     assert hub.state.resets[0].times == 0  # every reset was hit
     for src in shards:

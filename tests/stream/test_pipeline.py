@@ -152,7 +152,7 @@ def test_resets_and_server_errors_are_retried(hub, parents, demo_bf16, tmp_path)
     hub.state.reset(r"parent-b/resolve/.*safetensors$", after_bytes=70_000, times=2)
     hub.state.fail("GET", r"parent-b/resolve/.*safetensors$", status=503, times=2)
     hub.state.fail("GET", r"parent-a/resolve/.*safetensors$", status=429, times=1)
-    hub.state.fail("PUT", r"lfs-upload", status=500, times=2)
+    hub.state.fail(*hub.state.upload_route, status=500, times=2)
     hub.state.fail("POST", r"/commit/", status=502, times=1)
     run_merge(stream_spec(tmp_path))
     assert_same_weights(expected, published("org/merged", tmp_path))
@@ -200,11 +200,11 @@ def test_an_interrupted_stream_resumes_without_merging_or_uploading_again(hub, p
     assert 1 <= uploaded <= 3
 
     monkeypatch.setattr("slerp_plugin.stream.pipeline.fetch_spool", real)
-    puts_before = sum(1 for m, _, _ in hub.state.requests if m == "PUT")
+    puts_before = hub.state.upload_requests()
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="slerp_plugin"):
         run_merge(spec)
-    puts = sum(1 for m, _, _ in hub.state.requests if m == "PUT") - puts_before
+    puts = hub.state.upload_requests() - puts_before
     total = len(list(published("org/merged", tmp_path).glob("*.safetensors")))  # the stream's own shards
     assert puts == total - uploaded  # the shards the Hub holds are not sent again
     if gate:
