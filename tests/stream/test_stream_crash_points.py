@@ -34,9 +34,38 @@ def stream_args(root: Path, repo: str) -> list[str]:
                      "method.gate_max_tokens=64", f"+push_to_hub={repo}")
 
 
-@pytest.mark.parametrize("mode", ["raise", "kill"])
-def test_stopped_at_any_step_the_same_command_publishes_the_same_model(hub, parents, demo_bf16, tmp_path,
-                                                                       mode):
+# one class per way of stopping and storage of the Hub: parallel workers take a class each
+class TestRaisedLfs:
+    @pytest.mark.parametrize("hub_storage", ["lfs"])
+    def test_stopped_at_any_step_the_same_command_publishes_the_same_model(self, hub, parents, demo_bf16,
+                                                                           tmp_path):
+        stopped_at_every_step(hub, demo_bf16, tmp_path, "raise")
+
+
+class TestRaisedXet:
+    @pytest.mark.parametrize("hub_storage", ["xet"])
+    def test_stopped_at_any_step_the_same_command_publishes_the_same_model(self, hub, parents, demo_bf16,
+                                                                           tmp_path):
+        stopped_at_every_step(hub, demo_bf16, tmp_path, "raise")
+
+
+class TestKilledLfs:
+    @pytest.mark.parametrize("hub_storage", ["lfs"])
+    def test_stopped_at_any_step_the_same_command_publishes_the_same_model(self, hub, parents, demo_bf16,
+                                                                           tmp_path):
+        stopped_at_every_step(hub, demo_bf16, tmp_path, "kill")
+
+
+class TestKilledXet:
+    @pytest.mark.parametrize("hub_storage", ["xet"])
+    def test_stopped_at_any_step_the_same_command_publishes_the_same_model(self, hub, parents, demo_bf16,
+                                                                           tmp_path):
+        stopped_at_every_step(hub, demo_bf16, tmp_path, "kill")
+
+
+def stopped_at_every_step(hub, demo_bf16, tmp_path: Path, mode: str) -> None:
+    """The command stopped the ``mode`` way at each step in turn, then run again, publishes what the
+    uninterrupted run published and leaves nothing behind."""
     expected = local_result(demo_bf16, tmp_path, max_shard_size=SHARD)
     clean = tmp_path / "clean"
     clean.mkdir()
