@@ -141,7 +141,7 @@ def estimate(
     if min(download_bps, upload_bps, merge_bps, connection_bps or 1) <= 0:
         raise ConfigError("bandwidths must be more than 0 bytes/s")
     refs = (spec.model_1, spec.model_2)
-    parents = [_parent_size(name, ref) for name, ref in zip(spec.model_names, refs, strict=True)]
+    parents = [parent_size(name, ref) for name, ref in zip(spec.model_names, refs, strict=True)]
     output_bytes = _output_bytes(spec, parents[0])
     est = MergeEstimate(parents, output_bytes, BASE_MEMORY + spec.buffer_memory, connections=spec.connections,
                         connection_bps=connection_bps)
@@ -196,7 +196,14 @@ def require_disk(spec: MergeSpec) -> MergeEstimate:
     return est
 
 
-def _parent_size(role: str, ref: ModelRef) -> ParentSize:
+def parent_size(role: str, ref: ModelRef) -> ParentSize:
+    """The size of parent ``role``'s weights: a local folder's files, or, for a Hub id not on this
+    machine, the weight files the Hub lists at the revision (nothing is downloaded).
+
+    Raises:
+        ModelNotFoundError: ``ref`` is neither a folder nor a Hub id.
+        HubError (subclasses): the Hub cannot list it (with ``role`` as context).
+    """
     try:
         folder = local_model(ref, role).path
     except ModelNotFoundError:

@@ -427,24 +427,18 @@ def sweep_mode(params: dict[str, Any], inputs: dict[str, dict]) -> str:
         return mode
     if mode != "auto":
         raise ConfigError(f"sweep_mode: {mode!r} is not auto, one-pass or merge-each")
-    size = sum(_weight_bytes(inputs[role]) for role in ("model_1", "model_2"))
+    from ...preflight import parent_size
+
+    size = 0
+    for role in ("model_1", "model_2"):
+        e = inputs[role]
+        ref = ModelRef(ref=e["path"]) if e.get("path") else ModelRef(ref=e["ref"], revision=e.get("commit"))
+        size += parent_size(role, ref).size
     limit = float(params.get("one_pass_above_gb", 20)) * 1e9
     chosen = "one-pass" if size > limit else "merge-each"
     log.info("sweep: the parents hold %.1f GB of weights: %s (one pass above %.1f GB)", size / 1e9, chosen,
              limit / 1e9)
     return chosen
-
-
-def _weight_bytes(entry: dict) -> int:
-    """Bytes of a resolved input's weight files: on disk, or as the Hub lists them (nothing downloaded)."""
-    if entry.get("path"):
-        from ...io.safetensors import Checkpoint
-
-        return sum(f.stat().st_size for f in Checkpoint.open(Path(entry["path"])).files)
-    from ...hub.client import list_files, select_files
-
-    listing = select_files(list_files(entry["ref"], entry["commit"]), weights=True, tokenizer=False)
-    return sum(f.size for f in listing if f.name.endswith((".safetensors", ".bin")))
 
 
 def sweep_in_one_pass(params: dict[str, Any], inputs: dict[str, dict], run_folder: str,

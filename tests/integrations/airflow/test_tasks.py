@@ -91,3 +91,20 @@ def test_plan_groups_spread_shards_over_workers(demo_bf16, tmp_path):
     groups = tasks.plan_groups(params, inputs, str(tmp_path / "m"), workers=2)
     flat = sorted(i for g in groups for i in g)
     assert len(groups) == 2 and flat == list(range(len(flat))) and len(flat) > 2
+
+
+def test_sweep_mode_auto_weighs_local_folders_and_hub_listings_without_downloading(hub, demo_bf16, tmp_path):
+    from slerp_plugin.hub import client as H
+
+    weights = sum(f.stat().st_size for d in demo_bf16 for f in d.glob("*.safetensors"))
+    roles = dict(zip(("model_1", "model_2"), demo_bf16, strict=True))
+    local = {role: {"ref": str(d), "path": str(d)} for role, d in roles.items()}
+    remote = {role: {"ref": f"org/{role}", "commit": H.upload_folder(d, f"org/{role}").commit}
+              for role, d in roles.items()}
+    for inputs in (local, remote):
+        assert tasks.sweep_mode({"one_pass_above_gb": (weights - 1) / 1e9}, inputs) == "one-pass"
+        assert tasks.sweep_mode({"one_pass_above_gb": weights / 1e9}, inputs) == "merge-each"
+    assert not (tmp_path / "hf-cache").exists() or not list((tmp_path / "hf-cache").rglob("*.safetensors"))
+    assert tasks.sweep_mode({"sweep_mode": "one-pass"}, {}) == "one-pass"
+    with pytest.raises(ConfigError, match="sweep_mode"):
+        tasks.sweep_mode({"sweep_mode": "sometimes"}, remote)
