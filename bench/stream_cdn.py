@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -51,22 +52,25 @@ SECTION = "## Hub to Hub through a CDN-like Hub"
 FETCH = """
 import sys, tempfile, threading
 from pathlib import Path
+from slerp_plugin.hub.connections import Connections
 from slerp_plugin.spec import MergeSpec
 from slerp_plugin.stream import open_remote
-from slerp_plugin.stream.spool import ROLES, ParentHashes, fetch_spool, spool_shard
+from slerp_plugin.stream.spool import PIECE_BYTES, ROLES, ParentHashes, fetch_spool, spool_shard
 spec = MergeSpec.build(model_1="bench/parent-a", model_2="bench/parent-b", t=0.5, output=sys.argv[1],
-                       max_shard_size=sys.argv[2], connections=int(sys.argv[3]))
+                       max_shard_size=sys.argv[2], connections=sys.argv[3])
+conns = Connections(spec.connections, PIECE_BYTES)  # one for the run, as the stream's
 with tempfile.TemporaryDirectory() as tmp:
     plan, parents = open_remote(spec, Path(tmp), execution=False)  # file order, as an ungated stream
     hashes = ParentHashes(parents)
     for shard in plan.shards:
         _, spool = spool_shard(shard, Path(tmp))
         threads = [threading.Thread(target=fetch_spool, args=(spool, role, parents[role], hashes),
-                                    kwargs={"connections": spec.connections}) for role in ROLES]
+                                    kwargs={"connections": conns}) for role in ROLES]
         [t.start() for t in threads]
         [t.join() for t in threads]
         spool.remove()
     hashes.verify()
+print("connections per parent:", conns.level, file=sys.stderr)
 """
 
 
@@ -81,6 +85,12 @@ def stream_cmd(out: Path, name: str, common: list[str]) -> list[str]:
     return [*CLI, "modelpool.models.model_1=bench/parent-a", "modelpool.models.model_2=bench/parent-b",
             "modelpool.tokenizer=bench/parent-a", f"method.model_save_path={out}", *common,
             "method.stream=true", "method.gate=false", f"+push_to_hub=bench/{name}"]
+
+
+def chosen_connections(log: Path) -> int | None:
+    """The GETs per parent a run's log says it settled on (with ``auto``), if it says."""
+    found = re.findall(r"(?:fetching over|connections per parent:) (\d+)", log.read_text(errors="replace"))
+    return int(found[-1]) if found else None
 
 
 def killed_at_half(cmd: list[str], out: Path, shards: int, env: dict, log: Path) -> float:
@@ -104,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--connection-mbps", type=float, default=50.0)
     ap.add_argument("--rtt-ms", type=float, default=20.0)
     ap.add_argument("--url-ttl", type=float, default=60.0)
-    ap.add_argument("--connections", type=int, default=8, help="method.connections")
+    ap.add_argument("--connections", default="auto", help="method.connections (1-64 or auto)")
     ap.add_argument("--shard", default="100MB", help="method.max_shard_size")
     ap.add_argument("--storage", choices=("lfs", "xet"), default="lfs",
                     help="how the test Hub stores large files")
@@ -126,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
                      **{k: getattr(args, k) for k in ("down_mbps", "up_mbps", "connection_mbps", "rtt_ms",
                                                       "url_ttl", "connections", "shard", "storage")}}
         row["fetch"] = timed([sys.executable, "-c", FETCH, str(work / "fetch"), args.shard,
-                              str(args.connections)], env=env)
+                              str(args.connections)], env=env, stderr_to=work / "fetch.log")
+        row["fetch_connections"] = chosen_connections(work / "fetch.log")
         print("fetch", row["fetch"], flush=True)
         row["snapshot_download"] = python(
             "from slerp_plugin.hub.client import download_model as d; d('bench/parent-a'); "
@@ -139,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         print("upload", row["upload"], flush=True)
         row["stream"] = timed(stream_cmd(work / "streamed", "streamed", common), env=env,
                               stderr_to=work / "streamed.log")
+        row["stream_connections"] = chosen_connections(work / "streamed.log")
         row["identical"] = same_shards(local, "bench/streamed", env)
         print("stream", row["stream"], flush=True)
         before = control(url, "/_test/stats")["weight_bytes_sent"]
@@ -167,7 +179,8 @@ def report_lines(row: dict) -> list[str]:
         f"{row['down_mbps']:.0f} MB/s down, {row['up_mbps']:.0f} MB/s up, each connection ≤ "
         f"{row['connection_mbps']:.0f} MB/s, {row['rtt_ms']:.0f} ms per request, 302 to URLs valid "
         f"{row['url_ttl']:.0f} s; {row.get('storage', 'lfs').upper()} storage; method.connections="
-        f"{row['connections']} (`python bench/stream_cdn.py --storage {row.get('storage', 'lfs')}`):",
+        f"{row['connections']}{settled(row)} (`python bench/stream_cdn.py --storage "
+        f"{row.get('storage', 'lfs')}`):",
         "",
         "| run | wall (s) | GB/s | CPU (s) | peak RSS (MB) |",
         "|---|---:|---:|---:|---:|",
@@ -197,6 +210,13 @@ def report_lines(row: dict) -> list[str]:
     check(row["identical"] and row["resumed_identical"],
           "the published shards are bit-identical with the local merge (SHA-256), both runs")
     return lines
+
+
+def settled(row: dict) -> str:
+    """What ``auto`` settled on, as a note for the heading line."""
+    keys = (("fetcher", "fetch_connections"), ("stream", "stream_connections"))
+    chosen = [f"{what} {row[key]}" for what, key in keys if row.get(key)]
+    return f" (settled per parent: {', '.join(chosen)})" if chosen else ""
 
 
 def write_section(results_md: Path, lines: list[str], row: dict) -> None:

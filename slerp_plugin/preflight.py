@@ -20,6 +20,7 @@ from pathlib import Path
 from .engine.output import output_path, partial_path
 from .errors import HubError, ModelNotFoundError, OutputWriteError
 from .hub.client import list_files, resolve_revision, select_files
+from .hub.connections import AUTO_MOST
 from .hub.sources import looks_like_hub_id
 from .io.model_files import local_model
 from .spec import MergeSpec, ModelRef
@@ -70,9 +71,10 @@ class MergeEstimate:
     #: a streaming merge's disk (its budget) and time (the slowest of the overlapped stages)
     stream_disk_bytes: int = 0
     stream_s: float = 0.0
-    #: connections the stream reads each parent over (``method.connections``), and each one's limit
+    #: connections the stream reads each parent over (``method.connections``; ``auto``: up to
+    #: :data:`~slerp_plugin.hub.connections.AUTO_MOST`, as many as still gain), and each one's limit
     #: in bytes/s (None: only the link limits)
-    connections: int = 1
+    connections: int | str = 1
     connection_bps: float | None = None
 
     @property
@@ -94,14 +96,26 @@ class MergeEstimate:
                    f"upload {_duration(self.upload_s)}; {_duration(self.sequential_s)} in all")
         out.append(f"streaming Hub to Hub (method.stream=true): disk {_gb(self.stream_disk_bytes)}, memory "
                    f"{_gb(self.memory_bytes)}, about {_duration(self.stream_s)} (download, merge and upload "
-                   f"overlap; each parent read over {self.connections} connection(s), method.connections)")
+                   f"overlap; each parent read over {self._connections_text()}, method.connections)")
         if self.connection_bps:
+            gets = f"{2 * stream_connections(self.connections)}"
+            gets = f"up to {gets}" if self.connections == "auto" else gets
             out.append(f"each connection at most {self.connection_bps / 1e6:g} MB/s: downloads of "
-                       f"{DOWNLOAD_FILES_AT_ONCE} files at once, the stream's {2 * self.connections} "
-                       "ranged GETs")
+                       f"{DOWNLOAD_FILES_AT_ONCE} files at once, the stream's {gets} ranged GETs")
         out += [f"cannot write: {p}" for p in self.unwritable]
         out += [f"does not fit: {p}" for p in self.problems]
         return out
+
+
+    def _connections_text(self) -> str:
+        if self.connections == "auto":
+            return f"as many connections as still gain, up to {AUTO_MOST} (auto)"
+        return f"{self.connections} connection(s)"
+
+
+def stream_connections(setting: int | str) -> int:
+    """The most ranged GETs per parent a stream keeps in flight with ``method.connections=setting``."""
+    return AUTO_MOST if setting == "auto" else int(setting)
 
 
 def _gb(n: float) -> str:
@@ -151,7 +165,8 @@ def estimate(
     est.merge_s = output_bytes / merge_bps
     est.upload_s = output_bytes / upload_bps if spec.push_to_hub else 0.0
     est.stream_disk_bytes = stream_disk(spec, parents, output_bytes)
-    full_download = sum(p.size for p in parents) / _rate(download_bps, connection_bps, 2 * spec.connections)
+    full_download = sum(p.size for p in parents) / _rate(download_bps, connection_bps,
+                                                         2 * stream_connections(spec.connections))
     est.stream_s = max(full_download, est.merge_s, output_bytes / upload_bps)
     _disk(spec, est, downloads)
     return est

@@ -224,8 +224,9 @@ class MergeSpec(BaseModel):
     disk_budget: Annotated[int | None, BeforeValidator(_optional_size)] = Field(
         None, description="bytes of disk a streaming merge may use at once (default: three output shards in "
         "flight with their inputs)")
-    connections: int = Field(8, ge=1, le=64, description="ranged GETs in flight per Hub parent in a "
-                             "streaming merge or a sweep (CDNs limit each connection's rate)")
+    connections: Literal["auto"] | int = Field(
+        "auto", description="ranged GETs in flight per Hub parent in a streaming merge or a sweep (CDNs "
+        "limit each connection's rate): 1–64, or auto (default: found by measuring, from 2 up to 32)")
     gate: bool = Field(True, description="a streaming merge is evaluated as its shards are merged and "
                        "published only if its perplexity passes the gate of slerp-merge validate (false: "
                        "spot checks only)")
@@ -238,6 +239,16 @@ class MergeSpec(BaseModel):
     @classmethod
     def _parse_ref(cls, v: Any) -> Any:
         return None if v is None else ModelRef.parse(v)
+
+    @field_validator("connections", mode="before")
+    @classmethod
+    def _check_connections(cls, v: Any) -> Any:
+        n = v
+        if isinstance(v, str) and v.strip().isdigit():
+            n = int(v)
+        if v == "auto" or (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 64):
+            return n
+        raise ValueError(f"connections must be 1 to 64 or auto, got {v!r}")
 
     @field_validator("device")
     @classmethod

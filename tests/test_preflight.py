@@ -100,13 +100,16 @@ def test_streaming_needs_its_budget_and_takes_the_slowest_stage(hub, demo_bf16, 
     assert any(x.startswith(line) for x in est.lines())
     budgeted = MergeSpec.build(**{**spec.model_dump(), "disk_budget": "5MB"})
     assert preflight.estimate(budgeted).stream_disk_bytes == 5_000_000
-    # each connection limited: the stream reads each parent over method.connections of them
+    # each connection limited: the stream reads each parent over method.connections of them (auto:
+    # as many as still gain, up to 32)
     per = preflight.estimate(spec, download_bps=1e9, upload_bps=1e9, connection_bps=1e4)
-    assert per.stream_s == pytest.approx(weights / (2 * 8 * 1e4))
+    assert per.stream_s == pytest.approx(weights / (2 * 32 * 1e4))
+    assert "as many connections as still gain, up to 32 (auto)" in "\n".join(per.lines())
+    assert "the stream's up to 64 ranged GETs" in "\n".join(per.lines())
     two = MergeSpec.build(**{**spec.model_dump(), "connections": 2})
-    assert preflight.estimate(two, download_bps=1e9, upload_bps=1e9, connection_bps=1e4).stream_s == \
-        pytest.approx(weights / (2 * 2 * 1e4))
-    assert "each parent read over 8 connection(s), method.connections" in "\n".join(per.lines())
+    fixed = preflight.estimate(two, download_bps=1e9, upload_bps=1e9, connection_bps=1e4)
+    assert fixed.stream_s == pytest.approx(weights / (2 * 2 * 1e4))
+    assert "each parent read over 2 connection(s), method.connections" in "\n".join(fixed.lines())
     assert "each connection at most 0.01 MB/s" in "\n".join(per.lines())
     # a local merge of Hub parents that does not fit suggests streaming
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 1000, 1000))

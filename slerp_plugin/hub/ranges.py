@@ -53,10 +53,12 @@ class RangeReader:
         self.stream(name, start, start + length, sink)
         return bytes(out)
 
-    def stream(self, name: str, start: int, stop: int, sink: Sink) -> None:
+    def stream(self, name: str, start: int, stop: int, sink: Sink, *,
+               on_throttled: Callable[[], None] | None = None) -> None:
         """Bytes ``[start, stop)`` of file ``name``, in order, as ``sink(position, chunk)`` calls.
 
         A dropped connection resumes where it stopped, so each byte reaches ``sink`` exactly once.
+        ``on_throttled()`` is called when the Hub answers 429 (too many requests), before the retry.
         """
         reached = [start]  # where the bytes received so far end, also when a GET breaks off
         failures = 0
@@ -66,6 +68,9 @@ class RangeReader:
             try:
                 self._get(name, stop, sink, reached)
             except Exception as e:  # translated: only transient errors are retried
+                response = getattr(e, "response", None)
+                if on_throttled is not None and getattr(response, "status_code", None) == 429:
+                    on_throttled()
                 err = _translate(e, what, self.token)
                 if not err.transient:
                     raise err from None

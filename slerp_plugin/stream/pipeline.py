@@ -61,6 +61,7 @@ from ..formats.manifest import InputFile, InputRecord, Manifest, ShardRecord
 from ..formats.modelcard import render_model_card
 from ..formats.public import public_files
 from ..hub.client import commit_message_for, is_hub_id
+from ..hub.connections import Connections
 from ..hub.lfs import ensure_repo, lfs_present, preupload, publish, uploaded_file
 from ..io.atomic import write_bytes_atomic, write_json_atomic
 from ..io.crashpoints import step
@@ -74,6 +75,7 @@ from ..validate.functional import EvalSettings
 from .evaluation import StreamGate
 from .remote import RemoteParent, open_parent
 from .spool import (
+    PIECE_BYTES,
     ROLES,
     DiskBudget,
     ParentHashes,
@@ -284,6 +286,7 @@ class StreamingMerge:
                               f"output shard needs in flight ({format_bytes(need)}: its inputs and itself); "
                               "raise method.disk_budget or lower method.max_shard_size")
         self.hashes = ParentHashes(parents)
+        self.connections = Connections(plan.spec.connections, PIECE_BYTES)  # auto learns it for every shard
         self.stats = StreamStats()
         self._error: BaseException | None = None
         self._ready: queue.Queue = queue.Queue()
@@ -459,7 +462,7 @@ class StreamingMerge:
         t0 = time.perf_counter()
         before = self._fetched()
         for f in [pool.submit(fetch_spool, spool, role, self.parents[role], self.hashes, write=write,
-                              stop=self._stopped, connections=self.spec.connections) for role in ROLES]:
+                              stop=self._stopped, connections=self.connections) for role in ROLES]:
             f.result()
         self.stats.bytes_fetched += self._fetched() - before
         if write:

@@ -22,6 +22,7 @@ from pathlib import Path
 from ..engine import ShardPlan, TensorJob
 from ..engine.plan import format_bytes
 from ..errors import HubIntegrityError, OutputWriteError
+from ..hub.connections import Connections
 from ..io.atomic import write_bytes_atomic
 from ..io.crashpoints import step
 from ..io.direct import ALIGN
@@ -206,19 +207,19 @@ class _FileHash:
 
 #: bytes of one ranged GET when a spool file is filled over several connections
 PIECE_BYTES = 16 << 20
-#: ranged GETs in flight per parent (``method.connections``): CDNs limit each connection's rate
+#: ranged GETs in flight per parent of :func:`fetch_spool` called without a count
 DEFAULT_CONNECTIONS = 8
 HASH_BLOCK = 2 << 20
 
 
 def fetch_spool(spool: ShardSpool, role: str, parent: RemoteParent, hashes: ParentHashes, *,
                 write: bool = True, stop: Callable[[], bool] = lambda: False,
-                connections: int = DEFAULT_CONNECTIONS) -> None:
-    """Fill ``role``'s spool file of one shard over up to ``connections`` ranged GETs at once, in
-    pieces of :data:`PIECE_BYTES` taken in file order; or, without ``write``, only hash its bytes
-    (one GET at a time, just the bytes that continue a file's hash). Pieces are hashed in file
-    order as they complete, read back from the spool. ``stop()`` true ends it early (the merge
-    failed elsewhere).
+                connections: int | Connections = DEFAULT_CONNECTIONS) -> None:
+    """Fill ``role``'s spool file of one shard over ranged GETs at once (``connections``: a fixed
+    count, or the run's :class:`~slerp_plugin.hub.connections.Connections`), in pieces of
+    :data:`PIECE_BYTES` taken in file order; or, without ``write``, only hash its bytes (one GET at
+    a time, just the bytes that continue a file's hash). Pieces are hashed in file order as they
+    complete, read back from the spool. ``stop()`` true ends it early (the merge failed elsewhere).
 
     Raises:
         FetchStopped: ``stop()`` became true.
@@ -238,24 +239,36 @@ def fetch_spool(spool: ShardSpool, role: str, parent: RemoteParent, hashes: Pare
         raise OutputWriteError(f"{path}: cannot write the spool: {e.strerror or e}", path=path) from e
     failed = threading.Event()
     in_order = _InOrder(fd, role, hashes)
+    if not isinstance(connections, Connections):
+        connections = Connections(connections, PIECE_BYTES)
+    conns = connections
 
     def fetch(piece: Fetch) -> None:
-        if failed.is_set() or stop():
+        if failed.is_set() or stop() or not conns.acquire(role, lambda: failed.is_set() or stop()):
             raise FetchStopped
+        received = 0
 
         def sink(pos: int, data: memoryview) -> None:
+            nonlocal received
             if failed.is_set() or stop():
                 raise FetchStopped
             _pwrite_all(fd, data, piece.local + pos - piece.start)
+            received += len(data)
         try:
-            parent.reader.stream(piece.name, piece.start, piece.stop, sink)
+            parent.reader.stream(piece.name, piece.start, piece.stop, sink, on_throttled=conns.throttled)
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            conns.release(role, received)
+        try:
             in_order.done(piece)
         except BaseException:
             failed.set()
             raise
 
     try:
-        with ThreadPoolExecutor(max(1, min(connections, len(pieces))),
+        with ThreadPoolExecutor(max(1, min(conns.most, len(pieces))),
                                 thread_name_prefix=f"fetch-{role}") as pool:
             futures = [pool.submit(fetch, piece) for piece in pieces]
             errors = [f.exception() for f in futures]

@@ -33,10 +33,11 @@ from ..engine.execute import ShardMerge
 from ..engine.plan import format_bytes
 from ..engine.resources import compute_threads, threads_beside_evaluation
 from ..engine.resume import prepare_partial
+from ..hub.connections import Connections
 from ..io.reader import TensorReader
 from ..io.safetensors import read_header
 from ..stream.remote import RemoteParent
-from ..stream.spool import ParentHashes, ShardSpool, fetch_spool, spool_shard
+from ..stream.spool import PIECE_BYTES, ParentHashes, ShardSpool, fetch_spool, spool_shard
 from ..validate.fed import FedEvaluator
 from ..validate.functional import EvalSettings
 from ..validate.report import ModelEvaluation
@@ -95,6 +96,7 @@ class OnePass:
         self.base, self.ids, self.settings, self.work = base, ids, settings, work
         self.remote = dict(remote) if remote else None
         self.hashes = ParentHashes(self.remote) if self.remote else None
+        self.connections = Connections(self.base.spec.connections, PIECE_BYTES)
         self.plans = {t: plan_for_t(base, t, work) for t in ts}
         self.device = base.device
         self.dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
@@ -183,7 +185,7 @@ class OnePass:
         try:
             for role, parent in self.remote.items():
                 fetch_spool(spool, role, parent, self.hashes,  # type: ignore[arg-type]
-                            connections=self.base.spec.connections)
+                            connections=self.connections)
         except BaseException:
             spool.remove()
             raise

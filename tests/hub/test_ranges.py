@@ -42,6 +42,11 @@ def test_server_errors_and_rate_limits_are_retried(hub, repo):
     hub.state.fail("GET", rf"/resolve/.*/{name}$", status=503, times=2)
     hub.state.fail("GET", rf"/resolve/.*/{name}$", status=429, times=1)
     assert reader.read(name, 0, 100) == data[:100]
+    throttled = []  # a 429 is told to the caller (the stream then keeps fewer GETs in flight)
+    hub.state.fail("GET", rf"/resolve/.*/{name}$", status=503, times=1)
+    hub.state.fail("GET", rf"/resolve/.*/{name}$", status=429, times=2)
+    reader.stream(name, 0, 100, lambda pos, chunk: None, on_throttled=lambda: throttled.append(1))
+    assert len(throttled) == 2
 
 
 def test_errors_that_do_not_go_away_are_one_line(hub, repo):

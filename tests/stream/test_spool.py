@@ -89,7 +89,7 @@ class FakeReader:
     def __init__(self, data: bytes) -> None:
         self.data, self.sent = data, 0
 
-    def stream(self, name, start, stop, sink):
+    def stream(self, name, start, stop, sink, on_throttled=None):
         for pos in range(start, stop, 1000):
             chunk = memoryview(self.data[pos:min(pos + 1000, stop)])
             self.sent += len(chunk)
@@ -153,7 +153,7 @@ class SlowFirstReader(FakeReader):
         self.in_flight = self.most = 0
         self.lock = threading.Lock()
 
-    def stream(self, name, start, stop, sink):
+    def stream(self, name, start, stop, sink, on_throttled=None):
         with self.lock:
             self.in_flight += 1
             self.most = max(self.most, self.in_flight)
@@ -186,7 +186,7 @@ def test_a_failed_piece_stops_the_others_and_is_reported(tmp_path, monkeypatch):
     data = os.urandom(50_016)
     parent = hashed_parent(data)
 
-    def stream(name, start, stop, sink):
+    def stream(name, start, stop, sink, on_throttled=None):
         if start >= 20_016:
             raise HubUnavailableError("network gone")
         time.sleep(0.01)
