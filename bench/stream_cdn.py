@@ -223,6 +223,8 @@ def write_section(results_md: Path, lines: list[str], row: dict) -> None:
     """Put ``lines`` in RESULTS.md under :data:`SECTION` and the run's link rates (one section per
     setting), replacing an earlier one."""
     heading = f"{SECTION}, {row['down_mbps']:g} MB/s down, {row['connection_mbps']:g} MB/s per connection"
+    if str(row.get("connections")) == "auto":
+        heading += ", connections auto"
     if row.get("storage", "lfs") != "lfs":
         heading += f", {row['storage'].upper()}"
     replace_section(results_md, heading, lines)

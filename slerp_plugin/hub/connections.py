@@ -6,9 +6,10 @@ cost requests and memory for nothing once the link is full. ``method.connections
 stream starts with :data:`AUTO_START` GETs per parent and measures the bytes per second of both
 parents together over windows of :data:`WINDOW_ROUNDS` rounds of pieces and at least
 :data:`WINDOW_SECONDS` with a GET in flight (waits for disk budget do not count). It doubles the
-count while a window gains at least :data:`GAIN` over the best so far, and otherwise settles on
-the count that measured best. A 429 (too many requests) halves the count, which then stays
-settled.
+count while a window gains at least :data:`GAIN` over the best so far and its GETs filled the
+count (a doubling cannot help a fetch that has fewer pieces at once than the count allows), and
+otherwise settles on the count that measured best. A 429 (too many requests) halves the count,
+which then stays settled.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ AUTO_MOST = 32
 #: a doubling is kept when the rate gains at least this factor over the best rate so far
 GAIN = 1.15
 #: a measuring window: this many rounds of pieces at the current count ...
-WINDOW_ROUNDS = 2
+WINDOW_ROUNDS = 3
 #: ... and at least this many seconds
-WINDOW_SECONDS = 1.0
+WINDOW_SECONDS = 2.0
 
 
 class Connections:
@@ -60,6 +61,7 @@ class Connections:
         self._window_busy = 0.0  # seconds of the window with a GET in flight, up to _busy_since
         self._busy_since: float | None = None
         self._window_bytes = 0
+        self._window_peak = 0  # the most GETs of one parent in flight during the window
 
     def acquire(self, role: str, stop: Callable[[], bool] = lambda: False) -> bool:
         """Wait until ``role`` may start one more GET; False when ``stop()`` became true meanwhile."""
@@ -71,6 +73,7 @@ class Connections:
             if not any(self._in_flight.values()):
                 self._busy_since = self._clock()
             self._in_flight[role] = self._in_flight.get(role, 0) + 1
+            self._window_peak = max(self._window_peak, self._in_flight[role])
             return True
 
     def release(self, role: str, nbytes: int) -> None:
@@ -101,7 +104,8 @@ class Connections:
         if self._window_bytes < WINDOW_ROUNDS * self.level * self.piece_bytes or elapsed < WINDOW_SECONDS:
             return
         rate = self._window_bytes / elapsed
-        if rate >= GAIN * self.best_rate and self.level < self.most:
+        filled = self._window_peak >= self.level
+        if rate >= GAIN * self.best_rate and self.level < self.most and filled:
             self.best_rate, self._best_level = rate, self.level
             self.level = min(self.most, self.level * 2)
             log.info("%.1f MB/s over %d connection(s) per parent: trying %d", rate / 1e6,
@@ -112,6 +116,6 @@ class Connections:
             self.level, self.settled = self._best_level, True
             log.info("fetching over %d connection(s) per parent (%.1f MB/s measured)", self.level,
                      self.best_rate / 1e6)
-        self._window_busy, self._window_bytes = 0.0, 0
+        self._window_busy, self._window_bytes, self._window_peak = 0.0, 0, 0
         if self._busy_since is not None:
             self._busy_since = now

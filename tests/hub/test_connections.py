@@ -40,7 +40,7 @@ class Link:
         return n
 
 
-def settle(rate, rounds: int = 40, **kw) -> Connections:
+def settle(rate, rounds: int = 400, **kw) -> Connections:
     link = Link(rate)
     conns = Connections("auto", PIECE, clock=link.clock, **kw)
     for _ in range(rounds):
@@ -77,6 +77,19 @@ def test_auto_goes_no_higher_than_its_most():
     assert conns.level == 16 and conns.settled
 
 
+def test_auto_does_not_double_a_count_its_fetches_cannot_fill():
+    link = Link(lambda n: n * 10e6)  # more connections would always help ...
+    conns = Connections("auto", PIECE, clock=link.clock)
+    for _ in range(400):  # ... but a fetch never has more than 5 pieces at once
+        n = min(conns.level, 5)
+        for _ in range(n):
+            assert conns.acquire("model_1")
+        link.now += n * PIECE / link.rate(n)
+        for _ in range(n):
+            conns.release("model_1", PIECE)
+    assert conns.settled and conns.level == 8  # tried (5 in flight beat 4), then no further
+
+
 def test_a_429_halves_the_count_and_keeps_it():
     conns = settle(lambda n: min(n * 10e6, 80e6))
     conns.throttled()
@@ -89,7 +102,7 @@ def test_a_429_halves_the_count_and_keeps_it():
 def test_time_with_nothing_in_flight_is_not_measured():
     link = Link(lambda n: min(n * 10e6, 80e6))
     conns = Connections("auto", PIECE, clock=link.clock)
-    for _ in range(40):
+    for _ in range(400):
         link.round(conns)
         link.now += 30.0  # waiting for disk budget between rounds
     assert conns.level == 8
