@@ -46,7 +46,7 @@ from .inputs import InputHashes
 from .output import output_lock
 from .plan import MergePlan, ShardPlan, TensorJob, format_bytes
 from .resources import compute_threads, page_cache_budget
-from .resume import ShardOutcome, journal, load_outcome, prepare_partial, shard_lock
+from .resume import ShardOutcome, WorkingFolder
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def prepare(plan: MergePlan, *, wait: bool = False) -> None:
     if plan.finished_earlier:
         return
     with output_lock(plan.output, exclusive=True, wait=wait, what="preparing the merge"):
-        prepare_partial(plan, exclusive=True)
+        WorkingFolder(plan).prepare(exclusive=True)
 
 
 def merge_shards(
@@ -114,7 +114,8 @@ def merge_shards(
     with ExitStack() as stack:
         if lock is None:
             lock = stack.enter_context(output_lock(plan.output, exclusive=False, wait=wait, what="merging"))
-        if prepare_partial(plan, exclusive=lock.exclusive):
+        work = WorkingFolder(plan)
+        if work.prepare(exclusive=lock.exclusive):
             log.info("%s is complete; nothing to merge", plan.partial)
             return []
         selected = plan.shards if indices is None else [plan.shards[i] for i in indices]
@@ -127,22 +128,22 @@ def merge_shards(
         for shard in selected:
             with ExitStack() as shard_stack:
                 if not lock.exclusive:
-                    shard_stack.enter_context(shard_lock(plan, shard))
-                outcome = _reuse(plan, shard, progress) or \
-                    ShardMerge(plan, shard, reader, hashes=hashes, progress=progress).run()
+                    shard_stack.enter_context(work.lock(shard))
+                outcome = _reuse(work, shard, progress) or \
+                    ShardMerge(work, shard, reader, hashes=hashes, progress=progress).run()
             outcomes.append(outcome)
     return outcomes
 
 
-def _reuse(plan: MergePlan, shard: ShardPlan, progress: Progress | None) -> ShardOutcome | None:
+def _reuse(work: WorkingFolder, shard: ShardPlan, progress: Progress | None) -> ShardOutcome | None:
     """The journalled outcome of a shard an earlier run finished (checksum verified), or None."""
-    outcome = load_outcome(plan, shard, verify=True)
+    outcome = work.outcome(shard, verify=True)
     if outcome is None:
         return None
     outcome.reused = True
-    journal(plan, shard, outcome)
+    work.journal(shard, outcome)
     log.info("shard %d/%d %s: reused from an earlier run (sha256 verified)",
-             shard.index + 1, len(plan.shards), shard.file)
+             shard.index + 1, len(work.plan.shards), shard.file)
     if progress:
         progress(shard.nbytes)
     return outcome
@@ -186,16 +187,18 @@ class BlockRead:
 
 
 class ShardMerge:
-    """Merges one output shard of a plan; :meth:`run` does it and returns the journal entry.
+    """Merges one output shard of the plan of working folder ``work``; :meth:`run` does it and
+    returns the journal entry.
 
     Tensors of at most ``hold_blocks`` blocks are read once and held between the two SLERP passes;
     larger ones are read twice (through the page cache when it has room). Block buffers come from
     fixed pools, so memory is bounded by ``buffer_memory`` whatever the tensor size.
     """
 
-    def __init__(self, plan: MergePlan, shard: ShardPlan, reader: TensorReader, *,
+    def __init__(self, work: WorkingFolder, shard: ShardPlan, reader: TensorReader, *,
                  hashes: InputHashes | None = None, progress: Progress | None = None) -> None:
-        self.plan, self.shard, self.reader = plan, shard, reader
+        plan = work.plan
+        self.work, self.plan, self.shard, self.reader = work, plan, shard, reader
         self.hashes, self.progress = hashes, progress
         spec = plan.spec
         self.device = plan.device
@@ -231,7 +234,7 @@ class ShardMerge:
         started = time.perf_counter()
         try:
             with ExitStack() as stack:
-                writer = stack.enter_context(ShardWriter(self.plan.partial / self.shard.file,
+                writer = stack.enter_context(ShardWriter(self.work.shard_path(self.shard),
                                                          [j.output for j in self.shard.jobs],
                                                          direct=self.plan.spec.direct_io))
                 self._sink = stack.enter_context(WriteBehind(partial(self._write_out, writer)))
@@ -249,7 +252,7 @@ class ShardMerge:
         record = ShardRecord(file=self.shard.file, size=writer.size, sha256=writer.sha256,
                              tensors=len(self.shard.jobs))
         outcome = ShardOutcome(record, records, seconds, self.bytes_read)
-        journal(self.plan, self.shard, outcome)
+        self.work.journal(self.shard, outcome)
         branches = Counter(r.branch for r in records)
         log.info("shard %d/%d %s: %d tensors (%s), %s written in %.1f s (%s/s)",
                  self.shard.index + 1, len(self.plan.shards), self.shard.file, len(self.shard.jobs),

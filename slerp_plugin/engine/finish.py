@@ -14,16 +14,16 @@ from pathlib import Path
 from ..errors import OutputExistsError, OutputWriteError
 from ..formats.manifest import InputRecord, Manifest, TensorRecord, describe_input
 from ..formats.modelcard import render_model_card
-from ..io.atomic import fsync_dir, write_json_atomic
+from ..io.atomic import write_json_atomic
 from ..io.crashpoints import step
 from ..io.index import INDEX_NAME
 from ..io.lock import FileLock
 from ..io.model_files import CONFIG_FILES, TOKENIZER_FILES
 from ..spec import MergeSpec
 from .inputs import input_files
-from .output import output_lock, publish, remove_replaced, write_marker
+from .output import move_into_place, output_lock, remove_replaced
 from .plan import MergePlan
-from .resume import STATE_DIR, ShardOutcome, finished_partial, load_outcome
+from .resume import ShardOutcome, WorkingFolder
 
 log = logging.getLogger(__name__)
 
@@ -77,44 +77,39 @@ def finalize(
             remove_replaced(plan.output)
             log.info("merged model at %s (finished by an earlier run)", plan.output)
             return MergeResult(plan.output, Manifest.read(plan.output))
-        finished = finished_partial(plan)
+        work = WorkingFolder(plan)
+        finished = work.finished()
         if finished is not None:
-            _drop_journal(plan)
-            publish(plan)
+            work.drop_journal()
+            move_into_place(plan)
             log.info("merged model at %s (finished by an earlier run)", plan.output)
             return MergeResult(plan.output, finished)
-        return _finish(plan, input_hashes, started_at)
+        return _finish(work, input_hashes, started_at)
 
 
-def _finish(plan: MergePlan, input_hashes: dict[Path, str] | None, started_at: float | None) -> MergeResult:
+def _finish(work: WorkingFolder, input_hashes: dict[Path, str] | None,
+            started_at: float | None) -> MergeResult:
+    plan = work.plan
     t0 = time.perf_counter()
     outcomes = []
     for shard in plan.shards:
-        outcome = load_outcome(plan, shard, verify=False)
+        outcome = work.outcome(shard, verify=False)
         if outcome is None:
             raise OutputWriteError(f"{plan.partial}: shard {shard.file} is not merged yet; "
                                    "merge every shard before finishing", path=plan.partial)
         outcomes.append(outcome)
-    partial = plan.partial
     try:
-        manifest = write_metadata(plan, partial, outcomes, input_records(plan, input_hashes), started_at, t0)
-        write_marker(partial, plan.output, "complete")
-        fsync_dir(partial)
-        _drop_journal(plan)
-        publish(plan)
+        inputs = input_records(plan, input_hashes)
+        manifest = write_metadata(plan, work.path, outcomes, inputs, started_at, t0)
+        work.mark_complete()
+        work.drop_journal()
+        move_into_place(plan)
     except (OutputWriteError, OutputExistsError):
         raise
     except OSError as e:
         raise OutputWriteError(f"finishing {plan.output} failed: {e.strerror or e}", path=plan.output) from e
     log.info("merged model at %s", plan.output)
     return MergeResult(plan.output, manifest)
-
-
-def _drop_journal(plan: MergePlan) -> None:
-    """Remove the journal of a ``.partial`` marked complete (a crash may have left some of it)."""
-    if (plan.partial / STATE_DIR).exists():
-        step(f"remove {plan.partial.name}/{STATE_DIR}")
-        shutil.rmtree(plan.partial / STATE_DIR)
 
 
 def write_metadata(plan: MergePlan, folder: Path, outcomes: list[ShardOutcome],

@@ -190,7 +190,7 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
                                 "replaced; remove it yourself or choose another path", path=out)
 
 
-def publish(plan: MergePlan) -> None:
+def move_into_place(plan: MergePlan) -> None:
     """Move the finished ``<output>.partial`` to ``<output>``. An earlier merge there is replaced
     only with ``overwrite``: moved aside first and deleted after the rename; an empty folder is
     taken over.
@@ -219,7 +219,7 @@ def publish(plan: MergePlan) -> None:
 
 
 def remove_replaced(out: Path) -> None:
-    """Delete the earlier merges of ``out`` that :func:`publish` moved aside (a crash may have left
+    """Delete the earlier merges of ``out`` that :func:`move_into_place` moved aside (a crash may have left
     one, or an empty folder, behind). Only with the output locked exclusively."""
     for old in out.parent.glob(f"{out.name}.replaced-*"):
         if old.is_dir() and not old.is_symlink() and carries_marker(old, out, "complete"):

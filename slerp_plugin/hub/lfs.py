@@ -2,7 +2,7 @@
 
 A streaming merge uploads each output shard as soon as it is written (:func:`preupload`), deletes
 it locally, and publishes every shard with the small files in one commit at the end
-(:func:`publish`). An uploaded shard is known by its SHA-256 and size alone
+(:func:`commit_uploaded`). An uploaded shard is known by its SHA-256 and size alone
 (:func:`uploaded_file`), so a re-run can publish shards an earlier run uploaded; which of those
 the Hub still holds, :func:`lfs_present` asks.
 """
@@ -101,8 +101,9 @@ def lfs_present(repo_id: str, objects: Iterable[tuple[str, int]], *, token: str 
     return _with_retries(call, f"{repo_id} LFS objects", token, retries, _backoff())
 
 
-def publish(repo_id: str, operations: list, message: str, *, revision: str = "main", token: str | None = None,
-            endpoint: str | None = None, retries: int = DEFAULT_RETRIES) -> Upload:
+def commit_uploaded(repo_id: str, operations: list, message: str, *, revision: str = "main",
+                    token: str | None = None, endpoint: str | None = None,
+                    retries: int = DEFAULT_RETRIES) -> Upload:
     """One commit of ``operations`` (pre-uploaded files and small ones) on ``revision`` of
     ``repo_id``, pinned to the head it saw (see :func:`~slerp_plugin.hub.client.commit_once`).
 

@@ -27,7 +27,6 @@ but not uploaded.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import queue
 import shutil
@@ -44,11 +43,11 @@ from typing import TYPE_CHECKING, Literal
 from ..engine import MergePlan, MergeResult, ShardPlan, compute_threads
 from ..engine.execute import ShardMerge
 from ..engine.finish import write_metadata
-from ..engine.output import output_lock, remove_ours
+from ..engine.output import output_lock
 from ..engine.plan import format_bytes, plan_checkpoints
 from ..engine.progress import progress_bar
 from ..engine.resources import threads_beside_evaluation
-from ..engine.resume import ShardOutcome, forget, load_outcome, prepare_partial, state_dir
+from ..engine.resume import ShardOutcome, WorkingFolder
 from ..errors import (
     CheckpointError,
     ConfigError,
@@ -62,8 +61,7 @@ from ..formats.modelcard import render_model_card
 from ..formats.public import public_files
 from ..hub.client import commit_message_for, is_hub_id
 from ..hub.connections import Connections
-from ..hub.lfs import ensure_repo, lfs_present, preupload, publish, uploaded_file
-from ..io.atomic import write_bytes_atomic, write_json_atomic
+from ..hub.lfs import commit_uploaded, ensure_repo, lfs_present, preupload, uploaded_file
 from ..io.crashpoints import step
 from ..io.model_files import OUTPUT_MARKER, TOKENIZER_FILES
 from ..io.reader import TensorReader
@@ -168,12 +166,13 @@ def stream_merge(spec: MergeSpec, *, token: str | None = None, settings: EvalSet
     with tempfile.TemporaryDirectory(prefix="slerp-stream-") as tmp:
         plan, parents = open_remote(spec, Path(tmp), token=token, execution=spec.gate)
         with output_lock(plan.output, exclusive=True, wait=False, what="slerp-merge (streaming)"):
-            prepare_partial(plan, exclusive=True)
-            _refuse_recorded_failure(plan)
+            work = WorkingFolder(plan)
+            work.prepare(exclusive=True)
+            _refuse_recorded_failure(work)
             bar = progress_bar(plan, "streaming")
             try:
                 gate = _gate(plan, parents, settings, cache) if spec.gate else None
-                merge = StreamingMerge(plan, parents, token=token, progress=bar.update if bar else None,
+                merge = StreamingMerge(work, parents, token=token, progress=bar.update if bar else None,
                                        gate=gate)
                 return merge.run(started)
             finally:
@@ -199,14 +198,14 @@ def _gate(plan: MergePlan, parents: dict[str, RemoteParent], settings: EvalSetti
                                    "publishes it with spot checks only)", path=e.path) from e
 
 
-def _refuse_recorded_failure(plan: MergePlan) -> None:
+def _refuse_recorded_failure(work: WorkingFolder) -> None:
     """A merge whose gate failed is not merged again: its recorded verdict is the answer.
 
     Raises:
-        ValidationGateError: ``plan``'s gate failed in an earlier run.
+        ValidationGateError: the plan's gate failed in an earlier run.
     """
-    doc = _read_json(state_dir(plan) / GATE_RECORD)
-    if doc and doc.get("fingerprint") == plan.fingerprint and doc.get("passed") is False:
+    doc = work.record(GATE_RECORD)
+    if doc and doc.get("passed") is False:
         log.info("this merge failed its gate in an earlier run (%s); nothing is merged again",
                  doc.get("created_at", "?"))
         raise ValidationGateError(str(doc.get("message", "the gate failed")))
@@ -266,14 +265,16 @@ def _plan(spec: MergeSpec, parents: dict[str, RemoteParent], tokenizer: Path, ex
 
 
 class StreamingMerge:
-    """One streaming merge of ``plan`` (see the module docstring); :meth:`run` does it."""
+    """One streaming merge into the working folder ``work`` (its plan's; see the module docstring);
+    :meth:`run` does it."""
 
-    def __init__(self, plan: MergePlan, parents: dict[str, RemoteParent], *, token: str | None = None,
+    def __init__(self, work: WorkingFolder, parents: dict[str, RemoteParent], *, token: str | None = None,
                  progress: Callable[[int], None] | None = None, gate: StreamGate | None = None) -> None:
-        self.plan, self.parents, self.token, self.gate = plan, parents, token, gate
+        plan = work.plan
+        self.work, self.plan, self.parents, self.token, self.gate = work, plan, parents, token, gate
         self.spec = plan.spec
         self.repo_id: str = plan.spec.push_to_hub  # type: ignore[assignment]
-        self.spool_dir = plan.partial / "spool"
+        self.spool_dir = work.folder("spool")
         self.spools: list[tuple[ShardPlan, ShardSpool]] = [spool_shard(s, self.spool_dir)
                                                            for s in plan.shards]
         held = gate.tied_bytes if gate else 0  # a tied head's table, kept for the evaluation's end
@@ -353,7 +354,7 @@ class StreamingMerge:
         except HubIntegrityError:
             log.error("discarding %s: its shards were merged from bytes that do not match the Hub",
                       plan.partial)
-            remove_ours(plan.partial)
+            self.work.remove()
             raise
         return self._publish(started)
 
@@ -381,20 +382,17 @@ class StreamingMerge:
         merged but did not upload (their files verified)."""
         records = {}
         for shard in self.plan.shards:
-            doc = _read_json(self._upload_marker(shard))
-            if doc and doc.get("fingerprint") == self.plan.fingerprint and doc.get("repo_id") == self.repo_id:
+            doc = self.work.record(_upload_record(shard))
+            if doc and doc.get("repo_id") == self.repo_id:
                 records[shard.index] = (doc["sha256"], int(doc["size"]))
         present = lfs_present(self.repo_id, set(records.values()), token=self.token) if records else set()
         uploaded = {i for i, (sha, _) in records.items() if sha in present}
         merged = {}
         for shard in self.plan.shards:
-            outcome = None if shard.index in uploaded else load_outcome(self.plan, shard, verify=True)
+            outcome = None if shard.index in uploaded else self.work.outcome(shard, verify=True)
             if outcome is not None:
                 merged[shard.index] = outcome.record
         return uploaded, merged
-
-    def _upload_marker(self, shard: ShardPlan) -> Path:
-        return state_dir(self.plan) / "shards" / f"{shard.file}.hub.json"
 
     def _clear_spool(self, done: set[int]) -> set[int]:
         """Delete what a stopped run left in the spool but the complete spools of shards still to
@@ -416,18 +414,17 @@ class StreamingMerge:
         if snapshot is None:
             return
         commits = {role: p.commit for role, p in self.parents.items()}
-        doc = {"fingerprint": self.plan.fingerprint, "commits": commits, "files": snapshot}
         with self._hashes_lock:
             try:
-                write_bytes_atomic(state_dir(self.plan) / HASHES_RECORD, json.dumps(doc).encode(),
-                                   crash_points=False)
+                self.work.save_record(HASHES_RECORD, {"commits": commits, "files": snapshot},
+                                      crash_points=False)
             except OSError as e:  # costs a resumed run the bytes, nothing else
                 log.warning("could not save the parents' hashing progress: %s", e)
 
     def _take_up_hashes(self) -> None:
-        doc = _read_json(state_dir(self.plan) / HASHES_RECORD)
+        doc = self.work.record(HASHES_RECORD)
         commits = {r: p.commit for r, p in self.parents.items()}
-        if not doc or doc.get("fingerprint") != self.plan.fingerprint or doc.get("commits") != commits:
+        if not doc or doc.get("commits") != commits:
             return
         taken = self.hashes.restore(doc.get("files"))
         total = sum(p.weight_bytes for p in self.parents.values())
@@ -491,14 +488,14 @@ class StreamingMerge:
                 return
             assert index == shard.index
             with TensorReader(direct=self.spec.direct_io) as reader:
-                outcome = ShardMerge(self.plan, shard, reader, progress=self._progress).run()
+                outcome = ShardMerge(self.work, shard, reader, progress=self._progress).run()
             self._spot_check(shard, spool, outcome)
             self._save_hashes(shard.index)
             done = functools.partial(self._spool_done, spool)
             if self.gate is None or not self.gate.evaluates_parents:
                 done()
             if self.gate is not None:
-                self.gate.submit(shard, shard, self.plan.partial / shard.file,
+                self.gate.submit(shard, shard, self.work.shard_path(shard),
                                  done if self.gate.evaluates_parents else None)
             self._uploads.put((shard.index, outcome.record))
 
@@ -515,8 +512,8 @@ class StreamingMerge:
         """
         from ..validate.spot import spot_check_tensors
 
-        path = self.plan.partial / shard.file
-        merged = Checkpoint(self.plan.partial, [path], {i.name: i for i in read_header(path)[0]})
+        path = self.work.shard_path(shard)
+        merged = Checkpoint(self.work.path, [path], {i.name: i for i in read_header(path)[0]})
         parents = {side: Checkpoint(self.spool_dir, [spool.files[role]],
                                     {j.name: (j.a if side == "a" else j.b) for j in shard.jobs})
                    for side, role in (("a", "model_1"), ("b", "model_2"))}
@@ -524,7 +521,7 @@ class StreamingMerge:
         result = spot_check_tensors({**parents, "m": merged}, outcome.tensors,
                                     self.spec.model_dump(mode="json"), names, seed=shard.index)
         if not result.passed:
-            forget(self.plan, shard)
+            self.work.forget(shard)
             raise ValidationGateError(f"{shard.file}: spot re-computation failed: {result.problems[0]}; "
                                       "nothing was published")
         self.spot_tensors += result.tensors
@@ -538,13 +535,12 @@ class StreamingMerge:
                 continue
             index, record = item
             shard, spool = self.spools[index]
-            path = self.plan.partial / shard.file
+            path = self.work.shard_path(shard)
             t0 = time.perf_counter()
             step(f"upload {shard.file}")
             preupload(self.repo_id, path, shard.file, record.sha256, token=self.token)
-            write_json_atomic(self._upload_marker(shard), {
-                "fingerprint": self.plan.fingerprint, "repo_id": self.repo_id,
-                "sha256": record.sha256, "size": record.size})
+            self.work.save_record(_upload_record(shard), {"repo_id": self.repo_id, "sha256": record.sha256,
+                                                          "size": record.size})
             if self.gate is not None:
                 self.gate.wait_evaluated(index)
             step(f"delete the uploaded {shard.file}")
@@ -584,9 +580,8 @@ class StreamingMerge:
             return report
         path = meta / REPORT_NAME
         message = f"the gate failed: {_gate_line(functional)}; nothing was published (report: {path})"
-        write_json_atomic(state_dir(plan) / GATE_RECORD, {
-            "fingerprint": plan.fingerprint, "passed": False, "message": message,
-            "created_at": report.created_at})
+        self.work.save_record(GATE_RECORD, {"passed": False, "message": message,
+                                            "created_at": report.created_at})
         raise ValidationGateError(message)
 
     def _publish(self, started: float) -> MergeResult:
@@ -595,13 +590,13 @@ class StreamingMerge:
         plan = self.plan
         outcomes: list[ShardOutcome] = []
         for shard in plan.shards:
-            outcome = load_outcome(plan, shard, verify=False, local=False)
+            outcome = self.work.outcome(shard, verify=False, local=False)
             if outcome is None:
                 raise OutputWriteError(f"{plan.partial}: shard {shard.file} has no journal entry",
                                        path=plan.partial)
             outcome.reused = shard.index in self.uploaded or shard.index in self.merged
             outcomes.append(outcome)
-        meta = plan.partial / "publish"
+        meta = self.work.folder("publish")
         step(f"create {plan.partial.name}/publish")
         shutil.rmtree(meta, ignore_errors=True)  # inside our marked working folder: an earlier attempt's
         meta.mkdir()
@@ -615,8 +610,8 @@ class StreamingMerge:
         operations += [CommitOperationAdd(path_in_repo=f.name, path_or_fileobj=rewritten.get(f.name, str(f)))
                        for f in files]
         step(f"commit to {self.repo_id}")
-        upload = publish(self.repo_id, operations, commit_message_for(meta), token=self.token)
-        remove_ours(plan.partial)
+        upload = commit_uploaded(self.repo_id, operations, commit_message_for(meta), token=self.token)
+        self.work.remove()
         self.stats.seconds = time.perf_counter() - started
         log.info("streamed %s to %s in %.1f s: %s fetched, %s uploaded, at most %s of disk held",
                  format_bytes(plan.total_bytes), self.repo_id, self.stats.seconds,
@@ -644,6 +639,12 @@ class StreamingMerge:
 GATE_RECORD = "gate.json"
 #: the parents' hashing progress (:meth:`StreamingMerge._save_hashes`), in the state folder
 HASHES_RECORD = "parent-hashes.json"
+
+
+def _upload_record(shard: ShardPlan) -> str:
+    """The record of a shard uploaded to the Hub (its SHA-256, size and repo), beside its journal
+    entry."""
+    return f"shards/{shard.file}.hub.json"
 
 
 def _gate_line(f: FunctionalResult) -> str:
@@ -677,14 +678,6 @@ def spot_names(shard: ShardPlan, *, seed: int, sample: int = 1) -> list[str]:
     from ..validate.spot import pick_tensors
 
     return pick_tensors([j.name for j in shard.jobs], sample, seed)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 def _check_free_disk(folder: Path, budget: int) -> None:

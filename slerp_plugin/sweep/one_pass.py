@@ -32,7 +32,7 @@ from ..engine import MergePlan, ShardPlan
 from ..engine.execute import ShardMerge
 from ..engine.plan import format_bytes
 from ..engine.resources import compute_threads, threads_beside_evaluation
-from ..engine.resume import prepare_partial
+from ..engine.resume import WorkingFolder
 from ..hub.connections import Connections
 from ..io.reader import TensorReader
 from ..io.safetensors import read_header
@@ -98,6 +98,7 @@ class OnePass:
         self.hashes = ParentHashes(self.remote) if self.remote else None
         self.connections = Connections(self.base.spec.connections, PIECE_BYTES)
         self.plans = {t: plan_for_t(base, t, work) for t in ts}
+        self.folders = {t: WorkingFolder(plan) for t, plan in self.plans.items()}
         self.device = base.device
         self.dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
         jobs = [j for s in base.shards for j in s.jobs]
@@ -127,8 +128,8 @@ class OnePass:
                 the Hub's SHA-256.
         """
         started = time.perf_counter()
-        for plan in self.plans.values():
-            prepare_partial(plan, exclusive=True)
+        for folder in self.folders.values():
+            folder.prepare(exclusive=True)
         try:
             spec = self.base.spec
             wanted = threads_beside_evaluation(spec.threads, spec.norm_precision)
@@ -155,13 +156,13 @@ class OnePass:
         shard, spool = self._inputs(shard)
         try:
             with TensorReader(direct=False) as reader:
-                for n, (t, plan) in enumerate(self.plans.items()):
+                for n, (t, folder) in enumerate(self.folders.items()):
                     at_t = ShardPlan(shard.index, shard.file, [replace(j, t=t) for j in shard.jobs])
-                    outcome = ShardMerge(plan, at_t, reader).run()
+                    outcome = ShardMerge(folder, at_t, reader).run()
                     if n == 0:
                         self.bytes_read += outcome.bytes_read
                     self.branches[t].update(r.branch for r in outcome.tensors)
-                    path = plan.partial / shard.file
+                    path = folder.shard_path(at_t)
                     self.merged[t].take({info.name: info for info in read_header(path)[0]})
                     path.unlink()
                     if progress:

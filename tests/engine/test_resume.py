@@ -33,7 +33,7 @@ CRASHER = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
         checkpoint.ShardWriter.write = write
     elif where == "publish":
-        finish.publish = lambda plan: os.kill(os.getpid(), signal.SIGKILL)
+        finish.move_into_place = lambda plan: os.kill(os.getpid(), signal.SIGKILL)
     merge.run_merge(spec)
     """
 )
@@ -128,10 +128,10 @@ def test_foreign_partial_folder_is_not_deleted(demo_bf16, tmp_path):
 ORPHAN = textwrap.dedent("""
     import sys, time
     from slerp_plugin.merge import plan_merge
-    from slerp_plugin.engine.resume import shard_lock
+    from slerp_plugin.engine.resume import WorkingFolder
     from slerp_plugin.spec import MergeSpec
     plan = plan_merge(MergeSpec.model_validate_json(sys.argv[1]))
-    with shard_lock(plan, plan.shards[0]):
+    with WorkingFolder(plan).lock(plan.shards[0]):
         print("writing", flush=True)
         time.sleep(float(sys.argv[2]))
 """)

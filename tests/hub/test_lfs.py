@@ -26,7 +26,7 @@ def test_preuploaded_files_are_published_by_one_commit_from_their_sha256_alone(h
     ops = [lfs.uploaded_file(shard.name, sha, 100_000),
            CommitOperationAdd(path_in_repo="config.json", path_or_fileobj=str(tmp_path / "config.json"))]
     before = hub.state.commit_count("org/pre")
-    up = lfs.publish("org/pre", ops, "SLERP merge of a and b (t=0.5)")
+    up = lfs.commit_uploaded("org/pre", ops, "SLERP merge of a and b (t=0.5)")
     assert up.new_commit and hub.state.commit_count("org/pre") == before + 1
     files = {f.name: f for f in list_files("org/pre", resolve_revision("org/pre"))}
     assert files[shard.name].sha256 == sha and files[shard.name].size == 100_000
@@ -40,7 +40,7 @@ def test_a_commit_whose_answer_was_lost_is_not_made_twice(hub, tmp_path):
     hub.state.fail("POST", r"/commit/main$", status=500, times=1, after=True)  # lands, answer lost
     before = hub.state.commit_count("org/lost")
     ops = [CommitOperationAdd(path_in_repo="a.json", path_or_fileobj=str(tmp_path / "a.json"))]
-    lfs.publish("org/lost", ops, "SLERP merge of x and y (t=0.1)")
+    lfs.commit_uploaded("org/lost", ops, "SLERP merge of x and y (t=0.1)")
     assert hub.state.commit_count("org/lost") == before + 1
 
 
