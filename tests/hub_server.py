@@ -43,7 +43,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from xet_cas import ShardError, XetStore, parse_shard
+from xet_cas import ShardError, XetStore
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5")
 LFS_MIN_SIZE = 10 * 1024 * 1024
@@ -734,8 +734,7 @@ def add_xet_routes(app: FastAPI, state: HubState, lookup, base) -> None:
             return err
         data = await request.body()
         try:
-            state.xet.put_shard(data)
-            files, _ = parse_shard(data)
+            files = state.xet.put_shard(data)
         except ShardError as e:
             return _err(400, None, str(e))
         for f in files:  # the bytes as the Hub will serve them, checked against the SHA-256 claimed

@@ -139,8 +139,8 @@ class XetStore:
         tmp.replace(path)
         return True
 
-    def put_shard(self, data: bytes) -> None:
-        """Register the files and xorbs of an uploaded shard.
+    def put_shard(self, data: bytes) -> list[XetFile]:
+        """Register the files and xorbs of an uploaded shard; its files.
 
         Raises:
             ShardError: it cannot be parsed, or names a xorb that was never uploaded.
@@ -153,6 +153,7 @@ class XetStore:
                     if not self.xorb_path(t.xorb).exists():
                         raise ShardError(f"xorb {t.xorb} was not uploaded")
                 self.files[f.hash] = f
+        return files
 
     def check_sha256(self, file_hash: str, dest: Path) -> bool:
         """Reconstruct a file into ``dest`` and tell whether its bytes have the SHA-256 its shard
