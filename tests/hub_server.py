@@ -669,8 +669,7 @@ def create_app(state: HubState) -> FastAPI:
             with state.lock:
                 state.in_flight -= 1
 
-    app.state.serve = serve
-    add_xet_routes(app, state, lookup, base)
+    add_xet_routes(app, state, lookup, base, serve)
     return app
 
 
@@ -679,7 +678,7 @@ def xet_token(state: HubState, kind: str, expires: int) -> str:
     return f"xet_{kind}_{expires}_{sig}"
 
 
-def add_xet_routes(app: FastAPI, state: HubState, lookup, base) -> None:
+def add_xet_routes(app: FastAPI, state: HubState, lookup, base, serve) -> None:
     """The Hub's Xet token routes and the CAS (under ``/xet-cas``), as hf_xet calls them."""
 
     def materialise(xet_hash: str, sha256: str) -> bool:
@@ -782,7 +781,7 @@ def add_xet_routes(app: FastAPI, state: HubState, lookup, base) -> None:
         path = state.xet.xorb_path(xorb)
         if not path.exists():
             return _err(404, None, "xorb not found")
-        return app.state.serve(request, xorb, path.stat().st_size, {"Accept-Ranges": "bytes"}, path)
+        return serve(request, xorb, path.stat().st_size, {"Accept-Ranges": "bytes"}, path)
 
 
 class HubServer:

@@ -239,9 +239,7 @@ def fetch_spool(spool: ShardSpool, role: str, parent: RemoteParent, hashes: Pare
         raise OutputWriteError(f"{path}: cannot write the spool: {e.strerror or e}", path=path) from e
     failed = threading.Event()
     in_order = _InOrder(fd, role, hashes)
-    if not isinstance(connections, Connections):
-        connections = Connections(connections, PIECE_BYTES)
-    conns = connections
+    conns = connections if isinstance(connections, Connections) else Connections(connections, PIECE_BYTES)
 
     def fetch(piece: Fetch) -> None:
         if failed.is_set() or stop() or not conns.acquire(role, lambda: failed.is_set() or stop()):
@@ -255,13 +253,10 @@ def fetch_spool(spool: ShardSpool, role: str, parent: RemoteParent, hashes: Pare
             _pwrite_all(fd, data, piece.local + pos - piece.start)
             received += len(data)
         try:
-            parent.reader.stream(piece.name, piece.start, piece.stop, sink, on_throttled=conns.throttled)
-        except BaseException:
-            failed.set()
-            raise
-        finally:
-            conns.release(role, received)
-        try:
+            try:
+                parent.reader.stream(piece.name, piece.start, piece.stop, sink, on_throttled=conns.throttled)
+            finally:
+                conns.release(role, received)
             in_order.done(piece)
         except BaseException:
             failed.set()
