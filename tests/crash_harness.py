@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -63,6 +64,54 @@ def _child(argv: list[str], env: dict[str, str], cwd: str, at: int | None, mode:
     os._exit(code)
 
 
+def _command_child(argv: list[str], env: dict[str, str], cwd: str, stdout: str, stderr: str) -> None:
+    import importlib
+
+    os.environ.clear()
+    os.environ.update(env)
+    import huggingface_hub.constants
+
+    importlib.reload(huggingface_hub.constants)  # read from the environment at import, by the server
+    os.chdir(cwd)
+    for fd, path in ((1, stdout), (2, stderr)):
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(out, fd)
+        os.close(out)
+    from slerp_plugin.cli.main import main
+
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_command(argv: list[str], cwd: Path, env: dict[str, str] | None = None,
+                timeout: float = 300) -> subprocess.CompletedProcess:
+    """``slerp-merge argv`` run to its end in ``cwd`` with ``env`` (default: this process's), as
+    :func:`subprocess.run` with ``capture_output=True, text=True`` would report it, forked from the
+    warm server instead of a new interpreter (what a run does after start-up is the same)."""
+    global _started
+    if not _started:
+        _start_server()
+        _started = True
+    with tempfile.TemporaryDirectory(prefix="cli-run-") as folder:
+        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+        env = dict(os.environ if env is None else env)
+        p = _CTX.Process(target=_command_child, args=(list(argv), env, str(cwd), str(out), str(err)))
+        p.start()
+        p.join(timeout)
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+            raise subprocess.TimeoutExpired(["slerp-merge", *argv], timeout)
+        return subprocess.CompletedProcess(["slerp-merge", *argv], p.exitcode,
+                                           out.read_text() if out.exists() else "",
+                                           err.read_text() if err.exists() else "")
+
+
+_started = False
+
+
 @dataclass
 class Outcome:
     """How one run ended: its exit status (negative: killed by that signal) and what it printed."""
@@ -84,8 +133,10 @@ class Harness:
     def run(self, at: int | None = None, mode: str = "raise", log: Path | None = None,
             argv: list[str] | None = None) -> Outcome:
         """One run, stopped at step ``at`` (None: not stopped) the ``mode`` way."""
-        if self.runs == 0:
+        global _started
+        if not _started:
             _start_server()
+            _started = True
         self.runs += 1
         out = self.cwd / f".harness-{self.runs}.log"
         p = _CTX.Process(target=_child, args=(argv or self.argv, self.env, str(self.cwd), at, mode,

@@ -34,5 +34,6 @@ def mergekit_yaml(cfg: Path, out: Path, *extra: str, env=None) -> subprocess.Com
 
 
 def ours(cfg: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "slerp_plugin", "mergekit", str(cfg), str(out), *extra],
-                          capture_output=True, text=True, timeout=300)
+    from model_helpers import run_cli
+
+    return run_cli(["mergekit", str(cfg), str(out), *extra], Path.cwd())

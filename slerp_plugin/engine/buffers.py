@@ -54,6 +54,10 @@ class BlockLayout:
                    block * max([*out_itemsizes, 1]))
 
 
+class BufferPoolClosed(RuntimeError):
+    """A thread waited for a buffer of a pool that was closed (its merge failed elsewhere)."""
+
+
 class BufferPool:
     """A fixed set of reusable, :data:`~slerp_plugin.io.direct.ALIGN`-aligned byte buffers.
 
@@ -74,7 +78,7 @@ class BufferPool:
         """A buffer of at least ``nbytes`` (a larger request gets a buffer of its own, unpooled).
 
         Raises:
-            RuntimeError: the pool was closed while waiting.
+            BufferPoolClosed: the pool was closed while waiting.
         """
         if nbytes > self.nbytes:  # e.g. a float64 tensor in a bf16 model
             return aligned_empty(nbytes)
@@ -84,7 +88,7 @@ class BufferPool:
                 break
             except queue.Empty:
                 if self._closed.is_set():
-                    raise RuntimeError("buffer pool closed") from None
+                    raise BufferPoolClosed("buffer pool closed") from None
         if pending is not None:
             pending.synchronize()
         return buf

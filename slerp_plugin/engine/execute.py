@@ -41,7 +41,7 @@ from ..kernel import (
     fusionbench_coefficients,
 )
 from . import buffers
-from .buffers import BlockLayout, BufferPool, Lease
+from .buffers import BlockLayout, BufferPool, BufferPoolClosed, Lease
 from .inputs import InputHashes
 from .output import output_lock
 from .plan import MergePlan, ShardPlan, TensorJob, format_bytes
@@ -237,13 +237,17 @@ class ShardMerge:
                 writer = stack.enter_context(ShardWriter(self.work.shard_path(self.shard),
                                                          [j.output for j in self.shard.jobs],
                                                          direct=self.plan.spec.direct_io))
-                self._sink = stack.enter_context(WriteBehind(partial(self._write_out, writer)))
-                self._hashing = (stack.enter_context(WriteBehind(self._hash_input)),
-                                 stack.enter_context(WriteBehind(self._hash_input)))
+                # a failed write or hash frees no more buffers: the pool it would have fed back is
+                # closed, so that no thread waits for it forever
+                close_out, close_raw = (lambda e: self.out_pool.close()), (lambda e: self.raw_pool.close())
+                self._sink = stack.enter_context(
+                    WriteBehind(partial(self._write_out, writer), on_error=close_out))
+                self._hashing = (stack.enter_context(WriteBehind(self._hash_input, on_error=close_raw)),
+                                 stack.enter_context(WriteBehind(self._hash_input, on_error=close_raw)))
                 self._feed = stack.enter_context(
                     ReadAhead(self._read_tasks(), depth=buffers.READ_AHEAD, workers=buffers.READ_WORKERS))
                 stack.push(self._stop_readers_on_error)
-                records = [self._merge_tensor(job) for job in self.shard.jobs]
+                records = self._merge_tensors()
         finally:
             # the workers refer back to this object: without the cyclic GC (the command pauses it)
             # the pools would live on after the shard
@@ -259,6 +263,15 @@ class ShardMerge:
                  ", ".join(f"{k} {v}" for k, v in sorted(branches.items())),
                  format_bytes(record.size), seconds, format_bytes(record.size / max(seconds, 1e-9)))
         return outcome
+
+    def _merge_tensors(self) -> list[TensorRecord]:
+        try:
+            return [self._merge_tensor(job) for job in self.shard.jobs]
+        except BufferPoolClosed:
+            assert self._sink is not None and self._hashing is not None
+            for behind in (self._sink, *self._hashing):
+                behind.check()  # the failure that closed the pool, not its consequence
+            raise
 
     def _stop_readers_on_error(self, exc_type: object, exc: object, tb: object) -> bool:
         if exc_type is not None:

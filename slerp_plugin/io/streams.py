@@ -102,13 +102,17 @@ class ReadAhead:
 class WriteBehind:
     """Calls ``sink(item)`` for each :meth:`put` item on a thread, in order, ``depth`` items queued.
 
-    An error in ``sink`` is raised by the next :meth:`put` or by :meth:`close`.
+    An error in ``sink`` is raised by the next :meth:`put`, by :meth:`check` or by :meth:`close`; the
+    items queued after it are dropped unwritten. ``on_error(error)`` is called on the thread when
+    ``sink`` fails, e.g. to wake a producer that waits for what the failed items would have freed.
     """
 
     DEPTH = 3
 
-    def __init__(self, sink: Callable[[Any], None], depth: int = DEPTH) -> None:
+    def __init__(self, sink: Callable[[Any], None], depth: int = DEPTH,
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
         self._sink = sink
+        self._on_error = on_error
         self._q: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -124,11 +128,17 @@ class WriteBehind:
                     self._sink(item)
                 except BaseException as e:
                     self._error = e
+                    if self._on_error is not None:
+                        self._on_error(e)
 
     def put(self, item: Any) -> None:
+        self.check()
+        self._q.put(item)
+
+    def check(self) -> None:
+        """Raise the sink's error, if it has failed."""
         if self._error is not None:
             raise self._error
-        self._q.put(item)
 
     def close(self) -> None:
         """Wait until everything queued is written; raise the sink's error, if any."""

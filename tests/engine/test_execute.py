@@ -122,6 +122,47 @@ def test_corrupt_input_shard_fails_before_writing(demo_bf16, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("failing", ["write", "hash"])
+def test_a_failing_write_or_hash_fails_the_merge_with_its_own_error_instead_of_hanging(
+        demo_bf16, tmp_path, monkeypatch, failing):
+    """The failure comes slowly, while the merge fills every output (or input) buffer: buffers the
+    failed thread would have given back are never needed again, and the merge stops with that error."""
+    import threading
+    import time
+
+    from slerp_plugin.errors import OutputWriteError
+    from slerp_plugin.io import writer
+
+    def fail_slowly(*args, **kwargs):
+        time.sleep(0.5)
+        raise OutputWriteError(f"/out/x.tmp: {failing} failed: No space left on device")
+
+    if failing == "write":
+        monkeypatch.setattr(writer.ShardWriter, "write", fail_slowly)
+    else:
+        monkeypatch.setattr(execute.ShardMerge, "_hash_input", staticmethod(fail_slowly))
+    import shutil
+
+    monkeypatch.setattr(buffers, "IO_BLOCK_BYTES", 2048)  # many blocks: every buffer is soon in use
+    pair = [shutil.copytree(p, tmp_path / p.name) for p in demo_bf16]  # never hashed yet: not in the cache
+    out = tmp_path / "m"
+    raised: list[BaseException] = []
+
+    def merge() -> None:
+        try:
+            run_merge(spec_for(pair, out, chunk_elements=1024))
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            raised.append(e)
+
+    worker = threading.Thread(target=merge, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the merge hangs after a failed " + failing
+    assert len(raised) == 1 and isinstance(raised[0], OutputWriteError), raised
+    assert f"{failing} failed: No space left on device" in str(raised[0])
+    assert not out.exists()
+
+
 def _odd_offset_model(folder, tensors):
     """A safetensors file whose data starts at an odd byte (header not padded): legal, rare."""
     folder.mkdir()

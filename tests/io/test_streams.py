@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import pytest
@@ -87,4 +88,22 @@ def test_write_behind_keeps_order_and_reports_errors():
         while time.monotonic() < deadline:
             sink.put(2)
             time.sleep(0.01)
+        sink.close()
+
+
+def test_write_behind_tells_on_error_and_check_raises_it():
+    failed = threading.Event()
+    errors: list[BaseException] = []
+
+    def broken(item):
+        raise OSError("disk full")
+
+    sink = WriteBehind(broken, on_error=lambda e: (errors.append(e), failed.set()))
+    sink.check()  # nothing failed yet
+    sink.put(1)
+    assert failed.wait(5)
+    with pytest.raises(OSError, match="disk full"):
+        sink.check()
+    assert [str(e) for e in errors] == ["disk full"]
+    with pytest.raises(OSError, match="disk full"):
         sink.close()

@@ -6,7 +6,7 @@ import json
 import subprocess
 
 import pytest
-from model_helpers import CLI, load_state, rewrite
+from model_helpers import CLI, load_state, rewrite, run_cli
 
 from slerp_plugin.errors import ConfigError
 from slerp_plugin.validate import ValidationReport, validate_merge, write_report
@@ -39,7 +39,7 @@ def test_without_manifest_t_is_required(copy, demo_bf16):
 
 
 def test_cli_exit_codes(merged, copy, demo_bf16, tmp_path):
-    cli = [*CLI, "validate"]
+    cli = [*CLI, "validate"]  # a new interpreter each time, as a shell starts the command
     r = subprocess.run([*cli, str(merged), "--parents", *map(str, demo_bf16), "--report", str(tmp_path)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -58,43 +58,40 @@ def test_bad_input_is_told_from_a_failed_gate_and_overwrites_no_report(merged, c
     import shutil
     from pathlib import Path
 
-    first = subprocess.run([*CLI, "validate", str(copy), "--parents", *map(str, demo_bf16),
-                            "--skip-functional", "fast"], capture_output=True, text=True, timeout=300)
+    first = run_cli(["validate", str(copy), "--parents", *map(str, demo_bf16), "--skip-functional", "fast"],
+                    tmp_path)
     assert first.returncode == 0
     before = (copy / REPORT_NAME).read_text()
-    r = subprocess.run([*CLI, "validate", str(tmp_path / "nowhere"), "--parents", *map(str, demo_bf16)],
-                       capture_output=True, text=True, timeout=300)
+    r = run_cli(["validate", str(tmp_path / "nowhere"), "--parents", *map(str, demo_bf16)], tmp_path)
     assert r.returncode == 8 and "is not a folder" in r.stderr and "pass --t" not in r.stderr
     truncated = Path(shutil.copytree(demo_bf16[1], tmp_path / "b"))
     shard = sorted(truncated.glob("*.safetensors"))[-1]
     shard.write_bytes(shard.read_bytes()[:-100])
-    r = subprocess.run([*CLI, "validate", str(copy), "--parents", str(demo_bf16[0]), str(truncated)],
-                       capture_output=True, text=True, timeout=300)
+    r = run_cli(["validate", str(copy), "--parents", str(demo_bf16[0]), str(truncated)], tmp_path)
     errors = [x for x in r.stderr.splitlines() if x.startswith("slerp-merge: error:")]
     assert r.returncode == 8 and len(errors) == 1 and "model_2:" in errors[0] and "truncated" in errors[0]
     assert (copy / REPORT_NAME).read_text() == before  # the merge's earlier verdict stands
-    r = subprocess.run([*CLI, "validate", str(copy), "--parents", *map(str, demo_bf16), "--report",
-                        str(tmp_path / "missing" / "dir")], capture_output=True, text=True, timeout=300)
+    r = run_cli(["validate", str(copy), "--parents", *map(str, demo_bf16), "--report",
+                 str(tmp_path / "missing" / "dir")], tmp_path)
     assert r.returncode == 2 and "--report: no such folder" in r.stderr
     assert "spot re-computation" not in r.stderr  # refused before any work
 
 
 def test_cli_evaluation_options(merged, demo_bf16, tmp_path):
-    cli = [*CLI, "validate", str(merged), "--parents", *map(str, demo_bf16), "--report", str(tmp_path),
+    cli = ["validate", str(merged), "--parents", *map(str, demo_bf16), "--report", str(tmp_path),
            "--max-tokens", "64"]
     for bad, message in ((["--generation-memory", "lots"], "--generation-memory: not a size"),
                          (["--max-tokens", "1"], "--max-tokens: Input should be greater than or equal to 2"),
                          (["--dtype", "int8"], "invalid choice: 'int8'")):
-        r = subprocess.run([*cli, *bad], capture_output=True, text=True, timeout=300)
+        r = run_cli([*cli, *bad], tmp_path)
         assert r.returncode == 2 and message in r.stderr, r.stderr
     streamed = [*cli, "--generation-memory", "0", "--dtype", "bfloat16"]
-    r = subprocess.run(streamed, capture_output=True, text=True, timeout=300)
+    r = run_cli(streamed, tmp_path)
     assert r.returncode == 0, r.stderr
     f = ValidationReport.read(tmp_path).functional
     assert f.dtype == "bfloat16" and f.generations == [] and not f.evaluations["model_1"].cached
     streamed = [*cli, "--generation-memory", "0", "--dtype", "bfloat16"]
-    r = subprocess.run(streamed, capture_output=True, text=True, timeout=300)
+    r = run_cli(streamed, tmp_path)
     assert "model_1: cpu, bfloat16, layer-streamed, from the cache" in r.stdout
-    r = subprocess.run([*cli, "--generation-memory", "0", "--dtype", "bfloat16", "--no-cache"],
-                       capture_output=True, text=True, timeout=300)
+    r = run_cli([*cli, "--generation-memory", "0", "--dtype", "bfloat16", "--no-cache"], tmp_path)
     assert not ValidationReport.read(tmp_path).functional.evaluations["model_1"].cached
