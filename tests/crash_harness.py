@@ -24,8 +24,8 @@ _CTX.set_forkserver_preload(["torch", "slerp_plugin.cli.main", "slerp_plugin.mer
 
 
 def _start_server() -> None:
-    """Start the fork server with this folder on its import path (Python 3.11's fork server does
-    not take the parent's ``sys.path``), so that it can preload the warm-up module."""
+    """Start the fork server, unless it runs, with this folder on its import path (Python 3.11's fork
+    server does not take the parent's ``sys.path``), so that it can preload the warm-up module."""
     from multiprocessing import forkserver
 
     old = os.environ.get("PYTHONPATH")
@@ -40,45 +40,31 @@ def _start_server() -> None:
             os.environ["PYTHONPATH"] = old
 
 
-def _child(argv: list[str], env: dict[str, str], cwd: str, at: int | None, mode: str, log: str | None,
-           output: str) -> None:
-    os.environ.clear()
-    os.environ.update(env)
-    from huggingface_hub import constants  # imported by the server before the test's Hub was chosen
-
-    constants.HF_HUB_DISABLE_XET = env.get("HF_HUB_DISABLE_XET", "").upper() in ("1", "ON", "YES", "TRUE")
-    os.chdir(cwd)
-    # a killed run leaves its temporary folders: keep them inside the test's own folder
-    tempfile.tempdir = os.path.join(cwd, ".harness-tmp")
-    os.makedirs(tempfile.tempdir, exist_ok=True)
-    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    from slerp_plugin.cli.main import main
-    from slerp_plugin.io import crashpoints
-
-    crashpoints.arm(at, mode, log)  # type: ignore[arg-type]
-    code = main(argv)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _command_child(argv: list[str], env: dict[str, str], cwd: str, stdout: str, stderr: str) -> None:
+def _child(argv: list[str], env: dict[str, str], cwd: str, stdout: str, stderr: str,
+           crash: tuple[int | None, str, str | None] | None = None) -> None:
+    """In the forked process: the caller's environment, folder and output files, the crash point
+    ``(at, mode, log)`` armed if given, then the command's :func:`main` and an exit with its status."""
     import importlib
 
     os.environ.clear()
     os.environ.update(env)
     import huggingface_hub.constants
 
-    importlib.reload(huggingface_hub.constants)  # read from the environment at import, by the server
+    importlib.reload(huggingface_hub.constants)  # read from the environment when the server imported it
     os.chdir(cwd)
     for fd, path in ((1, stdout), (2, stderr)):
-        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(out, fd)
         os.close(out)
     from slerp_plugin.cli.main import main
 
+    if crash is not None:
+        from slerp_plugin.io import crashpoints
+
+        # a killed run leaves its temporary folders: keep them inside the test's own folder
+        tempfile.tempdir = os.path.join(cwd, ".harness-tmp")
+        os.makedirs(tempfile.tempdir, exist_ok=True)
+        crashpoints.arm(*crash)  # type: ignore[arg-type]
     code = main(argv)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -90,14 +76,11 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str] | None = None,
     """``slerp-merge argv`` run to its end in ``cwd`` with ``env`` (default: this process's), as
     :func:`subprocess.run` with ``capture_output=True, text=True`` would report it, forked from the
     warm server instead of a new interpreter (what a run does after start-up is the same)."""
-    global _started
-    if not _started:
-        _start_server()
-        _started = True
+    _start_server()
     with tempfile.TemporaryDirectory(prefix="cli-run-") as folder:
         out, err = Path(folder) / "stdout", Path(folder) / "stderr"
         env = dict(os.environ if env is None else env)
-        p = _CTX.Process(target=_command_child, args=(list(argv), env, str(cwd), str(out), str(err)))
+        p = _CTX.Process(target=_child, args=(list(argv), env, str(cwd), str(out), str(err)))
         p.start()
         p.join(timeout)
         if p.exitcode is None:
@@ -108,8 +91,6 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str] | None = None,
                                            out.read_text() if out.exists() else "",
                                            err.read_text() if err.exists() else "")
 
-
-_started = False
 
 
 @dataclass
@@ -133,14 +114,11 @@ class Harness:
     def run(self, at: int | None = None, mode: str = "raise", log: Path | None = None,
             argv: list[str] | None = None) -> Outcome:
         """One run, stopped at step ``at`` (None: not stopped) the ``mode`` way."""
-        global _started
-        if not _started:
-            _start_server()
-            _started = True
+        _start_server()
         self.runs += 1
         out = self.cwd / f".harness-{self.runs}.log"
-        p = _CTX.Process(target=_child, args=(argv or self.argv, self.env, str(self.cwd), at, mode,
-                                              str(log) if log else None, str(out)))
+        p = _CTX.Process(target=_child, args=(argv or self.argv, self.env, str(self.cwd), str(out), str(out),
+                                              (at, mode, str(log) if log else None)))
         p.start()
         p.join(self.timeout)
         if p.exitcode is None:
