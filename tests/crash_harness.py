@@ -76,21 +76,28 @@ def run_command(argv: list[str], cwd: Path, env: dict[str, str] | None = None,
     """``slerp-merge argv`` run to its end in ``cwd`` with ``env`` (default: this process's), as
     :func:`subprocess.run` with ``capture_output=True, text=True`` would report it, forked from the
     warm server instead of a new interpreter (what a run does after start-up is the same)."""
-    _start_server()
     with tempfile.TemporaryDirectory(prefix="cli-run-") as folder:
         out, err = Path(folder) / "stdout", Path(folder) / "stderr"
         env = dict(os.environ if env is None else env)
-        p = _CTX.Process(target=_child, args=(list(argv), env, str(cwd), str(out), str(err)))
-        p.start()
-        p.join(timeout)
-        if p.exitcode is None:
-            p.kill()
-            p.join()
+        code = _fork((list(argv), env, str(cwd), str(out), str(err)), timeout)
+        if code is None:
             raise subprocess.TimeoutExpired(["slerp-merge", *argv], timeout)
-        return subprocess.CompletedProcess(["slerp-merge", *argv], p.exitcode,
+        return subprocess.CompletedProcess(["slerp-merge", *argv], code,
                                            out.read_text() if out.exists() else "",
                                            err.read_text() if err.exists() else "")
 
+
+def _fork(args: tuple, timeout: float) -> int | None:
+    """``_child(*args)`` forked from the server; its exit status, or None (killed) past ``timeout`` s."""
+    _start_server()
+    p = _CTX.Process(target=_child, args=args)
+    p.start()
+    p.join(timeout)
+    if p.exitcode is None:
+        p.kill()
+        p.join()
+        return None
+    return p.exitcode
 
 
 @dataclass
@@ -114,20 +121,15 @@ class Harness:
     def run(self, at: int | None = None, mode: str = "raise", log: Path | None = None,
             argv: list[str] | None = None) -> Outcome:
         """One run, stopped at step ``at`` (None: not stopped) the ``mode`` way."""
-        _start_server()
         self.runs += 1
         out = self.cwd / f".harness-{self.runs}.log"
-        p = _CTX.Process(target=_child, args=(argv or self.argv, self.env, str(self.cwd), str(out), str(out),
-                                              (at, mode, str(log) if log else None)))
-        p.start()
-        p.join(self.timeout)
-        if p.exitcode is None:
-            p.kill()
-            p.join()
+        code = _fork((argv or self.argv, self.env, str(self.cwd), str(out), str(out),
+                      (at, mode, str(log) if log else None)), self.timeout)
+        if code is None:
             raise AssertionError(f"run {self.runs} (step {at}, {mode}) did not finish in {self.timeout} s")
         text = out.read_text() if out.exists() else ""
         out.unlink(missing_ok=True)
-        return Outcome(p.exitcode, text)
+        return Outcome(code, text)
 
     def steps(self, argv: list[str] | None = None) -> tuple[Outcome, list[str]]:
         """An uninterrupted run and the names of the steps it passed, in order."""
