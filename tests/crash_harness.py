@@ -41,9 +41,10 @@ def _start_server() -> None:
 
 
 def _child(argv: list[str], env: dict[str, str], cwd: str, stdout: str, stderr: str,
-           crash: tuple[int | None, str, str | None] | None = None) -> None:
+           crash: tuple[int | None, str, str | None] | None = None, program: str = "slerp-merge") -> None:
     """In the forked process: the caller's environment, folder and output files, the crash point
-    ``(at, mode, log)`` armed if given, then the command's :func:`main` and an exit with its status."""
+    ``(at, mode, log)`` armed if given, then ``program`` (the command's :func:`main`, or another
+    console script) and an exit with its status."""
     import importlib
 
     os.environ.clear()
@@ -65,24 +66,43 @@ def _child(argv: list[str], env: dict[str, str], cwd: str, stdout: str, stderr: 
         tempfile.tempdir = os.path.join(cwd, ".harness-tmp")
         os.makedirs(tempfile.tempdir, exist_ok=True)
         crashpoints.arm(*crash)  # type: ignore[arg-type]
-    code = main(argv)
+    code = main(argv) if program == "slerp-merge" else _console_script(program, argv)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
+def _console_script(name: str, argv: list[str]) -> int:
+    """The exit status of console script ``name`` called with ``argv``, as its wrapper script's
+    ``sys.exit(entry())`` would end the process."""
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name=name)
+    sys.argv = [name, *argv]
+    try:
+        status = script.load()()
+    except SystemExit as e:
+        status = e.code
+    if status is None or isinstance(status, int):
+        return status or 0
+    print(status, file=sys.stderr)
+    return 1
+
+
 def run_command(argv: list[str], cwd: Path, env: dict[str, str] | None = None,
-                timeout: float = 300) -> subprocess.CompletedProcess:
-    """``slerp-merge argv`` run to its end in ``cwd`` with ``env`` (default: this process's), as
-    :func:`subprocess.run` with ``capture_output=True, text=True`` would report it, forked from the
-    warm server instead of a new interpreter (what a run does after start-up is the same)."""
+                timeout: float = 300, program: str = "slerp-merge") -> subprocess.CompletedProcess:
+    """Console script ``program argv`` (default: ``slerp-merge``) run to its end in ``cwd`` with
+    ``env`` (default: this process's), as :func:`subprocess.run` with ``capture_output=True,
+    text=True`` would report it, forked from the warm server instead of a new interpreter (what a run
+    does after start-up is the same: the server started as any interpreter does, import hooks
+    included)."""
     with tempfile.TemporaryDirectory(prefix="cli-run-") as folder:
         out, err = Path(folder) / "stdout", Path(folder) / "stderr"
         env = dict(os.environ if env is None else env)
-        code = _fork((list(argv), env, str(cwd), str(out), str(err)), timeout)
+        code = _fork((list(argv), env, str(cwd), str(out), str(err), None, program), timeout)
         if code is None:
-            raise subprocess.TimeoutExpired(["slerp-merge", *argv], timeout)
-        return subprocess.CompletedProcess(["slerp-merge", *argv], code,
+            raise subprocess.TimeoutExpired([program, *argv], timeout)
+        return subprocess.CompletedProcess([program, *argv], code,
                                            out.read_text() if out.exists() else "",
                                            err.read_text() if err.exists() else "")
 

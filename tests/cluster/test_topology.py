@@ -69,7 +69,9 @@ class Stack(AirflowREST):
                             f"{try_number}", params={"map_index": map_index, "full_content": True})
         return r.text if r.status_code == 200 else ""
 
-    def wait_task(self, run_id: str, task_id: str, map_index: int, ready, timeout: float = 180) -> dict:
+    def wait_task(self, run_id: str, task_id: str, map_index: int, ready, timeout: float = 180,
+                  every: float = 0.5) -> dict:
+        """The task instance once ``ready(ti)``, asked for every ``every`` s; fails when the run fails."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             ti = self.task(run_id, task_id, map_index)
@@ -80,7 +82,7 @@ class Stack(AirflowREST):
                 tis = self.api("GET", f"/api/v2/dags/slerp_merge/dagRuns/{run_id}/taskInstances").json()
                 failed = [t["task_id"] for t in tis.get("task_instances", []) if t["state"] == "failed"]
                 raise AssertionError(f"run {run_id} failed in {failed}")
-            time.sleep(0.2)
+            time.sleep(every)
         last = self.task(run_id, task_id, map_index)
         raise AssertionError(f"{task_id}[{map_index}] of {run_id}: still {last}")
 
@@ -178,10 +180,17 @@ def _journalled(output: Path) -> int:
     return len(list((output.with_name(output.name + ".partial") / ".slerp_state" / "shards").glob("*.json")))
 
 
-def _wait_journalled(output: Path, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
+def _wait_journalled(output: Path, stack: Stack, run: str, timeout: float = 180) -> None:
+    """Until a shard of ``output`` is journalled: the folder looked at every 5 ms (a shard takes
+    a fraction of a second), the run's state once a second (a failed run fails the test now)."""
+    deadline = checked = time.time()
+    deadline += timeout
     while _journalled(output) == 0:
         assert time.time() < deadline, "no shard was finished"
+        if time.time() - checked > 1:
+            checked = time.time()
+            state = stack.api("GET", f"/api/v2/dags/slerp_merge/dagRuns/{run}").json().get("state")
+            assert state not in ("failed", "success"), f"run {run} ended ({state}) before a shard was seen"
         time.sleep(0.005)
 
 
@@ -208,9 +217,10 @@ def _merging(stack: Stack, pair, t: float):
     """A one-task merge triggered and caught with at least one shard finished: its run id, task
     instance, worker process and output folder."""
     run = stack.trigger("slerp_merge", _conf(pair, t, workers=1))
-    ti = stack.wait_task(run, "merge", 0, lambda ti: ti["state"] == "running" and ti["hostname"])
     output = stack.output(run)
-    _wait_journalled(output)
+    _wait_journalled(output, stack, run)
+    ti = stack.task(run, "merge", 0)
+    assert ti.get("state") == "running" and ti.get("hostname"), ti
     return run, ti, stack.worker(ti["hostname"]), output
 
 

@@ -16,7 +16,7 @@ pytest.importorskip("mergekit")
 def test_hook_can_be_turned_off(demo_bf16, tmp_path):
     cfg = write_cfg(tmp_path / "c.yml", *demo_bf16)
     env = {**__import__("os").environ, "SLERP_PLUGIN_MERGEKIT_HOOK": "0"}
-    r = mergekit_yaml(cfg, tmp_path / "o", env=env)
+    r = mergekit_yaml(cfg, tmp_path / "o", env=env, fresh=True)
     assert r.returncode != 0 and "slerp_for_causal_lm" in r.stderr + r.stdout
 
 

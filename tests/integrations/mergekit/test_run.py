@@ -19,7 +19,7 @@ pytest.importorskip("mergekit")
 def test_mergekit_yaml_finds_method_and_matches_our_engine(demo_bf16, tmp_path):
     a, b = demo_bf16
     cfg = write_cfg(tmp_path / "cfg.yml", a, b)
-    r = mergekit_yaml(cfg, tmp_path / "mk")
+    r = mergekit_yaml(cfg, tmp_path / "mk", fresh=True)  # found through the hook at start-up
     assert r.returncode == 0, r.stderr[-2000:]
     r = ours(cfg, tmp_path / "ours")
     assert r.returncode == 0, r.stderr[-2000:]
