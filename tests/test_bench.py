@@ -97,13 +97,22 @@ def test_pairs_are_built_with_the_package_s_tokenizer(tmp_path):
     assert (a / "tokenizer.json").is_file() and (b / "config.json").is_file()
 
 
-def test_dag_parse_report_lists_every_dag_file_and_fails_over_the_limit(capsys):
+def test_dag_parse_report_lists_every_dag_file_and_fails_over_the_limit(capsys, monkeypatch):
     pytest.importorskip("airflow")
     spec = importlib.util.spec_from_file_location(
         "slerp_bench_dag_parse", Path(__file__).resolve().parents[1] / "bench" / "dag_parse.py")
     dag_parse = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(dag_parse)
     assert dag_parse.seconds("0:01:02.500000") == 62.5
+    measured: list[dict] = []
+    parse_times = dag_parse.parse_times
+
+    def parse_once() -> list[dict]:  # Airflow parses the files once; both limits judge that report
+        if not measured:
+            measured.extend(parse_times())
+        return measured
+
+    monkeypatch.setattr(dag_parse, "parse_times", parse_once)
     assert dag_parse.main(["--limit", "1000"]) == 0
     table = set(capsys.readouterr().out.split())
     assert {"slerp_merge.py", "slerp_nightly.py", "slerp_sweep.py", "slerp_nightly_bench"} <= table
