@@ -183,8 +183,8 @@ def _journalled(output: Path) -> int:
 def _wait_journalled(output: Path, stack: Stack, run: str, timeout: float = 180) -> None:
     """Until a shard of ``output`` is journalled: the folder looked at every 5 ms (a shard takes
     a fraction of a second), the run's state once a second (a failed run fails the test now)."""
-    deadline = checked = time.time()
-    deadline += timeout
+    deadline = time.time() + timeout
+    checked = time.time()
     while _journalled(output) == 0:
         assert time.time() < deadline, "no shard was finished"
         if time.time() - checked > 1:

@@ -204,7 +204,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 @pytest.fixture(scope="module")
 def browser(standalone):
-    """One headless Chromium (Debian's) for the UI tests; each test opens its own contexts in it."""
+    """One headless Chromium (Debian's) for the UI tests, closed before ``standalone`` stops; each
+    test opens its own contexts in it."""
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian chromium is not installed (apt-get install chromium)")
     pytest.importorskip("playwright")
