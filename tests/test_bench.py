@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -104,15 +105,8 @@ def test_dag_parse_report_lists_every_dag_file_and_fails_over_the_limit(capsys, 
     dag_parse = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(dag_parse)
     assert dag_parse.seconds("0:01:02.500000") == 62.5
-    measured: list[dict] = []
-    parse_times = dag_parse.parse_times
-
-    def parse_once() -> list[dict]:  # Airflow parses the files once; both limits judge that report
-        if not measured:
-            measured.extend(parse_times())
-        return measured
-
-    monkeypatch.setattr(dag_parse, "parse_times", parse_once)
+    # Airflow parses the files once; both limits judge that report
+    monkeypatch.setattr(dag_parse, "parse_times", functools.cache(dag_parse.parse_times))
     assert dag_parse.main(["--limit", "1000"]) == 0
     table = set(capsys.readouterr().out.split())
     assert {"slerp_merge.py", "slerp_nightly.py", "slerp_sweep.py", "slerp_nightly_bench"} <= table
