@@ -14,10 +14,16 @@ activations beside the merge's own.
 
 At the end, the three perplexities are judged by the rule of ``slerp-merge validate``
 (:func:`~slerp_plugin.validate.functional.judge`).
+
+Whenever the evaluators have gone past another decoder layer, the gate hands the merge a
+:class:`GatePoint`: each evaluator's last decoder layer output and copies kept aside, and the first
+shard the evaluation still needs. A resumed merge gives it back (:meth:`StreamGate.resume`) and
+neither fetches nor merges the shards before it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -34,6 +40,7 @@ from ..validate.cache import EvaluationCache, evaluation_key
 from ..validate.fed import FedEvaluator
 from ..validate.functional import ROLES, EvalSettings, eval_tokens, judge
 from ..validate.report import FunctionalResult, ModelEvaluation
+from ..validate.streaming import LayerOutput
 from ..validate.weights import FeedClosed
 from .remote import RemoteParent
 from .spool import DiskBudget
@@ -41,6 +48,8 @@ from .spool import DiskBudget
 log = logging.getLogger(__name__)
 
 _DONE = object()
+#: the folder (in the working folder) of the copies the evaluators keep aside
+ASIDE_DIR = "eval"
 STREAMED_NOTE = "no completions: evaluated while streaming"
 
 
@@ -51,6 +60,19 @@ class _Shard:
     index: int
     tensors: dict[str, dict[str, TensorInfo]]  #: role → name → where
     spool_done: Callable[[], None] | None  #: frees the spool once the parents are done with it
+
+
+@dataclass
+class GatePoint:
+    """Where the gate's evaluation can go on from: ``shard`` is the first shard it still needs.
+
+    ``reached``: each evaluator's last decoder layer output (role → layer, hidden states on the
+    CPU); ``kept``: each evaluator's copies kept aside (role → name → where, SHA-256).
+    """
+
+    shard: int
+    reached: dict[str, LayerOutput]
+    kept: dict[str, dict[str, tuple[TensorInfo, str]]]
 
 
 @dataclass
@@ -77,6 +99,8 @@ class StreamGate:
     budget: DiskBudget
     evaluators: list[FedEvaluator] = field(default_factory=list)
     cached: dict[str, ModelEvaluation] = field(default_factory=dict)
+    #: called on the gate's thread with each new :class:`GatePoint`; True once it is saved
+    on_point: Callable[[GatePoint], bool] | None = None
 
     def __post_init__(self) -> None:
         self.device = self.plan.device
@@ -93,8 +117,11 @@ class StreamGate:
         folders = {"merged": self.plan.paths["model_1"], **{r: p.folder for r, p in self.parents.items()}}
         for role in ("merged", *(r for r in ROLES if r not in self.cached)):
             self.evaluators.append(FedEvaluator(role, folders[role], layouts[role], self.device, self.dtype,
-                                                self.plan.partial / "eval", self.budget))
+                                                self.plan.partial / ASIDE_DIR, self.budget))
         self.error: BaseException | None = None
+        self._shard_of = {j.name: s.index for s in self.plan.shards for j in s.jobs}
+        self._point_shard = 0
+        self._point_files: set[Path] = set()  # the copies kept aside the saved point names
         self._queue: queue.Queue = queue.Queue()
         self._evaluated = {s.index: threading.Event() for s in self.plan.shards}
         self._driver = threading.Thread(target=self._drive, name="stream-gate", daemon=True)
@@ -121,14 +148,49 @@ class StreamGate:
         """Disk the tensors read by more than one module (a tied head) take once copied aside."""
         return sum(ev.tied_bytes for ev in self.evaluators)
 
+    @property
+    def point_bytes(self) -> int:
+        """Disk the saved points take at most: each evaluator's hidden states, twice (a point is
+        written before the one it replaces is deleted)."""
+        return 2 * sum(ev.model.hidden_bytes(int(self.ids.numel()), self.settings.max_length) + 4096
+                       for ev in self.evaluators)
+
     def use_budget(self, budget: DiskBudget) -> None:
         """Count the copies kept aside in ``budget`` (the merge's)."""
         self.budget = budget
         for ev in self.evaluators:
             ev.account = budget
 
+    @property
+    def identity(self) -> str:
+        """What a saved point must have been evaluated on: the tokens and their windows."""
+        digest = hashlib.sha256(self.ids.numpy().tobytes()).hexdigest()
+        return f"{digest}/{self.settings.max_length}"
+
+    @property
+    def roles(self) -> list[str]:
+        """The models evaluated here (the others' evaluations come from the cache)."""
+        return [ev.role for ev in self.evaluators]
+
+    def resume(self, point: GatePoint) -> None:
+        """Go on from an earlier run's ``point`` (before :meth:`start`): the shards before
+        ``point.shard`` are not offered and count as evaluated.
+
+        Raises:
+            ValueError: the point does not fit an evaluator (nothing is changed then).
+        """
+        for ev in self.evaluators:
+            ev.model.check_reached(point.reached[ev.role])
+        for ev in self.evaluators:
+            ev.resume(point.reached[ev.role], point.kept.get(ev.role, {}))
+        for index in range(point.shard):
+            self._evaluated[index].set()
+        self._point_shard = point.shard
+        self._point_files = _files(point)
+
     def start(self) -> None:
         for ev in self.evaluators:
+            ev.defer_drops = self.on_point is not None
             ev.start(self.ids, self.settings.max_length)
         self._driver.start()
 
@@ -163,6 +225,11 @@ class StreamGate:
             event.set()
         self._queue.put(_DONE)
 
+    def join(self) -> None:
+        """Wait until the gate's thread has ended (after :meth:`close`): it then saves no point."""
+        if self._driver.is_alive() and self._driver is not threading.current_thread():
+            self._driver.join()
+
     # ------------------------------------------------------------ the threads
 
     def _drive(self) -> None:
@@ -170,6 +237,9 @@ class StreamGate:
             while (item := self._queue.get()) is not _DONE:
                 for ev in self.evaluators:
                     ev.take(item.tensors[ev.role])
+                self._offer_point()
+                for ev in self.evaluators:
+                    ev.release_dropped(self._point_files)
                 if item.spool_done is not None:
                     item.spool_done()
                 self._evaluated[item.index].set()
@@ -177,6 +247,30 @@ class StreamGate:
         except BaseException as e:
             self.error = self.error or e
             self.close()
+
+    def _offer_point(self) -> None:
+        """Hand a new :class:`GatePoint` to :attr:`on_point` if the evaluators went past another
+        decoder layer (they all wait for the next shard now)."""
+        if self.on_point is None:
+            return
+        reached = {ev.role: ev.reached for ev in self.evaluators}
+        if any(r is None for r in reached.values()):
+            return
+        shard = min(self._first_needed(ev, reached[ev.role].layer) for ev in self.evaluators)  # type: ignore[union-attr]
+        if shard <= self._point_shard:
+            return
+        point = GatePoint(shard, {role: LayerOutput(r.layer, r.hidden.cpu())  # type: ignore[union-attr]
+                                  for role, r in reached.items()},
+                          {ev.role: ev.kept for ev in self.evaluators})
+        if self.on_point(point):
+            self._point_shard, self._point_files = shard, _files(point)
+
+    def _first_needed(self, ev: FedEvaluator, layer: int) -> int:
+        """The first shard with a tensor ``ev`` reads after decoder layer ``layer`` (copies kept
+        aside are read from there)."""
+        kept = ev.kept
+        needed = [k for k in ev.model.keys_after(layer) if k not in kept and k in self._shard_of]
+        return min((self._shard_of[k] for k in needed), default=len(self.plan.shards))
 
     # ------------------------------------------------------------ the verdict
 
@@ -218,3 +312,8 @@ class StreamGate:
         for ev in self.evaluators:
             if ev.role != "merged" and ev.model.weight_bytes > self.settings.generation_memory:
                 self.cache.put(self._keys[ev.role], evals[ev.role])
+
+
+def _files(point: GatePoint) -> set[Path]:
+    """The copies kept aside that ``point`` names."""
+    return {info.file for kept in point.kept.values() for info, _ in kept.values()}

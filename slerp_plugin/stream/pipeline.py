@@ -70,7 +70,8 @@ from ..preflight import STREAM_SHARDS_IN_FLIGHT
 from ..spec import MergeSpec
 from ..validate.cache import EvaluationCache
 from ..validate.functional import EvalSettings
-from .evaluation import StreamGate
+from .evaluation import GatePoint, StreamGate
+from .gate_resume import clear_unused, load_point, point_bytes, save_point
 from .remote import RemoteParent, open_parent
 from .spool import (
     PIECE_BYTES,
@@ -86,7 +87,7 @@ from .spool import (
 )
 
 if TYPE_CHECKING:
-    from ..validate.report import FunctionalResult, ValidationReport
+    from ..validate.report import FunctionalResult, SpotTensor, ValidationReport
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +278,8 @@ class StreamingMerge:
         self.spool_dir = work.folder("spool")
         self.spools: list[tuple[ShardPlan, ShardSpool]] = [spool_shard(s, self.spool_dir)
                                                            for s in plan.shards]
-        held = gate.tied_bytes if gate else 0  # a tied head's table, kept for the evaluation's end
+        # a tied head's table, kept for the evaluation's end, and where the evaluation stands
+        held = gate.tied_bytes + gate.point_bytes if gate else 0
         need = max((sp.disk_bytes for _, sp in self.spools), default=0) + held
         self.budget = DiskBudget(plan.spec.disk_budget or STREAM_SHARDS_IN_FLIGHT * need)
         if gate is not None:
@@ -295,10 +297,15 @@ class StreamingMerge:
         self._progress = progress
         self.uploaded: set[int] = set()
         self.merged: dict[int, ShardRecord] = {}
-        self.spot_tensors: list = []
+        self.spot: dict[int, list[SpotTensor]] = {}  #: each merged shard's spot re-computations
         self._hashes_lock = threading.Lock()
         #: the hashes' progress when each shard's bytes were all fetched, until the shard is merged
         self._hashed_after: dict[int, dict] = {}
+        #: the same, for each merged shard the gate has not gone past (:meth:`_save_gate_point`)
+        self._hashed_for_gate: dict[int, dict] = {}
+        self._point_bytes = 0
+        if gate is not None:
+            gate.on_point = self._save_gate_point
 
     # ---------------------------------------------------------------- the whole merge
 
@@ -307,11 +314,8 @@ class StreamingMerge:
         ensure_repo(self.repo_id, private=self.spec.private, token=self.token)
         self.uploaded, self.merged = uploaded, merged = self._resume_state()
         if self.gate is not None and (uploaded or merged):
-            log.info("the gate evaluates every shard: the %d shard(s) an earlier run merged are merged again "
-                     "from the parents' bytes (fetched anyway to check their hashes); the Hub keeps those "
-                     "already uploaded", len(uploaded) + len(merged))
-            self.uploaded, self.merged = uploaded, merged = set(), {}
-        if uploaded or merged:
+            self.uploaded, self.merged = uploaded, merged = self._resume_gate(uploaded, merged)
+        elif uploaded or merged:
             self._take_up_hashes()
         self.stats.reused, self.stats.uploaded_only = len(uploaded), len(merged)
         step(f"clear {plan.partial.name}/spool")
@@ -347,6 +351,8 @@ class StreamingMerge:
                 fetcher.join()
                 for uploader in uploaders:
                     uploader.join()
+                if self.gate is not None and self._error is not None:
+                    self.gate.join()  # closed by _fail
         if self._error is not None:
             raise self._error
         try:
@@ -394,6 +400,64 @@ class StreamingMerge:
                 merged[shard.index] = outcome.record
         return uploaded, merged
 
+    def _resume_gate(self, uploaded: set[int], merged: dict[int, ShardRecord]
+                     ) -> tuple[set[int], dict[int, ShardRecord]]:
+        """What a gated run takes up: the shards before the gate's saved point (when every one of
+        them is uploaded or merged), with the evaluation's and the hashes' progress; otherwise
+        nothing (every shard is merged and evaluated again)."""
+        assert self.gate is not None
+        saved = load_point(self.work, self.gate.roles, self._point_identity())
+        if saved is not None and not set(range(saved.point.shard)) <= uploaded | merged.keys():
+            saved = None
+        try:
+            if saved is not None:
+                self.gate.resume(saved.point)
+        except ValueError as e:
+            log.warning("the gate's saved point does not fit this merge (%s)", e)
+            saved = None
+        clear_unused(self.work, saved)
+        if saved is None:
+            log.info("the gate evaluates every shard: the %d shard(s) an earlier run merged are merged again "
+                     "(the evaluation had not saved how far it went); the Hub keeps those already uploaded",
+                     len(uploaded) + len(merged))
+            return set(), {}
+        shard = saved.point.shard
+        self._point_bytes = point_bytes(self.work)
+        self.budget.hold(self._point_bytes)
+        taken = self.hashes.restore(saved.hashes)
+        self.spot = dict(saved.spot)
+        layers = sorted({r.layer + 1 for r in saved.point.reached.values()})
+        log.info("the gate goes on after decoder layer %s: shards 1-%d are not fetched or merged again "
+                 "(%s of the parents' bytes hashed already)", "/".join(map(str, layers)), shard,
+                 format_bytes(taken))
+        return ({i for i in uploaded if i < shard}, {i: r for i, r in merged.items() if i < shard})
+
+    def _point_identity(self) -> dict[str, str]:
+        """What a saved point must match: the parents' commits and the evaluation's tokens."""
+        assert self.gate is not None
+        return {**{r: p.commit for r, p in self.parents.items()}, "tokens": self.gate.identity}
+
+    def _save_gate_point(self, point: GatePoint) -> bool:
+        """Save where the gate's evaluation stands (on the gate's thread), with the hashes' progress
+        after the shard before it; a point that cannot be saved costs a resumed run work, nothing else."""
+        with self._hashes_lock:
+            hashes = self._hashed_for_gate.get(point.shard - 1)
+            for index in [i for i in self._hashed_for_gate if i < point.shard - 1]:
+                del self._hashed_for_gate[index]
+        if hashes is None:
+            return False
+        spot = {i: t for i, t in dict(self.spot).items() if i < point.shard}  # a copy: the merge adds to it
+        try:
+            size = save_point(self.work, point, hashes=hashes, spot=spot, identity=self._point_identity())
+        except (OSError, ValueError, RuntimeError) as e:
+            log.warning("could not save how far the gate went: %s", e)
+            return False
+        self.budget.hold(size)
+        self.budget.give(self._point_bytes)
+        self._point_bytes = size
+        log.debug("gate: a resumed run goes on from shard %d", point.shard + 1)
+        return True
+
     def _clear_spool(self, done: set[int]) -> set[int]:
         """Delete what a stopped run left in the spool but the complete spools of shards still to
         merge (:func:`~.spool.mark_complete`); returns the indices of those kept."""
@@ -413,6 +477,9 @@ class StreamingMerge:
         snapshot = self._hashed_after.pop(index, None)
         if snapshot is None:
             return
+        if self.gate is not None:
+            with self._hashes_lock:
+                self._hashed_for_gate[index] = snapshot
         commits = {role: p.commit for role, p in self.parents.items()}
         with self._hashes_lock:
             try:
@@ -524,7 +591,7 @@ class StreamingMerge:
             self.work.forget(shard)
             raise ValidationGateError(f"{shard.file}: spot re-computation failed: {result.problems[0]}; "
                                       "nothing was published")
-        self.spot_tensors += result.tensors
+        self.spot[shard.index] = result.tensors
         log.info("shard %d/%d %s: spot re-computation of %d tensor(s) passed", shard.index + 1,
                  len(self.spools), shard.file, len(names))
 
@@ -572,7 +639,8 @@ class StreamingMerge:
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             passed=functional.status == "passed", summary="",
             structural=StructuralResult(passed=True, tensors=sum(len(s.jobs) for s in plan.shards)),
-            spot=SpotResult(passed=True, tensors=self.spot_tensors), functional=functional,
+            spot=SpotResult(passed=True, tensors=[t for i in sorted(self.spot) for t in self.spot[i]]),
+            functional=functional,
             timings={"functional_s": round(max((e.seconds for e in self.gate.evaluators), default=0.0), 3)})
         _add_report(meta, manifest, report)
         if report.passed:

@@ -5,15 +5,18 @@ them: the evaluator of a streaming merge's gate and of a one-pass sweep of t.
 the evaluation tokens, fed by a :class:`~.weights.TensorFeed`. :meth:`FedEvaluator.take` offers one
 shard's tensors and returns once the model has gone as far as they take it; tensors a later module
 still reads (a tied head reads the embedding table last, a layer may be split between shards) are
-copied aside first, so the shard's files may then be deleted.
+copied aside first, so the shard's files may then be deleted. A stopped run's evaluation goes on
+where it was (:meth:`FedEvaluator.resume`) from a decoder layer's output and the copies kept aside.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -27,7 +30,7 @@ from ..engine.plan import format_bytes
 from ..errors import first_line
 from ..io.safetensors import TensorInfo
 from .report import ModelEvaluation
-from .streaming import StreamedCausalLM
+from .streaming import LayerOutput, StreamedCausalLM
 from .weights import FeedClosed, TensorFeed
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,10 @@ class FedEvaluator:
         self.tokens = 0
         self._thread: threading.Thread | None = None
         self._kept: dict[str, TensorInfo] = {}
+        self._kept_sha: dict[str, str] = {}
+        self._dropped: dict[str, TensorInfo] = {}  # copies no module reads, deleted by release_dropped
+        #: copies no longer needed wait for :meth:`release_dropped` (a saved point may still name them)
+        self.defer_drops = False
 
     @property
     def tied_bytes(self) -> int:
@@ -77,6 +84,32 @@ class FedEvaluator:
             for s in sources:
                 seen[s.key] = seen.get(s.key, 0) + 1
         return sum(self.model.layout[k].nbytes for k, n in seen.items() if n > 1)
+
+    @property
+    def kept(self) -> dict[str, tuple[TensorInfo, str]]:
+        """The copies kept aside now: name → (where, SHA-256 of its bytes)."""
+        return {n: (i, self._kept_sha[n]) for n, i in self._kept.items()}
+
+    @property
+    def reached(self) -> LayerOutput | None:
+        """The output of the last decoder layer run, while the evaluation could go on from it
+        (:meth:`resume`); None once it has ended."""
+        return None if self.feed.finished or self.feed.closed else self.model.reached
+
+    def resume(self, reached: LayerOutput, kept: Mapping[str, tuple[TensorInfo, str]]) -> None:
+        """Go on from an earlier run's :attr:`reached` and its copies kept aside (their files,
+        checked by the caller); call before :meth:`start`.
+
+        Raises:
+            ValueError: ``reached`` does not fit the model.
+        """
+        self.model.skip_through(reached)
+        for name, (info, sha) in kept.items():
+            self._kept[name], self._kept_sha[name] = info, sha
+            if self.account is not None:
+                self.account.hold(info.nbytes)
+        if kept:
+            self.feed.offer({n: i for n, (i, _) in kept.items()})
 
     def start(self, ids: torch.Tensor, max_length: int) -> None:
         """Begin the evaluation of ``ids`` in windows of ``max_length`` on a thread of its own."""
@@ -97,16 +130,21 @@ class FedEvaluator:
 
     def take(self, tensors: Mapping[str, TensorInfo]) -> None:
         """Offer one shard's ``tensors``; return once the model has used what it can of them, with
-        the tensors a later module reads copied aside (the shard's files may go after this)."""
+        the tensors a later module reads copied aside (the shard's files may go after this). Once
+        the merge stopped (:meth:`stop`) nothing is done: the copies stay for a resumed run."""
+        if self.feed.closed:
+            return
         self.feed.offer(tensors)
         self.feed.settle()
+        if self.feed.closed:
+            return
         needed = self.feed.still_needed(list(tensors)) if not self.feed.finished else []
         kept = {}
         for name in needed:
             info = tensors[name]
             self.aside.mkdir(parents=True, exist_ok=True)
             path = self.aside / f"{self.role}-{_safe(name)}.bin"
-            _copy_range(info.file, info.offset, info.nbytes, path)
+            self._kept_sha[name] = _copy_range(info.file, info.offset, info.nbytes, path)
             if self.account is not None:
                 self.account.hold(info.nbytes)
             kept[name] = self._kept[name] = replace(info, file=path, offset=0)
@@ -115,15 +153,26 @@ class FedEvaluator:
         if kept:
             self.feed.offer(kept)
         earlier = [n for n in self._kept if n not in kept]
+        if self.feed.closed:
+            return
         self._drop(set(earlier) - set(self.feed.still_needed(earlier)) if not self.feed.finished else earlier)
 
     def _drop(self, names: set[str] | list[str]) -> None:
         self.feed.withdraw(sorted(names))
         for name in names:
-            info = self._kept.pop(name)
-            info.file.unlink(missing_ok=True)
-            if self.account is not None:
-                self.account.give(info.nbytes)
+            self._dropped[name] = self._kept.pop(name)
+            self._kept_sha.pop(name, None)
+        if not self.defer_drops:
+            self.release_dropped(set())
+
+    def release_dropped(self, keep: set[Path]) -> None:
+        """Delete the copies no module reads any more, but those in ``keep``."""
+        for name, info in list(self._dropped.items()):
+            if info.file not in keep:
+                del self._dropped[name]
+                info.file.unlink(missing_ok=True)
+                if self.account is not None:
+                    self.account.give(info.nbytes)
 
     def stop(self) -> None:
         """End a waiting evaluation (nothing more will be offered)."""
@@ -135,6 +184,7 @@ class FedEvaluator:
         if self._thread is not None:
             self._thread.join()
         self._drop(list(self._kept))
+        self.release_dropped(set())
         self.model.close()
 
     def problem(self) -> str | None:
@@ -161,8 +211,10 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
-def _copy_range(src: Path, offset: int, nbytes: int, dest: Path, block: int = 64 << 20) -> None:
-    """Bytes ``[offset, offset + nbytes)`` of ``src`` into a new file ``dest``."""
+def _copy_range(src: Path, offset: int, nbytes: int, dest: Path, block: int = 64 << 20) -> str:
+    """Bytes ``[offset, offset + nbytes)`` of ``src`` into a new file ``dest``, on disk when this
+    returns; returns their SHA-256."""
+    sha = hashlib.sha256()
     with open(src, "rb") as fin, open(dest, "wb") as fout:
         fin.seek(offset)
         left = nbytes
@@ -171,7 +223,11 @@ def _copy_range(src: Path, offset: int, nbytes: int, dest: Path, block: int = 64
             if not data:
                 raise OSError(f"{src}: shorter than expected")
             fout.write(data)
+            sha.update(data)
             left -= len(data)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return sha.hexdigest()
 
 
 def return_large_blocks(threshold: int = 1 << 20) -> None:

@@ -19,6 +19,11 @@ streaming merge, from a :class:`~slerp_plugin.validate.weights.TensorFeed` that 
 tensors as it is merged. With :meth:`StreamedCausalLM.resident` all weights are read once and kept,
 for work that runs the model many times (greedy generation).
 
+A run stopped part way can go on from a decoder layer's output: :attr:`StreamedCausalLM.reached`
+is the output of the last decoder layer run (while only the input embedding and decoder layers up
+to it have run), and :meth:`StreamedCausalLM.skip_through` makes a new model take up from such an
+output, reading no tensor of the modules before it.
+
 Weights are read with ``pread`` (nothing is mapped, so the process does not grow with the files)
 and converted to the dtype transformers gives each parameter: float32 on CPU, the checkpoint's
 dtype on GPU, unless another is asked for.
@@ -71,6 +76,14 @@ class _Source:
     placeholder: nn.Parameter  #: the meta parameter put back after the module ran
 
 
+@dataclass(frozen=True)
+class LayerOutput:
+    """The hidden states a decoder layer returned, for every evaluation window."""
+
+    layer: int  #: the decoder layer's index
+    hidden: torch.Tensor  #: windows × positions × hidden size, in the compute dtype
+
+
 class StreamedCausalLM:
     """A transformers causal LM whose modules read their weights just as they run (see the module
     docstring).
@@ -117,20 +130,27 @@ class StreamedCausalLM:
         self._resident = False
         self._sources = self._map_sources()
         self._head = self.model.get_output_embeddings()
+        self._embed = self.model.get_input_embeddings()
+        self._layers = _decoder_layers(self.model)
+        self._owner = {m: i for i, layer in enumerate(self._layers)
+                       for m in layer.modules() if m in self._sources}  # module → its decoder layer
+        self._skipped: set[nn.Module] = set()
+        self._highest = -1  # the last decoder layer a module run so far belongs to (the embedding: -1)
+        self._foreign = False  # a module outside the embedding and the decoder layers has run
+        #: the output of the last decoder layer run, while :meth:`skip_through` could go on from it
+        self.reached: LayerOutput | None = None
         self._active: dict[nn.Module, list[TensorInfo]] = {}
         self._move_buffers()
         for module in self._sources:
             if self._blocked(module):
                 module.forward = functools.partial(self._linear, module)  # type: ignore[method-assign]
+            if isinstance(module, nn.Embedding):
+                module.padding_idx = None  # only training uses it; the tables here hold only some rows
         self._hooks = [h for m in self._sources if m is not self._head for h in (
             m.register_forward_pre_hook(self._load, with_kwargs=True), m.register_forward_hook(self._drop))]
-        expect = getattr(self.weights, "expect", None)
-        if expect is not None:
-            readers: dict[str, int] = {}
-            for sources in self._sources.values():
-                for s in sources:
-                    readers[s.key] = readers.get(s.key, 0) + 1
-            expect(readers)
+        self._hooks += [layer.register_forward_hook(functools.partial(self._after_layer, i))
+                        for i, layer in enumerate(self._layers)]
+        self._expect()
 
     # ------------------------------------------------------------------ set-up
 
@@ -162,6 +182,17 @@ class StreamedCausalLM:
                 sources.setdefault(module, []).append(_Source(pname, found, info, param))
         return sources
 
+    def _expect(self) -> None:
+        """Tell a feed how many modules still to run read each tensor."""
+        expect = getattr(self.weights, "expect", None)
+        if expect is not None:
+            readers: dict[str, int] = {}
+            for module, sources in self._sources.items():
+                if module not in self._skipped:
+                    for s in sources:
+                        readers[s.key] = readers.get(s.key, 0) + 1
+            expect(readers)
+
     def _move_buffers(self) -> None:
         for module in self.model.modules():
             for name, buf in module.named_buffers(recurse=False):
@@ -180,6 +211,13 @@ class StreamedCausalLM:
     def _load(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self._resident:
             return None
+        owner = self._owner.get(module, -1 if module is self._embed else None)
+        if owner is None:
+            self._foreign = True
+        else:
+            self._highest = max(self._highest, owner)
+        if module in self._skipped:
+            return self._zero_embedding(module, args, kwargs)
         infos = self.weights.acquire(self._keys(module))
         if self._blocked(module):
             self._active[module] = infos
@@ -197,7 +235,23 @@ class StreamedCausalLM:
             return
         self._active.pop(module, None)
         self._empty(module)
-        self.weights.release(self._keys(module))
+        if module not in self._skipped:
+            self.weights.release(self._keys(module))
+
+    def _after_layer(self, index: int, _module: nn.Module, _args: object, output: object) -> None:
+        if isinstance(output, torch.Tensor) and not self._foreign and self._highest <= index:
+            self.reached = LayerOutput(index, output)
+        else:
+            self.reached = None
+
+    def _zero_embedding(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A skipped input embedding looks up zeros (the layers after it return the saved output)."""
+        (src,) = self._sources[module]
+        zeros = torch.zeros((1, src.info.shape[1]), dtype=src.placeholder.dtype, device=self.device)
+        module._parameters[src.name] = nn.Parameter(zeros, requires_grad=False)
+        ids = args[0] if args else kwargs["input"]
+        local = torch.zeros_like(ids)
+        return ((local, *args[1:]), kwargs) if args else (args, {**kwargs, "input": local})
 
     def _read(self, src: _Source, info: TensorInfo) -> torch.Tensor:
         """The whole parameter in its dtype on the device, read in blocks of ``READ_BLOCK_ELEMENTS``
@@ -265,6 +319,50 @@ class StreamedCausalLM:
 
     # ------------------------------------------------------------------ use
 
+    def keys_after(self, layer: int) -> set[str]:
+        """The tensors read by the modules that run after decoder layer ``layer`` (a tied head reads
+        the embedding table)."""
+        return {s.key for m, sources in self._sources.items()
+                if m is not self._embed and self._owner.get(m, layer + 1) > layer for s in sources}
+
+    def hidden_bytes(self, tokens: int, max_length: int) -> int:
+        """Bytes of one set of hidden states of :meth:`negative_log_likelihood` over ``tokens``
+        tokens in windows of ``max_length`` (what :attr:`reached` holds)."""
+        windows = -(-tokens // max(max_length, 1))
+        width = getattr(self.config.get_text_config(), "hidden_size", 0)
+        return windows * min(tokens, max_length) * width * self.dtype.itemsize
+
+    def check_reached(self, reached: LayerOutput) -> None:
+        """Whether :meth:`skip_through` can go on from ``reached``.
+
+        Raises:
+            ValueError: the model has no such decoder layer, or the hidden states do not fit it.
+        """
+        width = getattr(self.config.get_text_config(), "hidden_size", None)
+        hidden = reached.hidden
+        if not 0 <= reached.layer < len(self._layers) or self._embed not in self._sources:
+            raise ValueError(f"decoder layer {reached.layer}: the model has {len(self._layers)} decoder "
+                             "layers to go on from")
+        if hidden.dim() != 3 or hidden.shape[-1] != width or hidden.dtype != self.dtype:
+            raise ValueError(f"hidden states {list(hidden.shape)} {hidden.dtype} do not fit a hidden size "
+                             f"of {width} in {self.dtype}")
+
+    def skip_through(self, reached: LayerOutput) -> None:
+        """Go on from ``reached`` (a :attr:`reached` of an earlier run of the same model on the same
+        tokens): the input embedding and decoder layers up to ``reached.layer`` read nothing, and
+        that layer returns ``reached.hidden``. Call before the model runs.
+
+        Raises:
+            ValueError: see :meth:`check_reached`.
+        """
+        self.check_reached(reached)
+        self._skipped = {m for m in self._sources
+                         if m is self._embed or self._owner.get(m, reached.layer + 1) <= reached.layer}
+        saved = reached.hidden.to(self.device)
+        for layer in self._layers[:reached.layer + 1]:
+            layer.forward = functools.partial(_saved_output, saved)  # type: ignore[method-assign]
+        self._expect()
+
     @property
     def weight_bytes(self) -> int:
         """Bytes all weights take in the compute dtypes (what :meth:`resident` holds)."""
@@ -316,6 +414,7 @@ class StreamedCausalLM:
         decoder = getattr(self.model, self.model.base_model_prefix)
         with torch.inference_mode():
             hidden = decoder(input_ids=batch.to(self.device), use_cache=False).last_hidden_state
+            self.reached = None
             mask = scored[:, 1:].to(hidden.device)
             states = hidden[:, :-1][mask]
             del hidden
@@ -414,6 +513,22 @@ class StreamedCausalLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers the model runs one after the other (none found: an empty list)."""
+    decoder = getattr(model, model.base_model_prefix, None)
+    count = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    if decoder is None or not count:
+        return []
+    for child in decoder.children():
+        if isinstance(child, nn.ModuleList) and len(child) == count:
+            return list(child)
+    return []
+
+
+def _saved_output(saved: torch.Tensor, *_args: object, **_kwargs: object) -> torch.Tensor:
+    return saved
 
 
 def _trim_heap() -> None:

@@ -133,3 +133,9 @@ class TensorFeed:
     def finished(self) -> bool:
         with self._cond:
             return self._finished
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (the streaming merge stopped)."""
+        with self._cond:
+            return self._closed

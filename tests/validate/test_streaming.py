@@ -176,6 +176,20 @@ def test_a_missing_or_misshapen_tensor_is_a_clear_error(demo_bf16, tmp_path):
         StreamedCausalLM(no_config, CPU)
 
 
+def test_a_padding_token_beyond_the_rows_looked_up_changes_nothing(demo_bf16, tmp_path):
+    """Models whose config names a padding token (an id far beyond the few rows the evaluation
+    looks up) give the perplexity of transformers' own model."""
+    import json
+
+    folder = tmp_path / "padded"
+    shutil.copytree(demo_bf16[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "pad_token_id": config["vocab_size"] - 1}))
+    ids = tokens(folder, 40)
+    with StreamedCausalLM(folder, CPU) as model:
+        assert model.perplexity(ids, 128) == pytest.approx(in_memory_perplexity(folder, ids, 128), rel=1e-5)
+
+
 @pytest.mark.slow
 def test_real_smollm2_streamed_equals_in_memory():
     from slerp_plugin.demo.smollm2 import smollm2_folder
@@ -185,3 +199,58 @@ def test_real_smollm2_streamed_equals_in_memory():
     with StreamedCausalLM(folder, CPU) as model:
         streamed = model.perplexity(ids, 512)
     assert streamed == pytest.approx(in_memory_perplexity(folder, ids, 512), rel=1e-4)
+
+
+class Only:
+    """The folder's tensors, but only ``allowed``: any other read fails the test."""
+
+    def __init__(self, tensors, allowed):
+        self.tensors, self.allowed, self.read = tensors, allowed, set()
+
+    def acquire(self, names):
+        assert set(names) <= self.allowed, set(names) - self.allowed
+        self.read.update(names)
+        return [self.tensors[n] for n in names]
+
+    def release(self, names):
+        pass
+
+
+@pytest.mark.parametrize("fixture", ["demo_bf16", "demo_fp32_tied"])
+@pytest.mark.parametrize("layer", [0, 1])
+def test_a_run_goes_on_from_a_decoder_layer_s_output_to_the_same_figure(fixture, layer, request):
+    """An evaluation taken up from a decoder layer's output reads only the tensors after it (a tied
+    head: the embedding table too) and gives the uninterrupted run's NLL, bit for bit."""
+    from slerp_plugin.io.safetensors import Checkpoint
+
+    folder = request.getfixturevalue(fixture)[0]
+    ids = tokens(folder, 300)
+    seen = []
+    with StreamedCausalLM(folder, CPU) as model:
+        model.model.model.layers[layer].register_forward_hook(lambda *_: seen.append(model.reached))
+        want = model.negative_log_likelihood(ids, 128)
+        assert model.reached is None  # not held once the run is over
+    (reached,) = seen
+    assert reached.layer == layer and reached.hidden.shape[0] == 3  # three windows of 128 tokens
+    tensors = Checkpoint.open(folder).tensors
+    with StreamedCausalLM(folder, CPU) as model:
+        after = model.keys_after(layer)
+    assert not any(f"layers.{i}." in k for k in after for i in range(layer + 1))
+    assert ("model.embed_tokens.weight" in after) == (fixture == "demo_fp32_tied")
+    source = Only(tensors, after)
+    with StreamedCausalLM(folder, CPU, weights=source, layout=tensors) as model:
+        model.skip_through(reached)
+        assert model.negative_log_likelihood(ids, 128) == want
+    assert source.read == after
+
+
+def test_a_saved_output_that_does_not_fit_is_refused(demo_bf16):
+    from slerp_plugin.validate.streaming import LayerOutput
+
+    with StreamedCausalLM(demo_bf16[0], CPU) as model:
+        with pytest.raises(ValueError, match="decoder layer 5"):
+            model.skip_through(LayerOutput(5, torch.zeros(1, 4, 64)))
+        with pytest.raises(ValueError, match="do not fit"):
+            model.skip_through(LayerOutput(0, torch.zeros(1, 4, 32)))
+        with pytest.raises(ValueError, match="do not fit"):
+            model.skip_through(LayerOutput(0, torch.zeros(1, 4, 64, dtype=torch.bfloat16)))
