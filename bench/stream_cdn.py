@@ -20,6 +20,10 @@ Measured, each in a fresh process:
 - resume: the same stream killed (SIGKILL) once half of its shards are on the Hub, then run again;
   the weight bytes the server sent over both runs, against the parents' weights.
 
+With ``--gated-resume`` only the resume is measured, with the gate on (all three models evaluated,
+no cached evaluation): how many shards the second run merged again, and the bytes fetched over
+both runs; it goes under a heading of its own.
+
 Writes DIR/stream_cdn.json and prints a markdown table (default DIR: bench/results); the default run
 puts it in RESULTS.md under its own heading.
 """
@@ -74,6 +78,34 @@ print("connections per parent:", conns.level, file=sys.stderr)
 """
 
 
+CHECK_TENSORS = """
+import json, shutil
+from pathlib import Path
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+got = Path(snapshot_download({repo!r}, cache_dir={dest!r}))
+def tensors(folder):
+    out = {{}}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            out.update({{k: st.get_tensor(k) for k in st.keys()}})
+    return out
+a, b = tensors({local!r}), tensors(got)
+same = a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+                                    and a[k].view(-1).view(dtype=__import__("torch").uint8).equal(
+                                        b[k].view(-1).view(dtype=__import__("torch").uint8)) for k in a)
+reused = json.loads((got / "merge_manifest.json").read_text())["resume"]["reused_shards"]
+shutil.rmtree({dest!r})
+print(json.dumps({{"identical": same, "reused": reused}}))
+"""
+
+
+def python_out(code: str, env: dict) -> str:
+    """What ``code`` prints, run by this Python with ``env``."""
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout
+
+
 def control(url: str, path: str, body: dict | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(f"{url}{path}", data=data, headers={"Content-Type": "application/json"},
@@ -81,10 +113,10 @@ def control(url: str, path: str, body: dict | None = None) -> dict:
     return json.loads(urllib.request.urlopen(req, timeout=10).read())
 
 
-def stream_cmd(out: Path, name: str, common: list[str]) -> list[str]:
+def stream_cmd(out: Path, name: str, common: list[str], gate: bool = False) -> list[str]:
     return [*CLI, "modelpool.models.model_1=bench/parent-a", "modelpool.models.model_2=bench/parent-b",
             "modelpool.tokenizer=bench/parent-a", f"method.model_save_path={out}", *common,
-            "method.stream=true", "method.gate=false", f"+push_to_hub=bench/{name}"]
+            "method.stream=true", f"method.gate={str(gate).lower()}", f"+push_to_hub=bench/{name}"]
 
 
 def chosen_connections(log: Path) -> int | None:
@@ -118,6 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shard", default="100MB", help="method.max_shard_size")
     ap.add_argument("--storage", choices=("lfs", "xet"), default="lfs",
                     help="how the test Hub stores large files")
+    ap.add_argument("--gated-resume", action="store_true", help="only the resume, with the gate on")
+    ap.add_argument("--baseline", type=Path, help="with --gated-resume: the JSON another checkout's run "
+                    "wrote (PYTHONPATH=CHECKOUT ... --out DIR), shown as a row of its own")
     ap.add_argument("--out", type=Path, default=BENCH / "results")
     args = ap.parse_args(argv)
     a, b, work = pair_and_scratch(args.layers, "stream-cdn")
@@ -135,6 +170,11 @@ def main(argv: list[str] | None = None) -> None:
         row: dict = {"pair": f"pair-{args.layers}", "weights_gb": weights / 1e9, "shards": shards,
                      **{k: getattr(args, k) for k in ("down_mbps", "up_mbps", "connection_mbps", "rtt_ms",
                                                       "url_ttl", "connections", "shard", "storage")}}
+        if args.gated_resume:
+            env = {**env, "SLERP_PLUGIN_CACHE": str(work / "eval-cache")}
+            row.update(resumed(url, env, work, common, shards, weights, local, gate=True))
+            gated_report(row, args.out, json.loads(args.baseline.read_text()) if args.baseline else None)
+            return
         row["fetch"] = timed([sys.executable, "-c", FETCH, str(work / "fetch"), args.shard,
                               str(args.connections)], env=env, stderr_to=work / "fetch.log")
         row["fetch_connections"] = chosen_connections(work / "fetch.log")
@@ -153,13 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         row["stream_connections"] = chosen_connections(work / "streamed.log")
         row["identical"] = same_shards(local, "bench/streamed", env)
         print("stream", row["stream"], flush=True)
-        before = control(url, "/_test/stats")["weight_bytes_sent"]
-        cmd = stream_cmd(work / "resumed", "resumed", common)
-        row["killed_after_s"] = killed_at_half(cmd, work / "resumed", shards, env, work / "resumed-1.log")
-        row["resume"] = timed(cmd, env=env, stderr_to=work / "resumed-2.log")
-        row["resume_fetched_ratio"] = (control(url, "/_test/stats")["weight_bytes_sent"] - before) / weights
-        row["resumed_identical"] = same_shards(local, "bench/resumed", env)
-        print("resume", row["resume"], row["resume_fetched_ratio"], flush=True)
+        row.update(resumed(url, env, work, common, shards, weights, local))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / (RESULT if args.storage == "lfs" else f"stream_cdn_{args.storage}.json")).write_text(
         json.dumps(row, indent=2))
@@ -167,6 +201,61 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(lines))
     if args.out == BENCH / "results":
         write_section(BENCH / "RESULTS.md", lines, row)
+
+
+def resumed(url: str, env: dict, work: Path, common: list[str], shards: int, weights: int, local: Path, *,
+            gate: bool = False) -> dict:
+    """A stream killed at half its shards and run again: its figures, the bytes fetched over both
+    runs (against the parents' ``weights``), the shards the second run merged."""
+    before = control(url, "/_test/stats")["weight_bytes_sent"]
+    name = "resumed-gated" if gate else "resumed"
+    cmd = stream_cmd(work / name, name, common, gate=gate)
+    row = {"killed_after_s": killed_at_half(cmd, work / name, shards, env, work / f"{name}-1.log")}
+    row["resume"] = timed(cmd, env=env, stderr_to=work / f"{name}-2.log")
+    row["resume_fetched_ratio"] = (control(url, "/_test/stats")["weight_bytes_sent"] - before) / weights
+    if gate:  # shards in the order the model runs: the same tensors as the local merge, other files
+        found = json.loads(python_out(CHECK_TENSORS.format(local=str(local), repo=f"bench/{name}",
+                                                           dest=str(work / "check")), env))
+        row["resume_merged"] = shards - found["reused"]
+        row["resumed_identical"] = found["identical"]
+    else:
+        row["resumed_identical"] = same_shards(local, f"bench/{name}", env)
+    print("resume", row["resume"], row["resume_fetched_ratio"], row["resume_merged"], flush=True)
+    return row
+
+
+def gated_report(row: dict, out: Path, baseline: dict | None = None) -> None:
+    """Print (and with the default ``out``, put in RESULTS.md) the gated resume's figures, with
+    those of a ``baseline`` run of another checkout when given."""
+    def table_row(what: str, found: dict) -> str:
+        r = found["resume"]
+        return (f"| {what} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+                f"{found['resume_merged']} of {found['shards']} | {found['resume_fetched_ratio']:.3f}× |")
+
+    lines = [
+        f"{row['pair']} ({row['weights_gb']:.2f} GB of parents, {row['shards']} shards of ≤ {row['shard']}); "
+        f"the CDN-like test Hub at {row['down_mbps']:.0f} MB/s down, {row['up_mbps']:.0f} MB/s up, "
+        f"≤ {row['connection_mbps']:.0f} MB/s per connection; the gate on 1024 tokens, all three models "
+        f"evaluated; killed (SIGKILL) once half the shards were on the Hub, after "
+        f"{row['killed_after_s']:.1f} s (`python bench/stream_cdn.py --gated-resume`):",
+        "",
+        "| run | wall (s) | CPU (s) | peak RSS (MB) | shards merged | parents' weights fetched, both runs |",
+        "|---|---:|---:|---:|---:|---:|",
+        *([table_row("resumed, gate on, before (every shard merged again)", baseline)] if baseline else []),
+        table_row("resumed, gate on", row),
+        "",
+        f"- {'met' if row['resume_fetched_ratio'] <= 1.05 else 'NOT met'}: "
+        f"{row['resume_fetched_ratio']:.3f}× the parents' weights fetched over both runs (target ≤ 1.05)",
+        "- the second run neither fetched nor merged the shards before the first one the gate's evaluation "
+        "still needed (its saved point); it merged the others and uploaded those merged but not uploaded",
+        f"- {'met' if row['resumed_identical'] else 'NOT met'}: the published tensors are bit-identical with "
+        "the local merge's (the gate orders shards as the model runs: compared tensor by tensor)",
+    ]
+    print("\n".join(lines))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stream_cdn_gated_resume.json").write_text(json.dumps(row, indent=2))
+    if out == BENCH / "results":
+        replace_section(BENCH / "RESULTS.md", "## A gated stream killed at half and resumed", lines)
 
 
 def report_lines(row: dict) -> list[str]:
