@@ -92,10 +92,13 @@ def pair_and_scratch(layers: int, name: str) -> tuple[Path, Path, Path]:
 
 
 @contextlib.contextmanager
-def test_hub(work: Path, parents: tuple[Path, Path], xet: bool = False) -> Iterator[tuple[str, dict]]:
+def test_hub(work: Path, parents: tuple[Path, Path], xet: bool = False,
+             link: bool = False) -> Iterator[tuple[str, dict]]:
     """The Hub test server in a process of its own, holding ``parents`` as bench/parent-a and -b:
     its URL and the environment that points a command at it (caches under ``work``). With ``xet``
-    large files go up and down through its Xet storage (hf_xet), else by the LFS protocol."""
+    large files go up and down through its Xet storage (hf_xet), else by the LFS protocol. With
+    ``link`` the parents' weight files are hard-linked into the server's storage instead of
+    uploaded (no second copy on disk; LFS only)."""
     server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "hub_server.py"),
                                str(work / "hub-blobs"), *(["--xet"] if xet else [])], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, cwd=ROOT / "tests")
@@ -106,8 +109,15 @@ def test_hub(work: Path, parents: tuple[Path, Path], xet: bool = False) -> Itera
                "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_CACHE": str(work / "hf-cache"),
                "SLERP_PLUGIN_CACHE": str(work / "cache")}
         a, b = parents
-        python(f"from slerp_plugin.hub.client import upload_folder as up; up({str(a)!r}, 'bench/parent-a'); "
-               f"up({str(b)!r}, 'bench/parent-b')", env)
+        if link:
+            for folder, repo in ((a, "bench/parent-a"), (b, "bench/parent-b")):
+                body = json.dumps({"repo_id": repo, "folder": str(folder)}).encode()
+                req = urllib.request.Request(f"{url}/_test/seed", method="POST", data=body,
+                                             headers={"Content-Type": "application/json"})
+                urllib.request.urlopen(req, timeout=1800).read()
+        else:
+            python(f"from slerp_plugin.hub.client import upload_folder as up; "
+                   f"up({str(a)!r}, 'bench/parent-a'); up({str(b)!r}, 'bench/parent-b')", env)
         yield url, env
     finally:
         server.stdin.close()

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -69,8 +70,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="a checkout of the version to compare with")
     ap.add_argument("--seed-shapes", action="store_true",
                     help="only the pair with Qwen2-72B's tensor shapes and 2 layers (~8.5 GB each)")
+    ap.add_argument("--stream", action="store_true", help="with --seed-shapes: a gated Hub-to-Hub stream "
+                    "of that pair instead of validate (needs ~40 GB of free disk)")
     args = ap.parse_args(argv)
     rows = []
+    if args.seed_shapes and args.stream:
+        seed_shapes_stream(args.out)
+        return
     if args.seed_shapes:
         args.layers, args.no_smollm2 = [], True
         rows += seed_shapes(args.device, args.baseline)
@@ -128,6 +134,72 @@ def seed_shapes(device: str, baseline: Path | None) -> list[dict]:
             print(f"{role}: perplexity {ppl:.6f}, baseline {want:.6f}, relative difference "
                   f"{abs(ppl - want) / want:.2e}")
     return rows
+
+
+def seed_shapes_stream(out: Path, shard: str = "3GB", budget: str = "12GB") -> dict:
+    """The Qwen2-72B-shaped pair streamed Hub to Hub with the gate (all three models evaluated,
+    no cache) through the test Hub (bench/stream.py), ``shard`` output shards within ``budget``:
+    wall, CPU, peak RSS, peak disk and the gate's perplexities; printed, written to
+    ``out``/validate_stream.json and, with the default ``out``, to RESULTS.md."""
+    import shutil
+
+    from results_md import replace_section
+    from stream import test_hub
+
+    a, b = make_pair.build_seed_shapes(WORK / "seed-shapes")
+    work = WORK / "validate-stream"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    with test_hub(work, (a, b), link=True) as (_url, env):
+        env = {**env, "SLERP_PLUGIN_CACHE": str(work / "eval-cache")}
+        cmd = [*CLI, "modelpool.models.model_1=bench/parent-a", "modelpool.models.model_2=bench/parent-b",
+               "modelpool.tokenizer=bench/parent-a", "method.t=0.5", f"method.model_save_path={work / 'out'}",
+               "method.stream=true", f"method.max_shard_size={shard}", f"method.disk_budget={budget}",
+               "+push_to_hub=bench/merged-seed-shapes"]
+        row = {"shard": shard, "budget": budget, **timed(cmd, env=env)}
+        code = ("import json; from huggingface_hub import hf_hub_download as d; "
+                "r = 'bench/merged-seed-shapes'; print(json.dumps([json.load(open(d(r, f))) "
+                "for f in ('validation.json', 'merge_manifest.json')]))")
+        found = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                               check=True)
+        report, manifest = json.loads(found.stdout)
+    row["perplexity"] = report["functional"]["perplexity"]
+    row["passed"] = report["passed"]
+    row["peak_disk_gb"] = manifest["timings"]["stream_peak_disk_bytes"] / 1e9
+    shutil.rmtree(work, ignore_errors=True)
+    lines = stream_lines(row)
+    print("\n".join(lines))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "validate_stream.json").write_text(json.dumps(row, indent=2))
+    if out == BENCH / "results":
+        replace_section(BENCH / "RESULTS.md", "## A gated stream at 72B shapes", lines)
+    return row
+
+
+def stream_lines(row: dict) -> list[str]:
+    """The markdown of :func:`seed_shapes_stream`'s ``row``."""
+    ppl, budget = row["perplexity"], row["budget"]
+    limit = float(budget.removesuffix("GB")) * 1e9
+    figures = f"{ppl['merged']:.2f} / {ppl['model_1']:.2f} / {ppl['model_2']:.2f}"
+    return [
+        "The pair of \"Validation at 72B shapes\" (Qwen2-72B's tensor shapes, 2 decoder layers, 8.5 GB "
+        "each), hard-linked into the test Hub, streamed Hub to Hub "
+        "through the test Hub with the gate on (all three models evaluated on 1024 tokens, no cache), "
+        f"{row['shard']} output shards, `method.disk_budget={budget}`, CPU "
+        "(`python bench/validate.py --seed-shapes --stream`):",
+        "",
+        "| run | wall (s) | CPU (s) | peak RSS (MB) | peak disk (GB) | perplexity merged / model_1 / "
+        "model_2 |",
+        "|---|---:|---:|---:|---:|---|",
+        f"| gated stream | {row['wall_s']:.1f} | {row['cpu_s']:.1f} | {row['peak_rss_mb']:.0f} | "
+        f"{row['peak_disk_gb']:.2f} | {figures} |",
+        "",
+        f"- {'met' if row['peak_rss_mb'] <= 1536 else 'NOT met'}: peak RSS {row['peak_rss_mb']:.0f} MB "
+        "≤ 1.5 GB at hidden 8192 and vocabulary 152064",
+        f"- {'met' if row['peak_disk_gb'] * 1e9 <= limit else 'NOT met'}: peak disk "
+        f"{row['peak_disk_gb']:.2f} GB within the budget of {budget}",
+        f"- the gate {'passed' if row['passed'] else 'failed'}",
+    ]
 
 
 def print_table(rows: list[dict]) -> None:

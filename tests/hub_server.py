@@ -33,7 +33,9 @@ import collections
 import hashlib
 import hmac
 import json
+import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -236,6 +238,34 @@ class HubState:
         if not p.exists():
             p.write_bytes(data)
         return sha
+
+    def seed_folder(self, repo_id: str, folder: Path) -> None:
+        """A repo holding ``folder``'s files in one commit, its weight files hard-linked into the
+        blob store (no copy: a benchmark's multi-GB parents cost no extra disk)."""
+        repo = Repo(repo_id)
+        files: dict[str, Entry] = {}
+        for f in sorted(folder.iterdir()):
+            if not f.is_file():
+                continue
+            if f.suffix != ".safetensors":
+                data = f.read_bytes()
+                files[f.name] = Entry(len(data), self.store(data), git_blob_sha1(data), False)
+                continue
+            sha = hashlib.sha256()
+            with open(f, "rb") as fh:
+                while block := fh.read(CHUNK * 64):
+                    sha.update(block)
+            digest, size = sha.hexdigest(), f.stat().st_size
+            if not self.blob_path(digest).exists():
+                try:
+                    os.link(f, self.blob_path(digest))
+                except OSError:
+                    shutil.copyfile(f, self.blob_path(digest))
+            pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{digest}\nsize {size}\n"
+            files[f.name] = Entry(size, digest, git_blob_sha1(pointer.encode()), True)
+        with self.lock:
+            repo.branches["main"] = self.make_commit(repo, None, files, "seeded").oid
+            self.repos[repo_id] = repo
 
     def new_oid(self, *parts: str) -> str:
         with self.lock:
@@ -549,6 +579,14 @@ def create_app(state: HubState) -> FastAPI:
             state.redirect_ttl = float(body["redirect_ttl"]) if body["redirect_ttl"] else None
         return {**state.bandwidth, "per_connection": state.per_connection, "latency": state.latency,
                 "redirect_ttl": state.redirect_ttl}
+
+    @app.post("/_test/seed")
+    async def seed(request: Request):
+        """Test control from another process: ``{"repo_id": ..., "folder": ...}`` makes a repo of a
+        local folder, its weight files hard-linked (:meth:`HubState.seed_folder`)."""
+        body = await request.json()
+        state.seed_folder(body["repo_id"], Path(body["folder"]))
+        return {"repo_id": body["repo_id"]}
 
     @app.get("/_test/stats")
     async def stats(request: Request):

@@ -71,3 +71,19 @@ def test_redirects_to_a_cdn_are_followed_and_an_expired_url_is_asked_for_again(h
     hub.state.expire_redirects(100)
     with pytest.raises(HubUnavailableError, match="redirected to was refused"):
         reader.read(name, 0, 10)
+
+
+@pytest.mark.parametrize("hub_storage", ["lfs"])
+def test_a_folder_seeded_into_the_test_hub_is_served_without_a_second_copy(hub, demo_bf16):
+    """The benchmarks' multi-GB parents go into the test Hub as hard links (bench/stream.py
+    ``test_hub(link=True)``): the same bytes, as LFS files, at no extra disk."""
+    folder = demo_bf16[0]
+    hub.state.seed_folder("org/seeded", folder)
+    files = {f.name: f for f in list_files("org/seeded", "main")}
+    assert set(files) == {p.name for p in folder.iterdir() if p.is_file()}
+    weights = sorted(p for p in folder.glob("*.safetensors"))
+    for path in weights:
+        blob = hub.state.blob_path(files[path.name].sha256)
+        assert blob.stat().st_ino == path.stat().st_ino  # a hard link, not a copy
+        reader = RangeReader("org/seeded", hub.state.repos["org/seeded"].branches["main"])
+        assert reader.read(path.name, 0, path.stat().st_size) == path.read_bytes()
