@@ -220,7 +220,7 @@ def resumed(url: str, env: dict, work: Path, common: list[str], shards: int, wei
         row["resumed_identical"] = found["identical"]
     else:
         row["resumed_identical"] = same_shards(local, f"bench/{name}", env)
-    print("resume", row["resume"], row["resume_fetched_ratio"], row["resume_merged"], flush=True)
+    print("resume", row["resume"], row["resume_fetched_ratio"], row.get("resume_merged", ""), flush=True)
     return row
 
 
@@ -288,7 +288,7 @@ def report_lines(row: dict) -> list[str]:
         lines.append(f"- {'met' if ok else 'NOT met'}: {text}")
 
     check(gb / f["wall_s"] >= 0.85 * link,
-          f"our fetcher at {gb / f['wall_s'] / link:.2f}× the link (target ≥ 0.85)")
+          f"our fetcher at {gb / f['wall_s'] / link:.3f}× the link (target ≥ 0.85)")
     check(f["wall_s"] <= d["wall_s"],
           f"our fetcher {f['wall_s']:.1f} s vs snapshot_download {d['wall_s']:.1f} s (side by side)")
     bound = max(f["wall_s"], u["wall_s"])

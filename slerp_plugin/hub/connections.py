@@ -23,7 +23,7 @@ from typing import Literal
 log = logging.getLogger(__name__)
 
 #: GETs in flight per parent when ``method.connections=auto`` starts
-AUTO_START = 2
+AUTO_START = 4
 #: the most GETs per parent ``auto`` goes to
 AUTO_MOST = 32
 #: a doubling is kept when the rate gains at least this factor over the best rate so far
