@@ -177,7 +177,7 @@ def test_the_cdn_benchmark_reports_rates_and_targets(tmp_path):
            "resume": run(7.0), "resume_fetched_ratio": 1.02, "identical": True, "resumed_identical": True}
     lines = cdn.report_lines(row)
     assert "| our fetcher (parents' weights) | 10.0 | 0.38 | 1.0 | 100 |" in lines
-    assert "- met: our fetcher at 0.95× the link (target ≥ 0.85)" in lines
+    assert "- met: our fetcher at 0.950× the link (target ≥ 0.85)" in lines
     assert "- NOT met: streaming / max(download, upload) = 1.24 (target ≤ 1.2)" in lines
     assert "- met: killed at half and resumed: 1.020× the parents' weights fetched over both runs " \
            "(target ≤ 1.05)" in lines
@@ -189,3 +189,38 @@ def test_the_cdn_benchmark_reports_rates_and_targets(tmp_path):
     text = md.read_text()
     assert text.count(f"{cdn.SECTION}, 400 MB/s down, 50 MB/s per connection\n") == 1 and "kept" in text
     assert text.count(f"{cdn.SECTION}, 100 MB/s down, 12.5 MB/s per connection\n") == 1
+
+
+def test_the_gated_resume_and_seed_shape_stream_reports(tmp_path, capsys):
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("slerp_bench_cdn", bench / "stream_cdn.py")
+        cdn = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cdn)
+        spec = importlib.util.spec_from_file_location("slerp_bench_validate", bench / "validate.py")
+        val = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(val)
+    finally:
+        sys.path.pop(0)
+
+    def resumed(wall, merged, ratio):
+        return {"pair": "pair-16", "weights_gb": 3.8, "shards": 21, "shard": "100MB", "down_mbps": 100.0,
+                "up_mbps": 50.0, "connection_mbps": 12.5, "killed_after_s": 40.0, "resumed_identical": True,
+                "resume": {"wall_s": wall, "cpu_s": 80.0, "peak_rss_mb": 1200.0}, "resume_merged": merged,
+                "resume_fetched_ratio": ratio}
+    cdn.gated_report(resumed(65.7, 8, 1.009), tmp_path, resumed(96.4, 21, 1.403))
+    out = capsys.readouterr().out
+    assert ("| resumed, gate on, before (every shard merged again) | 96.4 | 80.0 | 1200 | 21 of 21 | "
+            "1.403× |") in out
+    assert "| resumed, gate on | 65.7 | 80.0 | 1200 | 8 of 21 | 1.009× |" in out
+    assert "- met: 1.009× the parents' weights fetched over both runs (target ≤ 1.05)" in out
+    assert (tmp_path / "stream_cdn_gated_resume.json").is_file()
+
+    row = {"shard": "3GB", "budget": "12GB", "wall_s": 300.0, "cpu_s": 450.0, "peak_rss_mb": 1600.0,
+           "peak_disk_gb": 10.6, "passed": True,
+           "perplexity": {"merged": 3.0, "model_1": 2.0, "model_2": 2.5}}
+    lines = val.stream_lines(row)
+    assert "| gated stream | 300.0 | 450.0 | 1600 | 10.60 | 3.00 / 2.00 / 2.50 |" in lines
+    assert "- NOT met: peak RSS 1600 MB ≤ 1.5 GB at hidden 8192 and vocabulary 152064" in lines
+    assert "- met: peak disk 10.60 GB within the budget of 12GB" in lines
