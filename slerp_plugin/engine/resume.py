@@ -146,7 +146,8 @@ class WorkingFolder:
                             int(doc["bytes_read"]), reused=bool(doc.get("reused", False)))
 
     def forget(self, shard: ShardPlan) -> None:
-        """Remove a shard and its journal entry (a check found it wrong: it must be merged again)."""
+        """Remove a shard and its journal entry (it must be merged again: a check found it wrong, or a
+        resumed gated stream evaluates it again)."""
         step(f"forget {shard.file}")
         self._entry(shard).unlink(missing_ok=True)
         self.shard_path(shard).unlink(missing_ok=True)

@@ -119,7 +119,7 @@ def clear_unused(work: WorkingFolder, saved: SavedPoint | None) -> None:
         folder = work.folder(name)
         if folder.is_dir():  # inside our marked working folder
             for path in folder.iterdir():
-                if path.resolve() not in used and (saved is None or name != POINT_DIR):
+                if path not in used and (saved is None or name != POINT_DIR):
                     path.unlink()
 
 
@@ -130,8 +130,13 @@ def point_bytes(work: WorkingFolder) -> int:
 
 
 def _inside(work: WorkingFolder, relative: str) -> Path:
-    path = (work.path / relative).resolve()
-    if not path.is_relative_to(work.path.resolve()):
+    """``relative`` under the working folder, as the run names its own files there.
+
+    Raises:
+        ValueError: it leads outside the working folder.
+    """
+    path = work.path / relative
+    if ".." in Path(relative).parts or not path.resolve().is_relative_to(work.path.resolve()):
         raise ValueError(f"{relative} is outside the working folder")
     return path
 

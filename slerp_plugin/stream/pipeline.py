@@ -416,12 +416,15 @@ class StreamingMerge:
             log.warning("the gate's saved point does not fit this merge (%s)", e)
             saved = None
         clear_unused(self.work, saved)
+        shard = saved.point.shard if saved is not None else 0
+        for index in merged:  # merged again: their files go now, not when overwritten
+            if index >= shard:
+                self.work.forget(self.plan.shards[index])
         if saved is None:
             log.info("the gate evaluates every shard: the %d shard(s) an earlier run merged are merged again "
-                     "(the evaluation had not saved how far it went); the Hub keeps those already uploaded",
+                     "(no saved point of its evaluation could be used); the Hub keeps those already uploaded",
                      len(uploaded) + len(merged))
             return set(), {}
-        shard = saved.point.shard
         self._point_bytes = point_bytes(self.work)
         self.budget.hold(self._point_bytes)
         taken = self.hashes.restore(saved.hashes)
