@@ -53,6 +53,12 @@ def python(code: str, env: dict) -> dict:
     return timed([sys.executable, "-c", code], env=env)
 
 
+def python_out(code: str, env: dict) -> str:
+    """What ``code`` prints, run in a fresh interpreter with ``env``."""
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout
+
+
 class DiskSampler:
     """The largest number of bytes the files under ``folder`` took at once, sampled every 50 ms."""
 
@@ -228,9 +234,7 @@ def same_shards(local: Path, repo_id: str, env: dict) -> bool:
     """Whether the repo's weight files have exactly the SHA-256 of the local output's shards."""
     code = ("import json; from slerp_plugin.hub.client import list_files, resolve_revision as r; "
             f"print(json.dumps({{f.name: f.sha256 for f in list_files({repo_id!r}, r({repo_id!r}))}}))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout
-    hub = json.loads(out)
+    hub = json.loads(python_out(code, env))
     shards = json.loads((local / "merge_manifest.json").read_text())["output"]["shards"]
     return bool(shards) and all(hub.get(s["file"]) == s["sha256"] for s in shards)
 

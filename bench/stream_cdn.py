@@ -48,7 +48,7 @@ sys.path.insert(0, str(BENCH))
 
 from results_md import replace_section  # noqa: E402
 from run import timed  # noqa: E402
-from stream import CLI, pair_and_scratch, python, same_shards, test_hub  # noqa: E402
+from stream import CLI, pair_and_scratch, python, python_out, same_shards, test_hub  # noqa: E402
 
 RESULT = "stream_cdn.json"
 SECTION = "## Hub to Hub through a CDN-like Hub"
@@ -98,12 +98,6 @@ reused = json.loads((got / "merge_manifest.json").read_text())["resume"]["reused
 shutil.rmtree({dest!r})
 print(json.dumps({{"identical": same, "reused": reused}}))
 """
-
-
-def python_out(code: str, env: dict) -> str:
-    """What ``code`` prints, run by this Python with ``env``."""
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout
 
 
 def control(url: str, path: str, body: dict | None = None) -> dict:

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -144,7 +143,7 @@ def seed_shapes_stream(out: Path, shard: str = "3GB", budget: str = "12GB") -> d
     import shutil
 
     from results_md import replace_section
-    from stream import test_hub
+    from stream import python_out, test_hub
 
     a, b = make_pair.build_seed_shapes(WORK / "seed-shapes")
     work = WORK / "validate-stream"
@@ -160,9 +159,7 @@ def seed_shapes_stream(out: Path, shard: str = "3GB", budget: str = "12GB") -> d
         code = ("import json; from huggingface_hub import hf_hub_download as d; "
                 "r = 'bench/merged-seed-shapes'; print(json.dumps([json.load(open(d(r, f))) "
                 "for f in ('validation.json', 'merge_manifest.json')]))")
-        found = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                               check=True)
-        report, manifest = json.loads(found.stdout)
+        report, manifest = json.loads(python_out(code, env))
     row["perplexity"] = report["functional"]["perplexity"]
     row["passed"] = report["passed"]
     row["peak_disk_gb"] = manifest["timings"]["stream_peak_disk_bytes"] / 1e9

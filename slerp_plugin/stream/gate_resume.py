@@ -24,6 +24,7 @@ import torch
 
 from ..engine.resume import WorkingFolder
 from ..io.atomic import write_bytes_atomic
+from ..io.hashing import sha256_file
 from ..io.safetensors import DTYPES, TensorInfo
 from ..validate.report import SpotTensor
 from ..validate.streaming import LayerOutput
@@ -156,11 +157,7 @@ def _load_hidden(work: WorkingFolder, relative: str, sha256: str) -> torch.Tenso
 
 def _kept(work: WorkingFolder, name: str, entry: dict) -> tuple[TensorInfo, str]:
     path = _inside(work, entry["file"])
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(64 << 20):
-            sha.update(block)
-    if sha.hexdigest() != entry["sha256"] or entry["dtype"] not in DTYPES:
+    if sha256_file(path) != entry["sha256"] or entry["dtype"] not in DTYPES:
         raise ValueError(f"{path.name} does not match its SHA-256")
     shape = tuple(int(n) for n in entry["shape"])
     info = TensorInfo(name, entry["dtype"], shape, path, 0, int(entry["nbytes"]))
