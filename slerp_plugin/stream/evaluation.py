@@ -190,7 +190,7 @@ class StreamGate:
 
     def start(self) -> None:
         for ev in self.evaluators:
-            ev.defer_drops = self.on_point is not None
+            ev.resumable = self.on_point is not None
             ev.start(self.ids, self.settings.max_length)
         self._driver.start()
 

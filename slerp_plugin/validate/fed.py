@@ -73,8 +73,9 @@ class FedEvaluator:
         self._kept: dict[str, TensorInfo] = {}
         self._kept_sha: dict[str, str] = {}
         self._dropped: dict[str, TensorInfo] = {}  # copies no module reads, deleted by release_dropped
-        #: copies no longer needed wait for :meth:`release_dropped` (a saved point may still name them)
-        self.defer_drops = False
+        #: points are saved (a streaming merge's gate): copies kept aside are hashed as they are made,
+        #: and those no longer needed wait for :meth:`release_dropped` (a saved point may name them)
+        self.resumable = False
 
     @property
     def tied_bytes(self) -> int:
@@ -144,7 +145,8 @@ class FedEvaluator:
             info = tensors[name]
             self.aside.mkdir(parents=True, exist_ok=True)
             path = self.aside / f"{self.role}-{_safe(name)}.bin"
-            self._kept_sha[name] = _copy_range(info.file, info.offset, info.nbytes, path)
+            self._kept_sha[name] = _copy_range(info.file, info.offset, info.nbytes, path,
+                                               for_point=self.resumable)
             if self.account is not None:
                 self.account.hold(info.nbytes)
             kept[name] = self._kept[name] = replace(info, file=path, offset=0)
@@ -162,7 +164,7 @@ class FedEvaluator:
         for name in names:
             self._dropped[name] = self._kept.pop(name)
             self._kept_sha.pop(name, None)
-        if not self.defer_drops:
+        if not self.resumable:
             self.release_dropped(set())
 
     def release_dropped(self, keep: set[Path]) -> None:
@@ -211,10 +213,12 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
-def _copy_range(src: Path, offset: int, nbytes: int, dest: Path, block: int = 64 << 20) -> str:
-    """Bytes ``[offset, offset + nbytes)`` of ``src`` into a new file ``dest``, on disk when this
-    returns; returns their SHA-256."""
-    sha = hashlib.sha256()
+def _copy_range(src: Path, offset: int, nbytes: int, dest: Path, block: int = 64 << 20, *,
+                for_point: bool = False) -> str:
+    """Bytes ``[offset, offset + nbytes)`` of ``src`` into a new file ``dest``. With ``for_point``
+    (a saved point may name it) the copy is on disk when this returns and its SHA-256 is returned;
+    otherwise an empty string."""
+    sha = hashlib.sha256() if for_point else None
     with open(src, "rb") as fin, open(dest, "wb") as fout:
         fin.seek(offset)
         left = nbytes
@@ -223,8 +227,11 @@ def _copy_range(src: Path, offset: int, nbytes: int, dest: Path, block: int = 64
             if not data:
                 raise OSError(f"{src}: shorter than expected")
             fout.write(data)
-            sha.update(data)
+            if sha is not None:
+                sha.update(data)
             left -= len(data)
+        if sha is None:
+            return ""
         fout.flush()
         os.fsync(fout.fileno())
     return sha.hexdigest()
