@@ -25,6 +25,7 @@ import torch
 from ..engine.resume import WorkingFolder
 from ..io.atomic import write_bytes_atomic
 from ..io.hashing import sha256_file
+from ..io.index import is_plain_file_name
 from ..io.safetensors import DTYPES, TensorInfo
 from ..validate.report import SpotTensor
 from ..validate.streaming import LayerOutput
@@ -68,9 +69,8 @@ def save_point(work: WorkingFolder, point: GatePoint, *, hashes: dict, spot: dic
         keep.add(path.name)
         size += len(data)
         evaluators[role] = {
-            "layer": reached.layer, "file": f"{POINT_DIR}/{path.name}",
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "kept": {name: {"file": str(info.file.relative_to(work.path)), "dtype": info.dtype,
+            "layer": reached.layer, "file": path.name, "sha256": hashlib.sha256(data).hexdigest(),
+            "kept": {name: {"file": info.file.name, "dtype": info.dtype,
                             "shape": list(info.shape), "nbytes": info.nbytes, "sha256": sha}
                      for name, (info, sha) in point.kept.get(role, {}).items()}}
     work.save_record(POINT_RECORD, {
@@ -124,22 +124,21 @@ def clear_unused(work: WorkingFolder, saved: SavedPoint | None) -> None:
                     path.unlink()
 
 
-def point_bytes(work: WorkingFolder) -> int:
+def saved_point_bytes(work: WorkingFolder) -> int:
     """The bytes the saved point's own files take."""
     folder = work.folder(POINT_DIR)
     return sum(f.stat().st_size for f in folder.iterdir()) if folder.is_dir() else 0
 
 
-def _inside(work: WorkingFolder, relative: str) -> Path:
-    """``relative`` under the working folder, as the run names its own files there.
+def _inside(work: WorkingFolder, folder: str, name: object) -> Path:
+    """The file ``name`` of the working folder's ``folder``.
 
     Raises:
-        ValueError: it leads outside the working folder.
+        ValueError: ``name`` is not a plain file name (it would lead outside the working folder).
     """
-    path = work.path / relative
-    if ".." in Path(relative).parts or not path.resolve().is_relative_to(work.path.resolve()):
-        raise ValueError(f"{relative} is outside the working folder")
-    return path
+    if not is_plain_file_name(name):
+        raise ValueError(f"{name!r} names a file outside the working folder")
+    return work.folder(folder) / name  # type: ignore[operator]
 
 
 def _checked(path: Path, sha256: str) -> bytes:
@@ -149,14 +148,14 @@ def _checked(path: Path, sha256: str) -> bytes:
     return data
 
 
-def _load_hidden(work: WorkingFolder, relative: str, sha256: str) -> torch.Tensor:
+def _load_hidden(work: WorkingFolder, name: str, sha256: str) -> torch.Tensor:
     from safetensors.torch import load
 
-    return load(_checked(_inside(work, relative), sha256))["hidden"]
+    return load(_checked(_inside(work, POINT_DIR, name), sha256))["hidden"]
 
 
 def _kept(work: WorkingFolder, name: str, entry: dict) -> tuple[TensorInfo, str]:
-    path = _inside(work, entry["file"])
+    path = _inside(work, ASIDE_DIR, entry["file"])
     if sha256_file(path) != entry["sha256"] or entry["dtype"] not in DTYPES:
         raise ValueError(f"{path.name} does not match its SHA-256")
     shape = tuple(int(n) for n in entry["shape"])

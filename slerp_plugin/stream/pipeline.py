@@ -71,7 +71,7 @@ from ..spec import MergeSpec
 from ..validate.cache import EvaluationCache
 from ..validate.functional import EvalSettings
 from .evaluation import GatePoint, StreamGate
-from .gate_resume import clear_unused, load_point, point_bytes, save_point
+from .gate_resume import clear_unused, load_point, save_point, saved_point_bytes
 from .remote import RemoteParent, open_parent
 from .spool import (
     PIECE_BYTES,
@@ -425,7 +425,7 @@ class StreamingMerge:
                      "(no saved point of its evaluation could be used); the Hub keeps those already uploaded",
                      len(uploaded) + len(merged))
             return set(), {}
-        self._point_bytes = point_bytes(self.work)
+        self._point_bytes = saved_point_bytes(self.work)
         self.budget.hold(self._point_bytes)
         taken = self.hashes.restore(saved.hashes)
         self.spot = dict(saved.spot)

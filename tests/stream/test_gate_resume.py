@@ -92,7 +92,7 @@ def test_a_saved_point_that_does_not_hold_up_only_costs_work(hub, parents_upload
     model is still published, with the gate passed."""
     spec = stream_spec(tmp_path, max_shard_size="60KB")
     point = stopped_near_the_end(monkeypatch, tmp_path, spec, 5)
-    hidden = tmp_path / "streamed.partial" / point["evaluators"]["model_1"]["file"]
+    hidden = tmp_path / "streamed.partial" / "gate" / point["evaluators"]["model_1"]["file"]
     data = bytearray(hidden.read_bytes())
     data[-1] ^= 1
     hidden.write_bytes(bytes(data))
@@ -164,7 +164,7 @@ def test_a_saved_point_is_read_back_only_as_it_was_saved(tmp_path, caplog):
     work.save_record("gate-point.json", doc)
     assert load_point(work, ["merged"], identity) is None
     assert "outside the working folder" in caplog.text
-    doc["evaluators"]["merged"]["kept"]["embed"]["file"] = "eval/merged-embed.bin"
+    doc["evaluators"]["merged"]["kept"]["embed"]["file"] = "merged-embed.bin"
     work.save_record("gate-point.json", doc)
     (aside / "merged-embed.bin").write_bytes(b"\0" * 48)
     assert load_point(work, ["merged"], identity) is None  # a copy that changed
