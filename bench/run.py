@@ -160,7 +160,7 @@ with open(sys.argv[1], "w") as f:
 def timed(cmd: list[str], env: dict | None = None, stderr_to: Path | None = None) -> dict:
     """Run ``cmd``; its wall time, and the CPU time (s) and peak RSS (MB) the kernel accounts to
     that process and its children (``wait4``'s rusage, what ``/usr/bin/time -v`` reports).
-    ``stderr_to``: a file that gets the command's stderr (its log).
+    ``stderr_to``: a file that gets the command's output, stdout and stderr (its log).
 
     Raises:
         RuntimeError: the command failed (the end of its stderr in the message).
@@ -168,7 +168,7 @@ def timed(cmd: list[str], env: dict | None = None, stderr_to: Path | None = None
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryFile() as err:
         report = Path(tmp) / "rusage.json"
         subprocess.run([sys.executable, "-I", "-S", "-c", LAUNCHER, str(report), *cmd],
-                       stdout=subprocess.DEVNULL, stderr=err, env=env)
+                       stdout=err, stderr=subprocess.STDOUT, env=env)
         code, wall, user, system, maxrss_kb = json.loads(report.read_text()) if report.is_file() else [1] * 5
         if code:
             err.seek(0)

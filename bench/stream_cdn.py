@@ -54,25 +54,25 @@ RESULT = "stream_cdn.json"
 SECTION = "## Hub to Hub through a CDN-like Hub"
 
 FETCH = """
-import sys, tempfile, threading
+import sys, tempfile
 from pathlib import Path
 from slerp_plugin.hub.connections import Connections
 from slerp_plugin.spec import MergeSpec
 from slerp_plugin.stream import open_remote
-from slerp_plugin.stream.spool import PIECE_BYTES, ROLES, ParentHashes, fetch_spool, spool_shard
+from slerp_plugin.stream.spool import PIECE_BYTES, SHARDS_AT_ONCE, ParentHashes, ShardFetches, spool_shard
 spec = MergeSpec.build(model_1="bench/parent-a", model_2="bench/parent-b", t=0.5, output=sys.argv[1],
                        max_shard_size=sys.argv[2], connections=sys.argv[3])
 conns = Connections(spec.connections, PIECE_BYTES)  # one for the run, as the stream's
 with tempfile.TemporaryDirectory() as tmp:
     plan, parents = open_remote(spec, Path(tmp), execution=False)  # file order, as an ungated stream
     hashes = ParentHashes(parents)
-    for shard in plan.shards:
-        _, spool = spool_shard(shard, Path(tmp))
-        threads = [threading.Thread(target=fetch_spool, args=(spool, role, parents[role], hashes),
-                                    kwargs={"connections": conns}) for role in ROLES]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
-        spool.remove()
+    with ShardFetches(parents, hashes, connections=conns) as fetches:  # as the stream's fetch stage
+        for shard in plan.shards:
+            if fetches.pending == SHARDS_AT_ONCE:
+                fetches.finish().remove()
+            fetches.start(spool_shard(shard, Path(tmp))[1])
+        while fetches.pending:
+            fetches.finish().remove()
     hashes.verify()
 print("connections per parent:", conns.level, file=sys.stderr)
 """
@@ -124,7 +124,7 @@ def killed_at_half(cmd: list[str], out: Path, shards: int, env: dict, log: Path)
     marks = out.with_name(out.name + ".partial") / ".slerp_state" / "shards"
     started = time.perf_counter()
     with open(log, "wb") as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
         while proc.poll() is None and len(list(marks.glob("*.hub.json"))) < shards // 2:
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)

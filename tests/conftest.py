@@ -25,18 +25,22 @@ os.environ.pop("HF_TOKEN", None)
 #: --no-loadscope-reorder``), so these start first and the short files fill in around them instead of
 #: one long file starting last
 LONGEST_FIRST = (
-    "cluster/test_topology.py",
     "dags/test_standalone.py",
+    "cluster/test_topology.py",
     "stream/test_stream_crash_points.py",
-    "engine/test_crash_points.py",
-    "sweep/test_runner.py",
-    "integrations/mergekit/test_method.py",
-    "validate/test_functional.py",
-    "validate/test_gate.py",
-    "stream/test_evaluation.py",
-    "cli/test_sweep_command.py",
-    "formats/test_mergekit_yaml.py",
     "dags/test_dags.py",
+    "sweep/test_runner.py",
+    "engine/test_crash_points.py",
+    "stream/test_evaluation.py",
+    "validate/test_functional.py",
+    "cli/test_sweep_command.py",
+    "stream/test_pipeline.py",
+    "integrations/airflow/test_demo.py",
+    "hub/test_client.py",
+    "test_kernel.py",
+    "integrations/mergekit/test_run.py",
+    "test_public_api.py",
+    "validate/test_streaming.py",
 )
 
 

@@ -4,7 +4,8 @@ uploaded and deleted at once, one commit at the end.
 Three stages overlap, each on its own thread, all within ``spec.disk_budget``:
 
 1. fetch: output shard by output shard, the parents' bytes it needs, into spool files
-   (:mod:`.spool`); every parent file is hashed as its bytes arrive;
+   (:mod:`.spool`), the next shard's GETs started while the last ones of the shard before are in
+   flight; every parent file is hashed as its bytes arrive;
 2. merge: the engine's :class:`~slerp_plugin.engine.execute.ShardMerge`, reading the spool, writing
    the shard into ``<output>.partial`` and journalling it; the spool is then deleted;
 3. upload: the shard is pre-uploaded as an LFS object (the Hub checks its SHA-256), recorded in
@@ -34,7 +35,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -76,13 +76,16 @@ from .remote import RemoteParent, open_parent
 from .spool import (
     PIECE_BYTES,
     ROLES,
+    SHARDS_AT_ONCE,
     DiskBudget,
     ParentHashes,
+    ShardFetches,
     ShardSpool,
     fetch_spool,
     hash_spooled,
     is_complete,
     mark_complete,
+    partial_files,
     spool_shard,
 )
 
@@ -301,6 +304,8 @@ class StreamingMerge:
         self._hashes_lock = threading.Lock()
         #: the hashes' progress when each shard's bytes were all fetched, until the shard is merged
         self._hashed_after: dict[int, dict] = {}
+        self._started: dict[int, float] = {}  # when each shard's fetch started (perf_counter)
+        self._last_spooled = 0.0  # when the last shard's fetch finished
         #: the same, for each merged shard the gate has not gone past (:meth:`_save_gate_point`)
         self._hashed_for_gate: dict[int, dict] = {}
         self._point_bytes = 0
@@ -462,11 +467,14 @@ class StreamingMerge:
         return True
 
     def _clear_spool(self, done: set[int]) -> set[int]:
-        """Delete what a stopped run left in the spool but the complete spools of shards still to
-        merge (:func:`~.spool.mark_complete`); returns the indices of those kept."""
+        """Delete what a stopped run left in the spool but the spools of shards still to merge:
+        complete ones (:func:`~.spool.mark_complete`) and those part-filled with a pieces log
+        (:func:`~.spool.partial_files`); returns the indices of the complete ones."""
         kept = {sp.index for _, sp in self.spools
                 if sp.index not in done and is_complete(sp, self.plan.fingerprint)}
         keep = {p for _, sp in self.spools if sp.index in kept for p in (*sp.files.values(), sp.marker)}
+        keep |= {p for _, sp in self.spools if sp.index not in done and sp.index not in kept
+                 for p in partial_files(sp, self.plan.fingerprint)}  # fetches a stopped run had begun
         if self.spool_dir.is_dir():  # inside our marked working folder
             for path in self.spool_dir.iterdir():
                 if path not in keep:
@@ -507,37 +515,68 @@ class StreamingMerge:
     # ---------------------------------------------------------------- the three stages
 
     def _fetch_all(self, skip: set[int]) -> None:
-        """Fill the spool of each shard to merge, in order, as the budget allows; the others' bytes
-        are fetched only to hash the parents in order."""
-        with ThreadPoolExecutor(len(ROLES), thread_name_prefix="stream-fetch") as pool:
-            for _, spool in self.spools:
-                write = spool.index not in skip
-                if write and not self.budget.take(spool.disk_bytes):
-                    return
-                if write and is_complete(spool, self.plan.fingerprint):  # kept from a stopped run
-                    for role in ROLES:
-                        hash_spooled(spool, role, self.hashes)
-                else:
-                    self._fetch_one(pool, spool, write)
-                self._hashed_after[spool.index] = self.hashes.snapshot()
-                if write:
-                    self._ready.put(spool.index)
-                if self._error is not None:
-                    return
-
-    def _fetch_one(self, pool: ThreadPoolExecutor, spool: ShardSpool, write: bool) -> None:
-        t0 = time.perf_counter()
+        """Fill the spool of each shard to merge, in order, as the budget allows (the next shard's
+        GETs start while the last ones of the shard before are in flight); the others' bytes are
+        fetched only to hash the parents in order."""
         before = self._fetched()
-        for f in [pool.submit(fetch_spool, spool, role, self.parents[role], self.hashes, write=write,
-                              stop=self._stopped, connections=self.connections) for role in ROLES]:
-            f.result()
-        self.stats.bytes_fetched += self._fetched() - before
+        try:
+            with ShardFetches(self.parents, self.hashes, connections=self.connections, stop=self._stopped,
+                              key=self.plan.fingerprint) as fetches:
+                for _, spool in self.spools:
+                    write = spool.index not in skip
+                    if write and not self._take(fetches, spool):
+                        return
+                    if write and not is_complete(spool, self.plan.fingerprint):
+                        self._started[spool.index] = time.perf_counter()
+                        fetches.start(spool)
+                        continue
+                    while fetches.pending:  # what follows hashes in order: the shards before first
+                        fetches.finish(self._spooled)
+                    self._hash_in_order(spool, write)
+                    if self._error is not None:
+                        return
+                while fetches.pending:
+                    fetches.finish(self._spooled)
+        finally:
+            self.stats.bytes_fetched += self._fetched() - before
+
+    def _take(self, fetches: ShardFetches, spool: ShardSpool) -> bool:
+        """Hold the budget for ``spool``'s shard. A shard still in flight is finished (handed to the
+        merge) first when the budget has no room beside it, as its merge is what frees the room.
+        False once the merge stopped."""
+        if fetches.pending == SHARDS_AT_ONCE:
+            fetches.finish(self._spooled)
+        if fetches.pending and self.budget.try_take(spool.disk_bytes):
+            return True
+        while fetches.pending:
+            fetches.finish(self._spooled)
+        return self.budget.take(spool.disk_bytes)
+
+    def _hash_in_order(self, spool: ShardSpool, write: bool) -> None:
+        """Hash the parents' bytes of a shard not fetched now: from the spool files a stopped run
+        filled, or (a shard this run does not merge) by one GET per file."""
         if write:
-            mark_complete(spool, self.plan.fingerprint)
-            seconds = time.perf_counter() - t0
-            log.info("shard %d/%d: fetched %s of parent bytes in %.1f s (%s/s)", spool.index + 1,
-                     len(self.spools), format_bytes(spool.input_bytes), seconds,
-                     format_bytes(spool.input_bytes / max(seconds, 1e-9)))
+            for role in ROLES:
+                hash_spooled(spool, role, self.hashes)
+        else:
+            for role in ROLES:
+                fetch_spool(spool, role, self.parents[role], self.hashes, write=False, stop=self._stopped)
+        self._hashed_after[spool.index] = self.hashes.snapshot()
+        if write:
+            self._ready.put(spool.index)
+
+    def _spooled(self, spool: ShardSpool) -> None:
+        """A shard's spool is filled and its bytes hashed (no byte of a later shard yet): mark it,
+        keep the hashes' snapshot and hand it to the merge."""
+        mark_complete(spool, self.plan.fingerprint)
+        self._hashed_after[spool.index] = self.hashes.snapshot()
+        now = time.perf_counter()
+        seconds = now - max(self._started.pop(spool.index), self._last_spooled)  # time it had the link
+        self._last_spooled = now
+        log.info("shard %d/%d: fetched %s of parent bytes in %.1f s (%s/s)", spool.index + 1,
+                 len(self.spools), format_bytes(spool.input_bytes), seconds,
+                 format_bytes(spool.input_bytes / max(seconds, 1e-9)))
+        self._ready.put(spool.index)
 
     def _merge_all(self, skip: set[int]) -> None:
         threads = self.spec.threads

@@ -127,11 +127,11 @@ def test_a_stream_failing_its_gate_publishes_nothing_and_is_not_retried(dagbag, 
 def test_an_interrupted_stream_is_retried_by_airflow_and_resumes(dagbag, demo_bf16, hub, monkeypatch):
     from slerp_plugin.errors import HubUnavailableError
     from slerp_plugin.hub.client import upload_folder
-    from slerp_plugin.stream import pipeline
+    from slerp_plugin.stream import spool
 
     upload_folder(demo_bf16[0], "org/a")
     upload_folder(demo_bf16[1], "org/b")
-    real = pipeline.fetch_spool
+    real = spool.fetch_spool
     seen = {"failed": False}
 
     def network_gone_once(spool, role, *a, **kw):
@@ -143,7 +143,7 @@ def test_an_interrupted_stream_is_retried_by_airflow_and_resumes(dagbag, demo_bf
             raise HubUnavailableError("connection lost (simulated)")
         return real(spool, role, *a, **kw)
 
-    monkeypatch.setattr(pipeline, "fetch_spool", network_gone_once)
+    monkeypatch.setattr(spool, "fetch_spool", network_gone_once)
     puts_before = sum(1 for m, _, _ in hub.state.requests if m == "PUT")
     dag = dagbag().dags["slerp_merge"]
     dr = dag.test(run_conf={"model_1": "org/a", "model_2": "org/b", "t": 0.5, "target_repo": "org/streamed",

@@ -140,3 +140,4 @@ def test_a_stream_over_connections_limited_by_a_cdn_finds_more_connections(hub, 
     assert (tmp_path / "m1.bin").read_bytes()[16:] == data[16:]
     assert hashes.verify()["model_1"]["w.safetensors"] == files["w.safetensors"].sha256
     assert conns.level >= 4 and hub.state.in_flight_most >= 4
+

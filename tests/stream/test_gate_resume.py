@@ -40,10 +40,10 @@ def stopped_near_the_end(monkeypatch, tmp_path: Path, spec, last: int) -> dict:
             raise HubUnavailableError("network gone")
         return real(spool, role, *a, **kw)
 
-    monkeypatch.setattr("slerp_plugin.stream.pipeline.fetch_spool", network_gone_at_the_last)
+    monkeypatch.setattr("slerp_plugin.stream.spool.fetch_spool", network_gone_at_the_last)
     with pytest.raises(HubUnavailableError, match="network gone"):
         run_merge(spec)
-    monkeypatch.setattr("slerp_plugin.stream.pipeline.fetch_spool", real)
+    monkeypatch.setattr("slerp_plugin.stream.spool.fetch_spool", real)
     return json.loads(record.read_text())
 
 

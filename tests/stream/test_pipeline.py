@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def test_disk_stays_within_the_budget(hub, parents, tmp_path, monkeypatch):
         work = tmp_path / "streamed.partial"
         sizes.append(sum(f.stat().st_blocks * 512 for f in work.rglob("*") if f.is_file()))
 
-    monkeypatch.setattr("slerp_plugin.stream.pipeline.fetch_spool", fetch)
+    monkeypatch.setattr("slerp_plugin.stream.spool.fetch_spool", fetch)
     budget = 1_600_000  # the gate on 64 tokens: its saved points small beside the shards, as for real models
     run_merge(stream_spec(tmp_path, disk_budget=budget, gate_max_tokens=64))
     assert max(seen) <= budget and max(sizes) <= budget + 200_000  # + journal, markers
@@ -192,7 +193,7 @@ def test_an_interrupted_stream_resumes_without_merging_or_uploading_again(hub, p
             raise HubUnavailableError("network gone")
         return real(spool, role, *a, **kw)
 
-    monkeypatch.setattr("slerp_plugin.stream.pipeline.fetch_spool", network_gone_at_shard_4)
+    monkeypatch.setattr("slerp_plugin.stream.spool.fetch_spool", network_gone_at_shard_4)
     with pytest.raises(HubUnavailableError, match="network gone"):
         run_merge(spec)
     assert total > 4 and hub.state.commit_count("org/merged") == 1  # created, nothing published
@@ -201,7 +202,7 @@ def test_an_interrupted_stream_resumes_without_merging_or_uploading_again(hub, p
     record = shards.parent / "gate-point.json"  # where the gate's evaluation was, if it saved it
     point = json.loads(record.read_text())["shard"] if record.exists() else 0
 
-    monkeypatch.setattr("slerp_plugin.stream.pipeline.fetch_spool", real)
+    monkeypatch.setattr("slerp_plugin.stream.spool.fetch_spool", real)
     puts_before = hub.state.upload_requests()
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="slerp_plugin"):
@@ -238,11 +239,11 @@ def test_a_resumed_stream_fetches_only_what_it_still_merges(hub, parents, demo_b
             raise HubUnavailableError("network gone")
         return real(spool, role, *a, **kw)
 
-    monkeypatch.setattr("slerp_plugin.stream.pipeline.fetch_spool", network_gone_at_half)
+    monkeypatch.setattr("slerp_plugin.stream.spool.fetch_spool", network_gone_at_half)
     with pytest.raises(HubUnavailableError, match="network gone"):
         run_merge(spec)
     assert len(list(shards.glob("*.hub.json"))) == total // 2
-    monkeypatch.setattr("slerp_plugin.stream.pipeline.fetch_spool", real)
+    monkeypatch.setattr("slerp_plugin.stream.spool.fetch_spool", real)
     with caplog.at_level(logging.INFO, logger="slerp_plugin"):
         run_merge(spec)
     fetched = sum(n for path, n in hub.state.sent_by_path.items() if path.endswith(".safetensors"))
@@ -282,6 +283,59 @@ def test_bytes_fetched_but_not_merged_before_a_stop_are_not_fetched_again(hub, p
     assert_same_weights(expected, published("org/merged", tmp_path))
     weights = sum(f.stat().st_size for d in demo_bf16 for f in Path(d).glob("*.safetensors"))
     assert fetched <= 1.05 * weights, (fetched, weights)
+
+
+class CountingReader:
+    """A parent's reader that counts its GETs and, with ``fail_at``, fails that one (the network goes)."""
+
+    def __init__(self, reader, fail_at: int | None = None) -> None:
+        self.reader, self.fail_at, self.gets, self.asked = reader, fail_at, 0, 0
+        self.lock = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self.reader, name)
+
+    def stream(self, name, start, stop, *a, **kw):
+        with self.lock:
+            self.gets += 1
+            self.asked += stop - start
+            fail = self.gets == self.fail_at
+        if fail:
+            time.sleep(0.2)  # the other pieces in flight land
+            raise HubUnavailableError("network gone")
+        return self.reader.stream(name, start, stop, *a, **kw)
+
+
+def test_a_shard_stopped_halfway_through_its_fetch_keeps_the_pieces_it_has(hub, parents, demo_bf16, tmp_path,
+                                                                           caplog, monkeypatch):
+    """The pieces of a shard's spool that landed before a stop are not fetched again."""
+    import dataclasses
+
+    monkeypatch.setattr(spool_mod, "PIECE_BYTES", 8_192)
+    expected = local_result(demo_bf16, tmp_path, max_shard_size="60KB")
+    spec = stream_spec(tmp_path, max_shard_size="60KB", gate=False, connections=2)
+    real = spool_mod.fetch_spool
+    readers: dict[int, CountingReader] = {}
+    size = {}
+
+    def through(fail_at):
+        def fetch(spool, role, parent, *a, **kw):
+            if spool.index != 2 or role != "model_1":
+                return real(spool, role, parent, *a, **kw)
+            size[2] = sum(f.stop - f.start for f in spool.fetches[role])
+            readers[spool.index] = CountingReader(parent.reader, fail_at)
+            return real(spool, role, dataclasses.replace(parent, reader=readers[spool.index]), *a, **kw)
+        return fetch
+
+    monkeypatch.setattr(spool_mod, "fetch_spool", through(fail_at=4))
+    with pytest.raises(HubUnavailableError, match="network gone"):
+        run_merge(spec)
+    monkeypatch.setattr(spool_mod, "fetch_spool", through(fail_at=None))
+    with caplog.at_level(logging.INFO, logger="slerp_plugin"):
+        run_merge(spec)
+    assert "model_1-00003.bin: " in caplog.text and " kept from a stopped run" in caplog.text
+    assert readers[2].asked <= size[2] - 3 * 8_192  # the pieces that had landed were not fetched again
+    assert_same_weights(expected, published("org/merged", tmp_path))
 
 
 def test_a_cdn_like_hub_is_read_over_several_connections_per_parent(hub, parents, demo_bf16, tmp_path,

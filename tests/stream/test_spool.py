@@ -197,3 +197,202 @@ def test_a_failed_piece_stops_the_others_and_is_reported(tmp_path, monkeypatch):
     with pytest.raises(HubUnavailableError, match="network gone"):
         fetch_spool(spool, "model_1", parent, ParentHashes({"model_1": parent}), connections=3)
     assert parent.reader.sent < 25_000
+
+
+class OverlapReader(FakeReader):
+    """Holds the last GET of the first shard (``hold``) until the second shard's first GET has
+    ended, and logs every GET's start offset in the order they began."""
+
+    def __init__(self, data: bytes, hold: int, second: int) -> None:
+        super().__init__(data)
+        self.hold, self.second = hold, second
+        self.second_done = threading.Event()
+        self.overlapped = False
+
+    def stream(self, name, start, stop, sink, on_throttled=None):
+        if start == self.hold:
+            self.overlapped = self.second_done.wait(5)
+        super().stream(name, start, stop, sink)
+        if start == self.second:
+            self.second_done.set()
+
+
+def two_shard_spools(tmp_path: Path, size: int) -> list[ShardSpool]:
+    half = 16 + (size - 16) // 2
+    return [ShardSpool(i, {r: tmp_path / f"{r}-{i}.bin" for r in ("model_1", "model_2")},
+                       {r: [Fetch("w.safetensors", a, b, 16)] for r in ("model_1", "model_2")}, 0)
+            for i, (a, b) in enumerate([(16, half), (half, size)])]
+
+
+def test_the_next_shard_is_fetched_while_the_last_one_ends_and_hashed_after_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(spool_mod, "PIECE_BYTES", 10_000)
+    data = os.urandom(100_016)
+    parents = {role: hashed_parent(data) for role in ("model_1", "model_2")}
+    for p in parents.values():
+        p.reader = OverlapReader(data, hold=40_016, second=50_016)
+    hashes = ParentHashes(parents)
+    spools = two_shard_spools(tmp_path, len(data))
+    recorded = []
+
+    def record(spool):
+        time.sleep(0.3)  # the second shard's pieces arrive meanwhile
+        recorded.append([hashes.position(r, "w.safetensors") for r in ("model_1", "model_2")])
+
+    with spool_mod.ShardFetches(parents, hashes, connections=4) as fetches:
+        for spool in spools:
+            fetches.start(spool)
+        assert [fetches.finish(record).index for _ in spools] == [0, 1]
+    assert recorded == [[50_016, 50_016], [100_016, 100_016]]  # no byte of the second shard in the first
+    for role, p in parents.items():
+        assert p.reader.overlapped  # the second shard's GETs ran beside the first's last one
+        assert (tmp_path / f"{role}-1.bin").read_bytes()[16:] == data[50_016:]
+        assert p.reader.sent == len(data) - 16
+    assert hashes.verify()["model_1"]["w.safetensors"] == hashlib.sha256(data).hexdigest()
+
+
+def test_a_later_shard_waits_behind_an_earlier_one_for_connections(tmp_path, monkeypatch):
+    monkeypatch.setattr(spool_mod, "PIECE_BYTES", 10_000)
+    data = os.urandom(100_016)
+    parents = {role: hashed_parent(data) for role in ("model_1", "model_2")}
+    for p in parents.values():
+        p.reader = SlowFirstReader(data)
+        p.reader.began = []
+        p.reader.stream = (lambda r: lambda name, a, b, sink, on_throttled=None: (
+            r.began.append(a), SlowFirstReader.stream(r, name, a, b, sink)))(p.reader)
+    hashes = ParentHashes(parents)
+    with spool_mod.ShardFetches(parents, hashes, connections=1) as fetches:
+        for spool in two_shard_spools(tmp_path, len(data)):
+            fetches.start(spool)
+        fetches.finish(), fetches.finish()
+    for p in parents.values():
+        assert p.reader.began == list(range(16, 100_016, 10_000)) and p.reader.most == 1
+
+
+def test_a_failed_shard_stops_the_next_one_in_flight(tmp_path, monkeypatch):
+    monkeypatch.setattr(spool_mod, "PIECE_BYTES", 1_000)
+    data = os.urandom(100_016)
+    parents = {role: hashed_parent(data) for role in ("model_1", "model_2")}
+
+    def slow(reader, fails_at=None):
+        def stream(name, start, stop, sink, on_throttled=None):
+            if start == fails_at:
+                raise HubUnavailableError("network gone")
+            time.sleep(0.01)
+            FakeReader.stream(reader, name, start, stop, sink)
+        return stream
+    parents["model_1"].reader.stream = slow(parents["model_1"].reader, fails_at=30_016)
+    parents["model_2"].reader.stream = slow(parents["model_2"].reader)
+    hashes = ParentHashes(parents)
+    with pytest.raises(HubUnavailableError, match="network gone"):
+        with spool_mod.ShardFetches(parents, hashes, connections=2) as fetches:
+            for spool in two_shard_spools(tmp_path, len(data)):
+                fetches.start(spool)
+            fetches.finish()
+    assert parents["model_2"].reader.sent < len(data) - 16  # the second shard did not run to its end
+
+
+def test_try_take_never_waits():
+    budget = DiskBudget(100)
+    assert budget.try_take(60) and not budget.try_take(50) and budget.used == 60
+    budget.give(60)
+    assert budget.try_take(500)  # nothing else held: one shard bigger than the budget runs alone
+    budget.close()
+    assert not budget.try_take(0)
+
+
+class FailsAt(FakeReader):
+    """Fails the GET that starts at ``fail_at`` (once its sibling pieces had their time to land)."""
+
+    def __init__(self, data: bytes, fail_at: int | None) -> None:
+        super().__init__(data)
+        self.fail_at, self.gets = fail_at, 0
+
+    def stream(self, name, start, stop, sink, on_throttled=None):
+        self.gets += 1
+        if start == self.fail_at:
+            time.sleep(0.2)
+            raise HubUnavailableError("network gone")
+        super().stream(name, start, stop, sink)
+
+
+def one_file_spool(tmp_path: Path, size: int) -> ShardSpool:
+    return ShardSpool(0, {"model_1": tmp_path / "model_1-00001.bin"},
+                      {"model_1": [Fetch("w.safetensors", 16, size, 16)]}, 0)
+
+
+def test_a_stopped_fetch_goes_on_from_the_pieces_it_listed(tmp_path, monkeypatch):
+    monkeypatch.setattr(spool_mod, "PIECE_BYTES", 10_000)
+    data = os.urandom(100_016)
+    parent = hashed_parent(data)
+    parent.reader = FailsAt(data, fail_at=50_016)
+    spool = one_file_spool(tmp_path, len(data))
+    with pytest.raises(HubUnavailableError):
+        fetch_spool(spool, "model_1", parent, ParentHashes({"model_1": parent}), connections=2, key="plan-1")
+    assert spool_mod.partial_files(spool, "plan-1") == [spool.files["model_1"], spool.pieces_log("model_1")]
+    assert spool_mod.partial_files(spool, "plan-2") == []
+
+    parent.reader = FakeReader(data)
+    hashes = ParentHashes({"model_1": parent})
+    fetch_spool(spool, "model_1", parent, hashes, connections=2, key="plan-1")
+    assert parent.reader.sent <= len(data) - 16 - 50_000  # the first five pieces were not fetched again
+    assert spool.files["model_1"].read_bytes()[16:] == data[16:]
+    assert hashes.verify()["model_1"]["w.safetensors"] == hashlib.sha256(data).hexdigest()
+    spool.remove()
+    assert not spool.pieces_log("model_1").exists()
+
+
+@pytest.mark.parametrize("damage", ["other plan", "garbled log", "ranges not of this file", "file cut short"])
+def test_a_pieces_log_that_does_not_hold_up_is_not_trusted(tmp_path, monkeypatch, damage):
+    monkeypatch.setattr(spool_mod, "PIECE_BYTES", 10_000)
+    data = os.urandom(100_016)
+    parent = hashed_parent(data)
+    spool = one_file_spool(tmp_path, len(data))
+    fetch_spool(spool, "model_1", parent, ParentHashes({"model_1": parent}), connections=2, key="plan-1")
+    log_file, spooled = spool.pieces_log("model_1"), spool.files["model_1"]
+    lines = log_file.read_text().splitlines()
+    assert len(lines) == 11
+    key = "plan-1"
+    if damage == "other plan":
+        key = "plan-2"
+    elif damage == "garbled log":
+        log_file.write_text("{not json\n" + "\n".join(lines[1:]) + "\n")
+    elif damage == "ranges not of this file":
+        log_file.write_text("\n".join([lines[0], '["x", 16, 100016]', '["w.safetensors", 10016, 16]',
+                                       '["w.safetensors", "16", 10016]', '["w.safetensors", true, 10016]',
+                                       '{"w.safetensors": [16, 10016]}']) + "\n")
+    else:
+        os.truncate(spooled, 50_000)
+    spooled.write_bytes(b"\0" * 20_000 + spooled.read_bytes()[20_000:])  # what it holds is not used
+    parent.reader = FakeReader(data)
+    hashes = ParentHashes({"model_1": parent})
+    fetch_spool(spool, "model_1", parent, hashes, connections=2, key=key)
+    if damage == "file cut short":  # the bytes beyond the end are fetched, the others kept
+        assert parent.reader.sent == len(data) - 50_000
+        with pytest.raises(HubIntegrityError):  # and the damage to those kept is caught
+            hashes.verify()
+    else:
+        assert parent.reader.sent == len(data) - 16
+        assert spooled.read_bytes()[16:] == data[16:]
+        assert hashes.verify()["model_1"]["w.safetensors"] == hashlib.sha256(data).hexdigest()
+
+
+def test_a_piece_stopped_halfway_keeps_the_bytes_it_listed(tmp_path, monkeypatch):
+    monkeypatch.setattr(spool_mod, "PIECE_BYTES", 40_000)
+    monkeypatch.setattr(spool_mod, "LOGGED_BYTES", 5_000)
+    data = os.urandom(100_016)
+    parent = hashed_parent(data)
+
+    def cut(name, start, stop, sink, on_throttled=None):  # the connection drops after 23 KB
+        FakeReader.stream(parent.reader, name, start, min(stop, start + 23_000), sink)
+        raise HubUnavailableError("network gone")
+    parent.reader.stream = cut
+    spool = one_file_spool(tmp_path, len(data))
+    with pytest.raises(HubUnavailableError):
+        fetch_spool(spool, "model_1", parent, ParentHashes({"model_1": parent}), connections=1, key="plan")
+
+    parent.reader = FakeReader(data)
+    hashes = ParentHashes({"model_1": parent})
+    fetch_spool(spool, "model_1", parent, hashes, connections=1, key="plan")
+    assert parent.reader.sent == len(data) - 16 - 20_000  # all but the 20 KB listed (every 5 KB)
+    assert spool.files["model_1"].read_bytes()[16:] == data[16:]
+    assert hashes.verify()["model_1"]["w.safetensors"] == hashlib.sha256(data).hexdigest()
