@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 # test modules run in parallel processes, each on its own ports and homes (most tests wait on
 # servers and subprocesses, so more workers than cores); PYTEST_WORKERS=0 runs them in one process
-PYTEST_WORKERS ?= 3
+PYTEST_WORKERS ?= 4
 
 .PHONY: setup demo demo-cli airflow-ui cluster cluster-down test lint lock clean bench docs
 

@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -558,9 +559,11 @@ class StreamingMerge:
         if write:
             for role in ROLES:
                 hash_spooled(spool, role, self.hashes)
-        else:
-            for role in ROLES:
-                fetch_spool(spool, role, self.parents[role], self.hashes, write=False, stop=self._stopped)
+        else:  # both parents at once
+            with ThreadPoolExecutor(len(ROLES), thread_name_prefix="stream-hash") as pool:
+                for f in [pool.submit(fetch_spool, spool, role, self.parents[role], self.hashes, write=False,
+                                      stop=self._stopped) for role in ROLES]:
+                    f.result()
         self._hashed_after[spool.index] = self.hashes.snapshot()
         if write:
             self._ready.put(spool.index)
