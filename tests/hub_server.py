@@ -82,6 +82,14 @@ class Repo:
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     commits: dict[str, Commit] = field(default_factory=dict)
+    #: LFS objects uploaded to this repo (committed or not)
+    lfs_objects: set[str] = field(default_factory=set)
+
+    def has_lfs_object(self, oid: str) -> bool:
+        """Whether this repo holds LFS object ``oid`` (uploaded to it, or in one of its commits): as on
+        the Hub, an object another repo holds is uploaded again."""
+        return oid in self.lfs_objects or any(e.lfs and e.sha256 == oid for c in self.commits.values()
+                                              for e in c.files.values())
 
     def resolve(self, rev: str) -> Commit | None:
         oid = self.branches.get(rev) or self.tags.get(rev)
@@ -500,21 +508,25 @@ def create_app(state: HubState) -> FastAPI:
         objects = []
         for o in body["objects"]:
             entry = {"oid": o["oid"], "size": o["size"], "authenticated": True}
-            if not state.blob_path(o["oid"]).exists() and not (state.xet and o["oid"] in state.xet.by_sha256):
+            if not repo.has_lfs_object(o["oid"]) and not (state.xet and o["oid"] in state.xet.by_sha256):
                 entry["actions"] = {
-                    "upload": {"href": f"{base(request)}/lfs-upload/{o['oid']}", "header": {}},
+                    "upload": {"href": f"{base(request)}/lfs-upload/{ns}/{name}/{o['oid']}", "header": {}},
                     "verify": {"href": f"{base(request)}/{ns}/{name}.git/info/lfs/objects/verify"},
                 }
             objects.append(entry)
         return JSONResponse({"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
                             media_type="application/vnd.git-lfs+json")
 
-    @app.put("/lfs-upload/{oid}")
-    async def lfs_put(request: Request, oid: str):
+    @app.put("/lfs-upload/{ns}/{name}/{oid}")
+    async def lfs_put(request: Request, ns: str, name: str, oid: str):
+        repo = state.repos.get(f"{ns}/{name}")  # a presigned URL: no Authorization header
+        if repo is None:
+            return _err(404, "RepoNotFound", f"Repository {ns}/{name} not found")
         data = await state.upload_body(request)
         if hashlib.sha256(data).hexdigest() != oid:
             return _err(400, None, "sha256 mismatch")
         state.store(data)
+        repo.lfs_objects.add(oid)
         return Response(status_code=200)
 
     @app.post("/{ns}/{name}.git/info/lfs/objects/verify")

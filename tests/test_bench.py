@@ -178,6 +178,10 @@ def test_the_cdn_benchmark_reports_rates_and_targets(tmp_path):
     lines = cdn.report_lines(row)
     assert "| our fetcher (parents' weights) | 10.0 | 0.38 | 1.0 | 100 |" in lines
     assert "- met: our fetcher at 0.950× the link (target ≥ 0.85)" in lines
+    timed_inside = cdn.report_lines({**row, "fetch": {**run(12.0), "fetch_s": 10.0, "open_s": 0.5}})
+    assert "- met: our fetcher at 0.950× the link (target ≥ 0.85): 10.0 s from opening the parents (their " \
+           "headers: 0.5 s) to their verified hashes, timed in the process; the process's 12.0 s with the " \
+           "interpreter's start and the imports give 0.792×" in timed_inside
     assert "- NOT met: streaming / max(download, upload) = 1.24 (target ≤ 1.2)" in lines
     assert "- met: killed at half and resumed: 1.020× the parents' weights fetched over both runs " \
            "(target ≤ 1.05)" in lines

@@ -115,6 +115,8 @@ def _redact(text: str, token: str | None) -> str:
 def _translate(exc: BaseException, what: str, token: str | None) -> HubError:
     """Map huggingface_hub / network / OS errors to our typed one-line errors."""
     import httpx2
+    import requests
+    import urllib3
     from huggingface_hub import errors as hf
 
     if isinstance(exc, HubError):
@@ -137,6 +139,8 @@ def _translate(exc: BaseException, what: str, token: str | None) -> HubError:
         return HubError(f"{what}: {detail}")
     if isinstance(exc, (httpx2.ConnectError, httpx2.TimeoutException, httpx2.NetworkError,
                         httpx2.RemoteProtocolError,  # the connection dropped mid-response
+                        requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                        urllib3.exceptions.ProtocolError, urllib3.exceptions.TimeoutError,  # ranged reads
                         hf.OfflineModeIsEnabled, hf.LocalEntryNotFoundError, ConnectionError, TimeoutError)):
         return HubUnavailableError(f"{what}: cannot reach the Hub ({type(exc).__name__}); check the network")
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:

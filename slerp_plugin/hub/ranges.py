@@ -5,21 +5,29 @@ files: a safetensors header is two small reads, a tensor is one ranged GET. A co
 drops mid-range is resumed from the last byte received; connection errors, 5xx and 429 are
 retried with exponential backoff (``retries`` times without progress); anything else (404,
 auth) fails at once. Nothing goes to the Hub cache.
+
+The bodies are read with requests (environment proxies, CA bundles and redirects as the Hub client
+honours them; ``Authorization`` is dropped on a redirect to another host, such as the CDN) in
+reads of :data:`READ_BYTES` straight into one buffer per GET: a few Python steps per megabyte, so
+that several GETs in flight stay within the link's rate on a small CPU.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
-from ..errors import HubError, HubUnavailableError
-from .client import DEFAULT_RETRIES, _backoff, _endpoint, _translate
+from ..errors import HubAuthError, HubError, HubUnavailableError, RepoNotFoundError, RevisionNotFoundError
+from .client import DEFAULT_RETRIES, _backoff, _endpoint, _redact, _translate
 
 log = logging.getLogger(__name__)
 
 #: what one GET may take before it is given up and retried, in seconds (connect, then each read)
 TIMEOUT_S = 60.0
+#: bytes asked of the socket per read of a body (and the most one ``sink`` call receives)
+READ_BYTES = 1 << 20
 
 Sink = Callable[[int, memoryview], None]
 
@@ -68,8 +76,7 @@ class RangeReader:
             try:
                 self._get(name, stop, sink, reached)
             except Exception as e:  # translated: only transient errors are retried
-                response = getattr(e, "response", None)
-                if on_throttled is not None and getattr(response, "status_code", None) == 429:
+                if on_throttled is not None and isinstance(e, _Throttled):
                     on_throttled()
                 err = _translate(e, what, self.token)
                 if not err.transient:
@@ -89,30 +96,79 @@ class RangeReader:
                                                   f"{reached[0]}")
 
     def _get(self, name: str, stop: int, sink: Sink, reached: list[int]) -> None:
-        """One ranged GET from ``reached[0]`` to ``stop``, advancing ``reached[0]`` chunk by chunk."""
-        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+        """One ranged GET from ``reached[0]`` to ``stop``, advancing ``reached[0]`` read by read."""
+        from huggingface_hub.utils import build_hf_headers
 
         start = reached[0]
         headers = build_hf_headers(token=self.token, library_name="slerp_plugin")
         headers["Range"] = f"bytes={start}-{stop - 1}"
         headers["Accept-Encoding"] = "identity"
         pos = start
-        with get_session().stream("GET", self.url(name), headers=headers, follow_redirects=True,
-                                  timeout=TIMEOUT_S) as response:
-            if response.status_code == 403 and response.history:  # a CDN's signed URL that expired
-                raise HubUnavailableError(f"{self.repo_id}/{name}: the download URL the Hub redirected to "
-                                          "was refused (HTTP 403, expired); asking the Hub for a new one")
-            hf_raise_for_status(response)
-            if response.status_code != 206 and start > 0:
-                raise HubError(f"{self.repo_id}/{name}: the server does not answer range requests "
-                               f"(HTTP {response.status_code})")
-            for raw in response.iter_bytes():  # as received: no re-chunking copies
-                chunk = memoryview(raw)[: stop - pos]
-                if not len(chunk):
+        with _session().get(self.url(name), headers=headers, stream=True, timeout=TIMEOUT_S) as response:
+            _check_status(response, f"{self.repo_id}/{name}", start, self.token)
+            buffer = memoryview(bytearray(min(READ_BYTES, stop - start)))
+            while pos < stop:
+                n = response.raw.readinto(buffer[: min(len(buffer), stop - pos)])
+                if not n:
                     break
-                sink(pos, chunk)
-                pos += len(chunk)
+                sink(pos, buffer[:n])
+                pos += n
                 reached[0] = pos
-                self.bytes_read += len(chunk)
-                if pos >= stop:
-                    break
+                self.bytes_read += n
+
+
+class _Throttled(HubUnavailableError):
+    """The Hub answered 429: too many requests."""
+
+
+#: connections kept alive per host between GETs (beyond it, a GET opens one that is closed after)
+POOL_SIZE = 128
+_lock = threading.Lock()
+_shared: list = []
+
+
+def _session():
+    """The process's requests session for range reads: its connections are kept alive and shared
+    by every thread's GETs (urllib3's pool is thread-safe; nothing here sets cookies or adapters)."""
+    with _lock:
+        if not _shared:
+            import requests
+            from requests.adapters import HTTPAdapter
+
+            session = requests.Session()
+            for scheme in ("http://", "https://"):
+                session.mount(scheme, HTTPAdapter(pool_connections=8, pool_maxsize=POOL_SIZE))
+            _shared.append(session)
+        return _shared[0]
+
+
+def _check_status(response, what: str, start: int, token: str | None) -> None:
+    """Raise the typed error that a response's status means (for a ranged GET from ``start``), as
+    huggingface_hub's own checks would for its requests."""
+    status = response.status_code
+    if status in (200, 206):
+        if status == 200 and start > 0:
+            raise HubError(f"{what}: the server does not answer range requests (HTTP {status})")
+        return
+    code = response.headers.get("X-Error-Code", "")
+    if code == "RepoNotFound":
+        raise RepoNotFoundError(f"{what}: repository not found (or private: set HF_TOKEN to a token with "
+                                "access)")
+    if code == "GatedRepo":
+        raise HubAuthError(f"{what}: the repo is gated; accept its terms on the Hub and set HF_TOKEN")
+    if code == "RevisionNotFound":
+        raise RevisionNotFoundError(f"{what}: revision not found")
+    said = _redact(" ".join(response.headers.get("X-Error-Message", "").split())[:200], token)
+    detail = f"HTTP {status}" + (f": {said}" if said else "")
+    if status == 403 and response.history:  # a CDN's signed URL that expired
+        raise HubUnavailableError(f"{what}: the download URL the Hub redirected to was refused ({detail}, "
+                                  "expired); asking the Hub for a new one")
+    if status == 429:
+        raise _Throttled(f"{what}: the Hub is unavailable ({detail}); retry later")
+    if status >= 500 or status == 408:
+        raise HubUnavailableError(f"{what}: the Hub is unavailable ({detail}); retry later")
+    if status in (401, 403):
+        raise HubAuthError(f"{what}: not authorised ({detail}); check HF_TOKEN")
+    if status == 404:
+        raise HubError(f"{what}: not found ({detail})")
+    raise HubError(f"{what}: {detail}")

@@ -234,9 +234,11 @@ def open_remote(spec: MergeSpec, folder: Path, *, token: str | None = None,
         ConfigError: a parent is not a Hub id.
         HubError (subclasses), CheckpointError, KeyMismatchError, ShapeMismatchError: as a merge.
     """
-    parents = {role: open_parent(ref, name, folder / role, token=token)
-               for role, ref, name in (("model_1", spec.model_1, spec.model_names[0]),
-                                       ("model_2", spec.model_2, spec.model_names[1]))}
+    with ThreadPoolExecutor(2, thread_name_prefix="open-parent") as pool:  # each waits on the Hub
+        opening = {role: pool.submit(open_parent, ref, name, folder / role, token=token)
+                   for role, ref, name in (("model_1", spec.model_1, spec.model_names[0]),
+                                           ("model_2", spec.model_2, spec.model_names[1]))}
+    parents = {role: future.result() for role, future in opening.items()}
     tokenizer_folder = _tokenizer(spec, parents, folder / "tokenizer", token)
     return _plan(spec, parents, tokenizer_folder, execution), parents
 

@@ -2,7 +2,8 @@
 
 :func:`open_parent` pins the revision to a commit, lists the repo's files with their sizes and
 SHA-256, fetches the small files (configs, index, tokenizer; each checked against the Hub) into a
-local folder, and reads every safetensors header by two range reads. The result's
+local folder, and reads every safetensors header by one range read (two when it is longer than
+:data:`HEAD_PROBE_BYTES`). The result's
 :class:`~slerp_plugin.io.safetensors.Checkpoint` names each weight file by its name in the repo;
 its bytes are fetched later, range by range (:mod:`slerp_plugin.stream.spool`).
 """
@@ -24,6 +25,11 @@ from ..io.safetensors import MAX_HEADER_BYTES, Checkpoint, TensorInfo, parse_hea
 from ..spec import ModelRef
 
 log = logging.getLogger(__name__)
+
+#: bytes of a weight file's first read: its header's length and, when it fits, the whole header in
+#: one GET; at most 1/:data:`HEAD_PROBE_SHARE` of the file, so that a small file costs no extra bytes
+HEAD_PROBE_BYTES = 64 << 10
+HEAD_PROBE_SHARE = 64
 
 
 @dataclass
@@ -137,16 +143,20 @@ def _checkpoint(parent: RemoteParent, weights: list[HubFile]) -> Checkpoint:
 
 
 def _header(parent: RemoteParent, path: Path) -> list[TensorInfo]:
-    """A weight file's tensors from its header, read by two range reads (length, then JSON)."""
+    """A weight file's tensors from its header: its first bytes (:data:`HEAD_PROBE_BYTES`), then the
+    rest of a longer header."""
     f = parent.files[path.name]
     what = Path(f"{parent.repo_id}@{parent.commit[:12]}/{f.name}")
     if f.size < 8:
         raise CheckpointError(f"{what}: truncated safetensors file ({f.size} bytes)", repo_id=parent.repo_id)
-    (n,) = struct.unpack("<Q", parent.reader.read(f.name, 0, 8))
+    head = parent.reader.read(f.name, 0, max(8, min(HEAD_PROBE_BYTES, f.size // HEAD_PROBE_SHARE)))
+    (n,) = struct.unpack("<Q", head[:8])
     if n > MAX_HEADER_BYTES or 8 + n > f.size:
         raise CheckpointError(f"{what}: corrupt or truncated safetensors header (header length {n}, file "
                               f"size {f.size})", repo_id=parent.repo_id)
-    header = parent.reader.read(f.name, 8, n)
+    header = head[8 : 8 + n]
+    if len(header) < n:  # a header longer than the probe
+        header += parent.reader.read(f.name, len(head), n - len(header))
     parent.heads[f.name] = struct.pack("<Q", n) + header
     infos, _ = parse_header(what, header, f.size)
     return [TensorInfo(i.name, i.dtype, i.shape, path, i.offset, i.nbytes) for i in infos]

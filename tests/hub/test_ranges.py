@@ -25,6 +25,17 @@ def test_ranges_are_the_file_s_bytes(repo):
     assert reader.bytes_read == 8 + 3000 + 5
 
 
+@pytest.mark.parametrize("read_bytes", [1000, 1 << 20])
+def test_a_range_reaches_the_sink_in_reads_of_read_bytes(repo, monkeypatch, read_bytes):
+    monkeypatch.setattr("slerp_plugin.hub.ranges.READ_BYTES", read_bytes)
+    reader, data, name = repo
+    got = []
+    reader.stream(name, 10, 5010, lambda pos, chunk: got.append((pos, bytes(chunk))))
+    assert b"".join(c for _, c in got) == data[10:5010]
+    assert [len(c) for _, c in got] == ([1000] * 5 if read_bytes == 1000 else [5000])
+    assert [p for p, _ in got] == list(range(10, 5010, len(got[0][1])))
+
+
 def test_a_reset_mid_range_resumes_where_it_stopped(hub, repo):
     reader, data, name = repo
     hub.state.reset(rf"/resolve/.*/{name}$", after_bytes=1500, times=3)

@@ -34,6 +34,23 @@ def test_the_checkpoint_matches_the_local_one_and_names_repo_files(hub, demo_bf1
     assert not (tmp_path / "hf-cache").exists() or not any((tmp_path / "hf-cache").iterdir())
 
 
+@pytest.mark.parametrize("probe", [16, 1 << 20])
+def test_a_header_is_read_in_one_get_when_it_fits_the_first_read(hub, demo_bf16, tmp_path, monkeypatch,
+                                                                  probe):
+    monkeypatch.setattr("slerp_plugin.stream.remote.HEAD_PROBE_BYTES", probe)
+    monkeypatch.setattr("slerp_plugin.stream.remote.HEAD_PROBE_SHARE", 1)
+    upload_folder(demo_bf16[0], "org/probe")
+    parent = open_parent(ModelRef(ref="org/probe"), "model_1", tmp_path / "p")
+    local = Checkpoint.open(demo_bf16[0])
+    assert {n: (i.offset, i.nbytes) for n, i in parent.checkpoint.tensors.items()} == \
+        {n: (i.offset, i.nbytes) for n, i in local.tensors.items()}
+    for f in local.files:
+        gets = [p for m, p, _ in hub.state.requests
+                if m == "GET" and p.endswith(f"/resolve/{parent.commit}/{f.name}")]
+        assert len(gets) == (2 if probe == 16 else 1), f.name  # length, then the rest; or both at once
+        assert parent.heads[f.name] == f.read_bytes()[: len(parent.heads[f.name])]
+
+
 def test_a_corrupt_header_is_one_line(hub, demo_bf16, tmp_path):
     folder = Path(shutil.copytree(demo_bf16[0], tmp_path / "bad"))
     shard = sorted(folder.glob("*.safetensors"))[0]
