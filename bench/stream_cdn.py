@@ -15,7 +15,9 @@ Measured, each in a fresh process:
 - fetch: every parent byte fetched by the streaming merge's own fetcher (``fetch_spool``, with
   ``method.connections``), spool files deleted as they fill: "our fetcher";
 - snapshot_download: both parents downloaded by huggingface_hub (``download_model``), side by side;
-- upload only: the local merge's output uploaded (``upload_folder``);
+- upload only: a local merge of the same pair at t = 0.3 uploaded (``upload_folder``): as large as
+  the stream's output, and new to the Hub and to hf_xet's cache (uploading the stream's own bytes
+  first would let Xet's deduplication skip the stream's uploads);
 - streaming: ``method.stream=true method.gate=false`` end to end;
 - resume: the same stream killed (SIGKILL) once half of its shards are on the Hub, then run again;
   the weight bytes the server sent over both runs, against the parents' weights.
@@ -164,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     local = work / "local"
     timed([*CLI, f"modelpool.models.model_1={a}", f"modelpool.models.model_2={b}", f"modelpool.tokenizer={a}",
            f"method.model_save_path={local}", *common[:2]])
+    other = work / "local-t0.3"  # what "upload only" sends: as large, but bytes no one uploaded yet
+    timed([*CLI, f"modelpool.models.model_1={a}", f"modelpool.models.model_2={b}", f"modelpool.tokenizer={a}",
+           f"method.model_save_path={other}", common[0], "method.t=0.3"])
     weights = sum(f.stat().st_size for d in (a, b) for f in d.glob("*.safetensors"))
     shards = len(json.loads((local / "merge_manifest.json").read_text())["output"]["shards"])
 
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(work / "download-only")
         print("snapshot_download", row["snapshot_download"], flush=True)
         row["upload"] = python(f"from slerp_plugin.hub.client import upload_folder as up; "
-                               f"up({str(local)!r}, 'bench/upload-only')", env)
+                               f"up({str(other)!r}, 'bench/upload-only')", env)
         print("upload", row["upload"], flush=True)
         row["stream"] = timed(stream_cmd(work / "streamed", "streamed", common), env=env,
                               stderr_to=work / "streamed.log")

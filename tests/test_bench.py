@@ -178,6 +178,9 @@ def test_the_cdn_benchmark_reports_rates_and_targets(tmp_path):
     lines = cdn.report_lines(row)
     assert "| our fetcher (parents' weights) | 10.0 | 0.38 | 1.0 | 100 |" in lines
     assert "- met: our fetcher at 0.950× the link (target ≥ 0.85)" in lines
+    log = tmp_path / "fetch.log"
+    log.write_text('a warning\n{"fetch_s": 10.0, "open_s": 0.5}\nconnections per parent: 8\n')
+    assert cdn.fetcher_times(log) == {"fetch_s": 10.0, "open_s": 0.5}
     timed_inside = cdn.report_lines({**row, "fetch": {**run(12.0), "fetch_s": 10.0, "open_s": 0.5}})
     assert "- met: our fetcher at 0.950× the link (target ≥ 0.85): 10.0 s from opening the parents (their " \
            "headers: 0.5 s) to their verified hashes, timed in the process; the process's 12.0 s with the " \

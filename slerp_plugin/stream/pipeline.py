@@ -96,8 +96,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _DONE = object()
-#: output shards uploaded at once (a CDN limits each connection, as it does downloads)
-UPLOADS_IN_FLIGHT = 2
+#: output shards uploaded at once, at most (a CDN limits each connection, as it does downloads, and
+#: huggingface_hub sends an LFS file's parts one after the other); the disk budget bounds them too
+UPLOADS_IN_FLIGHT = 8
 
 
 @dataclass
