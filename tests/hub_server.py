@@ -241,10 +241,14 @@ class HubState:
         return self.blob_dir / sha256
 
     def store(self, data: bytes) -> str:
+        """Keep ``data`` as a blob (thread-safe: the upload routes call it off the event loop, so
+        that an upload does not hold up the downloads in flight); its SHA-256."""
         sha = hashlib.sha256(data).hexdigest()
         p = self.blob_path(sha)
         if not p.exists():
-            p.write_bytes(data)
+            tmp = p.with_name(f"{p.name}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(p)
         return sha
 
     def seed_folder(self, repo_id: str, folder: Path) -> None:
@@ -523,9 +527,8 @@ def create_app(state: HubState) -> FastAPI:
         if repo is None:
             return _err(404, "RepoNotFound", f"Repository {ns}/{name} not found")
         data = await state.upload_body(request)
-        if hashlib.sha256(data).hexdigest() != oid:
+        if await asyncio.to_thread(state.store, data) != oid:
             return _err(400, None, "sha256 mismatch")
-        state.store(data)
         repo.lfs_objects.add(oid)
         return Response(status_code=200)
 
@@ -775,7 +778,7 @@ def add_xet_routes(app: FastAPI, state: HubState, lookup, base, serve) -> None:
         if err := token_ok(request, write=True):
             return err
         data = await state.upload_body(request)
-        return {"was_inserted": state.xet.put_xorb(xorb, data)}
+        return {"was_inserted": await asyncio.to_thread(state.xet.put_xorb, xorb, data)}
 
     @app.post("/xet-cas/v1/shards")
     async def upload_shard(request: Request):

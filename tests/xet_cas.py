@@ -134,7 +134,7 @@ class XetStore:
         path = self.xorb_path(xorb)
         if path.exists():
             return False
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"{path.name}.{threading.get_ident()}.tmp")  # the same xorb may come twice
         tmp.write_bytes(data)
         tmp.replace(path)
         return True

@@ -115,18 +115,120 @@ def sha256_file(path: Path, block: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
+#: the start of a state saved by the libcrypto backend (a state without it is a rehashes state)
+_OPENSSL_TAG = b"slerp-sha256-openssl-1:"
+#: bytes of OpenSSL's ``SHA256_CTX`` (8 + 2 + 16 + 2 32-bit words, unchanged since OpenSSL 0.9.8)
+_CTX_BYTES = 112
+_libcrypto_lock = threading.Lock()
+_libcrypto_found: list = []
+
+
+def _libcrypto():
+    """OpenSSL's libcrypto with the SHA-256 functions (checked against :mod:`hashlib`, a saved and
+    restored state included), or None where it cannot be loaded."""
+    with _libcrypto_lock:
+        if not _libcrypto_found:
+            _libcrypto_found.append(_load_libcrypto())
+        return _libcrypto_found[0]
+
+
+def _load_libcrypto():
+    import ctypes
+    import ctypes.util
+
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("crypto") or "libcrypto.so.3")
+        for name in ("SHA256_Init", "SHA256_Update", "SHA256_Final"):
+            getattr(lib, name).restype = ctypes.c_int
+        lib.SHA256_Init.argtypes = [ctypes.c_void_p]
+        lib.SHA256_Final.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        sample = bytes(range(256)) * 5
+        h = _OpenSslSha256(lib)
+        h.update(sample[:333])
+        resumed = _OpenSslSha256(lib, h.state()[len(_OPENSSL_TAG):])
+        resumed.update(sample[333:])
+        if resumed.hexdigest() != hashlib.sha256(sample).hexdigest():
+            return None
+    except (OSError, AttributeError, TypeError, ValueError):
+        return None
+    return lib
+
+
+class _OpenSslSha256:
+    """SHA-256 by libcrypto through ctypes: the call releases the GIL while it hashes."""
+
+    def __init__(self, lib, ctx: bytes | None = None) -> None:
+        import ctypes
+
+        self._lib = lib
+        self._ctx = ctypes.create_string_buffer(_CTX_BYTES)
+        if ctx is None:
+            lib.SHA256_Init(self._ctx)
+        elif len(ctx) == _CTX_BYTES:
+            ctypes.memmove(self._ctx, ctx, _CTX_BYTES)
+        else:
+            raise ValueError("not a saved SHA-256 state")
+
+    def update(self, data: bytes | memoryview) -> None:
+        import ctypes
+
+        if isinstance(data, memoryview):
+            if not data.readonly and data.contiguous:
+                data = (ctypes.c_char * data.nbytes).from_buffer(data)
+            elif isinstance(data.obj, bytes) and data.nbytes == len(data.obj):
+                data = data.obj
+            else:
+                data = data.tobytes()
+        if len(data):
+            self._lib.SHA256_Update(self._ctx, data, ctypes.c_size_t(len(data)))
+
+    def state(self) -> bytes:
+        return _OPENSSL_TAG + self._ctx.raw
+
+    def hexdigest(self) -> str:
+        import ctypes
+
+        ctx = ctypes.create_string_buffer(self._ctx.raw, _CTX_BYTES)  # Final ends the context it is given
+        out = ctypes.create_string_buffer(32)
+        self._lib.SHA256_Final(out, ctx)
+        return out.raw.hex()
+
+
+class _RehashesSha256:
+    """SHA-256 by ``rehashes`` (RustCrypto's; it holds the GIL while it hashes)."""
+
+    def __init__(self, state: bytes | None = None) -> None:
+        import rehashes
+
+        self._sha = rehashes.PySha256() if state is None else rehashes.PySha256.deserialize(state)
+
+    def update(self, data: bytes | memoryview) -> None:
+        if isinstance(data, memoryview):  # whole received chunks are passed as they are
+            whole = isinstance(data.obj, bytes) and data.nbytes == len(data.obj)
+            data = data.obj if whole else data.tobytes()
+        self._sha.update(data)
+
+    def state(self) -> bytes:
+        return bytes(self._sha.serialize())
+
+    def hexdigest(self) -> str:
+        import rehashes
+
+        return str(rehashes.PySha256.deserialize(self.state()).finalize())
+
+
 class ResumableSha256:
     """SHA-256 whose progress can be saved and restored (:meth:`state`, :meth:`from_state`), so a
     resumed download hashes on from where the last run stopped instead of fetching its bytes again.
 
-    Backed by ``rehashes`` (RustCrypto's SHA-256, about as fast as :mod:`hashlib`); a saved state
-    is ~104 bytes.
+    Backed by OpenSSL's libcrypto (the one :mod:`hashlib` uses, through ctypes: other threads run
+    while it hashes) where it can be loaded, else by ``rehashes`` (RustCrypto's, as fast but holding
+    the GIL). A saved state is ≤ 140 bytes, restored by the backend that saved it.
     """
 
     def __init__(self, data: bytes = b"") -> None:
-        import rehashes
-
-        self._sha = rehashes.PySha256()
+        lib = _libcrypto()
+        self._sha: _OpenSslSha256 | _RehashesSha256 = _OpenSslSha256(lib) if lib else _RehashesSha256()
         if data:
             self.update(data)
 
@@ -135,25 +237,27 @@ class ResumableSha256:
         """The hash as :meth:`state` saved it.
 
         Raises:
-            ValueError: ``state`` is not a saved SHA-256 state.
+            ValueError: ``state`` is not a saved SHA-256 state (or one of OpenSSL's where it cannot
+                be loaded).
         """
-        import rehashes
-
+        state = bytes(state)
         out = cls.__new__(cls)
-        out._sha = rehashes.PySha256.deserialize(bytes(state))
+        if state.startswith(_OPENSSL_TAG):
+            lib = _libcrypto()
+            if lib is None:
+                raise ValueError("a SHA-256 state saved with OpenSSL, which cannot be loaded here")
+            out._sha = _OpenSslSha256(lib, state[len(_OPENSSL_TAG):])
+        else:
+            out._sha = _RehashesSha256(state)
         return out
 
     def update(self, data: bytes | memoryview) -> None:
-        # whole received chunks are passed as they are; only slices are copied
-        if isinstance(data, memoryview):
-            whole = isinstance(data.obj, bytes) and data.nbytes == len(data.obj)
-            data = data.obj if whole else data.tobytes()
         self._sha.update(data)
 
     def state(self) -> bytes:
         """The hash so far, for :meth:`from_state`."""
-        return bytes(self._sha.serialize())
+        return self._sha.state()
 
     def hexdigest(self) -> str:
         """The digest of what was fed so far (the hash itself is left as it was)."""
-        return str(self.from_state(self.state())._sha.finalize())
+        return self._sha.hexdigest()

@@ -65,3 +65,28 @@ def test_resumable_sha256_goes_on_from_a_saved_state():
     assert resumed.hexdigest() == h.hexdigest() == hashlib.sha256(data).hexdigest()
     with pytest.raises(ValueError):
         ResumableSha256.from_state(b"not a state")
+
+
+@pytest.mark.parametrize("backend", ["openssl", "rehashes"])
+def test_a_state_is_restored_by_the_backend_that_saved_it(monkeypatch, backend):
+    """States of runs that saved them with rehashes (or where libcrypto cannot be loaded) still
+    restore where OpenSSL is used, and the reverse is refused with one line."""
+    from slerp_plugin.io import hashing
+
+    if backend == "rehashes":
+        monkeypatch.setattr(hashing, "_libcrypto_found", [None])
+    elif hashing._libcrypto() is None:
+        pytest.skip("OpenSSL's libcrypto cannot be loaded here")
+    data = os.urandom(70_000)
+    h = ResumableSha256(data[:1000])
+    h.update(memoryview(bytearray(data))[1000:50_000])  # a writable buffer: hashed where it is
+    saved = h.state()
+    assert saved.startswith(hashing._OPENSSL_TAG) == (backend == "openssl") and len(saved) <= 140
+    monkeypatch.undo()
+    resumed = ResumableSha256.from_state(saved)
+    resumed.update(data[50_000:])
+    assert resumed.hexdigest() == hashlib.sha256(data).hexdigest()
+    if backend == "openssl":
+        monkeypatch.setattr(hashing, "_libcrypto_found", [None])
+        with pytest.raises(ValueError, match="cannot be loaded here"):
+            ResumableSha256.from_state(saved)
