@@ -231,3 +231,29 @@ def test_the_gated_resume_and_seed_shape_stream_reports(tmp_path, capsys):
     assert "| gated stream | 300.0 | 450.0 | 1600 | 10.60 | 3.00 / 2.00 / 2.50 |" in lines
     assert "- NOT met: peak RSS 1600 MB ≤ 1.5 GB at hidden 8192 and vocabulary 152064" in lines
     assert "- met: peak disk 10.60 GB within the budget of 12GB" in lines
+
+
+def test_the_streaming_report_checks_each_gated_run_against_its_own_budget():
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("slerp_bench_stream", bench / "stream.py")
+        stream = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(stream)
+    finally:
+        sys.path.pop(0)
+
+    def run(wall, disk=None, budget=None):
+        return {"wall_s": wall, "cpu_s": 1.0, "peak_rss_mb": 500.0,
+                **({"peak_disk_mb": disk} if disk else {}), **({"budget_mb": budget} if budget else {})}
+    row = {"pair": "pair-16", "down_MBps": 200.0, "up_MBps": 100.0, "shard": "100MB", "output_gb": 1.9,
+           "largest_shard_mb": 131.0, "shards": 21, "merge": run(8.0), "download": run(22.0),
+           "upload": run(22.5), "stream": run(25.0, 760.0, 1180.0), "sequential_s": 52.5, "identical": True,
+           "gated": {"parents evaluated": run(50.0, 1259.0, 1300.0),
+                     "parents cached": run(30.0, 1250.0, 1200.0)}}
+    lines = stream.report_lines(row)
+    assert "- met: peak disk 760 MB ≤ the default budget 1180 MB (3 shards in flight, each with its " \
+           "inputs)" in lines
+    assert "- met: gated stream, parents evaluated: peak disk 1259 MB within its budget of 1300 MB" in lines
+    assert "- NOT met: gated stream, parents cached: peak disk 1250 MB within its budget of 1200 MB" in lines
+    assert "- NOT met: gated stream, parents cached: 1.20× the ungated stream (target ≤ 1.15)" in lines

@@ -108,6 +108,7 @@ class StreamStats:
     bytes_fetched: int = 0
     bytes_uploaded: int = 0
     peak_disk: int = 0
+    disk_budget: int = 0
     reused: int = 0
     uploaded_only: int = 0
     seconds: float = 0.0
@@ -116,7 +117,9 @@ class StreamStats:
         """The figures the manifest's ``timings`` records for a streaming merge."""
         return {"stream_fetched_bytes": float(self.bytes_fetched),
                 "stream_uploaded_bytes": float(self.bytes_uploaded),
-                "stream_peak_disk_bytes": float(self.peak_disk), "stream_reused_shards": float(self.reused)}
+                "stream_peak_disk_bytes": float(self.peak_disk),
+                "stream_disk_budget_bytes": float(self.disk_budget),
+                "stream_reused_shards": float(self.reused)}
 
 
 def check_stream_spec(spec: MergeSpec) -> None:
@@ -716,7 +719,7 @@ class StreamingMerge:
         step(f"create {plan.partial.name}/publish")
         shutil.rmtree(meta, ignore_errors=True)  # inside our marked working folder: an earlier attempt's
         meta.mkdir()
-        self.stats.peak_disk = self.budget.peak
+        self.stats.peak_disk, self.stats.disk_budget = self.budget.peak, self.budget.limit
         manifest = write_metadata(plan, meta, outcomes, self._input_records(), started, time.perf_counter(),
                                   extra_timings=self.stats.as_timings())
         report = self._judge(meta, manifest) if self.gate is not None else None
