@@ -9,10 +9,22 @@ from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("slerp_bench_run",
-                                               Path(__file__).resolve().parents[1] / "bench" / "run.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_module(name: str):
+    """The benchmark script ``bench/<name>.py`` as a module (with bench/ importable while it loads)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"slerp_bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    return module
+
+
+bench = bench_module("run")
 
 
 def test_timed_reports_the_run_s_own_peak_memory_and_times():
@@ -100,10 +112,7 @@ def test_pairs_are_built_with_the_package_s_tokenizer(tmp_path):
 
 def test_dag_parse_report_lists_every_dag_file_and_fails_over_the_limit(capsys, monkeypatch):
     pytest.importorskip("airflow")
-    spec = importlib.util.spec_from_file_location(
-        "slerp_bench_dag_parse", Path(__file__).resolve().parents[1] / "bench" / "dag_parse.py")
-    dag_parse = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dag_parse)
+    dag_parse = bench_module("dag_parse")
     assert dag_parse.seconds("0:01:02.500000") == 62.5
     # Airflow parses the files once; both limits judge that report
     monkeypatch.setattr(dag_parse, "parse_times", functools.cache(dag_parse.parse_times))
@@ -115,10 +124,7 @@ def test_dag_parse_report_lists_every_dag_file_and_fails_over_the_limit(capsys, 
 
 
 def test_validate_table_gives_medians_and_the_ratio_to_the_baseline(capsys):
-    spec = importlib.util.spec_from_file_location(
-        "slerp_bench_validate", Path(__file__).resolve().parents[1] / "bench" / "validate.py")
-    validate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(validate)
+    validate = bench_module("validate")
 
     def row(cache: str, wall: float) -> dict:
         return {"model": "m", "cache": cache, "wall_s": wall, "peak_rss_mb": wall * 10, "modes": ["resident"],
@@ -141,10 +147,7 @@ def test_the_baseline_runs_the_module_from_its_own_checkout(tmp_path, monkeypatc
 
 
 def test_dashboard_benchmark_builds_valid_runs_and_reports_its_figures(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "bench" / "dashboard.py"
-    spec = importlib.util.spec_from_file_location("slerp_bench_dashboard", path)
-    dash = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dash)
+    dash = bench_module("dashboard")
     dash.build(tmp_path / "tree", 12)
     from slerp_plugin.integrations.airflow.dashboard import collect
 
@@ -161,13 +164,7 @@ def test_dashboard_benchmark_builds_valid_runs_and_reports_its_figures(tmp_path)
 
 
 def test_the_cdn_benchmark_reports_rates_and_targets(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    try:
-        spec = importlib.util.spec_from_file_location("slerp_bench_cdn", sys.path[0] + "/stream_cdn.py")
-        cdn = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(cdn)
-    finally:
-        sys.path.pop(0)
+    cdn = bench_module("stream_cdn")
 
     def run(wall):
         return {"wall_s": wall, "cpu_s": 1.0, "peak_rss_mb": 100.0}
@@ -199,17 +196,7 @@ def test_the_cdn_benchmark_reports_rates_and_targets(tmp_path):
 
 
 def test_the_gated_resume_and_seed_shape_stream_reports(tmp_path, capsys):
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    sys.path.insert(0, str(bench))
-    try:
-        spec = importlib.util.spec_from_file_location("slerp_bench_cdn", bench / "stream_cdn.py")
-        cdn = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(cdn)
-        spec = importlib.util.spec_from_file_location("slerp_bench_validate", bench / "validate.py")
-        val = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(val)
-    finally:
-        sys.path.pop(0)
+    cdn, val = bench_module("stream_cdn"), bench_module("validate")
 
     def resumed(wall, merged, ratio):
         return {"pair": "pair-16", "weights_gb": 3.8, "shards": 21, "shard": "100MB", "down_mbps": 100.0,
@@ -234,14 +221,7 @@ def test_the_gated_resume_and_seed_shape_stream_reports(tmp_path, capsys):
 
 
 def test_the_streaming_report_checks_each_gated_run_against_its_own_budget():
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    sys.path.insert(0, str(bench))
-    try:
-        spec = importlib.util.spec_from_file_location("slerp_bench_stream", bench / "stream.py")
-        stream = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(stream)
-    finally:
-        sys.path.pop(0)
+    stream = bench_module("stream")
 
     def run(wall, disk=None, budget=None):
         return {"wall_s": wall, "cpu_s": 1.0, "peak_rss_mb": 500.0,
