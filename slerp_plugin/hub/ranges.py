@@ -1,10 +1,10 @@
 """HTTP range reads of a Hub repo's files at one commit: byte ranges streamed, resumed, retried.
 
 :class:`RangeReader` is how a streaming merge takes its parents' bytes without downloading whole
-files: a safetensors header is two small reads, a tensor is one ranged GET. A connection that
-drops mid-range is resumed from the last byte received; connection errors, 5xx and 429 are
-retried with exponential backoff (``retries`` times without progress); anything else (404,
-auth) fails at once. Nothing goes to the Hub cache.
+files: a safetensors header is one or two small reads, a tensor one ranged GET or several. A
+connection that drops mid-range is resumed from the last byte received; connection errors, 5xx
+and 429 are retried with exponential backoff (``retries`` times without progress); anything else
+(404, auth) fails at once. Nothing goes to the Hub cache.
 
 The bodies are read with requests (environment proxies, CA bundles and redirects as the Hub client
 honours them; ``Authorization`` is dropped on a redirect to another host, such as the CDN) in

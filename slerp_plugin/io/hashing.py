@@ -135,7 +135,10 @@ def _libcrypto():
 def _load_libcrypto():
     import ctypes
     import ctypes.util
+    import sys
 
+    if not sys.platform.startswith("linux"):  # macOS aborts a process that loads its libcrypto directly
+        return None
     try:
         lib = ctypes.CDLL(ctypes.util.find_library("crypto") or "libcrypto.so.3")
         for name in ("SHA256_Init", "SHA256_Update", "SHA256_Final"):
@@ -222,8 +225,8 @@ class ResumableSha256:
     resumed download hashes on from where the last run stopped instead of fetching its bytes again.
 
     Backed by OpenSSL's libcrypto (the one :mod:`hashlib` uses, through ctypes: other threads run
-    while it hashes) where it can be loaded, else by ``rehashes`` (RustCrypto's, as fast but holding
-    the GIL). A saved state is ≤ 140 bytes, restored by the backend that saved it.
+    while it hashes) where it can be loaded (on Linux), else by ``rehashes`` (RustCrypto's, as fast
+    but holding the GIL). A saved state is ≤ 140 bytes, restored by the backend that saved it.
     """
 
     def __init__(self, data: bytes = b"") -> None:
