@@ -14,8 +14,8 @@ that several GETs in flight stay within the link's rate on a small CPU.
 
 from __future__ import annotations
 
+import functools
 import logging
-import threading
 import time
 from collections.abc import Callable
 
@@ -123,23 +123,19 @@ class _Throttled(HubUnavailableError):
 
 #: connections kept alive per host between GETs (beyond it, a GET opens one that is closed after)
 POOL_SIZE = 128
-_lock = threading.Lock()
-_shared: list = []
 
 
+@functools.cache
 def _session():
     """The process's requests session for range reads: its connections are kept alive and shared
     by every thread's GETs (urllib3's pool is thread-safe; nothing here sets cookies or adapters)."""
-    with _lock:
-        if not _shared:
-            import requests
-            from requests.adapters import HTTPAdapter
+    import requests
+    from requests.adapters import HTTPAdapter
 
-            session = requests.Session()
-            for scheme in ("http://", "https://"):
-                session.mount(scheme, HTTPAdapter(pool_connections=8, pool_maxsize=POOL_SIZE))
-            _shared.append(session)
-        return _shared[0]
+    session = requests.Session()
+    for scheme in ("http://", "https://"):
+        session.mount(scheme, HTTPAdapter(pool_connections=8, pool_maxsize=POOL_SIZE))
+    return session
 
 
 def _check_status(response, what: str, start: int, token: str | None) -> None:

@@ -8,6 +8,7 @@ input); an unwritable cache only costs time. Torch-free, so the start-up read-ah
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -119,20 +120,12 @@ def sha256_file(path: Path, block: int = 8 << 20) -> str:
 _OPENSSL_TAG = b"slerp-sha256-openssl-1:"
 #: bytes of OpenSSL's ``SHA256_CTX`` (8 + 2 + 16 + 2 32-bit words, unchanged since OpenSSL 0.9.8)
 _CTX_BYTES = 112
-_libcrypto_lock = threading.Lock()
-_libcrypto_found: list = []
 
 
+@functools.cache
 def _libcrypto():
     """OpenSSL's libcrypto with the SHA-256 functions (checked against :mod:`hashlib`, a saved and
     restored state included), or None where it cannot be loaded."""
-    with _libcrypto_lock:
-        if not _libcrypto_found:
-            _libcrypto_found.append(_load_libcrypto())
-        return _libcrypto_found[0]
-
-
-def _load_libcrypto():
     import ctypes
     import ctypes.util
     import sys

@@ -51,3 +51,20 @@ def test_an_upload_the_hub_refuses_is_one_line(hub, tmp_path):
     with pytest.raises(HubError) as e:
         lfs.preupload("org/bad", f, f.name, "0" * 64)  # not the file's SHA-256: the Hub says 400
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("hub_storage", ["lfs"])
+def test_an_object_another_repo_holds_is_uploaded_again(hub, tmp_path):
+    """As on the Hub, a repo's LFS objects are its own: the streaming benchmarks' uploads are real
+    even when another repo holds the same bytes."""
+    shard = tmp_path / "model.safetensors"
+    shard.write_bytes(b"\x03" * 100_000)
+    sha = hashlib.sha256(shard.read_bytes()).hexdigest()
+    for repo in ("org/first", "org/second"):
+        lfs.ensure_repo(repo)
+        before = hub.state.upload_requests()
+        assert lfs.lfs_present(repo, [(sha, 100_000)]) == set()
+        lfs.preupload(repo, shard, shard.name, sha)
+        assert hub.state.upload_requests() == before + 1 and lfs.lfs_present(repo, [(sha, 100_000)]) == {sha}
+    lfs.preupload("org/second", shard, shard.name, sha)  # its own object: not sent again
+    assert hub.state.upload_requests() == before + 1

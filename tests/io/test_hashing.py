@@ -74,7 +74,7 @@ def test_a_state_is_restored_by_the_backend_that_saved_it(monkeypatch, backend):
     from slerp_plugin.io import hashing
 
     if backend == "rehashes":
-        monkeypatch.setattr(hashing, "_libcrypto_found", [None])
+        monkeypatch.setattr(hashing, "_libcrypto", lambda: None)
     elif hashing._libcrypto() is None:
         pytest.skip("OpenSSL's libcrypto cannot be loaded here")
     data = os.urandom(70_000)
@@ -87,6 +87,6 @@ def test_a_state_is_restored_by_the_backend_that_saved_it(monkeypatch, backend):
     resumed.update(data[50_000:])
     assert resumed.hexdigest() == hashlib.sha256(data).hexdigest()
     if backend == "openssl":
-        monkeypatch.setattr(hashing, "_libcrypto_found", [None])
+        monkeypatch.setattr(hashing, "_libcrypto", lambda: None)
         with pytest.raises(ValueError, match="cannot be loaded here"):
             ResumableSha256.from_state(saved)
