@@ -168,13 +168,9 @@ class _OpenSslSha256:
     def update(self, data: bytes | memoryview) -> None:
         import ctypes
 
-        if isinstance(data, memoryview):
-            if not data.readonly and data.contiguous:
-                data = (ctypes.c_char * data.nbytes).from_buffer(data)
-            elif isinstance(data.obj, bytes) and data.nbytes == len(data.obj):
-                data = data.obj
-            else:
-                data = data.tobytes()
+        if isinstance(data, memoryview):  # a writable buffer is hashed where it is
+            writable = not data.readonly and data.contiguous
+            data = (ctypes.c_char * data.nbytes).from_buffer(data) if writable else _bytes_of(data)
         if len(data):
             self._lib.SHA256_Update(self._ctx, data, ctypes.c_size_t(len(data)))
 
@@ -190,6 +186,12 @@ class _OpenSslSha256:
         return out.raw.hex()
 
 
+def _bytes_of(view: memoryview) -> bytes:
+    """The bytes ``view`` shows: the bytes object itself when it shows a whole one, else a copy."""
+    whole = isinstance(view.obj, bytes) and view.nbytes == len(view.obj)
+    return view.obj if whole else view.tobytes()
+
+
 class _RehashesSha256:
     """SHA-256 by ``rehashes`` (RustCrypto's; it holds the GIL while it hashes)."""
 
@@ -199,10 +201,7 @@ class _RehashesSha256:
         self._sha = rehashes.PySha256() if state is None else rehashes.PySha256.deserialize(state)
 
     def update(self, data: bytes | memoryview) -> None:
-        if isinstance(data, memoryview):  # whole received chunks are passed as they are
-            whole = isinstance(data.obj, bytes) and data.nbytes == len(data.obj)
-            data = data.obj if whole else data.tobytes()
-        self._sha.update(data)
+        self._sha.update(_bytes_of(data) if isinstance(data, memoryview) else data)
 
     def state(self) -> bytes:
         return bytes(self._sha.serialize())
