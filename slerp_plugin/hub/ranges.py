@@ -8,8 +8,8 @@ and 429 are retried with exponential backoff (``retries`` times without progress
 
 The bodies are read with requests (environment proxies, CA bundles and redirects as the Hub client
 honours them; ``Authorization`` is dropped on a redirect to another host, such as the CDN) in
-reads of :data:`READ_BYTES` straight into one buffer per GET: a few Python steps per megabyte, so
-that several GETs in flight stay within the link's rate on a small CPU.
+reads of :data:`READ_BYTES` into one buffer per GET: a few Python steps per megabyte, so that
+several GETs in flight stay within the link's rate on a small CPU.
 """
 
 from __future__ import annotations
@@ -26,8 +26,12 @@ log = logging.getLogger(__name__)
 
 #: what one GET may take before it is given up and retried, in seconds (connect, then each read)
 TIMEOUT_S = 60.0
-#: bytes asked of the socket per read of a body (and the most one ``sink`` call receives)
-READ_BYTES = 1 << 20
+#: bytes asked of the socket per read of a body (and the most one ``sink`` call receives). urllib3
+#: reads each through a temporary of this size, which stays below a MB: with the gate's evaluators
+#: the process maps every block of a MB or more afresh
+#: (:func:`~slerp_plugin.validate.fed.return_large_blocks`) and its page faults would cost more CPU
+#: than the read.
+READ_BYTES = 512 << 10
 
 Sink = Callable[[int, memoryview], None]
 

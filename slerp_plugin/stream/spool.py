@@ -558,6 +558,7 @@ class _InOrder:
     def __init__(self, fd: int, role: str, hashes: ParentHashes, after: threading.Event) -> None:
         self.fd, self.role, self.hashes, self.after = fd, role, hashes, after
         self._done: dict[str, list[Fetch]] = {}
+        self._buffer = bytearray(HASH_BLOCK)  # used under the lock
         self._lock = threading.Lock()
 
     def done(self, piece: Fetch) -> None:
@@ -586,18 +587,25 @@ class _InOrder:
             if nxt is None:
                 return
             waiting.remove(nxt)
-            _hash_back(self.fd, self.role, nxt, pos, self.hashes)
+            _hash_back(self.fd, self.role, nxt, pos, self.hashes, self._buffer)
 
 
-def _hash_back(fd: int, role: str, f: Fetch, pos: int, hashes: ParentHashes) -> None:
+def _hash_back(fd: int, role: str, f: Fetch, pos: int, hashes: ParentHashes,
+               buffer: bytearray | None = None) -> None:
     """Feed ``hashes`` the bytes ``[pos, f.stop)`` of parent file ``f.name``, read back from the
-    spool file ``fd`` holds."""
-    for a in range(pos, f.stop, HASH_BLOCK):  # small blocks: the hash holds the GIL
+    spool file ``fd`` holds into ``buffer`` (:data:`HASH_BLOCK` bytes; one is made if not given).
+
+    The blocks are read into one buffer rather than returned as new bytes: with the gate's
+    evaluators the process maps every block of a MB or more afresh
+    (:func:`~slerp_plugin.validate.fed.return_large_blocks`), and its page faults cost more CPU
+    than the hash."""
+    view = memoryview(buffer if buffer is not None else bytearray(HASH_BLOCK))
+    for a in range(pos, f.stop, HASH_BLOCK):  # small blocks: the rehashes fallback holds the GIL
         n = min(HASH_BLOCK, f.stop - a)
-        data = os.pread(fd, n, f.local + a - f.start)
-        if len(data) != n:
-            raise OutputWriteError(f"spool of {f.name}: {len(data)} of {n} bytes read back")
-        hashes.feed(role, f.name, a, memoryview(data))
+        got = os.preadv(fd, [view[:n]], f.local + a - f.start)
+        if got != n:
+            raise OutputWriteError(f"spool of {f.name}: {got} of {n} bytes read back")
+        hashes.feed(role, f.name, a, view[:n])
 
 
 def mark_complete(spool: ShardSpool, key: str) -> None:
@@ -628,11 +636,12 @@ def hash_spooled(spool: ShardSpool, role: str, hashes: ParentHashes) -> None:
     """Feed ``hashes`` the bytes of ``role``'s complete spool file that continue a file's hash, read
     back from the file (so the hash covers exactly the bytes the shard is merged from)."""
     fd = os.open(spool.files[role], os.O_RDONLY)
+    buffer = bytearray(HASH_BLOCK)
     try:
         for f in spool.fetches[role]:
             pos = hashes.position(role, f.name)
             if f.start <= pos < f.stop:
-                _hash_back(fd, role, f, pos, hashes)
+                _hash_back(fd, role, f, pos, hashes, buffer)
     finally:
         os.close(fd)
 

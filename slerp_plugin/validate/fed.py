@@ -237,12 +237,17 @@ def _copy_range(src: Path, offset: int, nbytes: int, dest: Path, block: int = 64
     return sha.hexdigest()
 
 
-def return_large_blocks(threshold: int = 1 << 20) -> None:
-    """Blocks of a MB or more are mapped and unmapped (glibc otherwise raises its threshold after the
-    first free and keeps up to 32 MB blocks in each thread's heap: with the evaluators' threads
-    beside the merge's, hundreds of MB no thread uses). A no-op without glibc."""
+def return_large_blocks(threshold: int = 1 << 20, keep: int = 32 << 20) -> None:
+    """Blocks of ``threshold`` bytes or more are mapped and unmapped (glibc otherwise raises its
+    threshold after the first free and keeps up to 32 MB blocks in each thread's heap: with the
+    evaluators' threads beside the merge's, hundreds of MB no thread uses). Each heap keeps up to
+    ``keep`` free bytes at its top for the smaller blocks (set with the threshold, the default of
+    128 KB would give back and fault in again a transfer's buffers at every read). A mapped block is
+    zeroed by the system each time, so code that runs beside the evaluators reuses its large
+    buffers. A no-op without glibc."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, keep)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass

@@ -308,14 +308,25 @@ class StreamedCausalLM:
         sources = {s.name: s for s in self._sources[module]}
         infos = dict(zip(sources, self._active[module], strict=True))
         weight = infos["weight"]
-        out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
         step = max(1, READ_BLOCK_ELEMENTS // max(weight.shape[1], 1))
-        for start in range(0, weight.shape[0], step):
-            stop = min(weight.shape[0], start + step)
-            out[..., start:stop] = torch.matmul(x, self._rows(weight, start, stop, x.dtype).t())
+        if step >= weight.shape[0]:
+            out = torch.matmul(x, self._rows(weight, 0, weight.shape[0], x.dtype).t())
+        else:
+            out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
+            for start in range(0, weight.shape[0], step):
+                stop = min(weight.shape[0], start + step)
+                out[..., start:stop] = self._product(x, self._rows(weight, start, stop, x.dtype))
         if "bias" in infos:
             out += self._read(sources["bias"], infos["bias"]).to(x.dtype)
         return out
+
+    def _product(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``x @ rows.T`` in a reusable buffer, valid until the next call (the same product, bit for
+        bit, as a new tensor; blocks of a MB or more would otherwise be mapped afresh each time while
+        :func:`~slerp_plugin.validate.fed.return_large_blocks` holds)."""
+        shape = (*x.shape[:-1], rows.shape[0])
+        out = self._buffer(f"product-{x.dtype}", math.prod(shape), x.dtype, x.device).view(shape)
+        return torch.matmul(x, rows.t(), out=out)
 
     # ------------------------------------------------------------------ use
 
@@ -441,7 +452,7 @@ class StreamedCausalLM:
         for start in range(0, vocab, step):
             stop = min(vocab, start + step)
             rows = head.weight[start:stop] if self._resident else self._rows(weight, start, stop, self.dtype)
-            logits = torch.matmul(states, rows.t())
+            logits = self._product(states, rows)
             if bias is not None:
                 logits += bias[start:stop]
             logits = self._after_head(logits.float())
