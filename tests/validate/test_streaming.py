@@ -114,6 +114,18 @@ def test_no_matrix_is_ever_whole_in_memory(demo_bf16, monkeypatch):
     assert "lm_head.weight" in names and "model.embed_tokens.weight" in names
 
 
+def test_block_products_in_the_reused_buffer_are_the_new_tensor_s_bits(demo_bf16):
+    """A linear layer's and the head's blocks are multiplied into one buffer per model: the same
+    bits as a product in a new tensor, whatever shapes came before."""
+    gen = torch.Generator().manual_seed(0)
+    with StreamedCausalLM(demo_bf16[0], CPU) as model:
+        for x_shape, rows in (((2, 37, 64), 48), ((71, 64), 96), ((1, 5, 64), 3)):
+            x = torch.randn(x_shape, generator=gen)
+            w = torch.randn((rows, 64), generator=gen)
+            got = model._product(x, w)
+            assert got.shape == (*x_shape[:-1], rows) and torch.equal(got, torch.matmul(x, w.t()))
+
+
 def test_a_token_outside_the_embedding_is_a_clear_error(demo_bf16):
     folder = demo_bf16[0]
     with StreamedCausalLM(folder, CPU) as model:
