@@ -590,16 +590,15 @@ class _InOrder:
             _hash_back(self.fd, self.role, nxt, pos, self.hashes, self._buffer)
 
 
-def _hash_back(fd: int, role: str, f: Fetch, pos: int, hashes: ParentHashes,
-               buffer: bytearray | None = None) -> None:
+def _hash_back(fd: int, role: str, f: Fetch, pos: int, hashes: ParentHashes, buffer: bytearray) -> None:
     """Feed ``hashes`` the bytes ``[pos, f.stop)`` of parent file ``f.name``, read back from the
-    spool file ``fd`` holds into ``buffer`` (:data:`HASH_BLOCK` bytes; one is made if not given).
+    spool file ``fd`` holds into ``buffer`` (:data:`HASH_BLOCK` bytes).
 
     The blocks are read into one buffer rather than returned as new bytes: with the gate's
     evaluators the process maps every block of a MB or more afresh
     (:func:`~slerp_plugin.validate.fed.return_large_blocks`), and its page faults cost more CPU
     than the hash."""
-    view = memoryview(buffer if buffer is not None else bytearray(HASH_BLOCK))
+    view = memoryview(buffer)
     for a in range(pos, f.stop, HASH_BLOCK):  # small blocks: the rehashes fallback holds the GIL
         n = min(HASH_BLOCK, f.stop - a)
         got = os.preadv(fd, [view[:n]], f.local + a - f.start)
