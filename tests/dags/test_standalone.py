@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,10 +22,14 @@ ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+#: what uvicorn logs when the API server's port was taken between choosing it and binding it
+PORT_TAKEN = "error while attempting to bind"
+#: the parts of ``airflow standalone``, each prefixing its lines in the shared log
+PARTS = ("standalone", "api-server", "scheduler", "dag-processor", "triggerer")
+
+
+class PortTaken(RuntimeError):
+    pass
 
 
 class Standalone(AirflowREST):
@@ -34,6 +37,8 @@ class Standalone(AirflowREST):
     port, with its own home, outputs and recipes."""
 
     def __init__(self, home: Path, outputs: Path, recipes: Path) -> None:
+        from slerp_plugin.integrations.airflow.cluster import free_port
+
         self.home = home
         self.outputs = outputs
         self.port = free_port()
@@ -41,7 +46,7 @@ class Standalone(AirflowREST):
         venv_bin = str(Path(sys.executable).parent)
         path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
         self.crash_points = home / "crash-points"  # one-shot crash points for the worker's tasks
-        self.crash_points.mkdir()
+        self.crash_points.mkdir(exist_ok=True)
         env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "VIRTUAL_ENV"))},
                "PATH": path, "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5", "SLERP_RETRY_DELAY_S": "1",
                "SLERP_PLUGIN_CRASH_DIR": str(self.crash_points)}
@@ -56,6 +61,8 @@ class Standalone(AirflowREST):
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"airflow standalone exited: {self.tail()}")
+            if PORT_TAKEN in self.log_text():  # the API server is gone; the other parts run on
+                raise PortTaken(f"port {self.port} was taken before the API server bound it")
             try:
                 r = httpx.get(f"{self.url}/api/v2/monitor/health", timeout=5)
                 if r.status_code == 200 and r.json()["scheduler"]["status"] == "healthy":
@@ -66,9 +73,15 @@ class Standalone(AirflowREST):
             time.sleep(2)
         raise RuntimeError(f"airflow standalone not healthy in {timeout} s: {self.tail()}")
 
-    def tail(self) -> str:
+    def log_text(self) -> str:
         self.log.flush()
-        return (self.home / "standalone.log").read_text()[-3000:]
+        return (self.home / "standalone.log").read_text(errors="replace")
+
+    def tail(self) -> str:
+        """The last lines of each part (the DAG processor alone would fill any tail of the log)."""
+        lines = self.log_text().splitlines()
+        parts = [[line for line in lines if line.startswith(f"{part} |")][-8:] for part in PARTS]
+        return "\n".join(line[:300] for part in parts for line in part)
 
     def stop(self) -> None:
         import signal
@@ -84,6 +97,23 @@ class Standalone(AirflowREST):
         self.log.close()
 
 
+def start_standalone(home: Path, outputs: Path, recipes: Path, tries: int = 3) -> Standalone:
+    """A healthy :class:`Standalone`, started again on another port where its port was taken."""
+    for attempt in range(tries):
+        server = Standalone(home, outputs, recipes)
+        try:
+            server.wait_healthy()
+            return server
+        except PortTaken:
+            server.stop()
+            if attempt == tries - 1:
+                raise
+        except BaseException:
+            server.stop()
+            raise
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="module")
 def standalone(tmp_path_factory, demo_bf16):
     pytest.importorskip("airflow")
@@ -94,9 +124,8 @@ def standalone(tmp_path_factory, demo_bf16):
     (recipes / "nightly.yaml").write_text(yaml.safe_dump({
         "name": "nightly", "schedule": "30 3 * * *", "model_1": str(demo_bf16[0]),
         "model_2": str(demo_bf16[1]), "t": 0.4, "validate_functional": False}))
-    server = Standalone(home, tmp_path_factory.mktemp("standalone-merges"), recipes)
+    server = start_standalone(home, tmp_path_factory.mktemp("standalone-merges"), recipes)
     try:
-        server.wait_healthy()
         server.wait_dag("slerp_merge")
         yield server
     finally:

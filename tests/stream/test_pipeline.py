@@ -18,7 +18,7 @@ from slerp_plugin.errors import ConfigError, HubIntegrityError, HubUnavailableEr
 from slerp_plugin.hub import client as H
 from slerp_plugin.merge import run_merge
 from slerp_plugin.stream import spool as spool_mod
-from slerp_plugin.stream.pipeline import stream_merge
+from slerp_plugin.stream.pipeline import UPLOADS_IN_FLIGHT, stream_merge
 
 SHARD = "200KB"
 
@@ -358,11 +358,17 @@ def test_a_cdn_like_hub_is_read_over_several_connections_per_parent(hub, parents
     hub.state.expire_redirects(3)
     hub.state.uploads_most = hub.state.in_flight_most = 0  # the parents' own upload
     expected = local_result(demo_bf16, tmp_path, max_shard_size="60KB")
-    run_merge(stream_spec(tmp_path, gate=False, connections=3, max_shard_size="60KB"))
+    result = run_merge(stream_spec(tmp_path, gate=False, connections=3, max_shard_size="60KB"))
     assert 4 <= hub.state.in_flight_most <= 6  # both parents, three each
-    assert hub.state.uploads_most == 2  # two shards uploaded at once
+    # several shards uploaded at once; how many depends on how far the merge got ahead of the link
+    # within the disk budget, and the budget held
+    assert 2 <= hub.state.uploads_most <= UPLOADS_IN_FLIGHT
+    got = published("org/merged", tmp_path)
+    timings = json.loads((got / "merge_manifest.json").read_text())["timings"]
+    assert result.upload.new_commit
+    assert 0 < timings["stream_peak_disk_bytes"] <= timings["stream_disk_budget_bytes"]
     assert sum(1 for _, path, _ in hub.state.requests if path.startswith("/_cdn/")) > 10
-    assert_same_weights(expected, published("org/merged", tmp_path))
+    assert_same_weights(expected, got)
 
 
 def test_a_shard_that_fails_its_spot_check_is_not_published(hub, parents, tmp_path, monkeypatch):

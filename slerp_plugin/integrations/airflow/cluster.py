@@ -26,6 +26,7 @@ import importlib.util
 import json
 import logging
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -106,8 +107,41 @@ def read_env_file(path: Path) -> dict[str, str]:
     return env
 
 
+#: where :func:`free_port` looks first: registered ports below Linux's default ephemeral range
+PORTS_BELOW = (20000, 32768)
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for outgoing connections and port-0 binds (Linux's default if unknown)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    """A TCP port on 127.0.0.1 that nothing is bound to now, outside the kernel's ephemeral range.
+
+    A server starts seconds after its port is chosen; a port from the ephemeral range could be taken
+    meanwhile by any outgoing connection or port-0 bind, and the server would fail to bind. So a port
+    is drawn at random from :data:`PORTS_BELOW` less the ephemeral range, and only where that fails
+    100 times is one the kernel picks taken.
+    """
+    low, high = _ephemeral_ports()
+    candidates = [p for p in range(*PORTS_BELOW) if not low <= p <= high]
+    for port in random.sample(candidates, min(100, len(candidates))):
+        if _bindable(port):
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,31 @@ from slerp_plugin.errors import ClusterError
 from slerp_plugin.integrations.airflow import cluster as cl
 
 ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_a_free_port_is_outside_the_ephemeral_range_and_skips_a_bound_one(monkeypatch):
+    """A port chosen now and bound seconds later must not be one an outgoing connection or a
+    port-0 bind can take meanwhile."""
+    low, high = cl._ephemeral_ports()
+    for _ in range(20):
+        port = cl.free_port()
+        assert not low <= port <= high and cl.PORTS_BELOW[0] <= port < cl.PORTS_BELOW[1]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        assert not cl._bindable(port)
+        other = next(p for p in range(*cl.PORTS_BELOW)
+                     if p != port and not low <= p <= high and cl._bindable(p))
+        monkeypatch.setattr(cl.random, "sample", lambda seq, k: [port, other])
+        assert cl.free_port() == other
+        monkeypatch.setattr(cl, "_bindable", lambda p: False)  # none free there: the kernel picks one
+        fallback = cl.free_port()
+        assert fallback != port and fallback > 0
+
+
+def test_the_ephemeral_range_is_linux_s_default_where_it_cannot_be_read(monkeypatch):
+    monkeypatch.setattr(cl.Path, "read_text", lambda self, *a, **k: "not numbers")
+    assert cl._ephemeral_ports() == (32768, 60999)
 
 
 def test_env_file_is_plain_key_value(tmp_path):
