@@ -288,10 +288,12 @@ class StreamingMerge:
         self.spool_dir = work.folder("spool")
         self.spools: list[tuple[ShardPlan, ShardSpool]] = [spool_shard(s, self.spool_dir)
                                                            for s in plan.shards]
-        # a tied head's table, kept for the evaluation's end, and where the evaluation stands
+        # a tied head's table, kept for the evaluation's end, and where the evaluation stands: held
+        # once for the whole run, beside however many shards are in flight
         held = gate.tied_bytes + gate.point_bytes if gate else 0
-        need = max((sp.disk_bytes for _, sp in self.spools), default=0) + held
-        self.budget = DiskBudget(plan.spec.disk_budget or STREAM_SHARDS_IN_FLIGHT * need)
+        shard = max((sp.disk_bytes for _, sp in self.spools), default=0)
+        need = shard + held
+        self.budget = DiskBudget(plan.spec.disk_budget or STREAM_SHARDS_IN_FLIGHT * shard + held)
         if gate is not None:
             gate.use_budget(self.budget)
         if self.budget.limit < need:

@@ -84,16 +84,25 @@ class Standalone(AirflowREST):
         return "\n".join(line[:300] for part in parts for line in part)
 
     def stop(self) -> None:
+        """SIGTERM to the process group, then SIGKILL to whatever of it is left after 30 s (a part
+        orphaned while it started may outlive ``make`` and ignore SIGTERM)."""
         import signal
 
+        group = self.proc.pid
+        deadline = time.time() + 30
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            os.killpg(group, signal.SIGTERM)
+            while time.time() < deadline:
+                self.proc.poll()
+                os.killpg(group, 0)  # ProcessLookupError once the whole group is gone
+                time.sleep(0.2)
+            os.killpg(group, signal.SIGKILL)
+            while time.time() < deadline + 10:
+                self.proc.poll()
+                os.killpg(group, 0)
+                time.sleep(0.2)
+        except ProcessLookupError:
+            pass
         self.log.close()
 
 

@@ -95,12 +95,32 @@ def test_two_fine_parents_whose_merge_is_not_publish_nothing_and_exit_6(hub, tmp
     assert hub.state.commit_count("org/smol-merged") == 1
 
 
-def test_a_tied_model_keeps_its_embedding_table_aside_for_the_head(hub, demo_fp32_tied, tmp_path, caplog):
+def test_a_tied_model_keeps_its_embedding_table_aside_for_the_head(hub, demo_fp32_tied, tmp_path, caplog,
+                                                                    monkeypatch):
+    """... counted once in the default disk budget, beside three shards in flight with their inputs."""
+    from slerp_plugin.io.safetensors import read_header
+    from slerp_plugin.stream.pipeline import StreamingMerge
+
+    merges = []
+    real_init = StreamingMerge.__init__
+
+    def kept(self, *a, **kw):
+        real_init(self, *a, **kw)
+        merges.append(self)
+
+    monkeypatch.setattr(StreamingMerge, "__init__", kept)
     H.upload_folder(demo_fp32_tied[0], "org/tied-a")
     H.upload_folder(demo_fp32_tied[1], "org/tied-b")
     with caplog.at_level(logging.INFO, logger="slerp_plugin"):
         run_merge(stream_spec(tmp_path, model_1="org/tied-a", model_2="org/tied-b", max_shard_size="100KB"))
     assert "merged keeps model.embed_tokens.weight" in caplog.text  # read again by the tied head
+    (merge,) = merges
+    shard = max(spool.disk_bytes for _, spool in merge.spools)
+    table = next(i.nbytes for f in demo_fp32_tied[0].glob("*.safetensors") for i in read_header(f)[0]
+                 if i.name == "model.embed_tokens.weight")
+    assert merge.gate.tied_bytes == 3 * table and merge.gate.point_bytes > 0  # merged and both parents
+    assert merge.budget.limit == 3 * shard + merge.gate.tied_bytes + merge.gate.point_bytes
+    assert 0 < merge.budget.peak <= merge.budget.limit
     report = json.loads((published("org/merged", tmp_path) / "validation.json").read_text())
     local = run_merge(spec_for(demo_fp32_tied, tmp_path / "local", t=0.3)).output
     want = validate_merge(local, demo_fp32_tied, settings=EvalSettings()).functional.perplexity
