@@ -9,20 +9,22 @@ validate``, advancing that t's hidden states); the work file is deleted as soon 
 The parents' bytes of the shard are read from disk once: the merges at the other t and the
 parents' own evaluators (when their perplexity is not cached) find them in the page cache. Hub
 parents are read by range as a streaming merge reads them: each shard's input bytes are fetched
-into a spool file per parent, used by every t, and deleted; at the end every parent file's SHA-256
-is checked against the Hub's.
+into a spool file per parent (both parents at once, the next shard's while one is merged), used by
+every t, and deleted; at the end every parent file's SHA-256 is checked against the Hub's.
 
-Disk: one work shard at a time (at most :data:`SWEEP_SHARD_BYTES`, or one layer where a layer is
-larger), and for Hub parents that shard's inputs. Memory: the engine's block buffers, plus one set
-of hidden states per t.
+Disk: one work shard at a time (at most :data:`SWEEP_SHARD_BYTES`, :data:`SWEEP_HUB_SHARD_BYTES`
+for Hub parents, or one layer where a layer is larger), and for Hub parents the inputs of that shard
+and of the next. Memory: the engine's block
+buffers, plus one set of hidden states per t.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from ..hub.connections import Connections
 from ..io.reader import TensorReader
 from ..io.safetensors import read_header
 from ..stream.remote import RemoteParent
-from ..stream.spool import PIECE_BYTES, ParentHashes, ShardSpool, fetch_spool, spool_shard
+from ..stream.spool import PIECE_BYTES, SHARDS_AT_ONCE, ParentHashes, ShardFetches, spool_shard
 from ..validate.fed import FedEvaluator
 from ..validate.functional import EvalSettings
 from ..validate.report import ModelEvaluation
@@ -46,6 +48,9 @@ log = logging.getLogger(__name__)
 
 #: the size of the sweep's work shards (a decoder layer larger than this is one shard of its own)
 SWEEP_SHARD_BYTES = 1 << 30
+#: the same for Hub parents: nothing is merged before the first shard's bytes have arrived, and the
+#: next shard's are fetched while one is merged, so smaller shards overlap more of the fetch
+SWEEP_HUB_SHARD_BYTES = 256 << 20
 SWEPT_NOTE = "no completions: evaluated in a one-pass sweep"
 
 
@@ -139,8 +144,9 @@ class OnePass:
                          self.device, threads, "; parents read by range from the Hub" if self.remote else "")
                 for ev in self.evaluators:
                     ev.start(self.ids, self.settings.max_length)
-                for i, shard in enumerate(self.base.shards):
-                    self._shard(i, shard, progress)
+                with contextlib.closing(self._with_inputs()) as shards:
+                    for i, (shard, waited) in enumerate(shards):
+                        self._shard(i, shard, waited, progress)
             if self.hashes is not None:
                 self.hashes.verify()
         finally:
@@ -151,46 +157,57 @@ class OnePass:
             parents={role: self._parent(role, ev) for role, ev in self.parents.items()},
             bytes_read=self.bytes_read, seconds=time.perf_counter() - started)
 
-    def _shard(self, i: int, shard: ShardPlan, progress: Callable[[int], None] | None) -> None:
+    def _shard(self, i: int, shard: ShardPlan, waited: float,
+               progress: Callable[[int], None] | None) -> None:
         started = time.perf_counter()
-        shard, spool = self._inputs(shard)
-        try:
-            with TensorReader(direct=False) as reader:
-                for n, (t, folder) in enumerate(self.folders.items()):
-                    at_t = ShardPlan(shard.index, shard.file, [replace(j, t=t) for j in shard.jobs])
-                    outcome = ShardMerge(folder, at_t, reader).run()
-                    if n == 0:
-                        self.bytes_read += outcome.bytes_read
-                    self.branches[t].update(r.branch for r in outcome.tensors)
-                    path = folder.shard_path(at_t)
-                    self.merged[t].take({info.name: info for info in read_header(path)[0]})
-                    path.unlink()
-                    if progress:
-                        progress(shard.nbytes)
-            for role, ev in self.parents.items():
-                ev.take({j.name: (j.a if role == "model_1" else j.b) for j in shard.jobs})
-        finally:
-            if spool is not None:
-                spool.remove()
-        log.info("sweep: shard %d/%d (%d tensors, %s) merged and evaluated at %d t in %.1f s", i + 1,
+        with TensorReader(direct=False) as reader:
+            for n, (t, folder) in enumerate(self.folders.items()):
+                at_t = ShardPlan(shard.index, shard.file, [replace(j, t=t) for j in shard.jobs])
+                outcome = ShardMerge(folder, at_t, reader).run()
+                if n == 0:
+                    self.bytes_read += outcome.bytes_read
+                self.branches[t].update(r.branch for r in outcome.tensors)
+                path = folder.shard_path(at_t)
+                self.merged[t].take({info.name: info for info in read_header(path)[0]})
+                path.unlink()
+                if progress:
+                    progress(shard.nbytes)
+        for role, ev in self.parents.items():
+            ev.take({j.name: (j.a if role == "model_1" else j.b) for j in shard.jobs})
+        note = f" (its parents' bytes waited for {waited:.1f} s)" if self.remote else ""
+        log.info("sweep: shard %d/%d (%d tensors, %s) merged and evaluated at %d t in %.1f s%s", i + 1,
                  len(self.base.shards), len(shard.jobs), format_bytes(shard.nbytes), len(self.plans),
-                 time.perf_counter() - started)
+                 time.perf_counter() - started, note)
 
-    def _inputs(self, shard: ShardPlan) -> tuple[ShardPlan, ShardSpool | None]:
-        """``shard`` as it is (local parents), or read from spool files its Hub bytes are fetched into."""
+    def _with_inputs(self) -> Iterator[tuple[ShardPlan, float]]:
+        """Each shard with the seconds spent waiting for its inputs: ``base``'s shards as they are
+        (local parents), or read from spool files their Hub bytes are fetched into, both parents at
+        once, the next shard's while this one is merged (:class:`~slerp_plugin.stream.spool.ShardFetches`);
+        each shard's spool is deleted once it has been used. Close it to stop the fetches."""
         if self.remote is None:
-            return shard, None
+            for shard in self.base.shards:
+                yield shard, 0.0
+            return
         folder = self.work / "spool"
         folder.mkdir(exist_ok=True)
-        spooled, spool = spool_shard(shard, folder)
+        spools = [spool_shard(shard, folder) for shard in self.base.shards]
+        started = 0
         try:
-            for role, parent in self.remote.items():
-                fetch_spool(spool, role, parent, self.hashes,  # type: ignore[arg-type]
-                            connections=self.connections)
-        except BaseException:
-            spool.remove()
-            raise
-        return spooled, spool
+            hashes: ParentHashes = self.hashes  # type: ignore[assignment]
+            with ShardFetches(self.remote, hashes, connections=self.connections) as fetches:
+                for spooled, spool in spools:
+                    while started < len(spools) and fetches.pending < SHARDS_AT_ONCE:
+                        fetches.start(spools[started][1])
+                        started += 1
+                    waiting = time.perf_counter()
+                    fetches.finish()
+                    try:
+                        yield spooled, time.perf_counter() - waiting
+                    finally:
+                        spool.remove()
+        finally:
+            for _, spool in spools[:started]:  # those started and not used: the fetches have ended
+                spool.remove()
 
     @staticmethod
     def _outcome(ev: FedEvaluator) -> tuple[ModelEvaluation | None, str | None]:

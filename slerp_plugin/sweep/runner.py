@@ -39,7 +39,7 @@ from ..stream import open_remote
 from ..validate.cache import EvaluationCache, evaluation_key
 from ..validate.functional import ROLES, EvalSettings, eval_tokens, evaluate_cached, judge
 from ..validate.report import ModelEvaluation
-from .one_pass import SWEEP_SHARD_BYTES, OnePass, PassResult
+from .one_pass import SWEEP_HUB_SHARD_BYTES, SWEEP_SHARD_BYTES, OnePass, PassResult
 from .result import SweepPoint, SweepResult, best_t, relative_change
 from .values import check_t_values
 
@@ -102,12 +102,14 @@ def run_sweep(
     with output_lock(out, exclusive=True, wait=False, what="slerp-merge sweep"):
         partial = _fresh_partial(out)
         work = partial / "work"
+        refs = dict(zip(ROLES, (spec.model_1, spec.model_2), strict=True))
+        on_hub = all(_on_hub(ref) and role not in (resolved or {}) for role, ref in refs.items())
+        shard_bytes = SWEEP_HUB_SHARD_BYTES if on_hub else SWEEP_SHARD_BYTES
         spec0 = spec.model_copy(update={"t": ts[0], "output": work / f"t-{ts[0]:g}", "direct_io": False,
-                                        "max_shard_size": min(spec.max_shard_size, SWEEP_SHARD_BYTES),
+                                        "max_shard_size": min(spec.max_shard_size, shard_bytes),
                                         "overwrite": False, "push_to_hub": None, "stream": False})
         remote = None
-        refs = dict(zip(ROLES, (spec.model_1, spec.model_2), strict=True))
-        if all(_on_hub(ref) and role not in (resolved or {}) for role, ref in refs.items()):
+        if on_hub:
             base, remote = open_remote(spec0, work / "parents", execution=True)
         else:
             base = plan_resolved(spec0, resolve_inputs(spec0, resolved), execution=True)

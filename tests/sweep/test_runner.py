@@ -114,3 +114,56 @@ def test_hub_parents_are_read_by_range_and_give_the_local_figures(hub, demo_bf16
     assert not list((tmp_path / "hf-cache").rglob("*.safetensors"))  # nothing downloaded whole
     again = run_sweep(spec, ts, report=tmp_path / "remote", settings=settings, cache=cache)
     assert all(again.parents[r].cached for r in ("model_1", "model_2"))  # by the Hub's SHA-256
+
+
+def test_hub_parents_of_the_next_shard_are_fetched_while_one_is_merged(hub, demo_bf16, tmp_path, monkeypatch):
+    """Both parents at once, one shard ahead: shard i + 1's fetches begin while shard i is merged, no
+    spool but those of shards i and i + 1 is on disk then, and a failure stops the fetches and leaves
+    no spool behind."""
+    import threading
+
+    from slerp_plugin.engine.execute import ShardMerge
+    from slerp_plugin.hub import client as H
+    from slerp_plugin.spec import MergeSpec
+    from slerp_plugin.stream import spool as spool_mod
+
+    H.upload_folder(demo_bf16[0], "org/ahead-a")
+    H.upload_folder(demo_bf16[1], "org/ahead-b")
+    spec = MergeSpec.build(model_1="org/ahead-a", model_2="org/ahead-b", t=0.5, output=tmp_path / "merged",
+                           device="cpu")  # shards of the sweep's size for Hub parents, not the merge's
+    monkeypatch.setattr("slerp_plugin.sweep.runner.SWEEP_HUB_SHARD_BYTES", 40_000)
+    settings = SETTINGS.model_copy(update={"generation_memory": 0})
+    fetching: dict[tuple[int, str], threading.Event] = {}
+    real_fetch, real_run = spool_mod.fetch_spool, ShardMerge.run
+    seen: dict[int, tuple[set[int], bool]] = {}  # shard → spools on disk, the next one's fetch begun
+    fail_at = None
+
+    def fetch(spool, role, *a, **kw):
+        fetching.setdefault((spool.index, role), threading.Event()).set()
+        return real_fetch(spool, role, *a, **kw)
+
+    def run(self):
+        i, last = self.shard.index, len(self.plan.shards) - 1
+        if i not in seen:
+            ahead = all(fetching.setdefault((i + 1, role), threading.Event()).wait(30)
+                        for role in ("model_1", "model_2")) if i < last else False
+            spools = self.plan.spec.output.parent / "spool"
+            seen[i] = ({int(p.stem.split("-")[-1]) - 1 for p in spools.glob("model_*.bin")}, ahead)
+        if i == fail_at:
+            raise OSError("disk gone")
+        return real_run(self)
+
+    monkeypatch.setattr(spool_mod, "fetch_spool", fetch)
+    monkeypatch.setattr(ShardMerge, "run", run)
+    run_sweep(spec, [0.25, 0.75], report=tmp_path / "report", settings=settings,
+              cache=EvaluationCache(tmp_path / "cache"))
+    last = max(seen)
+    assert last >= 3 and all(seen[i][1] for i in range(last)), seen
+    assert all(i in on_disk and on_disk <= {i, i + 1} for i, (on_disk, _) in seen.items()), seen
+
+    fail_at, seen = 2, {}
+    fetching.clear()
+    with pytest.raises(OSError, match="disk gone"):
+        run_sweep(spec, [0.25, 0.75], report=tmp_path / "failed", settings=settings,
+                  cache=EvaluationCache(tmp_path / "cache"))
+    assert not list(tmp_path.rglob("model_*-0*.bin"))
