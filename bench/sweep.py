@@ -2,6 +2,12 @@
 (a merge per t, each validated and kept).
 
     python bench/sweep.py [--t 0.1,0.3,0.5,0.7,0.9] [--layers 16] [--max-tokens 1024] [--out DIR]
+    python bench/sweep.py --hub 100 --t 0.3,0.7 --max-tokens 256
+
+With ``--hub MBPS`` it measures instead the one-pass sweep of the pair as Hub parents (the test Hub
+of bench/stream.py at MBPS MB/s down), once with the parents evaluated in the pass and once with
+their perplexities cached, against the time the parents' bytes take at that rate; writes
+DIR/sweep_hub.json.
 
 On the pair of bench/run.py with ``--layers`` layers (16 = the 953M pair, built under bench/work/
 if missing), each with an evaluation cache of its own (so both evaluate the parents once):
@@ -72,15 +78,61 @@ def one_pass(a: Path, b: Path, ts: list[float], tokens: int, work: Path) -> dict
             "perplexity": {p["t"]: p["perplexity"] for p in sweep["points"]}}
 
 
+def one_pass_hub(a: Path, b: Path, ts: list[float], tokens: int, work: Path, down_mbps: float) -> dict:
+    """``slerp-merge sweep`` of the same pair as Hub parents (the test Hub, hard-linked, ``down_mbps``
+    MB/s down), twice: the parents evaluated in the pass, then their perplexities from the cache."""
+    from stream import set_bandwidth, test_hub
+
+    runs = {}
+    with test_hub(work, (a, b), link=True) as (url, env):
+        set_bandwidth(url, down_mbps * 1e6, None)
+        for name in ("evaluated", "cached"):
+            report = work / "hub" / name / "report"
+            report.parent.mkdir(parents=True)
+            with DiskSampler(report.parent) as disk:
+                run = timed([*CLI, "sweep", "--t", ",".join(map(str, ts)), "--report", str(report),
+                             "--max-tokens", str(tokens),
+                             *seed_args(Path("bench/parent-a"), Path("bench/parent-b"), "method.t=0.5",
+                                        "method.device=cpu", f"method.model_save_path={report.parent}/m")],
+                            env=env)
+            sweep = json.loads((report / "sweep.json").read_text())
+            runs[name] = {**run, "peak_disk_bytes": disk.peak,
+                          "perplexity": {p["t"]: p["perplexity"] for p in sweep["points"]}}
+    weights = sum(f.stat().st_size for folder in (a, b) for f in folder.glob("*.safetensors"))
+    return {"down_mbps": down_mbps, "parents_bytes": weights, "link_s": weights / (down_mbps * 1e6), **runs}
+
+
+def hub_main(a: Path, b: Path, ts: list[float], args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(dir=WORK) as tmp:
+        hub = one_pass_hub(a, b, ts, args.max_tokens, Path(tmp), args.hub)
+    same = hub["evaluated"]["perplexity"] == hub["cached"]["perplexity"]
+    result = {"t": ts, "layers": args.layers, "tokens": args.max_tokens, **hub, "same_perplexities": same}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sweep_hub.json").write_text(json.dumps(result, indent=1))
+    print("| sweep of Hub parents | wall (s) | / link time | peak RSS (MB) | peak disk (GB) |\n"
+          "|---|---|---|---|---|")
+    for name, label in (("evaluated", "parents evaluated in the pass"), ("cached", "parents from the cache")):
+        r = hub[name]
+        print(f"| {label} | {r['wall_s']:.1f} | {r['wall_s'] / hub['link_s']:.2f}× | "
+              f"{r['peak_rss_mb']:.0f} | {r['peak_disk_bytes'] / 1e9:.2f} |")
+    print(f"\nthe parents' {hub['parents_bytes'] / 1e9:.2f} GB take {hub['link_s']:.1f} s at {args.hub:g} "
+          f"MB/s; the perplexities of both runs are {'bit-identical' if same else 'DIFFERENT'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--t", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=1024)
+    ap.add_argument("--hub", type=float, metavar="MBPS", default=None,
+                    help="instead: the one-pass sweep of Hub parents on the test Hub at MBPS MB/s down")
     ap.add_argument("--out", type=Path, default=BENCH / "results")
     args = ap.parse_args()
     ts = [float(t) for t in args.t.split(",")]
     a, b = make_pair.build(WORK / f"pair-{args.layers}", args.layers)
+    if args.hub:
+        hub_main(a, b, ts, args)
+        return
     with tempfile.TemporaryDirectory(dir=WORK) as tmp:
         each = merge_each(a, b, ts, args.max_tokens, Path(tmp))
         one = one_pass(a, b, ts, args.max_tokens, Path(tmp))

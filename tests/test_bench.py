@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -237,3 +238,24 @@ def test_the_streaming_report_checks_each_gated_run_against_its_own_budget():
     assert "- met: gated stream, parents evaluated: peak disk 1259 MB within its budget of 1300 MB" in lines
     assert "- NOT met: gated stream, parents cached: peak disk 1250 MB within its budget of 1200 MB" in lines
     assert "- NOT met: gated stream, parents cached: 1.20× the ungated stream (target ≤ 1.15)" in lines
+
+
+def test_the_hub_sweep_benchmark_reports_both_runs_against_the_link(tmp_path, capsys, monkeypatch):
+    import argparse
+
+    sweep = bench_module("sweep")
+
+    def run(wall, ppl):
+        return {"wall_s": wall, "cpu_s": 1.0, "peak_rss_mb": 800.0, "peak_disk_bytes": 9e8, "perplexity": ppl}
+    ppl = {0.3: 10.0, 0.7: 12.0}
+    monkeypatch.setattr(sweep, "one_pass_hub", lambda *a: {
+        "down_mbps": 100.0, "parents_bytes": 3.8e9, "link_s": 38.0, "evaluated": run(55.1, ppl),
+        "cached": run(48.4, ppl)})
+    monkeypatch.setattr(sweep, "WORK", tmp_path)
+    args = argparse.Namespace(layers=16, max_tokens=256, hub=100.0, out=tmp_path / "out")
+    sweep.hub_main(tmp_path / "a", tmp_path / "b", [0.3, 0.7], args)
+    out = capsys.readouterr().out
+    assert "| parents from the cache | 48.4 | 1.27× | 800 | 0.90 |" in out
+    assert "take 38.0 s at 100 MB/s; the perplexities of both runs are bit-identical" in out
+    saved = json.loads((tmp_path / "out" / "sweep_hub.json").read_text())
+    assert saved["same_perplexities"] is True and saved["cached"]["wall_s"] == 48.4
