@@ -14,8 +14,7 @@ every t, and deleted; at the end every parent file's SHA-256 is checked against 
 
 Disk: one work shard at a time (at most :data:`SWEEP_SHARD_BYTES`, :data:`SWEEP_HUB_SHARD_BYTES`
 for Hub parents, or one layer where a layer is larger), and for Hub parents the inputs of that shard
-and of the next. Memory: the engine's block
-buffers, plus one set of hidden states per t.
+and of the next. Memory: the engine's block buffers, plus one set of hidden states per t.
 """
 
 from __future__ import annotations
