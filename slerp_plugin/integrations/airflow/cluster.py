@@ -109,12 +109,14 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 #: where :func:`free_port` looks first: registered ports below Linux's default ephemeral range
 PORTS_BELOW = (20000, 32768)
+#: the kernel's ephemeral range, "LOW HIGH" (Linux)
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
 def _ephemeral_ports() -> tuple[int, int]:
     """The kernel's range for outgoing connections and port-0 binds (Linux's default if unknown)."""
     try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        low, high = map(int, EPHEMERAL_RANGE_FILE.read_text().split())
         return low, high
     except (OSError, ValueError):
         return 32768, 60999

@@ -42,8 +42,13 @@ def test_a_free_port_is_outside_the_ephemeral_range_and_skips_a_bound_one(monkey
         assert fallback != port and fallback > 0
 
 
-def test_the_ephemeral_range_is_linux_s_default_where_it_cannot_be_read(monkeypatch):
-    monkeypatch.setattr(cl.Path, "read_text", lambda self, *a, **k: "not numbers")
+def test_the_ephemeral_range_is_the_kernel_s_or_linux_s_default_where_unreadable(tmp_path, monkeypatch):
+    monkeypatch.setattr(cl, "EPHEMERAL_RANGE_FILE", tmp_path / "range")
+    (tmp_path / "range").write_text("40000\t50000\n")
+    assert cl._ephemeral_ports() == (40000, 50000)
+    (tmp_path / "range").write_text("not numbers")
+    assert cl._ephemeral_ports() == (32768, 60999)
+    (tmp_path / "range").unlink()
     assert cl._ephemeral_ports() == (32768, 60999)
 
 
