@@ -65,17 +65,23 @@ def merge_each(a: Path, b: Path, ts: list[float], tokens: int, work: Path) -> di
             "peak_disk_bytes": disk.peak, "perplexity": ppl}
 
 
-def one_pass(a: Path, b: Path, ts: list[float], tokens: int, work: Path) -> dict:
-    """``slerp-merge sweep`` over the same t."""
-    env = {**os.environ, "SLERP_PLUGIN_CACHE": str(work / "cache-one")}
-    report = work / "one" / "report"
+def swept(a: Path, b: Path, ts: list[float], tokens: int, report: Path, env: dict) -> dict:
+    """``slerp-merge sweep`` of parents ``a`` and ``b`` (folders or Hub ids) into ``report``, its
+    disk sampled in the folder around it."""
+    report.parent.mkdir(parents=True, exist_ok=True)
     with DiskSampler(report.parent) as disk:
         run = timed([*CLI, "sweep", "--t", ",".join(map(str, ts)), "--report", str(report), "--max-tokens",
                      str(tokens), *seed_args(a, b, "method.t=0.5", "method.device=cpu",
-                                             f"method.model_save_path={work / 'one' / 'merged'}")], env=env)
+                                             f"method.model_save_path={report.parent / 'merged'}")], env=env)
     sweep = json.loads((report / "sweep.json").read_text())
     return {**run, "peak_disk_bytes": disk.peak, "best_t": sweep["best_t"],
             "perplexity": {p["t"]: p["perplexity"] for p in sweep["points"]}}
+
+
+def one_pass(a: Path, b: Path, ts: list[float], tokens: int, work: Path) -> dict:
+    """``slerp-merge sweep`` over the same t."""
+    env = {**os.environ, "SLERP_PLUGIN_CACHE": str(work / "cache-one")}
+    return swept(a, b, ts, tokens, work / "one" / "report", env)
 
 
 def one_pass_hub(a: Path, b: Path, ts: list[float], tokens: int, work: Path, down_mbps: float) -> dict:
@@ -87,17 +93,8 @@ def one_pass_hub(a: Path, b: Path, ts: list[float], tokens: int, work: Path, dow
     with test_hub(work, (a, b), link=True) as (url, env):
         set_bandwidth(url, down_mbps * 1e6, None)
         for name in ("evaluated", "cached"):
-            report = work / "hub" / name / "report"
-            report.parent.mkdir(parents=True)
-            with DiskSampler(report.parent) as disk:
-                run = timed([*CLI, "sweep", "--t", ",".join(map(str, ts)), "--report", str(report),
-                             "--max-tokens", str(tokens),
-                             *seed_args(Path("bench/parent-a"), Path("bench/parent-b"), "method.t=0.5",
-                                        "method.device=cpu", f"method.model_save_path={report.parent}/m")],
-                            env=env)
-            sweep = json.loads((report / "sweep.json").read_text())
-            runs[name] = {**run, "peak_disk_bytes": disk.peak,
-                          "perplexity": {p["t"]: p["perplexity"] for p in sweep["points"]}}
+            runs[name] = swept(Path("bench/parent-a"), Path("bench/parent-b"), ts, tokens,
+                               work / "hub" / name / "report", env)
     weights = sum(f.stat().st_size for folder in (a, b) for f in folder.glob("*.safetensors"))
     return {"down_mbps": down_mbps, "parents_bytes": weights, "link_s": weights / (down_mbps * 1e6), **runs}
 
