@@ -192,8 +192,8 @@ class OnePass:
         spools = [spool_shard(shard, folder) for shard in self.base.shards]
         started = 0
         try:
-            hashes: ParentHashes = self.hashes  # type: ignore[assignment]
-            with ShardFetches(self.remote, hashes, connections=self.connections) as fetches:
+            assert self.hashes is not None  # made with the remote parents
+            with ShardFetches(self.remote, self.hashes, connections=self.connections) as fetches:
                 for spooled, spool in spools:
                     while started < len(spools) and fetches.pending < SHARDS_AT_ONCE:
                         fetches.start(spools[started][1])
