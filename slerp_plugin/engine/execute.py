@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -193,12 +194,17 @@ class ShardMerge:
     Tensors of at most ``hold_blocks`` blocks are read once and held between the two SLERP passes;
     larger ones are read twice (through the page cache when it has room). Block buffers come from
     fixed pools, so memory is bounded by ``buffer_memory`` whatever the tensor size.
+
+    With ``scratch``, the shard is written as a scratch file over that spare file's pages (see
+    :class:`~slerp_plugin.io.writer.ShardWriter`): for a shard read once and deleted.
     """
 
     def __init__(self, work: WorkingFolder, shard: ShardPlan, reader: TensorReader, *,
-                 hashes: InputHashes | None = None, progress: Progress | None = None) -> None:
+                 hashes: InputHashes | None = None, progress: Progress | None = None,
+                 scratch: Path | None = None) -> None:
         plan = work.plan
         self.work, self.plan, self.shard, self.reader = work, plan, shard, reader
+        self.scratch = scratch
         self.hashes, self.progress = hashes, progress
         spec = plan.spec
         self.device = plan.device
@@ -236,7 +242,8 @@ class ShardMerge:
             with ExitStack() as stack:
                 writer = stack.enter_context(ShardWriter(self.work.shard_path(self.shard),
                                                          [j.output for j in self.shard.jobs],
-                                                         direct=self.plan.spec.direct_io))
+                                                         direct=self.plan.spec.direct_io,
+                                                         scratch=self.scratch))
                 # a failed write or hash frees no more buffers: the pool it would have fed back is
                 # closed, so that no thread waits for it forever
                 close_out, close_raw = (lambda e: self.out_pool.close()), (lambda e: self.raw_pool.close())

@@ -2,7 +2,8 @@
 
 The SHA-256 of the file is computed on the way (no second read), the bytes go to ``<path>.tmp``
 (``O_DIRECT`` where the filesystem allows) and the file is fsynced and renamed into place only
-when complete.
+when complete. A scratch shard (read once and deleted, as a sweep's work shards are) is neither
+fsynced nor written back early, and is written over the page-cache pages of a spare file.
 """
 
 from __future__ import annotations
@@ -41,20 +42,29 @@ class ShardWriter:
     written with ``O_DIRECT`` (the last block padded, then the file truncated to its size), so
     the output neither passes through nor fills the page cache; where the filesystem refuses
     ``O_DIRECT`` the writer continues buffered.
+
+    With ``scratch`` (a path of the caller's own), the shard is a scratch file that nothing resumes
+    from: it is not fsynced and its writeback is not started early, and where ``scratch`` exists
+    (an earlier scratch shard the caller is done with) it becomes the temporary file and is written
+    over in place. Pages already in the page cache are rewritten at the cost of a copy; a new file
+    costs the system a page allocation per 4 KB as well (about a second per GB on a small VM).
+    ``direct`` does not apply to a scratch shard.
     """
 
     STAGE_BYTES = 8 << 20
     PARALLEL_HASH_BYTES = 1 << 20
 
-    def __init__(self, path: Path, tensors: Sequence[OutputTensor], *, direct: bool = False) -> None:
+    def __init__(self, path: Path, tensors: Sequence[OutputTensor], *, direct: bool = False,
+                 scratch: Path | None = None) -> None:
         self.path = path
+        self.scratch = scratch
         # named for this process: an orphaned writer and its retry never share a temporary file
         self.tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(3)}.tmp")
         self.expected = sum(t.nbytes for t in tensors)
         self._header = build_header(tensors)
         self._sha = hashlib.sha256()
         self._fd: int | None = None
-        self._want_direct = direct
+        self._want_direct = direct and scratch is None
         self._direct = False
         self._stage: memoryview | None = None
         self._staged = 0  # bytes waiting in the staging buffer
@@ -68,7 +78,7 @@ class ShardWriter:
         try:
             self._fd, self._direct = (
                 open_direct(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if self._want_direct
-                else (os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), False)
+                else (os.open(self.tmp, os.O_WRONLY | os.O_CREAT | self._reuse_scratch(), 0o644), False)
             )
         except OSError as e:
             raise OutputWriteError(f"{self.tmp}: cannot create: {e.strerror}", path=self.tmp) from e
@@ -80,6 +90,17 @@ class ShardWriter:
             self.__exit__(type(e), e, e.__traceback__)
             raise
         return self
+
+    def _reuse_scratch(self) -> int:
+        """Make the spare scratch file the temporary file, where there is one: 0 (written over), else
+        ``O_TRUNC``."""
+        if self.scratch is None:
+            return os.O_TRUNC
+        try:
+            os.replace(self.scratch, self.tmp)
+        except FileNotFoundError:
+            return os.O_TRUNC
+        return 0
 
     def _pwrite(self, data: memoryview) -> None:
         assert self._fd is not None
@@ -143,7 +164,7 @@ class ShardWriter:
         view = memoryview(data)
         self._put(view)
         self.written += view.nbytes
-        if not self._direct and self._pos - self._flushed >= WRITEBACK_BYTES:
+        if self.scratch is None and not self._direct and self._pos - self._flushed >= WRITEBACK_BYTES:
             # DONTNEED on dirty pages starts their writeback now (asynchronously), so the final
             # fsync does not have to write the whole shard while nothing else happens
             os.posix_fadvise(self._fd, self._flushed, self._pos - self._flushed, os.POSIX_FADV_DONTNEED)
@@ -161,9 +182,10 @@ class ShardWriter:
                 try:
                     if self._stage is not None and self._staged:
                         self._flush_stage(final=True)
-                    os.ftruncate(self._fd, self.size)  # drops the padding of the last block
-                    step(f"fsync {self.path.name} (temporary file)")
-                    os.fsync(self._fd)
+                    os.ftruncate(self._fd, self.size)  # drops the padding, or a spare's longer tail
+                    if self.scratch is None:
+                        step(f"fsync {self.path.name} (temporary file)")
+                        os.fsync(self._fd)
                 except OSError as e:
                     if isinstance(e, OutputWriteError):
                         raise

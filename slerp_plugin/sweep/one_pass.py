@@ -5,7 +5,9 @@ norm, head: :func:`~slerp_plugin.engine.plan.execution_order`), in small shards 
 layer each). For each shard, and for each t in turn, the engine's own :class:`ShardMerge` merges
 the shard at t into a work file, whose tensors are handed to that t's evaluator
 (:class:`~slerp_plugin.validate.fed.FedEvaluator`: the layer-streamed model of ``slerp-merge
-validate``, advancing that t's hidden states); the work file is deleted as soon as it is evaluated.
+validate``, advancing that t's hidden states). A work file is read once: it is neither fsynced nor
+kept, and the next one is written over its pages in the page cache (a new file would cost the
+system a page allocation per 4 KB, about a second per GB on a small VM).
 The parents' bytes of the shard are read from disk once: the merges at the other t and the
 parents' own evaluators (when their perplexity is not cached) find them in the page cache. Hub
 parents are read by range as a streaming merge reads them: each shard's input bytes are fetched
@@ -116,6 +118,8 @@ class OnePass:
         #: the parents' weights in the compute dtype (as ``validate`` counts them), by role
         self.parent_bytes = {role: ev.model.weight_bytes for role, ev in self.parents.items()}
         self.branches = {t: Counter[str]() for t in ts}
+        #: the last work shard evaluated, whose page-cache pages the next one is written over
+        self.spare = work / "spare.safetensors"
         self.bytes_read = 0
 
     @property
@@ -151,6 +155,7 @@ class OnePass:
         finally:
             for ev in self.evaluators:
                 ev.close()
+            self.spare.unlink(missing_ok=True)
         return PassResult(
             merges=[TResult(t, *self._outcome(ev), dict(self.branches[t])) for t, ev in self.merged.items()],
             parents={role: self._parent(role, ev) for role, ev in self.parents.items()},
@@ -162,13 +167,13 @@ class OnePass:
         with TensorReader(direct=False) as reader:
             for n, (t, folder) in enumerate(self.folders.items()):
                 at_t = ShardPlan(shard.index, shard.file, [replace(j, t=t) for j in shard.jobs])
-                outcome = ShardMerge(folder, at_t, reader).run()
+                outcome = ShardMerge(folder, at_t, reader, scratch=self.spare).run()
                 if n == 0:
                     self.bytes_read += outcome.bytes_read
                 self.branches[t].update(r.branch for r in outcome.tensors)
                 path = folder.shard_path(at_t)
                 self.merged[t].take({info.name: info for info in read_header(path)[0]})
-                path.unlink()
+                path.replace(self.spare)  # the next work shard is written over its pages
                 if progress:
                     progress(shard.nbytes)
         for role, ev in self.parents.items():

@@ -129,3 +129,32 @@ def test_shard_writer_leaves_nothing_on_error(tmp_path):
         with ShardWriter(path, [OutputTensor("x", "F32", (4,))]) as w:
             w.write(b"\0" * 8)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_scratch_shard_is_written_over_its_spare_and_never_fsynced(tmp_path, monkeypatch):
+    synced, advised = [], []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: advised.append(a))
+    monkeypatch.setattr("slerp_plugin.io.writer.WRITEBACK_BYTES", 1024)
+    spare = tmp_path / "spare"
+    rng = random.Random(5)
+    big, small = [rng.randbytes(50_000), rng.randbytes(7)], [rng.randbytes(3000)]
+    for n, (pieces, was_spare) in enumerate([(big, False), (small, True), (big, True)]):
+        path = tmp_path / f"s{n}.safetensors"
+        spare_inode = spare.stat().st_ino if spare.exists() else None
+        assert spare.exists() is was_spare
+        tensors = [OutputTensor(f"t{i}", "U8", (len(p),)) for i, p in enumerate(pieces)]
+        with ShardWriter(path, tensors, direct=True, scratch=spare) as w:
+            for p in pieces:
+                w.write(memoryview(p))
+        # the spare's own file (its pages), cut to this shard's size: a longer tail is gone
+        assert (path.stat().st_ino == spare_inode) is was_spare and not spare.exists()
+        assert path.stat().st_size == w.size
+        assert w.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert [t.numpy().tobytes() for t in load_file(path).values()] == pieces  # a valid file
+        path.replace(spare)
+    assert synced == [] and advised == []
+    with pytest.raises(RuntimeError):
+        with ShardWriter(tmp_path / "x.safetensors", [OutputTensor("x", "U8", (4,))], scratch=spare) as w:
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []  # neither the shard nor the spare it was written over

@@ -3,11 +3,14 @@ leaves nothing of the merges on disk."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from model_helpers import spec_for
 
 from slerp_plugin.engine import plan_resolved
+from slerp_plugin.io.writer import ShardWriter
 from slerp_plugin.merge import run_merge
 from slerp_plugin.sweep.one_pass import OnePass
 from slerp_plugin.validate import EvalSettings
@@ -24,8 +27,11 @@ def perplexity(folder, ids):
 
 
 @pytest.mark.parametrize("fixture", ["demo_bf16", "demo_fp32_tied"])
-def test_every_t_equals_the_merge_made_at_it(fixture, request, tmp_path):
+def test_every_t_equals_the_merge_made_at_it(fixture, request, tmp_path, monkeypatch):
     pair = request.getfixturevalue(fixture)
+    opened = []  # how each work shard's file was opened: written over the last one's pages after the first
+    reuse = ShardWriter._reuse_scratch
+    monkeypatch.setattr(ShardWriter, "_reuse_scratch", lambda self: opened.append(reuse(self)) or opened[-1])
     spec = spec_for(pair, tmp_path / "work" / "t-0.2", t=0.2, max_shard_size="40KB", direct_io=False,
                     device="cpu")
     base = plan_resolved(spec, execution=True)
@@ -43,3 +49,4 @@ def test_every_t_equals_the_merge_made_at_it(fixture, request, tmp_path):
     assert found.bytes_read == sum(j.a.nbytes + j.b.nbytes for s in base.shards for j in s.jobs)
     left = [p for p in (tmp_path / "work").rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin")]
     assert not left  # every work shard deleted once evaluated, every copy kept aside too
+    assert opened == [os.O_TRUNC] + [0] * (len(ts) * len(base.shards) - 1)
