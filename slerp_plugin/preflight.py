@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,7 +43,8 @@ _DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 @dataclass
 class ParentSize:
     """One parent's weights: ``size`` bytes in ``files`` files; ``to_download`` of them not on
-    this machine yet (0 for a local folder)."""
+    this machine yet (0 for a local folder); ``config``: its ``config.json`` where this machine has
+    it."""
 
     role: str
     ref: str
@@ -51,6 +53,7 @@ class ParentSize:
     files: int
     to_download: int
     dtype: str | None = None
+    config: str | None = None
 
 
 @dataclass
@@ -70,6 +73,9 @@ class MergeEstimate:
     unwritable: list[str] = field(default_factory=list)
     #: a streaming merge's disk (its budget) and time (the slowest of the overlapped stages)
     stream_disk_bytes: int = 0
+    #: of that disk, what the gate keeps aside (its copies of a tied head, its saved points); None:
+    #: not known (model_1's config.json is not on this machine), and not counted
+    stream_aside_bytes: int | None = 0
     stream_s: float = 0.0
     #: connections the stream reads each parent over (``method.connections``; ``auto``: up to
     #: :data:`~slerp_plugin.hub.connections.AUTO_MOST`, as many as still gain), and each one's limit
@@ -94,9 +100,14 @@ class MergeEstimate:
             out.append(f"disk at {where}: needs {_gb(d['needed'])}, {_gb(d['free'])} free")
         out.append(f"time: download {_duration(self.download_s)}, merge {_duration(self.merge_s)}, "
                    f"upload {_duration(self.upload_s)}; {_duration(self.sequential_s)} in all")
-        out.append(f"streaming Hub to Hub (method.stream=true): disk {_gb(self.stream_disk_bytes)}, memory "
-                   f"{_gb(self.memory_bytes)}, about {_duration(self.stream_s)} (download, merge and upload "
-                   f"overlap; each parent read over {self._connections_text()}, method.connections)")
+        aside = ""
+        if self.stream_aside_bytes is None:
+            aside = "; the gate's copies kept aside not counted: model_1's config.json is not on this machine"
+        elif self.stream_aside_bytes:
+            aside = f", {_gb(self.stream_aside_bytes)} of it kept aside by the gate"
+        out.append(f"streaming Hub to Hub (method.stream=true): disk {_gb(self.stream_disk_bytes)}{aside}, "
+                   f"memory {_gb(self.memory_bytes)}, about {_duration(self.stream_s)} (download, merge and "
+                   f"upload overlap; each parent read over {self._connections_text()}, method.connections)")
         if self.connection_bps:
             gets = f"{2 * stream_connections(self.connections)}"
             gets = f"up to {gets}" if self.connections == "auto" else gets
@@ -133,6 +144,7 @@ def estimate(
     upload_bps: float = UPLOAD_BPS,
     merge_bps: float = MERGE_BPS,
     connection_bps: float | None = None,
+    aside: Callable[[Path], int] | None = None,
 ) -> MergeEstimate:
     """What ``spec`` needs as a local merge, and as a streaming one. Reads only listings and sizes
     (Hub API calls for Hub parents, no download).
@@ -144,6 +156,8 @@ def estimate(
         connection_bps: what one connection may carry, bytes/s (CDNs limit each); None: only the
             link limits. A download takes :data:`DOWNLOAD_FILES_AT_ONCE` connections, a stream
             ``spec.connections`` per parent.
+        aside: the disk a gated stream keeps aside besides its shards, told from model_1's
+            ``config.json`` (the gate's own estimate); None: not counted.
 
     Raises:
         ModelNotFoundError: a parent is neither a local folder nor a Hub id.
@@ -164,7 +178,9 @@ def estimate(
     est.download_s = downloads / _rate(download_bps, connection_bps, min(files, DOWNLOAD_FILES_AT_ONCE))
     est.merge_s = output_bytes / merge_bps
     est.upload_s = output_bytes / upload_bps if spec.push_to_hub else 0.0
-    est.stream_disk_bytes = stream_disk(spec, parents, output_bytes)
+    if spec.gate and aside is not None:
+        est.stream_aside_bytes = aside(Path(parents[0].config)) if parents[0].config else None
+    est.stream_disk_bytes = stream_disk(spec, parents, output_bytes, est.stream_aside_bytes or 0)
     full_download = sum(p.size for p in parents) / _rate(download_bps, connection_bps,
                                                          2 * stream_connections(spec.connections))
     est.stream_s = max(full_download, est.merge_s, output_bytes / upload_bps)
@@ -177,15 +193,15 @@ def _rate(link_bps: float, connection_bps: float | None, connections: int) -> fl
     return min(link_bps, connection_bps * max(connections, 1)) if connection_bps else link_bps
 
 
-def stream_disk(spec: MergeSpec, parents: list[ParentSize], output_bytes: int) -> int:
+def stream_disk(spec: MergeSpec, parents: list[ParentSize], output_bytes: int, aside: int = 0) -> int:
     """The disk a streaming merge of ``spec`` holds at most: ``spec.disk_budget``, else
-    :data:`STREAM_SHARDS_IN_FLIGHT` output shards, each with the parents' bytes it is merged from
-    (bytes)."""
+    :data:`STREAM_SHARDS_IN_FLIGHT` output shards, each with the parents' bytes it is merged from,
+    and ``aside`` (what the gate keeps aside) (bytes)."""
     if spec.disk_budget:
         return spec.disk_budget
     shard = min(spec.max_shard_size, output_bytes)
     inputs = sum(p.size for p in parents) / max(output_bytes, 1)
-    return int(STREAM_SHARDS_IN_FLIGHT * shard * (1 + inputs))
+    return int(STREAM_SHARDS_IN_FLIGHT * shard * (1 + inputs)) + aside
 
 
 def require_disk(spec: MergeSpec) -> MergeEstimate:
@@ -231,8 +247,9 @@ def parent_size(role: str, ref: ModelRef) -> ParentSize:
     from .io.safetensors import Checkpoint
 
     files = list(Checkpoint.open(folder).files)
+    config = folder / "config.json"
     return ParentSize(role, str(folder), None, sum(f.stat().st_size for f in files), len(files), 0,
-                      _config_dtype(folder / "config.json"))
+                      _config_dtype(config), str(config) if config.is_file() else None)
 
 
 def _hub_parent_size(role: str, ref: ModelRef) -> ParentSize:
@@ -246,8 +263,10 @@ def _hub_parent_size(role: str, ref: ModelRef) -> ParentSize:
                   if not isinstance(try_to_load_from_cache(ref.ref, f.name, cache_dir=cache, revision=commit),
                                     str))
     config = try_to_load_from_cache(ref.ref, "config.json", cache_dir=cache, revision=commit)
-    dtype = _config_dtype(Path(config)) if isinstance(config, str) else None
-    return ParentSize(role, ref.ref, commit[:12], sum(f.size for f in weights), len(weights), missing, dtype)
+    config = config if isinstance(config, str) else None
+    dtype = _config_dtype(Path(config)) if config else None
+    return ParentSize(role, ref.ref, commit[:12], sum(f.size for f in weights), len(weights), missing, dtype,
+                      config)
 
 
 def _config_dtype(path: Path) -> str | None:

@@ -3,6 +3,7 @@ that cannot fit on disk refused up front; ``slerp-merge plan``."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import namedtuple
 from pathlib import Path
@@ -181,3 +182,33 @@ def test_a_read_only_or_unwritable_output_says_so_not_no_space(demo_bf16, tmp_pa
     with pytest.raises(OutputWriteError, match="is not writable by this user \\(permission denied\\)"):
         preflight.require_disk(spec)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_gated_stream_counts_what_the_gate_keeps_aside(demo_fp32_tied, hub, tmp_path, capsys, monkeypatch):
+    """The tied head's table, once per evaluator, and the saved points; told from model_1's config.json,
+    which a Hub parent not downloaded yet does not have here."""
+    from slerp_plugin.stream.evaluation import aside_estimate
+
+    spec = spec_for(demo_fp32_tied, tmp_path / "o", t=0.3, max_shard_size="100KB")
+    table = 4 * 512 * 64  # the demo pair's vocabulary × hidden size, float32
+    aside = aside_estimate(spec, demo_fp32_tied[0] / "config.json")
+    assert aside > 3 * table
+    plain = preflight.estimate(spec)
+    est = preflight.estimate(spec, aside=functools.partial(aside_estimate, spec))
+    assert est.stream_aside_bytes == aside and est.stream_disk_bytes == plain.stream_disk_bytes + aside
+    assert f", {aside / 1e9:.2f} GB of it kept aside by the gate" in "\n".join(est.lines())
+    ungated = MergeSpec.build(**{**spec.model_dump(), "gate": False})
+    off = preflight.estimate(ungated, aside=functools.partial(aside_estimate, ungated))
+    assert off.stream_aside_bytes == 0 and off.stream_disk_bytes == plain.stream_disk_bytes
+    untied = json.loads((demo_fp32_tied[0] / "config.json").read_text()) | {"tie_word_embeddings": False}
+    (tmp_path / "untied").mkdir()
+    (tmp_path / "untied" / "config.json").write_text(json.dumps(untied))
+    assert aside_estimate(spec, tmp_path / "untied" / "config.json") == aside - 3 * table
+    upload_folder(demo_fp32_tied[0], "org/ta")
+    upload_folder(demo_fp32_tied[1], "org/tb")
+    remote = MergeSpec.build(model_1="org/ta", model_2="org/tb", t=0.3, output=str(tmp_path / "r"),
+                             push_to_hub="org/m")
+    est = preflight.estimate(remote, aside=functools.partial(aside_estimate, remote))
+    assert est.stream_aside_bytes is None
+    assert "the gate's copies kept aside not counted: model_1's config.json is not on this machine" in (
+        "\n".join(est.lines()))

@@ -8,6 +8,7 @@ Each takes its argument list and returns the exit status; errors are raised as
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def plan(argv: list[str]) -> int:
     args, rest = parser.parse_known_args(argv)
     from ..preflight import estimate
     from ..spec import parse_size
+    from ..stream.evaluation import aside_estimate
     from .hydra_app import compose_spec
 
     try:
@@ -58,7 +60,9 @@ def plan(argv: list[str]) -> int:
         per = parse_size(args.connection_bandwidth) if args.connection_bandwidth else None
     except ValueError as e:
         raise ConfigError(f"bandwidth: {e}") from e
-    est = estimate(compose_spec(rest), download_bps=down, upload_bps=up, connection_bps=per)
+    spec = compose_spec(rest)
+    est = estimate(spec, download_bps=down, upload_bps=up, connection_bps=per,
+                   aside=functools.partial(aside_estimate, spec))
     if args.json:
         import json
 

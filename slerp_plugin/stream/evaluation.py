@@ -34,13 +34,14 @@ from pathlib import Path
 import torch
 
 from ..engine import MergePlan, ShardPlan
-from ..errors import ValidationInputError
+from ..errors import ValidationInputError, first_line
 from ..io.safetensors import TensorInfo, read_header
+from ..spec import MergeSpec
 from ..validate.cache import EvaluationCache, evaluation_key
 from ..validate.fed import FedEvaluator
 from ..validate.functional import ROLES, EvalSettings, eval_tokens, judge
 from ..validate.report import FunctionalResult, ModelEvaluation
-from ..validate.streaming import LayerOutput
+from ..validate.streaming import LayerOutput, hidden_state_bytes
 from ..validate.weights import FeedClosed
 from .remote import RemoteParent
 from .spool import DiskBudget
@@ -152,8 +153,8 @@ class StreamGate:
     def point_bytes(self) -> int:
         """Disk the saved points take at most: each evaluator's hidden states, twice (a point is
         written before the one it replaces is deleted)."""
-        return 2 * sum(ev.model.hidden_bytes(int(self.ids.numel()), self.settings.max_length) + 4096
-                       for ev in self.evaluators)
+        return sum(_point_bytes(ev.model.hidden_bytes(int(self.ids.numel()), self.settings.max_length))
+                   for ev in self.evaluators)
 
     def use_budget(self, budget: DiskBudget) -> None:
         """Count the copies kept aside in ``budget`` (the merge's)."""
@@ -317,3 +318,38 @@ class StreamGate:
 def _files(point: GatePoint) -> set[Path]:
     """The copies kept aside that ``point`` names."""
     return {info.file for kept in point.kept.values() for info, _ in kept.values()}
+
+
+def _point_bytes(hidden_bytes: int) -> int:
+    """Disk one evaluator's saved points take at most: its hidden states and their record, twice (a
+    point is written before the one it replaces is deleted)."""
+    return 2 * (hidden_bytes + 4096)
+
+
+def aside_estimate(spec: MergeSpec, config_file: Path) -> int:
+    """The most disk a gated stream of ``spec`` keeps aside besides its shards, in bytes, told from
+    model_1's ``config.json`` (no weights read): three evaluators (the merge and both parents, as
+    when the parents' perplexities are not cached), each with a copy of a tied head's table
+    (vocabulary × hidden size, in the config's dtype, else 2 bytes) and its saved points (hidden
+    states in float32). What :attr:`StreamGate.tied_bytes` and :attr:`StreamGate.point_bytes` hold
+    once the models are built. 0 without the gate.
+
+    Raises:
+        ValidationInputError: the config cannot be read.
+    """
+    if not spec.gate:
+        return 0
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(config_file.parent)
+    except Exception as e:  # transformers raises many types; the first line says what is wrong
+        raise ValidationInputError(f"{config_file}: cannot be read: {first_line(e)}", path=config_file) from e
+    text = config.get_text_config()
+    hidden, vocab = int(getattr(text, "hidden_size", 0)), int(getattr(text, "vocab_size", 0))
+    tied = bool(getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    itemsize = dtype.itemsize if isinstance(dtype, torch.dtype) else 2
+    settings = EvalSettings(max_tokens=spec.gate_max_tokens)
+    points = _point_bytes(hidden_state_bytes(hidden, settings.max_tokens, settings.max_length, 4))
+    return 3 * ((vocab * hidden * itemsize if tied else 0) + points)

@@ -80,11 +80,7 @@ class FedEvaluator:
     @property
     def tied_bytes(self) -> int:
         """Bytes of the tensors more than one module reads (kept aside until the end)."""
-        seen: dict[str, int] = {}
-        for sources in self.model._sources.values():
-            for s in sources:
-                seen[s.key] = seen.get(s.key, 0) + 1
-        return sum(self.model.layout[k].nbytes for k, n in seen.items() if n > 1)
+        return self.model.shared_bytes
 
     @property
     def kept(self) -> dict[str, tuple[TensorInfo, str]]:

@@ -58,6 +58,13 @@ LOGITS_BUDGET_BYTES = 64 << 20
 READ_BLOCK_ELEMENTS = 1 << 22
 
 
+def hidden_state_bytes(hidden_size: int, tokens: int, max_length: int, itemsize: int) -> int:
+    """Bytes of one set of hidden states of ``tokens`` tokens evaluated in windows of
+    ``max_length``, ``hidden_size`` values of ``itemsize`` bytes each per token."""
+    windows = -(-tokens // max(max_length, 1))
+    return windows * min(tokens, max_length) * hidden_size * itemsize
+
+
 class WeightSource(Protocol):
     """Where a module's tensors are, asked for just before it runs (see :mod:`.weights`)."""
 
@@ -339,9 +346,8 @@ class StreamedCausalLM:
     def hidden_bytes(self, tokens: int, max_length: int) -> int:
         """Bytes of one set of hidden states of :meth:`negative_log_likelihood` over ``tokens``
         tokens in windows of ``max_length`` (what :attr:`reached` holds)."""
-        windows = -(-tokens // max(max_length, 1))
         width = getattr(self.config.get_text_config(), "hidden_size", 0)
-        return windows * min(tokens, max_length) * width * self.dtype.itemsize
+        return hidden_state_bytes(width, tokens, max_length, self.dtype.itemsize)
 
     def check_reached(self, reached: LayerOutput) -> None:
         """Whether :meth:`skip_through` can go on from ``reached``.
@@ -373,6 +379,16 @@ class StreamedCausalLM:
         for layer in self._layers[:reached.layer + 1]:
             layer.forward = functools.partial(_saved_output, saved)  # type: ignore[method-assign]
         self._expect()
+
+    @property
+    def shared_bytes(self) -> int:
+        """Bytes (as stored) of the tensors more than one module reads: a tied head reads the
+        embedding table last, so a model fed shard by shard keeps a copy of it aside."""
+        seen: dict[str, int] = {}
+        for sources in self._sources.values():
+            for s in sources:
+                seen[s.key] = seen.get(s.key, 0) + 1
+        return sum(self.layout[k].nbytes for k, n in seen.items() if n > 1)
 
     @property
     def weight_bytes(self) -> int:

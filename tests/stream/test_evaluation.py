@@ -13,6 +13,7 @@ from test_pipeline import SHARD, local_result, parents, published, stream_spec  
 
 from slerp_plugin.hub import client as H
 from slerp_plugin.merge import run_merge
+from slerp_plugin.stream.evaluation import aside_estimate
 from slerp_plugin.validate import EvalSettings, EvaluationCache, validate_merge
 
 
@@ -120,6 +121,9 @@ def test_a_tied_model_keeps_its_embedding_table_aside_for_the_head(hub, demo_fp3
                  if i.name == "model.embed_tokens.weight")
     assert merge.gate.tied_bytes == 3 * table and merge.gate.point_bytes > 0  # merged and both parents
     assert merge.budget.limit == 3 * shard + merge.gate.tied_bytes + merge.gate.point_bytes
+    # what slerp-merge plan tells from the config alone
+    assert aside_estimate(merge.plan.spec, demo_fp32_tied[0] / "config.json") == (
+        merge.gate.tied_bytes + merge.gate.point_bytes)
     assert 0 < merge.budget.peak <= merge.budget.limit
     report = json.loads((published("org/merged", tmp_path) / "validation.json").read_text())
     local = run_merge(spec_for(demo_fp32_tied, tmp_path / "local", t=0.3)).output
