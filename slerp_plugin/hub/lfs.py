@@ -68,7 +68,10 @@ def preupload(repo_id: str, path: Path, path_in_repo: str, sha256: str, *, revis
     from huggingface_hub.lfs import UploadInfo
 
     def attempt() -> None:
-        op = CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=str(path))
+        # made empty, then pointed at the file: made with the path, the operation reads the file's
+        # SHA-256 from it (huggingface_hub before 2.x at once, whole), which the caller already has
+        op = CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=b"")
+        op.path_or_fileobj = str(path)
         with open(path, "rb") as f:
             sample = f.read(512)
         op.upload_info = UploadInfo(size=path.stat().st_size, sample=sample, sha256=bytes.fromhex(sha256))

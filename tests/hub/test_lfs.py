@@ -11,13 +11,20 @@ from slerp_plugin.hub import lfs
 from slerp_plugin.hub.client import list_files, resolve_revision
 
 
-def test_preuploaded_files_are_published_by_one_commit_from_their_sha256_alone(hub, tmp_path):
+def test_preuploaded_files_are_published_by_one_commit_from_their_sha256_alone(hub, tmp_path, monkeypatch):
+    from huggingface_hub.lfs import UploadInfo
+
     lfs.ensure_repo("org/pre")
     shard = tmp_path / "model-00001-of-00001.safetensors"
     shard.write_bytes(b"\x01\x02" * 50_000)
     sha = hashlib.sha256(shard.read_bytes()).hexdigest()
     assert lfs.lfs_present("org/pre", [(sha, 100_000)]) == set()
+    hashed = []  # files whose SHA-256 huggingface_hub would read from them: none, it is given
+    real = UploadInfo.from_path.__func__
+    monkeypatch.setattr(UploadInfo, "from_path",
+                        classmethod(lambda cls, path: hashed.append(path) or real(cls, path)))
     lfs.preupload("org/pre", shard, shard.name, sha)
+    assert hashed == []
     assert lfs.lfs_present("org/pre", [(sha, 100_000), ("0" * 64, 5)]) == {sha}
     shard.unlink()  # what a streaming merge does once a shard is up
     (tmp_path / "config.json").write_text("{}")
