@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .engine.output import output_path, partial_path
-from .errors import HubError, ModelNotFoundError, OutputWriteError
+from .errors import HubError, ModelNotFoundError, OutputWriteError, ValidationInputError
 from .hub.client import list_files, resolve_revision, select_files
 from .hub.connections import AUTO_MOST
 from .hub.sources import looks_like_hub_id
@@ -74,8 +74,9 @@ class MergeEstimate:
     #: a streaming merge's disk (its budget) and time (the slowest of the overlapped stages)
     stream_disk_bytes: int = 0
     #: of that disk, what the gate keeps aside (its copies of a tied head, its saved points); None:
-    #: not known (model_1's config.json is not on this machine), and not counted
+    #: not known, and not counted (``stream_aside_unknown`` says why)
     stream_aside_bytes: int | None = 0
+    stream_aside_unknown: str | None = None
     stream_s: float = 0.0
     #: connections the stream reads each parent over (``method.connections``; ``auto``: up to
     #: :data:`~slerp_plugin.hub.connections.AUTO_MOST`, as many as still gain), and each one's limit
@@ -102,7 +103,7 @@ class MergeEstimate:
                    f"upload {_duration(self.upload_s)}; {_duration(self.sequential_s)} in all")
         aside = ""
         if self.stream_aside_bytes is None:
-            aside = "; the gate's copies kept aside not counted: model_1's config.json is not on this machine"
+            aside = f"; the gate's copies kept aside not counted: {self.stream_aside_unknown}"
         elif self.stream_aside_bytes:
             aside = f", {_gb(self.stream_aside_bytes)} of it kept aside by the gate"
         out.append(f"streaming Hub to Hub (method.stream=true): disk {_gb(self.stream_disk_bytes)}{aside}, "
@@ -179,13 +180,25 @@ def estimate(
     est.merge_s = output_bytes / merge_bps
     est.upload_s = output_bytes / upload_bps if spec.push_to_hub else 0.0
     if spec.gate and aside is not None:
-        est.stream_aside_bytes = aside(Path(parents[0].config)) if parents[0].config else None
+        _count_aside(est, aside, parents[0].config)
     est.stream_disk_bytes = stream_disk(spec, parents, output_bytes, est.stream_aside_bytes or 0)
     full_download = sum(p.size for p in parents) / _rate(download_bps, connection_bps,
                                                          2 * stream_connections(spec.connections))
     est.stream_s = max(full_download, est.merge_s, output_bytes / upload_bps)
     _disk(spec, est, downloads)
     return est
+
+
+def _count_aside(est: MergeEstimate, aside: Callable[[Path], int], config: str | None) -> None:
+    """Set what the gate keeps aside, or why it is not known."""
+    est.stream_aside_bytes = None
+    if config is None:
+        est.stream_aside_unknown = "model_1's config.json is not on this machine"
+        return
+    try:
+        est.stream_aside_bytes = aside(Path(config))
+    except ValidationInputError as e:
+        est.stream_aside_unknown = str(e)
 
 
 def _rate(link_bps: float, connection_bps: float | None, connections: int) -> float:

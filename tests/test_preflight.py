@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections import namedtuple
 from pathlib import Path
 
@@ -184,7 +185,7 @@ def test_a_read_only_or_unwritable_output_says_so_not_no_space(demo_bf16, tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_gated_stream_counts_what_the_gate_keeps_aside(demo_fp32_tied, hub, tmp_path, capsys, monkeypatch):
+def test_a_gated_stream_counts_what_the_gate_keeps_aside(demo_fp32_tied, hub, tmp_path):
     """The tied head's table, once per evaluator, and the saved points; told from model_1's config.json,
     which a Hub parent not downloaded yet does not have here."""
     from slerp_plugin.stream.evaluation import aside_estimate
@@ -212,3 +213,9 @@ def test_a_gated_stream_counts_what_the_gate_keeps_aside(demo_fp32_tied, hub, tm
     assert est.stream_aside_bytes is None
     assert "the gate's copies kept aside not counted: model_1's config.json is not on this machine" in (
         "\n".join(est.lines()))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    bad = tmp_path / "bad" / "config.json"
+    est = preflight.estimate(spec, aside=lambda config: aside_estimate(spec, bad))
+    assert est.stream_aside_bytes is None and est.stream_disk_bytes == plain.stream_disk_bytes
+    assert re.search(r"not counted: .*bad/config.json: cannot be read", "\n".join(est.lines()))
