@@ -196,7 +196,8 @@ class ShardMerge:
     fixed pools, so memory is bounded by ``buffer_memory`` whatever the tensor size.
 
     With ``scratch``, the shard is written as a scratch file over that spare file's pages (see
-    :class:`~slerp_plugin.io.writer.ShardWriter`): for a shard read once and deleted.
+    :class:`~slerp_plugin.io.writer.ShardWriter`), neither hashed nor journalled: for a shard read
+    once and deleted.
     """
 
     def __init__(self, work: WorkingFolder, shard: ShardPlan, reader: TensorReader, *,
@@ -263,7 +264,8 @@ class ShardMerge:
         record = ShardRecord(file=self.shard.file, size=writer.size, sha256=writer.sha256,
                              tensors=len(self.shard.jobs))
         outcome = ShardOutcome(record, records, seconds, self.bytes_read)
-        self.work.journal(self.shard, outcome)
+        if self.scratch is None:
+            self.work.journal(self.shard, outcome)
         branches = Counter(r.branch for r in records)
         log.info("shard %d/%d %s: %d tensors (%s), %s written in %.1f s (%s/s)",
                  self.shard.index + 1, len(self.plan.shards), self.shard.file, len(self.shard.jobs),

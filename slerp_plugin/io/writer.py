@@ -3,7 +3,7 @@
 The SHA-256 of the file is computed on the way (no second read), the bytes go to ``<path>.tmp``
 (``O_DIRECT`` where the filesystem allows) and the file is fsynced and renamed into place only
 when complete. A scratch shard (read once and deleted, as a sweep's work shards are) is neither
-fsynced nor written back early, and is written over the page-cache pages of a spare file.
+hashed, fsynced nor written back early, and is written over the page-cache pages of a spare file.
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ class ShardWriter:
     ``O_DIRECT`` the writer continues buffered.
 
     With ``scratch`` (a path of the caller's own), the shard is a scratch file that nothing resumes
-    from: it is not fsynced and its writeback is not started early, and where ``scratch`` exists
-    (an earlier scratch shard the caller is done with) it becomes the temporary file and is written
-    over in place. Pages already in the page cache are rewritten at the cost of a copy; a new file
-    costs the system a page allocation per 4 KB as well (about a second per GB on a small VM).
-    ``direct`` does not apply to a scratch shard.
+    from or checks: it is neither hashed nor fsynced, its writeback is not started early, and where
+    ``scratch`` exists (an earlier scratch shard the caller is done with) it becomes the temporary
+    file and is written over in place. Pages already in the page cache are rewritten at the cost of
+    a copy; a new file costs the system a page allocation per 4 KB as well (about a second per GB
+    on a small VM). ``direct`` does not apply to a scratch shard.
     """
 
     STAGE_BYTES = 8 << 20
@@ -138,6 +138,9 @@ class ShardWriter:
 
     def _put(self, data: memoryview) -> None:
         data = data.cast("B")
+        if self.scratch is not None:  # read once and discarded: nothing checks it against a SHA-256
+            self._store(data)
+            return
         if len(data) < self.PARALLEL_HASH_BYTES:
             self._sha.update(data)
             self._store(data)
@@ -202,7 +205,8 @@ class ShardWriter:
 
     @property
     def sha256(self) -> str:
-        return self._sha.hexdigest()
+        """The SHA-256 of the file ("" for a scratch shard, which is not hashed)."""
+        return "" if self.scratch is not None else self._sha.hexdigest()
 
     @property
     def size(self) -> int:

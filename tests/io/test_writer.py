@@ -131,7 +131,7 @@ def test_shard_writer_leaves_nothing_on_error(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_a_scratch_shard_is_written_over_its_spare_and_never_fsynced(tmp_path, monkeypatch):
+def test_a_scratch_shard_is_written_over_its_spare_never_hashed_or_fsynced(tmp_path, monkeypatch):
     synced, advised = [], []
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
     monkeypatch.setattr(os, "posix_fadvise", lambda *a: advised.append(a))
@@ -150,7 +150,7 @@ def test_a_scratch_shard_is_written_over_its_spare_and_never_fsynced(tmp_path, m
         # the spare's own file (its pages), cut to this shard's size: a longer tail is gone
         assert (path.stat().st_ino == spare_inode) is was_spare and not spare.exists()
         assert path.stat().st_size == w.size
-        assert w.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert w.sha256 == ""  # not hashed: nothing checks a scratch shard
         assert [t.numpy().tobytes() for t in load_file(path).values()] == pieces  # a valid file
         path.replace(spare)
     assert synced == [] and advised == []

@@ -10,6 +10,7 @@ import torch
 from model_helpers import spec_for
 
 from slerp_plugin.engine import plan_resolved
+from slerp_plugin.engine.resume import WorkingFolder
 from slerp_plugin.io.writer import ShardWriter
 from slerp_plugin.merge import run_merge
 from slerp_plugin.sweep.one_pass import OnePass
@@ -32,6 +33,10 @@ def test_every_t_equals_the_merge_made_at_it(fixture, request, tmp_path, monkeyp
     opened = []  # how each work shard's file was opened: written over the last one's pages after the first
     reuse = ShardWriter._reuse_scratch
     monkeypatch.setattr(ShardWriter, "_reuse_scratch", lambda self: opened.append(reuse(self)) or opened[-1])
+    journalled = []  # nothing resumes from a work shard
+    journal = WorkingFolder.journal
+    monkeypatch.setattr(WorkingFolder, "journal",
+                        lambda self, shard, done: journalled.append(shard) or journal(self, shard, done))
     spec = spec_for(pair, tmp_path / "work" / "t-0.2", t=0.2, max_shard_size="40KB", direct_io=False,
                     device="cpu")
     base = plan_resolved(spec, execution=True)
@@ -39,6 +44,7 @@ def test_every_t_equals_the_merge_made_at_it(fixture, request, tmp_path, monkeyp
     _, ids = eval_tokens(pair[0], SETTINGS)
     ts = (0.2, 0.5, 0.9)
     found = OnePass(base, ts, tmp_path / "work", SETTINGS, ids, ("model_1", "model_2")).run()
+    assert journalled == []
     for m in found.merges:
         merged = run_merge(spec_for(pair, tmp_path / f"merged-{m.t}", t=m.t, device="cpu")).output
         assert m.problem is None
