@@ -5,9 +5,9 @@ norm, head: :func:`~slerp_plugin.engine.plan.execution_order`), in small shards 
 layer each). For each shard, and for each t in turn, the engine's own :class:`ShardMerge` merges
 the shard at t into a work file, whose tensors are handed to that t's evaluator
 (:class:`~slerp_plugin.validate.fed.FedEvaluator`: the layer-streamed model of ``slerp-merge
-validate``, advancing that t's hidden states). A work file is read once: it is neither fsynced nor
-kept, and the next one is written over its pages in the page cache (a new file would cost the
-system a page allocation per 4 KB, about a second per GB on a small VM).
+validate``, advancing that t's hidden states). A work file is read once: it is neither hashed,
+fsynced, journalled nor kept, and the next one is written over its pages in the page cache (a new
+file would cost the system a page allocation per 4 KB, about a second per GB on a small VM).
 The parents' bytes of the shard are read from disk once: the merges at the other t and the
 parents' own evaluators (when their perplexity is not cached) find them in the page cache. Hub
 parents are read by range as a streaming merge reads them: each shard's input bytes are fetched
