@@ -223,7 +223,8 @@ class MergeSpec(BaseModel):
                          "range as needed, each output shard uploaded once written, then deleted")
     disk_budget: Annotated[int | None, BeforeValidator(_optional_size)] = Field(
         None, description="bytes of disk a streaming merge may use at once (default: three output shards in "
-        "flight with their inputs, plus the gate's copies kept aside)")
+        "flight with their inputs, plus the gate's copies kept aside); in a sweep, the most its work "
+        "shards (and spooled inputs) take at once (default: 1GB, or up to 8 layers where layers are larger)")
     connections: Literal["auto"] | int = Field(
         "auto", description="ranged GETs in flight per Hub parent in a streaming merge or a sweep (CDNs "
         "limit each connection's rate): 1–64, or auto (default: found by measuring, from 2 up to 32)")

@@ -7,7 +7,9 @@ the plan assigns. Peak memory is a few blocks, whatever the model or tensor size
 Per shard (:class:`ShardMerge`): two ordered read-ahead threads read block pairs (and, on a CPU,
 take pass 1 of what they read), the calling thread runs the kernel, a write-behind thread writes
 the output (its SHA-256 on a thread of its own), and a thread per model feeds the input SHA-256
-from the bytes read. Finished shards are journalled (:mod:`slerp_plugin.engine.resume`).
+from the bytes read. Finished shards are journalled (:mod:`slerp_plugin.engine.resume`). One read
+of a shard's inputs can also merge it at several t at once (:meth:`ShardMerge.at_each_t`): each
+block is read, converted and summed once, and combined once per t.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,17 @@ class BlockRead:
     stats: SlerpStats | None
 
 
+@dataclass(frozen=True)
+class MergeTarget:
+    """One output of a :class:`ShardMerge`: a shard of the plan of working folder ``work`` (its
+    jobs carry the t it is merged at), written over the spare file ``scratch`` when given (see
+    :class:`~slerp_plugin.io.writer.ShardWriter`) and then neither hashed nor journalled."""
+
+    work: WorkingFolder
+    shard: ShardPlan
+    scratch: Path | None = None
+
+
 class ShardMerge:
     """Merges one output shard of the plan of working folder ``work``; :meth:`run` does it and
     returns the journal entry.
@@ -203,21 +215,50 @@ class ShardMerge:
     def __init__(self, work: WorkingFolder, shard: ShardPlan, reader: TensorReader, *,
                  hashes: InputHashes | None = None, progress: Progress | None = None,
                  scratch: Path | None = None) -> None:
-        plan = work.plan
-        self.work, self.plan, self.shard, self.reader = work, plan, shard, reader
-        self.scratch = scratch
+        self._setup([MergeTarget(work, shard, scratch)], reader, hashes, progress)
+
+    @classmethod
+    def at_each_t(cls, targets: Sequence[MergeTarget], reader: TensorReader) -> ShardMerge:
+        """One merge of the same shard into every target, each at the t its jobs carry: the inputs
+        are read (and their pass-1 sums taken) once, and each t's output is what a merge at that t
+        alone writes, bit for bit. :meth:`run_each` does it.
+
+        Raises:
+            ValueError: the targets' shards differ in anything but t.
+        """
+        def options(target: MergeTarget) -> dict[str, Any]:
+            return target.work.plan.spec.model_dump(exclude={"t", "output"})
+
+        first = targets[0].shard
+        for target in targets[1:]:
+            shard = target.shard
+            if (shard.index, shard.file, len(shard.jobs)) != (first.index, first.file, len(first.jobs)) \
+                    or any(replace(j, t=f.t) != f for j, f in zip(shard.jobs, first.jobs, strict=True)) \
+                    or options(target) != options(targets[0]):
+                raise ValueError("the shards of a merge at several t must differ in t alone")
+        merge = cls.__new__(cls)
+        merge._setup(list(targets), reader, None, None)
+        return merge
+
+    def _setup(self, targets: list[MergeTarget], reader: TensorReader, hashes: InputHashes | None,
+               progress: Progress | None) -> None:
+        self.targets = targets
+        self.work, self.shard, self.scratch = targets[0].work, targets[0].shard, targets[0].scratch
+        plan = self.work.plan
+        self.plan, self.reader = plan, reader
         self.hashes, self.progress = hashes, progress
         spec = plan.spec
         self.device = plan.device
         self.load_dtype = getattr(torch, spec.dtype) if spec.dtype else None
         self.layout = BlockLayout.for_shard(
-            [j.a.itemsize for j in shard.jobs] + [j.b.itemsize for j in shard.jobs],
-            [DTYPES[j.out_dtype][1] for j in shard.jobs],
+            [j.a.itemsize for j in self.shard.jobs] + [j.b.itemsize for j in self.shard.jobs],
+            [DTYPES[j.out_dtype][1] for j in self.shard.jobs],
             spec.chunk_elements, spec.buffer_memory, buffers.IO_BLOCK_BYTES,
         )
         self.pinned = self.device.type == "cuda"
         self.raw_pool = BufferPool(2 * self.layout.per_side, self.layout.raw_bytes, self.pinned)
-        self.out_pool = BufferPool(buffers.OUT_BUFFERS, self.layout.out_bytes, self.pinned)
+        # a block's outputs at every t are filled before any is written
+        self.out_pool = BufferPool(buffers.OUT_BUFFERS + len(targets) - 1, self.layout.out_bytes, self.pinned)
         # CPU merges: the reader threads take pass 1 of the blocks they read, the calling thread
         # pass 2; per-chunk sums added in order give the same float64 sums on any thread
         self.stats_on_read = self.device.type == "cpu"
@@ -225,6 +266,7 @@ class ShardMerge:
         self.cache_budget = page_cache_budget()
         self.bytes_read = 0
         self._scratch = threading.local()
+        self._writers: list[ShardWriter] = []  #: the targets' writers, while :meth:`run_each` runs
         self._feed: ReadAhead | None = None
         self._sink: WriteBehind | None = None
         self._hashing: tuple[WriteBehind, WriteBehind] | None = None
@@ -238,44 +280,65 @@ class ShardMerge:
             CheckpointError: an input is unreadable or truncated.
             OutputWriteError: writing failed; no file is left at the shard's path.
         """
+        return self.run_each()[0]
+
+    def run_each(self) -> list[ShardOutcome]:
+        """Merge every tensor of the shard into each target's ``<output>.partial/<file>``; journal
+        those that are not scratch shards; return an outcome per target, in order.
+
+        Raises:
+            CheckpointError: an input is unreadable or truncated.
+            OutputWriteError: writing failed; no file is left at any target's shard path.
+        """
         started = time.perf_counter()
         try:
             with ExitStack() as stack:
-                writer = stack.enter_context(ShardWriter(self.work.shard_path(self.shard),
-                                                         [j.output for j in self.shard.jobs],
-                                                         direct=self.plan.spec.direct_io,
-                                                         scratch=self.scratch))
+                direct = self.plan.spec.direct_io
+                writers = [stack.enter_context(ShardWriter(t.work.shard_path(t.shard),
+                                                           [j.output for j in t.shard.jobs],
+                                                           direct=direct, scratch=t.scratch))
+                           for t in self.targets]
                 # a failed write or hash frees no more buffers: the pool it would have fed back is
                 # closed, so that no thread waits for it forever
                 close_out, close_raw = (lambda e: self.out_pool.close()), (lambda e: self.raw_pool.close())
-                self._sink = stack.enter_context(
-                    WriteBehind(partial(self._write_out, writer), on_error=close_out))
+                self._sink = stack.enter_context(WriteBehind(self._write_out, on_error=close_out))
                 self._hashing = (stack.enter_context(WriteBehind(self._hash_input, on_error=close_raw)),
                                  stack.enter_context(WriteBehind(self._hash_input, on_error=close_raw)))
                 self._feed = stack.enter_context(
                     ReadAhead(self._read_tasks(), depth=buffers.READ_AHEAD, workers=buffers.READ_WORKERS))
                 stack.push(self._stop_readers_on_error)
+                self._writers = writers
                 records = self._merge_tensors()
         finally:
             # the workers refer back to this object: without the cyclic GC (the command pauses it)
             # the pools would live on after the shard
             self._feed = self._sink = self._hashing = None
+            self._writers = []
         seconds = time.perf_counter() - started
-        record = ShardRecord(file=self.shard.file, size=writer.size, sha256=writer.sha256,
-                             tensors=len(self.shard.jobs))
-        outcome = ShardOutcome(record, records, seconds, self.bytes_read)
-        if self.scratch is None:
-            self.work.journal(self.shard, outcome)
-        branches = Counter(r.branch for r in records)
+        outcomes = []
+        for k, (target, writer) in enumerate(zip(self.targets, writers, strict=True)):
+            record = ShardRecord(file=target.shard.file, size=writer.size, sha256=writer.sha256,
+                                 tensors=len(target.shard.jobs))
+            outcome = ShardOutcome(record, [r[k] for r in records], seconds, self.bytes_read)
+            if target.scratch is None:
+                target.work.journal(target.shard, outcome)
+            outcomes.append(outcome)
+        size = sum(o.record.size for o in outcomes)
+        if len(outcomes) == 1:
+            branches = Counter(r.branch for r in outcomes[0].tensors)
+            what = ", ".join(f"{k} {v}" for k, v in sorted(branches.items()))
+        else:
+            what = f"at each of {len(outcomes)} t"
         log.info("shard %d/%d %s: %d tensors (%s), %s written in %.1f s (%s/s)",
-                 self.shard.index + 1, len(self.plan.shards), self.shard.file, len(self.shard.jobs),
-                 ", ".join(f"{k} {v}" for k, v in sorted(branches.items())),
-                 format_bytes(record.size), seconds, format_bytes(record.size / max(seconds, 1e-9)))
-        return outcome
+                 self.shard.index + 1, len(self.plan.shards), self.shard.file, len(self.shard.jobs), what,
+                 format_bytes(size), seconds, format_bytes(size / max(seconds, 1e-9)))
+        return outcomes
 
-    def _merge_tensors(self) -> list[TensorRecord]:
+    def _merge_tensors(self) -> list[list[TensorRecord]]:
+        """Each tensor's record at every target (by tensor, then target)."""
         try:
-            return [self._merge_tensor(job) for job in self.shard.jobs]
+            return [self._merge_tensor([t.shard.jobs[i] for t in self.targets])
+                    for i in range(len(self.shard.jobs))]
         except BufferPoolClosed:
             assert self._sink is not None and self._hashing is not None
             for behind in (self._sink, *self._hashing):
@@ -289,19 +352,21 @@ class ShardMerge:
 
     # ---------------------------------------------------------------- one tensor
 
-    def _merge_tensor(self, job: TensorJob) -> TensorRecord:
-        """Keep, hold, or two passes: every block of ``job`` through the kernel, in read order."""
+    def _merge_tensor(self, jobs: list[TensorJob]) -> list[TensorRecord]:
+        """Keep, hold, or two passes: every block of the tensor (``jobs``: at each target's t) through
+        the kernel, in read order."""
+        job = jobs[0]
         src, cdtype = self._dtypes(job)
-        stats, coeff, held = SlerpStats(), None, []
+        stats, coeffs, held = SlerpStats(), None, []
         for kind, start, count in schedule(job, self.layout.block, self.layout.hold_blocks):
             read: BlockRead = next(self._feed)
             self._account(job, start, read)
             if read.b is None:  # "keep": model_1's tensor as it is
                 self._emit_copy(read.a, src, job.out_dtype, count)
             elif kind == "pass2":
-                if coeff is None:
-                    coeff = self._coefficients(job, stats, cdtype)
-                self._merge_block(read.a, read.b, src, cdtype, coeff, job.out_dtype)
+                if coeffs is None:
+                    coeffs = [self._coefficients(j, stats, cdtype) for j in jobs]
+                self._merge_block(read.a, read.b, src, cdtype, coeffs, job.out_dtype)
             else:
                 stats = stats + (read.stats if read.stats is not None
                                  else self._block_stats(read.a.data, read.b.data, src, cdtype))
@@ -311,15 +376,17 @@ class ShardMerge:
                     self._release(read.a, read.b)
         if held:
             if self.plan.spec.norm_precision == "float32":
-                coeff = self._fusionbench_coefficients(job, held, src, cdtype)
+                coeffs = [self._fusionbench_coefficients(j, held, src, cdtype) for j in jobs]
             else:
-                coeff = self._coefficients(job, stats, cdtype)
+                coeffs = [self._coefficients(j, stats, cdtype) for j in jobs]
             for a, b in held:
-                self._merge_block(a, b, src, cdtype, coeff, job.out_dtype)
-        if coeff is not None:
-            log.debug("%s: %s (d=%.6g, s0=%.6g, s1=%.6g)", job.name, coeff.branch, coeff.d,
+                self._merge_block(a, b, src, cdtype, coeffs, job.out_dtype)
+        if coeffs is None:
+            return [tensor_record(j, t.shard.file, None) for j, t in zip(jobs, self.targets, strict=True)]
+        for j, coeff in zip(jobs, coeffs, strict=True):
+            log.debug("%s at t=%g: %s (d=%.6g, s0=%.6g, s1=%.6g)", j.name, j.t, coeff.branch, coeff.d,
                       float(coeff.s0), float(coeff.s1))
-        return tensor_record(job, self.shard.file, coeff)
+        return [tensor_record(j, t.shard.file, c) for j, t, c in zip(jobs, self.targets, coeffs, strict=True)]
 
     def _dtypes(self, job: TensorJob) -> tuple[torch.dtype, torch.dtype]:
         """The dtype a job's inputs are loaded in, and the dtype SLERP computes in."""
@@ -413,13 +480,7 @@ class ShardMerge:
         if src != a_raw.dtype:  # ``dtype`` asks for the models to be loaded in another dtype
             a_raw, b_raw = a_raw.to(src), b_raw.to(src)
         if self.device.type == "cpu":
-            buffers = getattr(self._scratch, "buffers", None)
-            if buffers is None:
-                buffers = self._scratch.buffers = {}
-            if dtype not in buffers:
-                buffers[dtype] = (torch.empty(self.layout.chunk, dtype=dtype),
-                                  torch.empty(self.layout.chunk, dtype=dtype))
-            sa, sb = buffers[dtype]
+            sa, sb = self._scratch_pair("in", dtype, self.layout.chunk)
             for i in range(0, a_raw.numel(), size):
                 n = min(size, a_raw.numel() - i)
                 yield i, sa[:n].copy_(a_raw[i : i + n]), sb[:n].copy_(b_raw[i : i + n])
@@ -428,6 +489,16 @@ class ShardMerge:
         b = b_raw.to(self.device, non_blocking=True).to(dtype)
         for i in range(0, a.numel(), size):
             yield i, a[i : i + size], b[i : i + size]
+
+    def _scratch_pair(self, use: str, dtype: torch.dtype, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two buffers of ``numel`` elements in ``dtype``, this thread's own for ``use``."""
+        buffers = getattr(self._scratch, "buffers", None)
+        if buffers is None:
+            buffers = self._scratch.buffers = {}
+        if (use, dtype) not in buffers:
+            buffers[use, dtype] = (torch.empty(numel, dtype=dtype, device=self.device),
+                                   torch.empty(numel, dtype=dtype, device=self.device))
+        return buffers[use, dtype]
 
     def _block_stats(self, a_raw: torch.Tensor, b_raw: torch.Tensor, src: torch.dtype,
                      cdtype: torch.dtype) -> SlerpStats:
@@ -442,20 +513,30 @@ class ShardMerge:
         return accumulate_chunks((a, b) for _, a, b in pieces)
 
     def _merge_block(self, a: Block, b: Block, src: torch.dtype, cdtype: torch.dtype,
-                     coeff: SlerpCoefficients, out_dtype: str) -> None:
+                     coeffs: list[SlerpCoefficients], out_dtype: str) -> None:
+        """Pass 2 of a block, once per target (``coeffs``: each target's coefficients)."""
         # element-wise: the piece size changes no bit, only how well the CPU cache is used
         size = self.layout.chunk if self.device.type == "cpu" else self.layout.block
-        buf, out = self._take_out(a.data.numel(), out_dtype)
+        outs = [self._take_out(a.data.numel(), out_dtype) for _ in coeffs]
+        last = len(coeffs) - 1
         for i, x, y in self._pieces(a.data, b.data, src, cdtype, size):
-            out[i : i + x.numel()].copy_(combine(x, y, coeff, out=x, scratch=y))
+            for k, (coeff, (_, out)) in enumerate(zip(coeffs, outs, strict=True)):
+                if k == last:  # the pieces are not needed again: computed in place
+                    merged = combine(x, y, coeff, out=x, scratch=y)
+                else:
+                    o, s = self._scratch_pair("out", x.dtype, size)
+                    merged = combine(x, y, coeff, out=o[: x.numel()], scratch=s[: x.numel()])
+                out[i : i + x.numel()].copy_(merged)
         self._release(a, b)
-        self._emit(buf, out)
+        for writer, (buf, out) in zip(self._writers, outs, strict=True):
+            self._emit(writer, buf, out)
 
     def _emit_copy(self, a: Block, src: torch.dtype, out_dtype: str, count: int) -> None:
-        buf, out = self._take_out(count, out_dtype)
-        out.copy_(a.data.to(src))
+        for writer in self._writers:
+            buf, out = self._take_out(count, out_dtype)
+            out.copy_(a.data.to(src))
+            self._emit(writer, buf, out)
         self._release(a)
-        self._emit(buf, out)
 
     # ---------------------------------------------------------------- writing
 
@@ -464,13 +545,13 @@ class ShardMerge:
         buf = self.out_pool.take(count * size)
         return buf, buf[: count * size].view(torch_dtype(out_dtype))
 
-    def _emit(self, buf: torch.Tensor, out: torch.Tensor) -> None:
-        self._sink.put((buf, out))
+    def _emit(self, writer: ShardWriter, buf: torch.Tensor, out: torch.Tensor) -> None:
+        self._sink.put((writer, buf, out))
         if self.progress:
             self.progress(out.nbytes)
 
-    def _write_out(self, writer: ShardWriter, item: tuple[torch.Tensor, torch.Tensor]) -> None:
-        buf, out = item
+    def _write_out(self, item: tuple[ShardWriter, torch.Tensor, torch.Tensor]) -> None:
+        writer, buf, out = item
         writer.write(memoryview(out.view(torch.uint8).numpy()))
         self.out_pool.give(buf)
 

@@ -1,22 +1,26 @@
 """Every t of a sweep evaluated in one read of the parents, without writing a model.
 
 The merge is planned once, in the order the model runs (embeddings, each decoder layer, final
-norm, head: :func:`~slerp_plugin.engine.plan.execution_order`), in small shards (about one decoder
-layer each). For each shard, and for each t in turn, the engine's own :class:`ShardMerge` merges
-the shard at t into a work file, whose tensors are handed to that t's evaluator
-(:class:`~slerp_plugin.validate.fed.FedEvaluator`: the layer-streamed model of ``slerp-merge
-validate``, advancing that t's hidden states). A work file is read once: it is neither hashed,
-fsynced, journalled nor kept, and the next one is written over its pages in the page cache (a new
-file would cost the system a page allocation per 4 KB, about a second per GB on a small VM).
-The parents' bytes of the shard are read from disk once: the merges at the other t and the
-parents' own evaluators (when their perplexity is not cached) find them in the page cache. Hub
-parents are read by range as a streaming merge reads them: each shard's input bytes are fetched
-into a spool file per parent (both parents at once, the next shard's while one is merged), used by
-every t, and deleted; at the end every parent file's SHA-256 is checked against the Hub's.
+norm, head: :func:`~slerp_plugin.engine.plan.execution_order`), in small shards (a few decoder
+layers, or one). The engine's own :class:`ShardMerge` reads each shard's parent bytes once and
+merges the shard at every t in that one read (:meth:`ShardMerge.at_each_t`: the pass-1 sums
+taken once, each t combined as a merge at that t alone would), each t into a work file of its own,
+whose tensors are then handed to that t's evaluator (:class:`~slerp_plugin.validate.fed.FedEvaluator`:
+the layer-streamed model of ``slerp-merge validate``, advancing that t's hidden states). A work
+file is read once: it is neither hashed, fsynced, journalled nor kept, and the same t's next one
+is written over its pages in the page cache (a new file would cost the system a page allocation
+per 4 KB, about a second per GB on a small VM). The parents' own evaluators (when their
+perplexity is not cached) find the shard's parent bytes in the page cache. Hub parents are read
+by range as a streaming merge reads them: each shard's input bytes are fetched into a spool file
+per parent (both parents at once, the next shard's while one is merged), and deleted once used;
+at the end every parent file's SHA-256 is checked against the Hub's.
 
-Disk: one work shard at a time (at most :data:`SWEEP_SHARD_BYTES`, :data:`SWEEP_HUB_SHARD_BYTES`
-for Hub parents, or one layer where a layer is larger), and for Hub parents the inputs of that shard
-and of the next. Memory: the engine's block buffers, plus one set of hidden states per t.
+Disk: a work shard for each t merged at once (up to :data:`SWEEP_T_AT_ONCE`, or as many as
+``method.disk_budget`` holds: :func:`t_at_once`; more t are merged a group at a time, each group
+reading the shard's inputs again from the page cache or the spool), together about
+:data:`SWEEP_WORK_BYTES` (or one layer each where a layer is larger than its share:
+:func:`work_shard_bytes`), and for Hub parents the inputs of the shard and of the next. Memory: the
+engine's block buffers, plus one set of hidden states per t.
 """
 
 from __future__ import annotations
@@ -32,10 +36,11 @@ from pathlib import Path
 import torch
 
 from ..engine import MergePlan, ShardPlan
-from ..engine.execute import ShardMerge
+from ..engine.execute import MergeTarget, ShardMerge
 from ..engine.plan import format_bytes
 from ..engine.resources import compute_threads, threads_beside_evaluation
 from ..engine.resume import WorkingFolder
+from ..errors import ConfigError
 from ..hub.connections import Connections
 from ..io.reader import TensorReader
 from ..io.safetensors import read_header
@@ -47,10 +52,14 @@ from ..validate.report import ModelEvaluation
 
 log = logging.getLogger(__name__)
 
-#: the size of the sweep's work shards (a decoder layer larger than this is one shard of its own)
-SWEEP_SHARD_BYTES = 1 << 30
-#: the same for Hub parents: nothing is merged before the first shard's bytes have arrived, and the
-#: next shard's are fetched while one is merged, so smaller shards overlap more of the fetch
+#: what the work shards of one shard at every t take together (and, for Hub parents, that shard's
+#: and the next one's input bytes)
+SWEEP_WORK_BYTES = 1 << 30
+#: t values merged in one read of a shard's inputs (each has a work shard on disk meanwhile), unless
+#: ``method.disk_budget`` says how many fit
+SWEEP_T_AT_ONCE = 8
+#: the largest work shard for Hub parents: nothing is merged before the first shard's bytes have
+#: arrived, and the next shard's are fetched while one is merged, so smaller shards overlap more
 SWEEP_HUB_SHARD_BYTES = 256 << 20
 SWEPT_NOTE = "no completions: evaluated in a one-pass sweep"
 
@@ -75,10 +84,47 @@ class PassResult:
     seconds: float
 
 
+def work_shard_bytes(count: int, hub: bool, budget: int | None = None) -> int:
+    """The size (bytes) the sweep's merge of ``count`` t values is planned in: :data:`SWEEP_WORK_BYTES`
+    (or ``budget``, ``method.disk_budget``, if smaller) shared by the work shards of the t merged at
+    once (at most :data:`SWEEP_T_AT_ONCE`) and, for Hub parents, by the four spools of the shard's
+    inputs and of the next shard's (at most :data:`SWEEP_HUB_SHARD_BYTES`). A decoder layer larger
+    than this is one shard of its own."""
+    total = min(SWEEP_WORK_BYTES, budget) if budget else SWEEP_WORK_BYTES
+    share = max(1, total // (min(count, SWEEP_T_AT_ONCE) + (4 if hub else 0)))
+    return min(share, SWEEP_HUB_SHARD_BYTES) if hub else share
+
+
+def t_at_once(plan: MergePlan, count: int, hub: bool) -> int:
+    """How many of ``count`` t values are merged in one read of each shard's inputs: up to
+    :data:`SWEEP_T_AT_ONCE`, or as many work shards of ``plan``'s largest shard as
+    ``method.disk_budget`` holds beside (for Hub parents) the inputs of two shards.
+
+    Raises:
+        ConfigError: ``method.disk_budget`` cannot hold one t's work shard (and those inputs).
+    """
+    budget = plan.spec.disk_budget
+    if not budget or not plan.shards:
+        return max(1, min(count, SWEEP_T_AT_ONCE))
+    largest = max(s.nbytes for s in plan.shards)
+    inputs = 2 * max(sum(j.a.nbytes + j.b.nbytes for j in s.jobs) for s in plan.shards) if hub else 0
+    fits = (budget - inputs) // max(largest, 1)
+    if fits < 1:
+        raise ConfigError(f"method.disk_budget: {format_bytes(budget)} is less than a sweep needs for one t "
+                          f"({format_bytes(largest + inputs)}: a work shard of the largest layer"
+                          f"{' and the inputs of two shards' if hub else ''}); raise method.disk_budget")
+    return min(count, fits)
+
+
+def at_t(shard: ShardPlan, t: float) -> ShardPlan:
+    """``shard`` merged at ``t``."""
+    return ShardPlan(shard.index, shard.file, [replace(j, t=t) for j in shard.jobs])
+
+
 def plan_for_t(base: MergePlan, t: float, work: Path) -> MergePlan:
     """``base`` (a plan at a scalar t) at ``t``, writing into ``work/t-<t>.partial``."""
     spec = base.spec.model_copy(update={"t": t, "output": work / f"t-{t:g}"})
-    shards = [ShardPlan(s.index, s.file, [replace(j, t=t) for j in s.jobs]) for s in base.shards]
+    shards = [at_t(s, t) for s in base.shards]
     return replace(base, spec=spec, shards=shards, fingerprint=f"{base.fingerprint}-t{t!r}")
 
 
@@ -118,8 +164,12 @@ class OnePass:
         #: the parents' weights in the compute dtype (as ``validate`` counts them), by role
         self.parent_bytes = {role: ev.model.weight_bytes for role, ev in self.parents.items()}
         self.branches = {t: Counter[str]() for t in ts}
-        #: the last work shard evaluated, whose page-cache pages the next one is written over
-        self.spare = work / "spare.safetensors"
+        #: the t values merged in one read of a shard's inputs
+        size = t_at_once(base, len(ts), self.remote is not None)
+        self.groups = [list(ts[i : i + size]) for i in range(0, len(ts), size)]
+        #: by place in a group: the last work shard evaluated, whose page-cache pages the next one
+        #: in that place is written over
+        self.spares = [work / f"spare-{k}.safetensors" for k in range(size)]
         self.bytes_read = 0
 
     @property
@@ -142,9 +192,10 @@ class OnePass:
             spec = self.base.spec
             wanted = threads_beside_evaluation(spec.threads, spec.norm_precision)
             with compute_threads(self.device, wanted) as threads:
-                log.info("sweep: %d t value(s) over %d shard(s) (%s per t) on %s with %d compute thread(s)%s",
-                         len(self.plans), len(self.base.shards), format_bytes(self.base.total_bytes),
-                         self.device, threads, "; parents read by range from the Hub" if self.remote else "")
+                log.info("sweep: %d t value(s), %d merged per read of a shard's inputs, over %d shard(s) "
+                         "(%s per t) on %s with %d compute thread(s)%s", len(self.plans), len(self.spares),
+                         len(self.base.shards), format_bytes(self.base.total_bytes), self.device, threads,
+                         "; parents read by range from the Hub" if self.remote else "")
                 for ev in self.evaluators:
                     ev.start(self.ids, self.settings.max_length)
                 with contextlib.closing(self._with_inputs()) as shards:
@@ -155,7 +206,8 @@ class OnePass:
         finally:
             for ev in self.evaluators:
                 ev.close()
-            self.spare.unlink(missing_ok=True)
+            for spare in self.spares:
+                spare.unlink(missing_ok=True)
         return PassResult(
             merges=[TResult(t, *self._outcome(ev), dict(self.branches[t])) for t, ev in self.merged.items()],
             parents={role: self._parent(role, ev) for role, ev in self.parents.items()},
@@ -164,16 +216,18 @@ class OnePass:
     def _shard(self, i: int, shard: ShardPlan, waited: float,
                progress: Callable[[int], None] | None) -> None:
         started = time.perf_counter()
-        with TensorReader(direct=False) as reader:
-            for n, (t, folder) in enumerate(self.folders.items()):
-                at_t = ShardPlan(shard.index, shard.file, [replace(j, t=t) for j in shard.jobs])
-                outcome = ShardMerge(folder, at_t, reader, scratch=self.spare).run()
-                if n == 0:
-                    self.bytes_read += outcome.bytes_read
+        for n, group in enumerate(self.groups):
+            targets = [MergeTarget(self.folders[t], at_t(shard, t), scratch=spare)
+                       for t, spare in zip(group, self.spares, strict=False)]
+            with TensorReader(direct=False) as reader:
+                outcomes = ShardMerge.at_each_t(targets, reader).run_each()
+            if n == 0:  # the other groups find the inputs in the page cache (or the spool)
+                self.bytes_read += outcomes[0].bytes_read
+            for t, target, outcome, spare in zip(group, targets, outcomes, self.spares, strict=False):
                 self.branches[t].update(r.branch for r in outcome.tensors)
-                path = folder.shard_path(at_t)
+                path = target.work.shard_path(target.shard)
                 self.merged[t].take({info.name: info for info in read_header(path)[0]})
-                path.replace(self.spare)  # the next work shard is written over its pages
+                path.replace(spare)  # the next work shard in this place is written over its pages
                 if progress:
                     progress(shard.nbytes)
         for role, ev in self.parents.items():

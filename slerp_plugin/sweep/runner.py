@@ -39,7 +39,7 @@ from ..stream import open_remote
 from ..validate.cache import EvaluationCache, evaluation_key
 from ..validate.functional import ROLES, EvalSettings, eval_tokens, evaluate_cached, judge
 from ..validate.report import ModelEvaluation
-from .one_pass import SWEEP_HUB_SHARD_BYTES, SWEEP_SHARD_BYTES, OnePass, PassResult
+from .one_pass import OnePass, PassResult, work_shard_bytes
 from .result import SweepPoint, SweepResult, best_t, relative_change
 from .values import check_t_values
 
@@ -63,7 +63,7 @@ def run_sweep(
     resolved: Mapping[str, ResolvedModel] | None = None,
 ) -> SweepResult:
     """Evaluate the merge of ``spec``'s parents at every t of ``ts`` in one read of the parents
-    (nothing but one work shard at a time is written), judge each against the parents by the gate
+    (nothing but one work shard per t at a time is written), judge each against the parents by the gate
     of ``slerp-merge validate``, and choose the best t (:data:`~.result.BEST_RULE`).
 
     Args:
@@ -104,7 +104,7 @@ def run_sweep(
         work = partial / "work"
         refs = dict(zip(ROLES, (spec.model_1, spec.model_2), strict=True))
         on_hub = all(_on_hub(ref) and role not in (resolved or {}) for role, ref in refs.items())
-        shard_bytes = SWEEP_HUB_SHARD_BYTES if on_hub else SWEEP_SHARD_BYTES
+        shard_bytes = work_shard_bytes(len(ts), on_hub, spec.disk_budget)
         spec0 = spec.model_copy(update={"t": ts[0], "output": work / f"t-{ts[0]:g}", "direct_io": False,
                                         "max_shard_size": min(spec.max_shard_size, shard_bytes),
                                         "overwrite": False, "push_to_hub": None, "stream": False})

@@ -315,3 +315,66 @@ def test_norm_precision_float32_on_a_tensor_too_large_to_hold_is_a_warning(near_
     warning = "norm_precision=float32: 1 tensor(s) larger than buffer_memory"
     assert any(warning in w and "model.big.weight" in w
                for w in man.warnings)
+
+
+@pytest.mark.parametrize("norm_precision", ["float64", "float32"])
+@pytest.mark.parametrize("read_twice", [False, True])
+def test_one_read_at_several_t_writes_what_a_merge_at_each_t_writes(near_parallel_models, tmp_path,
+                                                                     monkeypatch, norm_precision, read_twice):
+    """``ShardMerge.at_each_t``: each input block read once, and every t's shard the bytes (and
+    records) a merge at that t alone writes, through SLERP and LERP, held tensors and ones read
+    twice, float64 and FusionBench's float32 norms."""
+    from dataclasses import replace
+
+    from slerp_plugin.engine import ShardPlan, plan_resolved
+    from slerp_plugin.engine.resume import WorkingFolder
+    from slerp_plugin.formats.manifest import Manifest
+    from slerp_plugin.io.reader import TensorReader
+
+    pair, d = near_parallel_models
+    if read_twice:
+        monkeypatch.setattr(buffers, "IO_BLOCK_BYTES", 1 << 20)
+    options = dict(chunk_elements=12_289 if read_twice else 1 << 19,
+                   buffer_memory=1 if read_twice else "192MB", DOT_THRESHOLD=d - BRANCH_MARGIN,
+                   norm_precision=norm_precision, max_shard_size="150KB",
+                   direct_io=False)
+    ts = (0.1, 0.5, 0.85)
+    alone = {t: run_merge(spec_for(pair, tmp_path / f"alone-{t}", t=t, **options)).output for t in ts}
+    plans = {t: plan_resolved(spec_for(pair, tmp_path / f"once-{t}", t=t, **options)) for t in ts}
+    folders = {t: WorkingFolder(plan) for t, plan in plans.items()}
+    for folder in folders.values():
+        folder.prepare(exclusive=True)
+    base = plans[ts[0]]
+    assert len(base.shards) > 1
+    reads = []
+    read_aligned = TensorReader.read_aligned
+    monkeypatch.setattr(TensorReader, "read_aligned",
+                        lambda self, info, start, nbytes, *a: reads.append(nbytes) or read_aligned(
+                            self, info, start, nbytes, *a))
+    records = {t: [] for t in ts}
+    with TensorReader() as reader, compute_threads(base.device, base.spec.threads):  # as merge_shards
+        for i in range(len(base.shards)):
+            targets = [execute.MergeTarget(folders[t], plans[t].shards[i]) for t in ts]
+            for t, outcome in zip(ts, execute.ShardMerge.at_each_t(targets, reader).run_each(), strict=True):
+                records[t] += outcome.tensors
+    once = sum(j.a.nbytes + j.b.nbytes for s in base.shards for j in s.jobs)
+    assert (sum(reads) > once) if read_twice else (sum(reads) == once)  # as a merge at one t reads
+    for t in ts:
+        manifest = {r.name: r for r in Manifest.read(alone[t]).tensors}
+        assert {r.name: (r.branch, r.d, r.t) for r in records[t]} == \
+            {n: (r.branch, r.d, r.t) for n, r in manifest.items()}
+        assert {r.branch for r in records[t]} == {"slerp", "lerp"}
+        for shard in plans[t].shards:  # bit for bit
+            written = folders[t].shard_path(shard).read_bytes()
+            assert written == (alone[t] / shard.file).read_bytes(), (t, shard.file)
+
+    other = plans[ts[1]].shards[0]
+    wrong = ShardPlan(other.index, other.file, [replace(other.jobs[0], out_dtype="F32"), *other.jobs[1:]])
+    with pytest.raises(ValueError, match="differ in t alone"):
+        execute.ShardMerge.at_each_t([execute.MergeTarget(folders[ts[0]], base.shards[0]),
+                                      execute.MergeTarget(folders[ts[1]], wrong)], TensorReader())
+    other_spec = plan_resolved(spec_for(pair, tmp_path / "other", t=ts[1], **{**options, "epsilon": 1e-6}))
+    with pytest.raises(ValueError, match="differ in t alone"):
+        execute.ShardMerge.at_each_t([execute.MergeTarget(folders[ts[0]], base.shards[0]),
+                                      execute.MergeTarget(WorkingFolder(other_spec), other_spec.shards[0])],
+                                     TensorReader())

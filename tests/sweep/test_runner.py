@@ -131,10 +131,10 @@ def test_hub_parents_of_the_next_shard_are_fetched_while_one_is_merged(hub, demo
     H.upload_folder(demo_bf16[1], "org/ahead-b")
     spec = MergeSpec.build(model_1="org/ahead-a", model_2="org/ahead-b", t=0.5, output=tmp_path / "merged",
                            device="cpu")  # shards of the sweep's size for Hub parents, not the merge's
-    monkeypatch.setattr("slerp_plugin.sweep.runner.SWEEP_HUB_SHARD_BYTES", 40_000)
+    monkeypatch.setattr("slerp_plugin.sweep.one_pass.SWEEP_HUB_SHARD_BYTES", 40_000)
     settings = SETTINGS.model_copy(update={"generation_memory": 0})
     fetching: dict[tuple[int, str], threading.Event] = {}
-    real_fetch, real_run = spool_mod.fetch_spool, ShardMerge.run
+    real_fetch, real_run = spool_mod.fetch_spool, ShardMerge.run_each
     seen: dict[int, tuple[set[int], bool]] = {}  # shard → spools on disk, the next one's fetch begun
     fail_at = None
 
@@ -154,7 +154,7 @@ def test_hub_parents_of_the_next_shard_are_fetched_while_one_is_merged(hub, demo
         return real_run(self)
 
     monkeypatch.setattr(spool_mod, "fetch_spool", fetch)
-    monkeypatch.setattr(ShardMerge, "run", run)
+    monkeypatch.setattr(ShardMerge, "run_each", run)
     run_sweep(spec, [0.25, 0.75], report=tmp_path / "report", settings=settings,
               cache=EvaluationCache(tmp_path / "cache"))
     last = max(seen)
