@@ -124,3 +124,37 @@ def test_pinned_pool_hands_a_buffer_out_again_only_after_its_copy():
     pool.give(buf, copied)
     again = pool.take(1 << 20)
     assert again.data_ptr() == buf.data_ptr() and copied.query()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("buffer_memory", ["192MB", 1], ids=["held", "read-twice"])
+def test_one_read_at_several_t_on_a_device_writes_what_each_t_alone_writes(pair, tmp_path, monkeypatch,
+                                                                           device, buffer_memory):
+    """``ShardMerge.at_each_t`` (the sweep's merge) on the device: each t's shards are the bytes a
+    merge at that t alone writes there."""
+    from slerp_plugin.engine.execute import MergeTarget, ShardMerge
+    from slerp_plugin.engine.resume import WorkingFolder
+    from slerp_plugin.io.reader import TensorReader
+    from slerp_plugin.merge import plan_merge
+
+    monkeypatch.setattr(buffers, "IO_BLOCK_BYTES", IO_BLOCK)
+    ts = (0.2, 0.7)
+
+    def spec(out: Path, t: float) -> MergeSpec:
+        return MergeSpec.build(model_1=str(pair[0]), model_2=str(pair[1]), output=str(out), t=t,
+                               device=device, chunk_elements=CHUNK, buffer_memory=buffer_memory,
+                               direct_io=False)
+
+    alone = {t: run_merge(spec(tmp_path / f"alone-{t}", t)).output for t in ts}
+    plans = {t: plan_merge(spec(tmp_path / f"once-{t}", t)) for t in ts}
+    folders = {t: WorkingFolder(plan) for t, plan in plans.items()}
+    for folder in folders.values():
+        folder.prepare(exclusive=True)
+    first = plans[ts[0]]
+    with TensorReader() as reader, compute_threads(first.device, None):
+        for i in range(len(first.shards)):
+            ShardMerge.at_each_t([MergeTarget(folders[t], plans[t].shards[i]) for t in ts], reader).run_each()
+    for t in ts:
+        for shard in plans[t].shards:
+            written = folders[t].shard_path(shard).read_bytes()
+            assert written == (alone[t] / shard.file).read_bytes(), (t, shard.file)
