@@ -111,8 +111,9 @@ def t_at_once(plan: MergePlan, count: int, hub: bool) -> int:
     fits = (budget - inputs) // max(largest, 1)
     if fits < 1:
         raise ConfigError(f"method.disk_budget: {format_bytes(budget)} is less than a sweep needs for one t "
-                          f"({format_bytes(largest + inputs)}: a work shard of the largest layer"
-                          f"{' and the inputs of two shards' if hub else ''}); raise method.disk_budget")
+                          f"({format_bytes(largest + inputs)}: its largest work shard, a layer or tensor "
+                          f"that is not split{', and the inputs of two shards' if hub else ''}); "
+                          "raise method.disk_budget")
     return min(count, fits)
 
 
