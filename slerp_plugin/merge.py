@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from functools import partial
 
 from .engine import InputHashes, MergePlan, MergeResult, finalize, merge_shards, plan_resolved
 from .engine.output import output_lock
@@ -68,7 +69,9 @@ def run_merge(spec: MergeSpec, *, prefetch: Prefetch | None = None) -> MergeResu
 
         return stream_merge(spec)
     started = time.perf_counter()
-    require_disk(spec)  # before anything is downloaded
+    from .stream.evaluation import aside_estimate
+
+    require_disk(spec, aside=partial(aside_estimate, spec))  # before anything is downloaded
     plan = plan_merge(spec)
     with output_lock(plan.output, exclusive=True, wait=False, what="slerp-merge") as lock:
         if plan.finished_earlier:  # a re-run after the merge had finished: nothing to read again

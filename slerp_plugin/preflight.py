@@ -217,8 +217,12 @@ def stream_disk(spec: MergeSpec, parents: list[ParentSize], output_bytes: int, a
     return int(STREAM_SHARDS_IN_FLIGHT * shard * (1 + inputs)) + aside
 
 
-def require_disk(spec: MergeSpec) -> MergeEstimate:
+def require_disk(spec: MergeSpec, *, aside: Callable[[Path], int] | None = None) -> MergeEstimate:
     """:func:`estimate`, raising when a local merge of ``spec`` cannot fit on disk.
+
+    ``aside`` (as :func:`estimate`'s) is asked only when the merge does not fit and its parents are
+    on the Hub: the refusal then suggests a streaming merge with the disk it needs, the gate's
+    copies kept aside included where model_1's config.json is on this machine.
 
     Raises:
         OutputWriteError: a filesystem is read-only or not writable by this user, or has less room
@@ -232,8 +236,15 @@ def require_disk(spec: MergeSpec) -> MergeEstimate:
                                path=spec.output)
     if est.problems:
         hub = all(p.revision for p in est.parents)  # Hub parents (local folders have none)
-        stream = (f", or stream Hub to Hub with method.stream=true +push_to_hub=org/name (about "
-                  f"{_gb(est.stream_disk_bytes)} of disk)") if hub else ""
+        stream = ""
+        if hub:
+            if spec.gate and aside is not None:
+                _count_aside(est, aside, est.parents[0].config)
+                est.stream_disk_bytes = stream_disk(spec, est.parents, est.output_bytes,
+                                                    est.stream_aside_bytes or 0)
+            more = ", more for the gate's copies kept aside" if est.stream_aside_bytes is None else ""
+            stream = (f", or stream Hub to Hub with method.stream=true +push_to_hub=org/name (about "
+                      f"{_gb(est.stream_disk_bytes)} of disk{more})")
         raise OutputWriteError(f"not enough disk space: {est.problems[0]} (nothing was downloaded or "
                                f"written; free space, or set HF_HUB_CACHE or the output elsewhere{stream})",
                                path=spec.output)

@@ -219,3 +219,34 @@ def test_a_gated_stream_counts_what_the_gate_keeps_aside(demo_fp32_tied, hub, tm
     est = preflight.estimate(spec, aside=lambda config: aside_estimate(spec, bad))
     assert est.stream_aside_bytes is None and est.stream_disk_bytes == plain.stream_disk_bytes
     assert re.search(r"not counted: .*bad/config.json: cannot be read", "\n".join(est.lines()))
+
+
+def test_the_refusal_suggests_a_stream_with_what_its_gate_keeps_aside(demo_fp32_tied, hub, tmp_path,
+                                                                       monkeypatch):
+    """Hub parents that do not fit: the stream suggested counts the gate's copies where model_1's
+    config.json is on this machine, and says they are not counted where it is not."""
+    from slerp_plugin.hub.client import download_model
+    from slerp_plugin.stream.evaluation import aside_estimate
+
+    upload_folder(demo_fp32_tied[0], "org/sa")
+    upload_folder(demo_fp32_tied[1], "org/sb")
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 1000, 1000))
+    asked = []
+
+    def aside(spec):
+        return lambda config: asked.append(config) or aside_estimate(spec, config)
+
+    spec = MergeSpec.build(model_1="org/sa", model_2="org/sb", t=0.3, output=str(tmp_path / "o"))
+    suggestion = r"or stream Hub to Hub with method.stream=true \+push_to_hub=org/name \(about [0-9.]+ GB " \
+                 r"of disk"
+    with pytest.raises(OutputWriteError, match=suggestion + r", more for the gate's copies kept aside\)\)$"):
+        preflight.require_disk(spec, aside=aside(spec))
+    assert asked == []  # nothing of model_1 is on this machine yet
+    download_model("org/sa")
+    with pytest.raises(OutputWriteError, match=suggestion + r"\)\)$"):
+        preflight.require_disk(spec, aside=aside(spec))
+    assert [Path(c).name for c in asked] == ["config.json"]
+    ungated = MergeSpec.build(**{**spec.model_dump(), "gate": False})
+    with pytest.raises(OutputWriteError, match=suggestion + r"\)\)$"):
+        preflight.require_disk(ungated, aside=aside(ungated))
+    assert len(asked) == 1

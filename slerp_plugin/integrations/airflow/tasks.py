@@ -9,6 +9,7 @@ validation gate) is permanent — see :func:`is_transient`, which the DAGs' retr
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shutil
@@ -129,8 +130,9 @@ def resolve_inputs(params: dict[str, Any], output: Path | str | None = None) -> 
         check_stream_spec(spec)
     elif output is not None:
         from ...preflight import require_disk
+        from ...stream.evaluation import aside_estimate
 
-        for line in require_disk(spec).lines():
+        for line in require_disk(spec, aside=functools.partial(aside_estimate, spec)).lines():
             log.info("preflight: %s", line)
     return out
 
