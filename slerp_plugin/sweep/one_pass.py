@@ -7,8 +7,8 @@ merges the shard at every t in that one read (:meth:`ShardMerge.at_each_t`: the 
 taken once, each t combined as a merge at that t alone would), each t into a work file of its own,
 whose tensors are then handed to that t's evaluator (:class:`~slerp_plugin.validate.fed.FedEvaluator`:
 the layer-streamed model of ``slerp-merge validate``, advancing that t's hidden states). A work
-file is read once: it is neither hashed, fsynced, journalled nor kept, and the same t's next one
-is written over its pages in the page cache (a new file would cost the system a page allocation
+file is read once: it is neither hashed, fsynced, journalled nor kept, and a later work file is
+written over its pages in the page cache (a new file would cost the system a page allocation
 per 4 KB, about a second per GB on a small VM). The parents' own evaluators (when their
 perplexity is not cached) find the shard's parent bytes in the page cache. Hub parents are read
 by range as a streaming merge reads them: each shard's input bytes are fetched into a spool file
