@@ -38,6 +38,7 @@ from ..kernel import (
     SlerpStats,
     accumulate_chunks,
     coefficients,
+    coefficients_from_d,
     combine,
     compute_dtype,
     fusionbench_coefficients,
@@ -376,7 +377,7 @@ class ShardMerge:
                     self._release(read.a, read.b)
         if held:
             if self.plan.spec.norm_precision == "float32":
-                coeffs = [self._fusionbench_coefficients(j, held, src, cdtype) for j in jobs]
+                coeffs = self._fusionbench_coefficients(jobs, held, src, cdtype)
             else:
                 coeffs = [self._coefficients(j, stats, cdtype) for j in jobs]
             for a, b in held:
@@ -398,15 +399,20 @@ class ShardMerge:
         return coefficients(job.t, stats, dtype=cdtype, DOT_THRESHOLD=spec.DOT_THRESHOLD,
                             epsilon=spec.epsilon)
 
-    def _fusionbench_coefficients(self, job: TensorJob, held: list[tuple[Block, Block]], src: torch.dtype,
-                                  cdtype: torch.dtype) -> SlerpCoefficients:
-        """``d`` as FusionBench takes it, from the whole held tensors (``norm_precision=float32``)."""
+    def _fusionbench_coefficients(self, jobs: list[TensorJob], held: list[tuple[Block, Block]],
+                                  src: torch.dtype, cdtype: torch.dtype) -> list[SlerpCoefficients]:
+        """``d`` as FusionBench takes it, from the whole held tensors (``norm_precision=float32``),
+        once; each job's scalars at its t from that ``d`` and the norms."""
         def whole(blocks: list[Block]) -> torch.Tensor:  # a fresh tensor: it is overwritten
             flat = torch.cat([blk.data.to(self.device).to(src) for blk in blocks])
-            return flat.to(cdtype).reshape(job.a.shape)
+            return flat.to(cdtype).reshape(jobs[0].a.shape)
         spec = self.plan.spec
-        return fusionbench_coefficients(job.t, whole([a for a, _ in held]), whole([b for _, b in held]),
-                                        DOT_THRESHOLD=spec.DOT_THRESHOLD, epsilon=spec.epsilon)
+        first = fusionbench_coefficients(jobs[0].t, whole([a for a, _ in held]), whole([b for _, b in held]),
+                                         DOT_THRESHOLD=spec.DOT_THRESHOLD, epsilon=spec.epsilon)
+        others = [coefficients_from_d(j.t, first.d, first.norm_a, first.norm_b, dtype=cdtype,
+                                      DOT_THRESHOLD=spec.DOT_THRESHOLD, epsilon=spec.epsilon)
+                  for j in jobs[1:]]
+        return [first, *(replace(c, norm_precision=first.norm_precision) for c in others)]
 
     def _account(self, job: TensorJob, start: int, read: BlockRead) -> None:
         """Count the bytes read and queue them for the inputs' SHA-256."""
@@ -532,9 +538,10 @@ class ShardMerge:
             self._emit(writer, buf, out)
 
     def _emit_copy(self, a: Block, src: torch.dtype, out_dtype: str, count: int) -> None:
+        value = a.data.to(src)
         for writer in self._writers:
             buf, out = self._take_out(count, out_dtype)
-            out.copy_(a.data.to(src))
+            out.copy_(value)
             self._emit(writer, buf, out)
         self._release(a)
 
