@@ -179,7 +179,7 @@ def estimate(
     est.download_s = downloads / _rate(download_bps, connection_bps, min(files, DOWNLOAD_FILES_AT_ONCE))
     est.merge_s = output_bytes / merge_bps
     est.upload_s = output_bytes / upload_bps if spec.push_to_hub else 0.0
-    if spec.gate and aside is not None:
+    if spec.gate and aside is not None and not spec.disk_budget:  # a budget bounds the copies too
         _count_aside(est, aside, parents[0].config)
     est.stream_disk_bytes = stream_disk(spec, parents, output_bytes, est.stream_aside_bytes or 0)
     full_download = sum(p.size for p in parents) / _rate(download_bps, connection_bps,
@@ -238,7 +238,7 @@ def require_disk(spec: MergeSpec, *, aside: Callable[[Path], int] | None = None)
         hub = all(p.revision for p in est.parents)  # Hub parents (local folders have none)
         stream = ""
         if hub:
-            if spec.gate and aside is not None:
+            if spec.gate and aside is not None and not spec.disk_budget:
                 _count_aside(est, aside, est.parents[0].config)
                 est.stream_disk_bytes = stream_disk(spec, est.parents, est.output_bytes,
                                                     est.stream_aside_bytes or 0)

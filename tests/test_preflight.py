@@ -247,6 +247,8 @@ def test_the_refusal_suggests_a_stream_with_what_its_gate_keeps_aside(demo_fp32_
         preflight.require_disk(spec, aside=aside(spec))
     assert [Path(c).name for c in asked] == ["config.json"]
     ungated = MergeSpec.build(**{**spec.model_dump(), "gate": False})
-    with pytest.raises(OutputWriteError, match=suggestion + r"\)\)$"):
-        preflight.require_disk(ungated, aside=aside(ungated))
+    budgeted = MergeSpec.build(**{**spec.model_dump(), "disk_budget": "5GB"})  # the copies within it
+    for other, disk in ((ungated, r"[0-9.]+"), (budgeted, r"5\.00")):
+        with pytest.raises(OutputWriteError, match=suggestion.replace("[0-9.]+", disk) + r"\)\)$"):
+            preflight.require_disk(other, aside=aside(other))
     assert len(asked) == 1
